@@ -1,0 +1,253 @@
+"""The one error tree of cortex + neuron, rendered as the OpenAI error envelope.
+
+Every error carries its HTTP status, a stable machine code and, for conditions
+that will pass, a Retry-After in seconds.  A transient condition is never a 404:
+LiteLLM benches an upstream that answers 404.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+MAX_RETRY_AFTER_S = 60
+
+
+class ApiError(Exception):
+    """Base of every error a client may see; subclasses fix status and code."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    type: ClassVar[str] = "server_error"
+    default_retry_after: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        ra = self.default_retry_after if retry_after is None else retry_after
+        self.retry_after = None if ra is None else max(1, min(MAX_RETRY_AFTER_S, ra))
+        # Extra structured context (placement arithmetic, stderr tail...).
+        self.details = details
+
+    @property
+    def retryable(self) -> bool:
+        return self.retry_after is not None
+
+    def to_json(self) -> dict[str, Any]:
+        err: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "code": self.code,
+            "param": self.param,
+        }
+        if self.details is not None:
+            err["details"] = self.details
+        return {"error": err}
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+    def to_response(self) -> web.Response:
+        return web.json_response(self.to_json(), status=self.status, headers=self.headers())
+
+    @classmethod
+    def from_envelope(
+        cls, status: int, body: Any, retry_after: str | None = None
+    ) -> ApiError:
+        """Rebuild a typed error from another service's envelope (cortex reading a neuron)."""
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return UpstreamError(f"upstream answered {status} without an error envelope")
+        code = str(err.get("code", ""))
+        message = str(err.get("message", ""))
+        ra: int | None = None
+        if retry_after is not None:
+            try:
+                ra = int(float(retry_after))
+            except ValueError:
+                ra = None
+        for sub in _all_subclasses(ApiError):
+            if sub.code == code and sub.status == status:
+                return sub(message, param=err.get("param"), retry_after=ra,
+                           details=err.get("details"))
+        generic = UpstreamError(message or f"upstream answered {status}")
+        return generic
+
+
+def _all_subclasses(cls: type[ApiError]) -> list[type[ApiError]]:
+    out: list[type[ApiError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class PlacementRefused(InvalidRequest):
+    """An explicit load that cannot fit; the message carries the arithmetic."""
+
+    code = "placement_refused"
+
+
+class InvalidModelPath(InvalidRequest):
+    code = "invalid_model_path"
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+
+
+class NoFeasibleNode(ApiError):
+    status = 404
+    code = "no_feasible_node"
+    type = "invalid_request_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class InvalidApiKey(ApiError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class ModelNotAllowed(ApiError):
+    status = 403
+    code = "model_not_allowed"
+    type = "permission_error"
+
+
+class RequestTooLarge(ApiError):
+    status = 413
+    code = "request_too_large"
+    type = "invalid_request_error"
+
+
+class QueueFull(ApiError):
+    status = 429
+    code = "queue_full"
+    type = "rate_limit_error"
+    default_retry_after = 1
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "service_unavailable"
+    type = "server_error"
+    default_retry_after = 2
+
+
+class FeasibleNodeUnhealthy(ServiceUnavailable):
+    code = "feasible_node_unhealthy"
+    default_retry_after = 3
+
+
+class NoHealthyNodes(ServiceUnavailable):
+    code = "no_healthy_nodes"
+    default_retry_after = 5
+
+
+class ModelLoading(ServiceUnavailable):
+    code = "model_loading"
+    default_retry_after = 2
+
+
+class ColdLoadFailed(ServiceUnavailable):
+    code = "cold_load_failed"
+    default_retry_after = 5
+
+
+class UpstreamUnavailable(ServiceUnavailable):
+    code = "upstream_unavailable"
+    default_retry_after = 2
+
+
+class PlacementInfoPending(ServiceUnavailable):
+    code = "placement_info_pending"
+    default_retry_after = 3
+
+
+class ModelFailed(ServiceUnavailable):
+    """A runner that crashed repeatedly; retryable because an operator may fix it."""
+
+    code = "model_failed"
+    default_retry_after = 10
+
+
+class UpstreamError(ApiError):
+    """An answer from a peer we could not classify."""
+
+    status = 502
+    code = "upstream_error"
+    type = "server_error"
+
+
+class InternalError(ApiError):
+    status = 500
+    code = "internal_error"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every ApiError (and aiohttp's own HTTP errors) as the OpenAI envelope."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.to_response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return RequestTooLarge(exc.text or "request body too large").to_response()
+    except web.HTTPNotFound:
+        return NotFound(f"no route for {request.method} {request.path}").to_response()
+    except web.HTTPMethodNotAllowed:
+        err = InvalidRequest(f"method {request.method} not allowed on {request.path}")
+        resp = err.to_response()
+        resp.set_status(405)
+        return resp
+    except web.HTTPException:
+        raise
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise RequestTooLarge(f"request body over the limit ({exc.text})") from exc
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return body
+
+
+def sse_error_frame(message: str, code: int = 502, kind: str = "upstream_error") -> bytes:
+    """The frame that ends a stream which failed after its first byte."""
+    payload = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"

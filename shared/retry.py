@@ -1,0 +1,22 @@
+"""Every retry policy of the project, named, in one place (tenacity)."""
+
+from __future__ import annotations
+
+import tenacity
+
+# A runner that crashed: restart after 1, 2, 4 ... seconds, capped at 30.
+RUNNER_RESTART_WAIT = tenacity.wait_exponential(multiplier=1, min=1, max=30)
+
+
+def proxy_attempts(max_attempts: int) -> tenacity.AsyncRetrying:
+    """Cortex retrying a request on another replica, only before its first byte."""
+    return tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(max_attempts),
+        wait=tenacity.wait_none(),
+        reraise=True,
+    )
+
+
+# A model the reconciler could not place: wait longer each time so a model that
+# cannot load does not thrash the fleet.
+RECONCILE_WAIT = tenacity.wait_exponential(multiplier=2, min=2, max=300)
