@@ -116,9 +116,7 @@ class Catalogue:
         for m in self.models:
             for name in m.names():
                 if name in seen:
-                    raise ValueError(
-                        f"name {name!r} used by both {seen[name]!r} and {m.id!r}"
-                    )
+                    raise ValueError(f"name {name!r} used by both {seen[name]!r} and {m.id!r}")
                 seen[name] = m.id
 
     @classmethod

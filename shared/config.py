@@ -41,7 +41,7 @@ def structure(cls: type[T], data: Any, *, file: str, where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: {where or 'top level'} must be a table")
     attrs.resolve_types(cls)  # type: ignore[type-var]
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[misc]
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
@@ -89,9 +89,7 @@ def _convert(tp: Any, value: Any, *, file: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{file}: key {key!r} must be an array, not {_tname(value)}")
         item_t = args[0]
-        return tuple(
-            _convert(item_t, v, file=file, key=f"{key}[{i}]") for i, v in enumerate(value)
-        )
+        return tuple(_convert(item_t, v, file=file, key=f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: key {key!r} must be a table, not {_tname(value)}")
@@ -121,4 +119,5 @@ def _convert(tp: Any, value: Any, *, file: str, key: str) -> Any:
 
 
 def _tname(value: Any) -> str:
-    return {dict: "table", list: "array"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "table", list: "array"}
+    return names.get(type(value), type(value).__name__)

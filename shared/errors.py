@@ -62,9 +62,7 @@ class ApiError(Exception):
         return web.json_response(self.to_json(), status=self.status, headers=self.headers())
 
     @classmethod
-    def from_envelope(
-        cls, status: int, body: Any, retry_after: str | None = None
-    ) -> ApiError:
+    def from_envelope(cls, status: int, body: Any, retry_after: str | None = None) -> ApiError:
         """Rebuild a typed error from another service's envelope (cortex reading a neuron)."""
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
@@ -79,8 +77,9 @@ class ApiError(Exception):
                 ra = None
         for sub in _all_subclasses(ApiError):
             if sub.code == code and sub.status == status:
-                return sub(message, param=err.get("param"), retry_after=ra,
-                           details=err.get("details"))
+                return sub(
+                    message, param=err.get("param"), retry_after=ra, details=err.get("details")
+                )
         generic = UpstreamError(message or f"upstream answered {status}")
         return generic
 

@@ -8,11 +8,19 @@ import tenacity
 RUNNER_RESTART_WAIT = tenacity.wait_exponential(multiplier=1, min=1, max=30)
 
 
-def proxy_attempts(max_attempts: int) -> tenacity.AsyncRetrying:
-    """Cortex retrying a request on another replica, only before its first byte."""
+def proxy_attempts(
+    max_attempts: int,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+) -> tenacity.AsyncRetrying:
+    """Cortex retrying a request on another replica, only before its first byte.
+
+    No wait: the next attempt goes to a different replica, not the same one again.
+    `retry_on` narrows which failures are worth another replica.
+    """
     return tenacity.AsyncRetrying(
         stop=tenacity.stop_after_attempt(max_attempts),
         wait=tenacity.wait_none(),
+        retry=tenacity.retry_if_exception_type(retry_on),
         reraise=True,
     )
 
