@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit bench clean
+.PHONY: setup run test lint typecheck unit sysdeps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup
+# Debian tools some tests use (promtool, ip netns); best effort: without them
+# those tests skip and say why.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { ! command -v promtool >/dev/null || ! command -v ip >/dev/null; }; then \
+	  echo "installing test tools: prometheus (promtool), iproute2"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus iproute2 >/dev/null) || echo "apt-get failed; tests needing them skip"; \
+	fi
+
+unit: setup sysdeps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -28,3 +28,14 @@ def proxy_attempts(
 # A model the reconciler could not place: wait longer each time so a model that
 # cannot load does not thrash the fleet.
 RECONCILE_WAIT = tenacity.wait_exponential(multiplier=2, min=2, max=300)
+
+
+def backoff_s(wait: tenacity.wait.wait_base, attempt: int) -> float:
+    """Seconds a named wait policy gives before attempt `attempt` + 1.
+
+    For loops that are not one call retried (the reconciler's periodic pass) but
+    should still back off by the same named policy.
+    """
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempt)
+    return float(wait(state))

@@ -1,0 +1,248 @@
+"""`cortex fleet`: a whole local fleet from nothing, for trying things out.
+
+Builds the demo model if missing, writes a config for each neuron and for
+cortex under one directory, starts them as child processes, waits until a
+real chat answer comes back through cortex, and prints the URL and a curl line.
+Ctrl-C (or SIGTERM) stops everything; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+NODE_NAMES = "abcdefgh"
+
+
+def _bin(name: str) -> str:
+    """The console script installed next to this interpreter."""
+    return str(Path(sys.executable).parent / name)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null"), resp.headers
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw), exc.headers
+        except ValueError:
+            return exc.code, raw.decode(errors="replace"), exc.headers
+
+
+def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir: Path) -> Path:
+    """The fleet's config files under `root`; returns the cortex config path."""
+    neurons = []
+    for i in range(nodes):
+        name = NODE_NAMES[i]
+        (root / f"neuron-{name}.toml").write_text(
+            f"# neuron {name} of the local demo fleet (written by `cortex fleet`)\n"
+            f'host = "127.0.0.1"\nport = {neuron_port + i}\n'
+            f'store_dir = "store-{name}"\nnode_name = "{name}"\n'
+            "[runner]\ndecode_concurrency = 4\nmax_tokens = 64\n"
+        )
+        neurons.append(
+            f'[[neurons]]\nname = "{name}"\nurl = "http://127.0.0.1:{neuron_port + i}"\n'
+        )
+    (root / "models.toml").write_text(
+        "# The demo fleet's catalogue: the demo model on every node.\n"
+        f'[[models]]\nid = "demo"\nsource = "{model_dir}"\naliases = ["tiny"]\n'
+        f"replicas = {nodes}\nkeep_loaded = true\ncontext_limit = 2048\n"
+    )
+    cortex = root / "cortex.toml"
+    cortex.write_text(
+        "# cortex of the local demo fleet (written by `cortex fleet`)\n"
+        f'host = "127.0.0.1"\nport = {port}\ncatalogue = "models.toml"\n'
+        "poll_interval_s = 1.0\n\n" + "\n".join(neurons)
+    )
+    return cortex
+
+
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM: leave the wait and stop the fleet."""
+
+
+class Fleet:
+    """The child processes of a local fleet, stopped together."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = (self.root / "logs" / f"{name}.log").open("ab")
+        # Own session: a terminal's Ctrl-C reaches only us, and we stop the
+        # children in order (cortex first, then the neurons and their runners).
+        proc = subprocess.Popen(
+            argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append((name, proc))
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.procs if p.poll() is not None]
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _wait_first_answer(base: str, fleet: Fleet, timeout_s: float) -> dict[str, Any]:
+    """Ask through cortex until a real answer comes back, honouring Retry-After."""
+    deadline = time.monotonic() + timeout_s
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 16,
+    }
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if fleet.dead():
+            raise RuntimeError(f"{', '.join(fleet.dead())} exited; see {fleet.root}/logs/")
+        try:
+            status, answer, headers = _http("POST", f"{base}/v1/chat/completions", body)
+        except OSError as exc:
+            status, answer, headers = 0, str(exc), {}
+        if status == 200:
+            return dict(answer)
+        last = f"{status} {answer}"
+        wait = float(headers.get("Retry-After", 1) if headers else 1)
+        print(f"  waiting for the demo model ({status}: {_code(answer)}) ...", flush=True)
+        time.sleep(min(wait, 5.0))
+    raise RuntimeError(f"no answer through cortex in {timeout_s:.0f}s; last: {last}")
+
+
+def _code(answer: Any) -> str:
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return str(answer["error"].get("code"))
+    return "starting"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cortex fleet",
+        description=(
+            "Start a local fleet from nothing: build the demo model (random weights: "
+            "it produces noise, not language), start N neurons and a cortex on "
+            "127.0.0.1, wait for a real answer, and print a curl line to try. "
+            "Ctrl-C stops everything."
+        ),
+    )
+    parser.add_argument("--dir", default="run", help="where configs, stores and logs go")
+    parser.add_argument("--nodes", type=int, default=2, help="number of neurons (1-8)")
+    parser.add_argument("--port", type=int, default=9400, help="cortex port")
+    parser.add_argument("--neuron-port", type=int, default=9411, help="first neuron's port")
+    parser.add_argument("--seed", type=int, default=0, help="demo model seed")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the first answer"
+    )
+    parser.add_argument(
+        "--exit-after-check",
+        action="store_true",
+        help="stop the fleet once the first answer came back (a smoke test)",
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.nodes <= len(NODE_NAMES):
+        parser.error(f"--nodes must be 1..{len(NODE_NAMES)}")
+    root = Path(args.dir).resolve()
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    busy = [
+        p
+        for p in (args.port, *range(args.neuron_port, args.neuron_port + args.nodes))
+        if not _port_free("127.0.0.1", p)
+    ]
+    if busy:
+        print(
+            f"cortex fleet: port(s) {busy} already in use; pick others with --port/"
+            "--neuron-port, or stop what holds them",
+            file=sys.stderr,
+        )
+        return 2
+
+    model_dir = root / "models" / "demo"
+    if not (model_dir / "config.json").exists():
+        print(f"building the demo model in {model_dir} ...", flush=True)
+        subprocess.run(
+            [_bin("neuron"), "demo-model", str(model_dir), "--seed", str(args.seed)], check=True
+        )
+    cortex_conf = write_configs(root, args.nodes, args.port, args.neuron_port, model_dir)
+
+    fleet = Fleet(root)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        for i in range(args.nodes):
+            name = NODE_NAMES[i]
+            fleet.start(f"neuron-{name}", [_bin("neuron"), "serve", "-c", f"neuron-{name}.toml"])
+        fleet.start("cortex", [_bin("cortex"), "serve", "-c", str(cortex_conf)])
+        print(f"started {args.nodes} neurons and cortex; logs in {root}/logs/", flush=True)
+        answer = _wait_first_answer(base, fleet, args.timeout)
+        text = answer["choices"][0]["message"]["content"]
+        print(f"\nfirst answer through cortex: {text!r}  (the demo model speaks noise)")
+        print(f"\ncortex is at {base}/v1  (dashboard state: {base}/admin/state)")
+        print("try:\n")
+        print(
+            f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            '    -d \'{"model": "demo", "messages": [{"role": "user", "content": '
+            '"Hello!"}], "max_tokens": 16}\'\n',
+            flush=True,
+        )
+        if args.exit_after_check:
+            return 0
+        print("Ctrl-C stops the fleet.", flush=True)
+        while True:
+            if fleet.dead():
+                print(
+                    f"{', '.join(fleet.dead())} exited; stopping. See {root}/logs/", file=sys.stderr
+                )
+                return 1
+            time.sleep(0.5)
+    except _Stop:
+        return 0
+    except RuntimeError as exc:
+        print(f"cortex fleet: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # A second Ctrl-C must not abandon children half-stopped.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping the fleet ...", flush=True)
+        fleet.stop()
+        print("stopped.", flush=True)

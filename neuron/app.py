@@ -1,0 +1,183 @@
+"""The neuron's aiohttp application: `create_app(config)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from neuron.config import NeuronConfig
+from neuron.discovery import discover, memory_available_bytes
+from neuron.metrics import NeuronMetrics
+from neuron.proxy import Proxy
+from neuron.store import Store
+from neuron.supervisor import Supervisor
+from shared.errors import ApiError, InvalidRequest, error_middleware, read_json_object
+from shared.wire import Discovery, LoadRequest, NodeHealth, NodeStatus
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", NeuronConfig)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+METRICS = web.AppKey("metrics", NeuronMetrics)
+STORE = web.AppKey("store", Store)
+STARTED = web.AppKey("started_at", float)
+IDENTITY = web.AppKey("identity", Discovery)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    supervisor = app[SUPERVISOR]
+    await supervisor.open()
+    app[IDENTITY] = await asyncio.to_thread(
+        discover, config.store_path, config.ring_host, started_at=app[STARTED]
+    )
+    for entry in config.load:
+        try:
+            await supervisor.load(LoadRequest(model_id=entry.model_id, source=entry.source))
+        except ApiError as exc:
+            # One bad [[load]] entry must not keep the node from serving the others.
+            log.error("[[load]] %s: %s", entry.model_id, exc.message)
+    try:
+        yield
+    finally:
+        # Runners never outlive the neuron: stop them all before the loop ends.
+        await supervisor.close()
+
+
+def create_app(config: NeuronConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    metrics = NeuronMetrics.create()
+    store = Store(config.store_path)
+    supervisor = Supervisor(config=config, store=store, metrics=metrics)
+    metrics.watch(supervisor.health)
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[STORE] = store
+    app[SUPERVISOR] = supervisor
+    app[STARTED] = time.time()
+    app.cleanup_ctx.append(_lifecycle)
+
+    proxy = Proxy(config=config, supervisor=supervisor)
+    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_get("/v1/models", openai_models)
+    app.router.add_get("/discovery", get_discovery)
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/models", get_models)
+    app.router.add_post("/models/load", post_load)
+    app.router.add_post("/models/unload", post_unload)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/store/storage", get_storage)
+    app.router.add_post("/store/purge-staging", post_purge)
+    return app
+
+
+async def get_discovery(request: web.Request) -> web.Response:
+    app = request.app
+    config = app[CONFIG]
+    # Fresh figures (memory, disk) each time; node_id is persisted by discover().
+    d = await asyncio.to_thread(
+        discover, config.store_path, config.ring_host, started_at=app[STARTED]
+    )
+    body = d.to_json()
+    body["node_name"] = config.node_name or d.hostname
+    return web.json_response(body)
+
+
+async def get_health(request: web.Request) -> web.Response:
+    app = request.app
+    models = tuple(app[SUPERVISOR].health())
+    status: NodeStatus
+    if any(m.state == "failed" for m in models):
+        status = "degraded"
+    elif any(m.in_flight or m.queue_depth for m in models):
+        status = "busy"
+    else:
+        status = "idle"
+    now = time.time()
+    health = NodeHealth(
+        status=status,
+        node_id=app[IDENTITY].node_id,
+        started_at=app[STARTED],
+        uptime_s=now - app[STARTED],
+        memory_available_bytes=memory_available_bytes(),
+        models=models,
+    )
+    return web.json_response(health.to_json())
+
+
+async def get_models(request: web.Request) -> web.Response:
+    statuses = request.app[SUPERVISOR].statuses()
+    return web.json_response({"models": [s.to_json() for s in statuses]})
+
+
+async def openai_models(request: web.Request) -> web.Response:
+    data = [
+        {
+            "id": s.model_id,
+            "object": "model",
+            "created": int(s.last_used),
+            "owned_by": "neuron",
+            "state": s.state,
+        }
+        for s in request.app[SUPERVISOR].statuses()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def post_load(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    try:
+        req = LoadRequest.from_json(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidRequest(f"bad load request: {exc}") from exc
+    m = await request.app[SUPERVISOR].load(req)
+    return web.json_response(m.status().to_json(), status=202)
+
+
+async def post_unload(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    model_id = body.get("model_id")
+    if not isinstance(model_id, str) or not model_id:
+        raise InvalidRequest("missing `model_id` (a non-empty string)", param="model_id")
+    m = await request.app[SUPERVISOR].unload(model_id)
+    out = m.status().to_json()
+    out["state"] = "unloaded"
+    return web.json_response(out)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[METRICS].registry)
+    resp = web.Response(body=data)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def get_storage(request: web.Request) -> web.Response:
+    app = request.app
+    store = app[STORE]
+    copies = await asyncio.to_thread(store.staged, app[SUPERVISOR].in_use_dirs())
+    return web.json_response(
+        {
+            "store_dir": str(store.root),
+            "staged": [c.to_json() for c in copies],
+            "total_bytes": sum(c.size_bytes for c in copies),
+        }
+    )
+
+
+async def post_purge(request: web.Request) -> web.Response:
+    app = request.app
+    store = app[STORE]
+    removed = await asyncio.to_thread(store.purge, app[SUPERVISOR].in_use_dirs())
+    return web.json_response(
+        {
+            "removed": [c.to_json() for c in removed],
+            "freed_bytes": sum(c.size_bytes for c in removed),
+        }
+    )

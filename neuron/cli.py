@@ -1,0 +1,113 @@
+"""`neuron`: the node agent's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import attrs
+
+from shared.config import ConfigError
+
+DESCRIPTION = """\
+neuron: the node agent of a cortex fleet. It reports what this machine is
+(/discovery), runs the models placed on it as supervised mlx_lm.server
+runners, and serves them through an OpenAI-compatible proxy with admission
+control."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neuron",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the neuron HTTP API (default port 9410)",
+        description="Run the neuron: its HTTP API, runner supervisor and proxy. "
+        "SIGTERM or Ctrl-C stops every runner before exiting.",
+    )
+    serve.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="neuron.toml (strict: an unknown or mistyped key is an error); "
+        "without it every setting takes its default",
+    )
+    serve.add_argument("--host", help="listen address, overriding the config file")
+    serve.add_argument(
+        "--port", type=int, help="listen port, overriding the config file (0: any free port)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default: INFO)",
+    )
+
+    demo = sub.add_parser(
+        "demo-model",
+        help="write a tiny random-weight Llama (it produces noise, not language)",
+        description="Write a tiny random-weight Llama model to DIR: config.json, "
+        "model.safetensors and a byte-level BPE tokenizer with a chat template, "
+        "loadable by mlx_lm. Its weights are random, so it produces noise, not "
+        "language; it exists to run and test the whole stack on any CPU in "
+        "seconds. The same seed always gives the same files.",
+    )
+    demo.add_argument("dir", type=Path, metavar="DIR", help="directory to write the model into")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from neuron.app import create_app
+    from neuron.config import NeuronConfig
+
+    try:
+        config = NeuronConfig.from_file(args.config) if args.config else NeuronConfig()
+    except ConfigError as exc:
+        print(f"neuron: {exc}", file=sys.stderr)
+        return 2
+    if args.host is not None:
+        config = attrs.evolve(config, host=args.host)
+    if args.port is not None:
+        config = attrs.evolve(config, port=args.port)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # handler_cancellation: a client that disconnects cancels its proxied request.
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        handler_cancellation=True,
+        print=lambda msg: print(msg, flush=True),
+    )
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from neuron.demo_model import build_demo_model
+
+    path = build_demo_model(args.dir, seed=args.seed)
+    print(f"demo model (noise, not language) written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _demo_model(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

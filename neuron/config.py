@@ -1,0 +1,130 @@
+"""`neuron.toml`: what a neuron listens on, where it keeps models, how it runs them.
+
+Loaded strictly (shared.config): an unknown or mistyped key is an error naming
+the key and the file.  Every table is optional; the defaults run a neuron on
+127.0.0.1:9410 with its store under ~/.neuron.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import attrs
+
+from shared.config import load_config
+
+
+@attrs.frozen
+class RunnerConfig:
+    """How each `mlx_lm.server` runner is started."""
+
+    # Interpreter that runs `-m neuron.runner_main`; must have mlx and mlx-lm.
+    python: str = sys.executable
+    decode_concurrency: int = 8
+    prompt_concurrency: int = 4
+    prompt_cache_size: int = 4
+    # Default generation cap when a request names none.
+    max_tokens: int = 512
+    # Start to first answered 1-token request; a runner that misses it is killed.
+    warmup_deadline_s: float = 300.0
+    # Unload: SIGTERM to the process group, this long, then SIGKILL.
+    stop_grace_s: float = 5.0
+    # Appended to every runner's command line (e.g. ["--kv-bits", "8"]).
+    extra_args: tuple[str, ...] = ()
+    # Lines of runner stderr kept in memory for the `failed` error.
+    stderr_tail_lines: int = 40
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("decode_concurrency", "prompt_concurrency", "prompt_cache_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"runner.{name} must be >= 1")
+        if self.warmup_deadline_s <= 0:
+            raise ValueError("runner.warmup_deadline_s must be > 0")
+
+
+@attrs.frozen
+class AdmissionConfig:
+    """Per model: requests running at once, waiting, and how long one may wait."""
+
+    max_in_flight: int = 8
+    max_queue: int = 32
+    queue_timeout_s: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError("admission.max_in_flight must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("admission.max_queue must be >= 0")
+        if self.queue_timeout_s <= 0:
+            raise ValueError("admission.queue_timeout_s must be > 0")
+
+
+@attrs.frozen
+class RestartConfig:
+    """A runner that crashes `max_crashes` times within `crash_window_s` stays failed."""
+
+    max_crashes: int = 3
+    crash_window_s: float = 300.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_crashes < 1:
+            raise ValueError("restart.max_crashes must be >= 1")
+
+
+@attrs.frozen
+class LoadEntry:
+    """A model loaded when the neuron starts."""
+
+    model_id: str
+    source: str
+
+
+@attrs.frozen
+class NeuronConfig:
+    host: str = "127.0.0.1"
+    port: int = 9410
+    store_dir: str = "~/.neuron"
+    node_name: str | None = None
+    # Address peers use to reach this node's ranks over TCP (ring backend).
+    ring_host: str = "127.0.0.1"
+    # The longest a runner may stay silent mid-answer; never a total timeout.
+    idle_read_timeout_s: float = 300.0
+    # SSE comment sent to the client while the runner is silent (long prefill).
+    heartbeat_s: float = 1.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    runner: RunnerConfig = attrs.Factory(RunnerConfig)
+    admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
+    restart: RestartConfig = attrs.Factory(RestartConfig)
+    load: tuple[LoadEntry, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} outside 0..65535")
+        if self.heartbeat_s <= 0:
+            raise ValueError("heartbeat_s must be > 0")
+        if self.idle_read_timeout_s <= 0:
+            raise ValueError("idle_read_timeout_s must be > 0")
+        ids = [e.model_id for e in self.load]
+        if len(ids) != len(set(ids)):
+            raise ValueError("[[load]] names a model_id twice")
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store_dir).expanduser()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> NeuronConfig:
+        """Read a `neuron.toml`; relative paths in it are taken from the file's folder."""
+        cfg = load_config(cls, path)
+        base = Path(path).resolve().parent
+        store = Path(cfg.store_dir).expanduser()
+        loads = tuple(
+            attrs.evolve(e, source=str((base / e.source).resolve()))
+            if e.source.startswith(".")
+            else e
+            for e in cfg.load
+        )
+        return attrs.evolve(
+            cfg, store_dir=str(store if store.is_absolute() else base / store), load=loads
+        )

@@ -1,0 +1,361 @@
+"""Runner supervision: one state machine per local model.
+
+    loading -> warming -> ready -> (crash) recovering -> ready ...
+                                \\-> failed  (too many crashes in the window)
+    any -> unloading (then gone)
+
+A model is ready only after one real 1-token request has been answered.  A
+crash is noticed by the exit of the runner process; streams in flight watch
+the same `exited` future, so they fail at once, and the runner is restarted
+with exponential backoff (shared.retry.RUNNER_RESTART_WAIT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import attrs
+import tenacity
+
+from neuron.admission import Admission
+from neuron.config import NeuronConfig
+from neuron.metrics import ModelStats, NeuronMetrics
+from neuron.runner import RunnerProcess
+from neuron.store import Store, check_model_dir, is_local_source
+from shared.errors import ModelNotFound
+from shared.retry import RUNNER_RESTART_WAIT
+from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WARMUP_BODY = json.dumps({"model": "default_model", "prompt": "hi", "max_tokens": 1}).encode()
+POLL_S = 0.2
+
+
+class _RunnerLost(Exception):
+    """The runner died or missed its deadline; worth a restart."""
+
+
+class _GiveUp(Exception):
+    """Too many crashes in the window, or a source that cannot be resolved."""
+
+
+async def race_exit(aw: Awaitable[T], runner: RunnerProcess) -> T:
+    """Await `aw`, unless the runner exits first (then _RunnerLost)."""
+    task: asyncio.Future[T] = asyncio.ensure_future(aw)
+    watched: set[asyncio.Future[Any]] = {task, runner.exited}
+    try:
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled() or not task.done():
+        raise _RunnerLost(f"runner exited with code {runner.exited.result()}")
+    return task.result()
+
+
+@attrs.define(eq=False)
+class ModelSupervisor:
+    model_id: str
+    source: str
+    group: GroupSpec | None
+    warmup_deadline_s: float
+    config: NeuronConfig
+    store: Store
+    metrics: NeuronMetrics
+    session: aiohttp.ClientSession
+    admission: Admission
+    stats: ModelStats = attrs.Factory(ModelStats)
+    state: ModelState = "loading"
+    error: str | None = None
+    runner: RunnerProcess | None = None
+    model_dir: Path | None = None
+    load_seconds: float | None = None
+    _starts: int = 0
+    _crashes: collections.deque[float] = attrs.Factory(collections.deque)
+    _task: asyncio.Task[None] | None = None
+    _stop_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        req: LoadRequest,
+        config: NeuronConfig,
+        store: Store,
+        metrics: NeuronMetrics,
+        session: aiohttp.ClientSession,
+    ) -> ModelSupervisor:
+        a = config.admission
+        return cls(
+            model_id=req.model_id,
+            source=req.source,
+            group=req.group,
+            warmup_deadline_s=req.warmup_deadline_s or config.runner.warmup_deadline_s,
+            config=config,
+            store=store,
+            metrics=metrics,
+            session=session,
+            admission=Admission(a.max_in_flight, a.max_queue, a.queue_timeout_s),
+        )
+
+    # --- views ------------------------------------------------------------
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.group is None or self.group.rank == 0
+
+    def status(self) -> ModelStatus:
+        return ModelStatus(
+            model_id=self.model_id,
+            state=self.state,
+            source=self.source,
+            group=self.group,
+            port=self.runner.port if self.runner is not None and self.runner.alive else None,
+            memory_bytes=self._memory_bytes(),
+            last_used=self.stats.last_used,
+            error=self.error,
+        )
+
+    def health(self) -> ModelHealth:
+        return ModelHealth(
+            model_id=self.model_id,
+            state=self.state,
+            in_flight=self.admission.in_flight,
+            queue_depth=self.admission.queue_depth,
+            phase=self.stats.phase,
+            decode_tps=self.stats.decode_tps,
+            ttft_s=self.stats.ttft_s,
+            last_used=self.stats.last_used,
+        )
+
+    def _memory_bytes(self) -> int:
+        # Resident set of the runner (Linux); the weights' size elsewhere.
+        r = self.runner
+        if r is not None and r.alive:
+            try:
+                for line in Path(f"/proc/{r.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+            except (OSError, ValueError, IndexError):
+                pass
+        if self.model_dir is not None:
+            return sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors"))
+        return 0
+
+    # --- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"supervise {self.model_id}")
+
+    async def _run(self) -> None:
+        try:
+            self.model_dir = await self.store.resolve(self.source)
+            retrying = tenacity.AsyncRetrying(
+                wait=RUNNER_RESTART_WAIT,
+                retry=tenacity.retry_if_exception_type(_RunnerLost),
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._run_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # _GiveUp, a failed download, anything unforeseen
+            log.warning("model %s failed: %s", self.model_id, exc)
+            self.state = "failed"
+            self.error = str(exc)
+
+    async def _run_once(self) -> None:
+        self.state = "loading" if self._starts == 0 else "recovering"
+        self._starts += 1
+        assert self.model_dir is not None
+        t0 = time.monotonic()
+        runner = await RunnerProcess.start(
+            self.config.runner,
+            model_id=self.model_id,
+            model_dir=self.model_dir,
+            log_dir=self.store.logs_dir,
+            group=self.group,
+        )
+        self.runner = runner
+        try:
+            async with asyncio.timeout(self.warmup_deadline_s):
+                await self._bring_up(runner)
+        except TimeoutError:
+            await runner.stop(0.5)
+            self._crashed(runner, f"runner not ready within {self.warmup_deadline_s:g} s")
+        except _RunnerLost as exc:
+            self._crashed(runner, str(exc))
+        self.load_seconds = time.monotonic() - t0
+        self.metrics.load_seconds.labels(self.model_id).observe(self.load_seconds)
+        self.state = "ready"
+        self.error = None
+        log.info(
+            "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
+        )
+        code = await asyncio.shield(runner.exited)
+        self._crashed(runner, f"runner exited with code {code}")
+
+    async def _bring_up(self, runner: RunnerProcess) -> None:
+        if not self.is_rank0:
+            # Only rank 0 serves HTTP; the other ranks are ready once they run.
+            return
+        while not await race_exit(self._answers(runner), runner):
+            await race_exit(asyncio.sleep(POLL_S), runner)
+        if self.state == "loading":
+            self.state = "warming"
+        while True:
+            status, text = await race_exit(self._warmup(runner), runner)
+            if status == 200:
+                return
+            if status >= 500 or status == 404:
+                raise _RunnerLost(f"warmup request answered {status}: {text[:500]}")
+            await race_exit(asyncio.sleep(POLL_S), runner)
+
+    async def _answers(self, runner: RunnerProcess) -> bool:
+        try:
+            async with self.session.get(
+                runner.base_url + "/health", timeout=aiohttp.ClientTimeout(total=2)
+            ) as r:
+                await r.read()
+                # 503: the runner's generation thread died (bad weights...).
+                if r.status == 503:
+                    raise _RunnerLost("runner reports its generation thread dead")
+                return True
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _warmup(self, runner: RunnerProcess) -> tuple[int, str]:
+        async with self.session.post(
+            runner.base_url + "/v1/completions",
+            data=WARMUP_BODY,
+            headers={"Content-Type": "application/json"},
+        ) as r:
+            return r.status, await r.text()
+
+    def _crashed(self, runner: RunnerProcess, reason: str) -> None:
+        """Account for a lost runner; raise _GiveUp or _RunnerLost."""
+        runner.kill_now()
+        self.metrics.runner_crashes.labels(self.model_id).inc()
+        now = time.monotonic()
+        self._crashes.append(now)
+        window = self.config.restart.crash_window_s
+        while self._crashes and now - self._crashes[0] > window:
+            self._crashes.popleft()
+        tail = runner.tail()
+        self.error = f"{reason}; runner output tail:\n{tail}" if tail else reason
+        log.warning("model %s: %s", self.model_id, reason)
+        if len(self._crashes) >= self.config.restart.max_crashes:
+            raise _GiveUp(
+                f"{len(self._crashes)} runner failures within {window:g} s; last: {self.error}"
+            )
+        self.state = "recovering"
+        raise _RunnerLost(reason)
+
+    def stop(self) -> asyncio.Task[None]:
+        """Unload: stop supervising, SIGTERM then SIGKILL the runner (idempotent)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop(), name=f"stop {self.model_id}")
+        return self._stop_task
+
+    async def _stop(self) -> None:
+        self.state = "unloading"
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.runner is not None:
+            await self.runner.stop(self.config.runner.stop_grace_s)
+
+
+@attrs.define
+class Supervisor:
+    """Every local model of this neuron."""
+
+    config: NeuronConfig
+    store: Store
+    metrics: NeuronMetrics
+    models: dict[str, ModelSupervisor] = attrs.Factory(dict)
+    _session: aiohttp.ClientSession | None = None
+    _lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Supervisor.open() first"
+        return self._session
+
+    async def open(self) -> None:
+        self.store.ensure()
+        # No total timeout: streams may run long; the proxy times idle reads itself.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        await self.stop_all()
+        if self._session is not None:
+            await self._session.close()
+
+    async def load(self, req: LoadRequest) -> ModelSupervisor:
+        """Start loading `req`, or return the model already loading/loaded (one load)."""
+        async with self._lock:
+            current = self.models.get(req.model_id)
+            if current is not None and current.state not in ("failed", "unloading"):
+                return current
+            if is_local_source(req.source):
+                check_model_dir(req.source)  # 400 now, rather than a failed load later
+            if current is not None:
+                await current.stop()
+            m = ModelSupervisor.create(req, self.config, self.store, self.metrics, self.session)
+            self.models[req.model_id] = m
+            m.start()
+            return m
+
+    def get(self, model_id: str) -> ModelSupervisor | None:
+        return self.models.get(model_id)
+
+    async def unload(self, model_id: str) -> ModelSupervisor:
+        m = self.models.get(model_id)
+        if m is None:
+            raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model_id")
+        await m.stop()
+        if self.models.get(model_id) is m:
+            del self.models[model_id]
+        return m
+
+    async def stop_all(self) -> None:
+        models = list(self.models.values())
+        await asyncio.gather(*(m.stop() for m in models), return_exceptions=True)
+        self.models.clear()
+
+    def kill_all_now(self) -> None:
+        for m in self.models.values():
+            if m.runner is not None:
+                m.runner.kill_now()
+
+    def in_use_dirs(self) -> list[Path]:
+        return [m.model_dir for m in self.models.values() if m.model_dir is not None]
+
+    def health(self) -> list[ModelHealth]:
+        return [m.health() for m in self.models.values()]
+
+    def statuses(self) -> list[ModelStatus]:
+        return [m.status() for m in self.models.values()]
+
+
+def status_json(m: ModelSupervisor) -> dict[str, Any]:
+    return m.status().to_json()

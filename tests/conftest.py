@@ -1,0 +1,218 @@
+"""Shared fixtures: the demo model, and real neurons run as `neuron serve` subprocesses.
+
+A neuron subprocess is the real thing (signals, process groups, runner
+children), so lifecycle tests can SIGTERM or SIGKILL it; cortex tests can
+start as many as they need with `neuron_factory`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_asyncio
+import tomli_w
+from aiohttp.test_utils import TestServer
+
+from neuron.app import create_app
+from neuron.config import NeuronConfig
+from neuron.demo_model import build_demo_model
+
+READY_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def runner_pids(model_id: str, parent: int | None = None) -> list[int]:
+    """Live runner processes for `model_id` (by cmdline marker), of `parent` if given."""
+    marker = ["-m", "neuron.runner_main", "--neuron-model-id", model_id]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state == "Z" or (parent is not None and int(ppid) != parent):
+            continue  # a zombie has died; only its parent has not reaped it yet
+        if any(argv[i : i + len(marker)] == marker for i in range(len(argv))):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_until(predicate: Any, timeout: float = READY_TIMEOUT_S, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def http_json(
+    url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """A blocking JSON request (GET without body, POST with); (status, parsed body)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+@attrs.define
+class NeuronProcess:
+    """A `neuron serve -c neuron.toml` child process on a free port."""
+
+    dir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, dir: Path, settings: dict[str, Any] | None = None) -> NeuronProcess:
+        dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        config = {"port": port, "store_dir": str(dir / "store"), **(settings or {})}
+        (dir / "neuron.toml").write_text(tomli_w.dumps(config))
+        log = (dir / "neuron.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "neuron.cli", "serve", "-c", str(dir / "neuron.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=dir,
+        )
+        log.close()
+        n = cls(dir=dir, port=port, process=process)
+        wait_until(n._up, timeout=60, what=f"neuron on port {port}")
+        return n
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"neuron exited early:\n{self.log()}")
+        try:
+            return http_json(self.url + "/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return (self.dir / "neuron.log").read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return http_json(self.url + path)
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        return http_json(self.url + path, body)
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        _, body = self.get("/models")
+        for m in body["models"]:
+            if m["model_id"] == model_id:
+                return dict(m)
+        return None
+
+    def wait_state(self, model_id: str, *states: str, timeout: float = READY_TIMEOUT_S) -> Any:
+        def check() -> dict[str, Any] | None:
+            m = self.model(model_id)
+            return m if m is not None and m["state"] in states else None
+
+        return wait_until(check, timeout, f"{model_id} to be {'/'.join(states)}")
+
+    def load(self, model_id: str, source: str | Path, **extra: Any) -> dict[str, Any]:
+        status, body = self.post(
+            "/models/load", {"model_id": model_id, "source": str(source), **extra}
+        )
+        assert status == 202, body
+        return dict(body)
+
+    def load_ready(self, model_id: str, source: str | Path) -> dict[str, Any]:
+        self.load(model_id, source)
+        return dict(self.wait_state(model_id, "ready"))
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama (seed 0), built once per test session."""
+    return build_demo_model(tmp_path_factory.mktemp("demo-model") / "demo")
+
+
+@pytest.fixture
+def neuron_factory(tmp_path: Path) -> Iterator[Any]:
+    """`start(settings)` -> a running NeuronProcess; all of them are stopped afterwards."""
+    started: list[NeuronProcess] = []
+
+    def start(settings: dict[str, Any] | None = None, name: str | None = None) -> NeuronProcess:
+        n = NeuronProcess.start(tmp_path / (name or f"neuron{len(started)}"), settings)
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        stop_quietly(n)
+
+
+InProcessFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest_asyncio.fixture
+async def neuron_app_factory(tmp_path: Path) -> AsyncIterator[InProcessFactory]:
+    """`await start(**config)` -> an in-process neuron (aiohttp TestServer on port 0).
+
+    Runners are still real child processes; the neuron shares the test's loop.
+    """
+    servers: list[TestServer] = []
+
+    async def start(**settings: Any) -> TestServer:
+        settings.setdefault("store_dir", str(tmp_path / f"store{len(servers)}"))
+        server = TestServer(create_app(NeuronConfig(port=0, **settings)), port=0)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+def stop_quietly(n: NeuronProcess) -> None:
+    try:
+        n.stop(signal.SIGTERM, timeout=30)
+    except subprocess.TimeoutExpired:
+        n.process.kill()
+        n.process.wait()
+
+
+def kill_pid(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
