@@ -90,27 +90,40 @@ class NeuronProcess:
     dir: Path
     port: int
     process: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @classmethod
-    def start(cls, dir: Path, settings: dict[str, Any] | None = None) -> NeuronProcess:
+    def start(
+        cls,
+        dir: Path,
+        settings: dict[str, Any] | None = None,
+        *,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> NeuronProcess:
+        """Start `neuron serve`; `wrap` turns the command into another (a netns exec)."""
         dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        config = {"port": port, "store_dir": str(dir / "store"), **(settings or {})}
+        config = {"port": free_port(), "store_dir": str(dir / "store"), **(settings or {})}
         (dir / "neuron.toml").write_text(tomli_w.dumps(config))
         log = (dir / "neuron.log").open("ab")
+        argv = [sys.executable, "-m", "neuron.cli", "serve", "-c", str(dir / "neuron.toml")]
         process = subprocess.Popen(
-            [sys.executable, "-m", "neuron.cli", "serve", "-c", str(dir / "neuron.toml")],
+            wrap(argv) if wrap is not None else argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=dir,
         )
         log.close()
-        n = cls(dir=dir, port=port, process=process)
-        wait_until(n._up, timeout=60, what=f"neuron on port {port}")
+        n = cls(
+            dir=dir,
+            port=int(config["port"]),
+            process=process,
+            host=str(config.get("host", "127.0.0.1")),
+        )
+        wait_until(n._up, timeout=60, what=f"neuron at {n.url}")
         return n
 
     def _up(self) -> bool:
@@ -172,8 +185,12 @@ def neuron_factory(tmp_path: Path) -> Iterator[Any]:
     """`start(settings)` -> a running NeuronProcess; all of them are stopped afterwards."""
     started: list[NeuronProcess] = []
 
-    def start(settings: dict[str, Any] | None = None, name: str | None = None) -> NeuronProcess:
-        n = NeuronProcess.start(tmp_path / (name or f"neuron{len(started)}"), settings)
+    def start(
+        settings: dict[str, Any] | None = None,
+        name: str | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> NeuronProcess:
+        n = NeuronProcess.start(tmp_path / (name or f"neuron{len(started)}"), settings, wrap=wrap)
         started.append(n)
         return n
 

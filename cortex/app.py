@@ -1,0 +1,368 @@
+"""The cortex aiohttp application: `create_app(config)` and its endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cortex.auth import REQUEST_KEY, Auth
+from cortex.config import ApiKey, CortexConfig
+from cortex.loader import Loader
+from cortex.metrics import CONTENT_TYPE, Metrics
+from cortex.placement import candidates
+from cortex.poller import Poller
+from cortex.proxy import Proxy, request_id
+from cortex.reconciler import Reconciler
+from cortex.router import node_infos
+from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
+from shared.catalogue import Catalogue, ModelSpec
+from shared.errors import (
+    ApiError,
+    InvalidRequest,
+    ModelNotFound,
+    error_middleware,
+    read_json_object,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", CortexConfig)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+FLEET = web.AppKey("fleet", Fleet)
+METRICS = web.AppKey("metrics", Metrics)
+AUTH = web.AppKey("auth", Auth)
+AFFINITY = web.AppKey("affinity", AffinityTable)
+# Set while the app runs (they need its event loop).
+POLLER = web.AppKey("poller", Poller)
+LOADER = web.AppKey("loader", Loader)
+PROXY = web.AppKey("proxy", Proxy)
+RECONCILER = web.AppKey("reconciler", Reconciler)
+
+
+def create_app(
+    config: CortexConfig, *, catalogue: Catalogue | None = None, background: bool = True
+) -> web.Application:
+    """The gateway. `background=False` leaves polling to the caller (tests drive it)."""
+    cat = catalogue if catalogue is not None else Catalogue.load(config.catalogue)
+    auth = Auth(keys=config.api_keys, admin_token=config.admin_token)
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[error_middleware, auth.middleware()],
+    )
+    app[CONFIG] = config
+    app[CATALOGUE] = cat
+    app[AUTH] = auth
+    app[FLEET] = Fleet.of(
+        ((n.name, n.base_url) for n in config.neurons), threshold=config.failure_threshold
+    )
+    app[METRICS] = Metrics.create(m.id for m in cat.models)
+    app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
+    app.cleanup_ctx.append(_services(background=background))
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/state", _admin_state)
+    app.router.add_get("/admin/placements", _admin_placements)
+    app.router.add_post("/admin/models/{model_id}/load", _admin_load)
+    app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
+    return app
+
+
+def _services(*, background: bool) -> Any:
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        cfg = app[CONFIG]
+        metrics = app[METRICS]
+        poll_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # No pool limit: every stream holds a connection for its whole life.
+        proxy_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        poller = Poller(
+            fleet=app[FLEET],
+            session=poll_session,
+            interval_s=cfg.poll_interval_s,
+            timeout_s=cfg.poll_timeout_s,
+            listeners=[metrics.observe_node],
+        )
+        for name in app[FLEET].names:
+            metrics.observe_node(app[FLEET].node(name))
+        loader = Loader(
+            fleet=app[FLEET],
+            catalogue=app[CATALOGUE],
+            session=poll_session,
+            config=cfg,
+            metrics=metrics,
+            poller=poller,
+        )
+        app[POLLER] = poller
+        app[LOADER] = loader
+        app[PROXY] = Proxy(
+            fleet=app[FLEET],
+            poller=poller,
+            loader=loader,
+            catalogue=app[CATALOGUE],
+            config=cfg,
+            metrics=metrics,
+            session=proxy_session,
+            affinity=app[AFFINITY],
+        )
+        reconciler = Reconciler(
+            fleet=app[FLEET],
+            catalogue=app[CATALOGUE],
+            loader=loader,
+            interval_s=cfg.poll_interval_s,
+        )
+        app[RECONCILER] = reconciler
+        tasks = (
+            [
+                asyncio.create_task(poller.run(), name="cortex poller"),
+                asyncio.create_task(reconciler.run(), name="cortex reconciler"),
+            ]
+            if background
+            else []
+        )
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await reconciler.close()
+            await loader.close()
+            await proxy_session.close()
+            await poll_session.close()
+
+    return services
+
+
+# -- inference -----------------------------------------------------------------------
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "/v1/chat/completions", "messages")
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "/v1/completions", "prompt")
+
+
+async def _inference(request: web.Request, path: str, field: str) -> web.StreamResponse:
+    app = request.app
+    metrics = app[METRICS]
+    started = time.monotonic()
+    label = "other"
+    status = 500
+    rid = request_id(request)
+    try:
+        body = await read_json_object(request)
+        raw = await request.read()
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("missing or empty 'model'", param="model")
+        spec = app[CATALOGUE].resolve(model)
+        label = metrics.model(spec.id if spec is not None else None)
+        if field not in body:
+            raise InvalidRequest(f"missing {field!r}", param=field)
+        if field == "messages" and (not isinstance(body["messages"], list) or not body[field]):
+            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+        key: ApiKey | None = request.get(REQUEST_KEY)
+        app[AUTH].check_model(key, model, app[CATALOGUE])
+        resp = await app[PROXY].handle(request, path, body, raw, rid)
+        status = resp.status
+        return resp
+    except ApiError as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.request_duration.labels(label).observe(time.monotonic() - started)
+
+
+# -- models, health, metrics ----------------------------------------------------------
+
+
+def _model_json(
+    spec: ModelSpec, snap: FleetSnapshot, app: web.Application, infos: list[Any]
+) -> dict[str, Any]:
+    locs = snap.locations(spec.id)
+    facts = app[LOADER].facts(spec)
+    feasible = [list(c.nodes) for c in candidates(spec, facts, infos, now=False) if c.feasible]
+    return {
+        "id": spec.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "cortex",
+        "aliases": list(spec.aliases),
+        "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
+        "locations": [
+            {"node": n.name, "state": m.state, "healthy": n.healthy}
+            for n, m in locs
+            if m.serves_http
+        ],
+        "feasible_on": feasible,
+        "context_length": spec.context_limit,
+    }
+
+
+async def _models(request: web.Request) -> web.Response:
+    app = request.app
+    snap = app[FLEET].snapshot()
+    cat = app[CATALOGUE]
+    key: ApiKey | None = request.get(REQUEST_KEY)
+    infos = node_infos(snap, cat)
+    data = [
+        _model_json(spec, snap, app, infos)
+        for spec in cat.models
+        if Auth.allowed(key, spec.id, cat)
+    ]
+    # Models a neuron serves that the catalogue does not name are routable too.
+    extra = sorted(
+        {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
+    )
+    for mid in extra:
+        if not Auth.allowed(key, mid, cat):
+            continue
+        locs = snap.locations(mid)
+        data.append(
+            {
+                "id": mid,
+                "object": "model",
+                "created": 0,
+                "owned_by": "neuron",
+                "aliases": [],
+                "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
+                "locations": [
+                    {"node": n.name, "state": m.state, "healthy": n.healthy} for n, m in locs
+                ],
+                "feasible_on": [],
+            }
+        )
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _health(request: web.Request) -> web.Response:
+    snap = request.app[FLEET].snapshot()
+    healthy, total = len(snap.healthy), len(snap.nodes)
+    status = "ok" if total and healthy == total else "degraded"
+    return web.json_response({"status": status, "nodes": {"healthy": healthy, "total": total}})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- admin ------------------------------------------------------------------------------
+
+
+async def _admin_state(request: web.Request) -> web.Response:
+    app = request.app
+    snap = app[FLEET].snapshot()
+    cat = app[CATALOGUE]
+    nodes = []
+    for n in snap.nodes:
+        d = n.to_json()
+        d["outstanding"] = snap.node_outstanding(n.name)
+        nodes.append(d)
+    models = []
+    for spec in cat.models:
+        failure = snap.failure(spec.id)
+        job = app[LOADER].job(spec.id)
+        models.append(
+            {
+                "id": spec.id,
+                "aliases": list(spec.aliases),
+                "source": spec.source,
+                "pinned_on": list(spec.pinned_on),
+                "replicas": spec.replicas,
+                "keep_loaded": spec.keep_loaded,
+                "loading": spec.id in snap.loading,
+                "loading_on": None if job is None else list(job.candidate.nodes),
+                "last_failure": None if failure is None else failure.message,
+                "placements": [
+                    {"node": n.name, "healthy": n.healthy, **m.to_json()}
+                    for n, m in snap.locations(spec.id)
+                ],
+            }
+        )
+    return web.json_response(
+        {"nodes": nodes, "models": models, "affinity_entries": len(app[AFFINITY])}
+    )
+
+
+def _spec(request: web.Request, model_id: str | None) -> ModelSpec:
+    if not model_id:
+        raise InvalidRequest("missing model_id", param="model_id")
+    spec = request.app[CATALOGUE].resolve(model_id)
+    if spec is None:
+        raise ModelNotFound(f"model {model_id!r} is not in the catalogue", param="model_id")
+    return spec
+
+
+async def _admin_placements(request: web.Request) -> web.Response:
+    app = request.app
+    spec = _spec(request, request.query.get("model_id"))
+    snap = app[FLEET].snapshot()
+    infos = node_infos(snap, app[CATALOGUE], loading=spec.id)
+    facts = app[LOADER].facts(spec)
+    return web.json_response(
+        {
+            "model_id": spec.id,
+            "facts": facts.to_json(),
+            "candidates": [c.to_json() for c in candidates(spec, facts, infos, now=True)],
+            "ever": [c.to_json() for c in candidates(spec, facts, infos, now=False)],
+        }
+    )
+
+
+async def _admin_load(request: web.Request) -> web.Response:
+    app = request.app
+    spec = _spec(request, request.match_info["model_id"])
+    snap = app[FLEET].snapshot()
+    locs = [(n, m) for n, m in snap.locations(spec.id) if n.healthy]
+    ready = [n.name for n, m in locs if m.state == "ready"]
+    if ready:
+        return web.json_response({"model_id": spec.id, "state": "ready", "nodes": ready})
+    loading = [n.name for n, m in locs if m.state in LOADING_STATES]
+    if loading:
+        return web.json_response(
+            {"model_id": spec.id, "state": "loading", "nodes": loading}, status=202
+        )
+    job = app[LOADER].job(spec.id)
+    if job is None:
+        job = await app[LOADER].place(spec)
+    return web.json_response(
+        {
+            "model_id": spec.id,
+            "state": "loading",
+            "nodes": list(job.candidate.nodes),
+            "placement": job.candidate.to_json(),
+        },
+        status=202,
+    )
+
+
+async def _admin_unload(request: web.Request) -> web.Response:
+    app = request.app
+    model_id = request.match_info["model_id"]
+    spec = app[CATALOGUE].resolve(model_id)
+    mid = spec.id if spec is not None else model_id
+    snap = app[FLEET].snapshot()
+    nodes = [n.name for n, _ in snap.locations(mid)]
+    if not nodes:
+        raise ModelNotFound(f"model {mid!r} is loaded nowhere", param="model_id")
+    results = await asyncio.gather(
+        *(app[LOADER].unload(n, mid) for n in nodes), return_exceptions=True
+    )
+    failed = {n: str(r) for n, r in zip(nodes, results, strict=True) if isinstance(r, Exception)}
+    done = [n for n in nodes if n not in failed]
+    status = 200 if not failed else 502
+    return web.json_response({"model_id": mid, "unloaded": done, "failed": failed}, status=status)

@@ -1,0 +1,96 @@
+"""API keys with per-key model allow-lists, and the admin token.
+
+Auth is off when no key is configured (a laptop fleet). With keys, every
+/v1/* call needs one (401 invalid_api_key) and may use only the models its
+allow-list names, by id or alias (403 model_not_allowed). /admin/* needs the
+admin token; /health and /metrics are always open (probes and Prometheus).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import attrs
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from cortex.config import ApiKey
+from shared.catalogue import Catalogue
+from shared.errors import InvalidApiKey, ModelNotAllowed
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The key a request authenticated with (None when auth is off).
+REQUEST_KEY = web.RequestKey("api_key", ApiKey)
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("X-Api-Key") or None
+
+
+@attrs.frozen
+class Auth:
+    keys: tuple[ApiKey, ...] = ()
+    admin_token: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def client(self, request: web.Request) -> ApiKey | None:
+        """The caller's key; InvalidApiKey when auth is on and it is missing or unknown."""
+        if not self.enabled:
+            return None
+        given = presented_key(request)
+        if given is None:
+            raise InvalidApiKey("missing API key: send Authorization: Bearer <key>")
+        found = None
+        for k in self.keys:
+            # Compare with every key in constant time: no timing hint of a near miss.
+            if hmac.compare_digest(k.key.encode(), given.encode()):
+                found = k
+        if found is None:
+            raise InvalidApiKey("unknown API key")
+        return found
+
+    def admin(self, request: web.Request) -> None:
+        if self.admin_token is None:
+            if self.enabled:
+                raise InvalidApiKey("admin endpoints need admin_token set in cortex.toml")
+            return
+        given = presented_key(request) or ""
+        if not hmac.compare_digest(self.admin_token.encode(), given.encode()):
+            raise InvalidApiKey("admin endpoints need the admin token")
+
+    @staticmethod
+    def allowed(key: ApiKey | None, model: str, catalogue: Catalogue) -> bool:
+        if key is None or "*" in key.models:
+            return True
+        spec = catalogue.resolve(model)
+        names = spec.names() if spec is not None else (model,)
+        return any(n in key.models for n in names)
+
+    def check_model(self, key: ApiKey | None, model: str, catalogue: Catalogue) -> None:
+        if not self.allowed(key, model, catalogue):
+            raise ModelNotAllowed(f"this API key may not use model {model!r}", param="model")
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            path = request.path
+            if path in OPEN_PATHS:
+                pass
+            elif path.startswith("/admin"):
+                self.admin(request)
+            elif path.startswith("/v1"):
+                key = self.client(request)
+                if key is not None:
+                    request[REQUEST_KEY] = key
+            return await handler(request)
+
+        return auth_middleware

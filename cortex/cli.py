@@ -1,0 +1,139 @@
+"""`cortex`: the gateway's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from cortex.config import CortexConfig
+from shared.catalogue import Catalogue
+from shared.config import ConfigError
+
+DESCRIPTION = """\
+cortex: an OpenAI-compatible gateway in front of a fleet of neurons.
+
+It polls every neuron, loads catalogued models on demand, routes each request
+to the least-loaded ready replica (with prompt-cache affinity) and answers
+every failure with the OpenAI error envelope and, when retrying may help, a
+Retry-After header.
+"""
+
+EPILOG = """\
+examples:
+  cortex serve -c cortex.toml           run the gateway
+  cortex check -c cortex.toml           validate the config and the catalogue
+  cortex fleet --dir run                start a local demo fleet (cortex + neurons)
+
+a minimal cortex.toml:
+  port = 9400
+  catalogue = "models.toml"     # relative to this file
+  [[neurons]]
+  name = "studio-1"
+  url = "http://10.0.0.11:9410"
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cortex",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway until SIGINT/SIGTERM.",
+    )
+    serve.add_argument("-c", "--config", required=True, help="path to cortex.toml")
+    serve.add_argument("--host", help="listen address (overrides the config)")
+    serve.add_argument("--port", type=int, help="listen port (overrides the config)")
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (default: INFO)",
+    )
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser(
+        "check",
+        help="validate cortex.toml and its catalogue, then exit",
+        description="Load cortex.toml and the catalogue strictly; print a summary.",
+    )
+    check.add_argument("-c", "--config", required=True, help="path to cortex.toml")
+    check.set_defaults(func=_check)
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="start a local fleet (cortex plus neurons serving the demo model)",
+        description="Start a local fleet; every argument after 'fleet' is passed on.",
+        add_help=False,
+    )
+    fleet.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the fleet command")
+    fleet.set_defaults(func=lambda a: _fleet(a.args))
+    return p
+
+
+def _load(path: str) -> tuple[CortexConfig, Catalogue]:
+    config = CortexConfig.from_file(path)
+    return config, Catalogue.load(config.catalogue)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cortex.app import create_app
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config, catalogue = _load(args.config)
+    host = args.host or config.host
+    port = config.port if args.port is None else args.port
+    app = create_app(config, catalogue=catalogue)
+    print(f"cortex listening on http://{host}:{port} ({len(config.neurons)} neuron(s))", flush=True)
+    # handler_cancellation: a client that disconnects cancels its upstream request.
+    web.run_app(app, host=host, port=port, print=None, handler_cancellation=True)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    config, catalogue = _load(args.config)
+    print(f"config ok: {args.config}")
+    print(f"  listen     {config.host}:{config.port}")
+    print(f"  catalogue  {config.catalogue} ({len(catalogue.models)} models)")
+    for n in config.neurons:
+        print(f"  neuron     {n.name} {n.url}")
+    auth = f"on, {len(config.api_keys)} key(s)" if config.api_keys else "off"
+    print(f"  auth       {auth}")
+    return 0
+
+
+def _fleet(argv: Sequence[str]) -> int:
+    from cortex.fleet import main as fleet_main  # type: ignore[import-not-found,unused-ignore]
+
+    rc: int = fleet_main(list(argv))
+    return rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fleet"]:
+        # Everything after `fleet` is its own (argparse would eat leading options).
+        return _fleet(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except ConfigError as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 2
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

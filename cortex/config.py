@@ -1,0 +1,126 @@
+"""`cortex.toml`: where cortex listens, which neurons it manages, and its limits.
+
+Strict like every config here: an unknown key or a wrong type names the key
+and the file. Relative paths (the catalogue) are taken from the file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from shared.config import load_config
+
+
+@attrs.frozen
+class NeuronRef:
+    """One neuron cortex polls and routes to."""
+
+    name: str
+    url: str
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a neuron needs a name")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"neuron {self.name!r}: url must start with http:// or https://")
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+
+@attrs.frozen
+class ApiKey:
+    """A client key and the models it may use (ids or aliases; "*" for all)."""
+
+    key: str
+    models: tuple[str, ...] = ("*",)
+    # A label for logs and metrics; never the key itself.
+    name: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.key) < 8:
+            raise ValueError("an api key must be at least 8 characters")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.key[:4]}…"
+
+
+@attrs.frozen
+class CortexConfig:
+    host: str = "127.0.0.1"
+    port: int = 9400
+    catalogue: str = "models.toml"
+    neurons: tuple[NeuronRef, ...] = ()
+    # Health polling: every node concurrently, each call with its own timeout.
+    poll_interval_s: float = 2.0
+    poll_timeout_s: float = 1.5
+    failure_threshold: int = 3
+    # Proxy: time to get a connection, and the longest a stream may stay silent
+    # (neurons send a keepalive comment every second or so while busy).
+    connect_timeout_s: float = 3.0
+    idle_read_timeout_s: float = 60.0
+    # A non-streaming answer arrives in one piece; this bounds the whole wait.
+    response_timeout_s: float = 600.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Attempts on distinct replicas for a request that failed before its first byte.
+    retry_attempts: int = 3
+    # Prefix affinity: stay on the remembered replica unless its load exceeds the
+    # least-loaded replica's by more than this many requests.
+    affinity_margin: int = 4
+    affinity_entries: int = 8192
+    api_keys: tuple[ApiKey, ...] = ()
+    admin_token: str | None = None
+    # How long the request that starts a cold load waits for it before it, like
+    # everyone else, is told 503 model_loading.
+    load_wait_s: float = 5.0
+    # A cold load (neuron's download + start + warmup) that takes longer fails.
+    load_deadline_s: float = 900.0
+    load_poll_interval_s: float = 0.25
+    # An explicit load waits this long for a node's discovery before answering 503.
+    discovery_wait_s: float = 5.0
+    # First TCP port for multi-node ring groups (rank i of a group uses base + offset + i).
+    ring_base_port: int = 47000
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} outside 0..65535")
+        names = [n.name for n in self.neurons]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"neuron name {sorted(dup)[0]!r} used twice")
+        keys = [k.key for k in self.api_keys]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an api key is listed twice")
+        for name in ("poll_interval_s", "poll_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("idle_read_timeout_s", "response_timeout_s", "load_poll_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        if self.retry_attempts < 1:
+            raise ValueError("retry_attempts must be >= 1")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.load_wait_s < 0 or self.discovery_wait_s < 0:
+            raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise ValueError("admin_token must be at least 8 characters")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CortexConfig:
+        """Read a `cortex.toml`; the catalogue path is taken from the file's folder."""
+        cfg = load_config(cls, path)
+        cat = Path(cfg.catalogue).expanduser()
+        if not cat.is_absolute():
+            cat = Path(path).resolve().parent / cat
+        return attrs.evolve(cfg, catalogue=str(cat))

@@ -1,0 +1,123 @@
+"""Prometheus metrics of one cortex app, on its own registry (no module globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from cortex.state import NodeState
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+@attrs.define
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    request_duration: Histogram
+    first_byte: Histogram
+    in_flight: Gauge
+    upstream_retries: Counter
+    passive_failures: Counter
+    stream_errors: Counter
+    node_healthy: Gauge
+    node_failures: Gauge
+    cold_loads: Counter
+    cold_load_duration: Histogram
+    evictions: Counter
+    # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
+    models: frozenset[str] = frozenset()
+
+    @classmethod
+    def create(cls, models: Iterable[str] = ()) -> Metrics:
+        r = CollectorRegistry(auto_describe=True)
+        return cls(
+            registry=r,
+            requests=Counter(
+                "cortex_requests_total",
+                "Requests answered, by model and HTTP status",
+                ["model", "code"],
+                registry=r,
+            ),
+            request_duration=Histogram(
+                "cortex_request_duration_seconds",
+                "Time from request to the last byte of the answer",
+                ["model"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            first_byte=Histogram(
+                "cortex_time_to_first_byte_seconds",
+                "Time from request to the first byte from a replica",
+                ["model"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            in_flight=Gauge(
+                "cortex_requests_in_flight",
+                "Requests being proxied now",
+                ["model"],
+                registry=r,
+            ),
+            upstream_retries=Counter(
+                "cortex_upstream_retries_total",
+                "Requests retried on another replica before their first byte, by reason",
+                ["reason"],
+                registry=r,
+            ),
+            passive_failures=Counter(
+                "cortex_passive_failures_total",
+                "Proxied requests that could not reach a node",
+                ["node"],
+                registry=r,
+            ),
+            stream_errors=Counter(
+                "cortex_stream_errors_total",
+                "Streams that failed after their first byte",
+                ["model"],
+                registry=r,
+            ),
+            node_healthy=Gauge(
+                "cortex_node_healthy", "1 when the node is routed to", ["node"], registry=r
+            ),
+            node_failures=Gauge(
+                "cortex_node_consecutive_failures",
+                "Failed polls in a row",
+                ["node"],
+                registry=r,
+            ),
+            cold_loads=Counter(
+                "cortex_cold_loads_total",
+                "Loads cortex started, by model and result (ok, failed)",
+                ["model", "result"],
+                registry=r,
+            ),
+            cold_load_duration=Histogram(
+                "cortex_cold_load_duration_seconds",
+                "Time from starting a load to the model being ready",
+                ["model"],
+                buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1200),
+                registry=r,
+            ),
+            evictions=Counter(
+                "cortex_evictions_total",
+                "Idle models unloaded to make room for another",
+                ["model"],
+                registry=r,
+            ),
+            models=frozenset(models),
+        )
+
+    def model(self, name: str | None) -> str:
+        return name if name is not None and name in self.models else "other"
+
+    def observe_node(self, node: NodeState) -> None:
+        self.node_healthy.labels(node.name).set(1 if node.healthy else 0)
+        self.node_failures.labels(node.name).set(node.failures)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,396 @@
+"""What cortex knows of its fleet: frozen snapshots, and the one place that changes them.
+
+The poller, the loader and the proxy write through `Fleet`; the router only
+ever sees a `FleetSnapshot`, so routing is a pure function of one moment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from shared.wire import Discovery, GroupSpec, ModelHealth, ModelState, ModelStatus, NodeHealth
+
+SERVING_STATES: frozenset[str] = frozenset({"ready"})
+LOADING_STATES: frozenset[str] = frozenset({"loading", "warming", "recovering"})
+
+
+@attrs.frozen
+class NodeModel:
+    """One model on one node: /models (what and where) merged with /health (how busy)."""
+
+    model_id: str
+    state: ModelState
+    in_flight: int = 0
+    queue_depth: int = 0
+    last_used: float = 0.0
+    memory_bytes: int = 0
+    group: GroupSpec | None = None
+    error: str | None = None
+    decode_tps: float | None = None
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + self.queue_depth
+
+    @property
+    def serves_http(self) -> bool:
+        """Only rank 0 of a multi-rank group listens for requests."""
+        return self.group is None or self.group.rank == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "state": self.state,
+            "in_flight": self.in_flight,
+            "queue_depth": self.queue_depth,
+            "last_used": self.last_used,
+            "memory_bytes": self.memory_bytes,
+            "group": None if self.group is None else self.group.to_json(),
+            "error": self.error,
+            "decode_tps": self.decode_tps,
+        }
+
+    @classmethod
+    def merge(cls, status: ModelStatus | None, health: ModelHealth | None) -> NodeModel:
+        """One record from whichever of the two views we have (at least one)."""
+        if status is None and health is None:
+            raise ValueError("merge needs a status or a health record")
+        model_id = status.model_id if status is not None else health.model_id  # type: ignore[union-attr]
+        state = health.state if health is not None else status.state  # type: ignore[union-attr]
+        return cls(
+            model_id=model_id,
+            state=state,
+            in_flight=health.in_flight if health is not None else 0,
+            queue_depth=health.queue_depth if health is not None else 0,
+            last_used=max(
+                status.last_used if status is not None else 0.0,
+                health.last_used if health is not None else 0.0,
+            ),
+            memory_bytes=status.memory_bytes if status is not None else 0,
+            group=status.group if status is not None else None,
+            error=status.error if status is not None else None,
+            decode_tps=health.decode_tps if health is not None else None,
+        )
+
+
+def merge_models(
+    statuses: Iterable[ModelStatus] | None, health: NodeHealth | None
+) -> tuple[NodeModel, ...]:
+    by_status = {s.model_id: s for s in statuses or ()}
+    by_health = {h.model_id: h for h in (health.models if health is not None else ())}
+    ids = sorted(set(by_status) | set(by_health))
+    return tuple(NodeModel.merge(by_status.get(i), by_health.get(i)) for i in ids)
+
+
+@attrs.frozen
+class NodeState:
+    name: str
+    url: str
+    # A node nobody has heard from yet is not routed to.
+    healthy: bool = False
+    failures: int = 0
+    seen: bool = False
+    discovery: Discovery | None = None
+    health: NodeHealth | None = None
+    models: tuple[NodeModel, ...] = ()
+    staged: frozenset[str] = frozenset()
+    last_ok: float | None = None
+    last_error: str | None = None
+    # Memory cortex has committed to loads the last /health may not show yet.
+    reserved_bytes: int = 0
+    # Monotonic time cortex last wrote `models` itself (a load or unload it made);
+    # a poll that started before then must not overwrite the fresher record.
+    models_at: float = 0.0
+
+    def model(self, model_id: str) -> NodeModel | None:
+        for m in self.models:
+            if m.model_id == model_id:
+                return m
+        return None
+
+    @property
+    def memory_available_bytes(self) -> int:
+        if self.health is not None:
+            free = self.health.memory_available_bytes
+        elif self.discovery is not None:
+            free = self.discovery.memory_available_bytes
+        else:
+            free = 0
+        return max(0, free - self.reserved_bytes)
+
+    @property
+    def load(self) -> int:
+        return sum(m.load for m in self.models)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "healthy": self.healthy,
+            "failures": self.failures,
+            "seen": self.seen,
+            "status": None if self.health is None else self.health.status,
+            "node_id": None if self.discovery is None else self.discovery.node_id,
+            "discovery": None if self.discovery is None else self.discovery.to_json(),
+            "memory_available_bytes": self.memory_available_bytes,
+            "load": self.load,
+            "models": [m.to_json() for m in self.models],
+            "staged": sorted(self.staged),
+            "last_ok": self.last_ok,
+            "last_error": self.last_error,
+        }
+
+
+@attrs.frozen
+class LoadFailure:
+    message: str
+    # Monotonic deadline: until then a request for the model is told the load failed
+    # instead of starting another one.
+    until: float
+    details: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class FleetSnapshot:
+    nodes: tuple[NodeState, ...]
+    # Requests cortex has in flight right now, per (node, model): fresher than a poll.
+    outstanding: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
+    loading: frozenset[str] = frozenset()
+    load_failures: Mapping[str, LoadFailure] = attrs.field(factory=dict)
+    taken_at: float = 0.0
+
+    def node(self, name: str) -> NodeState | None:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        return None
+
+    @property
+    def healthy(self) -> tuple[NodeState, ...]:
+        return tuple(n for n in self.nodes if n.healthy)
+
+    def outstanding_on(self, node: str, model_id: str) -> int:
+        return self.outstanding.get((node, model_id), 0)
+
+    def node_outstanding(self, node: str) -> int:
+        return sum(v for (n, _), v in self.outstanding.items() if n == node)
+
+    def locations(self, model_id: str) -> tuple[tuple[NodeState, NodeModel], ...]:
+        out = []
+        for n in self.nodes:
+            m = n.model(model_id)
+            if m is not None:
+                out.append((n, m))
+        return tuple(out)
+
+    def failure(self, model_id: str) -> LoadFailure | None:
+        f = self.load_failures.get(model_id)
+        return f if f is not None and f.until > self.taken_at else None
+
+
+@attrs.define
+class Fleet:
+    """The live state behind the snapshots; every change goes through a method here."""
+
+    threshold: int
+    _nodes: dict[str, NodeState]
+    _outstanding: Counter[tuple[str, str]] = attrs.field(factory=Counter)
+    _loading: set[str] = attrs.field(factory=set)
+    _failures: dict[str, LoadFailure] = attrs.field(factory=dict)
+
+    @classmethod
+    def of(cls, nodes: Iterable[tuple[str, str]], *, threshold: int) -> Fleet:
+        """A fleet of (name, url) nodes, none of them seen yet."""
+        return cls(threshold=threshold, nodes={n: NodeState(name=n, url=u) for n, u in nodes})
+
+    def snapshot(self) -> FleetSnapshot:
+        return FleetSnapshot(
+            nodes=tuple(self._nodes.values()),
+            outstanding={k: v for k, v in self._outstanding.items() if v > 0},
+            loading=frozenset(self._loading),
+            load_failures=dict(self._failures),
+            taken_at=time.monotonic(),
+        )
+
+    def node(self, name: str) -> NodeState:
+        return self._nodes[name]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._nodes)
+
+    # -- health ---------------------------------------------------------------
+
+    def poll_succeeded(
+        self,
+        name: str,
+        health: NodeHealth,
+        *,
+        started: float,
+        statuses: Iterable[ModelStatus] | None = None,
+        discovery: Discovery | None = None,
+        staged: frozenset[str] | None = None,
+    ) -> NodeState:
+        """One good /health read: healthy at once, failures forgotten."""
+        old = self._nodes[name]
+        restarted = old.health is not None and (
+            old.health.node_id != health.node_id or old.health.started_at != health.started_at
+        )
+        reserved = old.reserved_bytes
+        if restarted:
+            # A new process: nothing of the old model list survives.
+            models, reserved = merge_models(statuses, health), 0
+        elif started >= old.models_at:
+            reserved = 0
+            if statuses is not None:
+                models = merge_models(statuses, health)
+            else:
+                # No fresh /models: keep what we knew, updated with the live figures.
+                models = _refresh_load(old.models, health, states=True)
+        else:
+            # Cortex wrote fresher model states during this poll: take only the load.
+            models = _refresh_load(old.models, health, states=False)
+        new = attrs.evolve(
+            old,
+            healthy=True,
+            failures=0,
+            seen=True,
+            health=health,
+            discovery=discovery if discovery is not None else old.discovery,
+            models=models,
+            reserved_bytes=reserved,
+            staged=staged if staged is not None else old.staged,
+            last_ok=time.time(),
+            last_error=None,
+        )
+        self._nodes[name] = new
+        return new
+
+    def poll_failed(self, name: str, reason: str) -> NodeState:
+        """One failed poll; only `threshold` of them in a row take a node out."""
+        old = self._nodes[name]
+        failures = old.failures + 1
+        healthy = old.healthy and failures < self.threshold
+        new = attrs.evolve(old, failures=failures, healthy=healthy, last_error=reason)
+        self._nodes[name] = new
+        return new
+
+    def passive_failure(self, name: str, reason: str, *, fatal: bool) -> NodeState:
+        """A proxied request failed: a refused connection takes the node out at once."""
+        if not fatal:
+            return self.poll_failed(name, reason)
+        old = self._nodes[name]
+        new = attrs.evolve(
+            old,
+            failures=max(old.failures + 1, self.threshold),
+            healthy=False,
+            last_error=reason,
+        )
+        self._nodes[name] = new
+        return new
+
+    # -- models cortex changed itself (recorded at once, not at the next poll) --
+
+    def set_model(self, name: str, model: NodeModel, *, reserve_bytes: int = 0) -> None:
+        old = self._nodes[name]
+        models = (*(m for m in old.models if m.model_id != model.model_id), model)
+        self._nodes[name] = attrs.evolve(
+            old,
+            models=tuple(sorted(models, key=lambda m: m.model_id)),
+            reserved_bytes=old.reserved_bytes + reserve_bytes,
+            models_at=time.monotonic(),
+        )
+
+    def drop_model(self, name: str, model_id: str) -> None:
+        """An unload cortex made: gone from routing, and its memory counted free at once."""
+        old = self._nodes[name]
+        gone = old.model(model_id)
+        freed = gone.memory_bytes if gone is not None else 0
+        self._nodes[name] = attrs.evolve(
+            old,
+            models=tuple(m for m in old.models if m.model_id != model_id),
+            reserved_bytes=old.reserved_bytes - freed,
+            models_at=time.monotonic(),
+        )
+
+    # -- requests in flight, cold loads ------------------------------------------
+
+    def begin_request(self, node: str, model_id: str) -> None:
+        self._outstanding[(node, model_id)] += 1
+
+    def end_request(self, node: str, model_id: str) -> None:
+        key = (node, model_id)
+        self._outstanding[key] -= 1
+        if self._outstanding[key] <= 0:
+            del self._outstanding[key]
+
+    def begin_load(self, model_id: str) -> bool:
+        """Claim the cold load of a model; False if one is already under way."""
+        if model_id in self._loading:
+            return False
+        self._loading.add(model_id)
+        self._failures.pop(model_id, None)
+        return True
+
+    def end_load(self, model_id: str, failure: LoadFailure | None = None) -> None:
+        self._loading.discard(model_id)
+        if failure is not None:
+            self._failures[model_id] = failure
+        else:
+            self._failures.pop(model_id, None)
+
+
+def _refresh_load(
+    models: tuple[NodeModel, ...], health: NodeHealth, *, states: bool
+) -> tuple[NodeModel, ...]:
+    live = {h.model_id: h for h in health.models}
+    out = []
+    for m in models:
+        h = live.get(m.model_id)
+        if h is None:
+            out.append(m)
+        else:
+            out.append(
+                attrs.evolve(
+                    m,
+                    state=h.state if states else m.state,
+                    in_flight=h.in_flight,
+                    queue_depth=h.queue_depth,
+                    last_used=max(m.last_used, h.last_used),
+                    decode_tps=h.decode_tps,
+                )
+            )
+    if states:
+        known = {m.model_id for m in models}
+        out.extend(NodeModel.merge(None, h) for h in health.models if h.model_id not in known)
+    return tuple(sorted(out, key=lambda m: m.model_id))
+
+
+@attrs.define
+class AffinityTable:
+    """Prefix key -> node that last served it; bounded, least recently used dropped."""
+
+    capacity: int = 8192
+    _entries: OrderedDict[str, str] = attrs.field(factory=OrderedDict)
+
+    def view(self) -> Mapping[str, str]:
+        return self._entries
+
+    def remember(self, keys: Iterable[str], node: str) -> None:
+        for key in keys:
+            self._entries[key] = node
+            self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def forget_node(self, node: str) -> None:
+        for key in [k for k, v in self._entries.items() if v == node]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,170 @@
+"""The poller against fake neurons: debounce, never-seen nodes, restarts, passive health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from cortex.poller import Poller
+from cortex.state import Fleet
+from tests.cortex.fakes import FakeNeuron
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[FakeNeuron]:
+    n = await FakeNeuron(name="n1").start()
+    n.add_model("m1", memory_bytes=123)
+    yield n
+    await n.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def _poller(session: aiohttp.ClientSession, *nodes: tuple[str, str]) -> Poller:
+    return Poller(fleet=Fleet.of(nodes, threshold=3), session=session, timeout_s=2.0)
+
+
+async def test_never_seen_node_starts_unhealthy(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A node nobody has heard from is not routed to; its first good poll makes it healthy."""
+    poller = _poller(session, ("n1", node.url))
+    before = poller.fleet.node("n1")
+    assert (before.healthy, before.seen) == (False, False)
+    await poller.poll_once()
+    after = poller.fleet.node("n1")
+    assert after.healthy and after.seen
+    assert after.discovery is not None and after.discovery.node_id == node.node_id
+    assert [(m.model_id, m.state, m.memory_bytes) for m in after.models] == [("m1", "ready", 123)]
+
+
+async def test_never_seen_unreachable_node_stays_unhealthy(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A node that never answered stays out of routing however often it is polled."""
+    dead = await FakeNeuron(name="dead").start()
+    await dead.stop()
+    poller = _poller(session, ("dead", dead.url))
+    await poller.poll_once()
+    state = poller.fleet.node("dead")
+    assert not state.healthy and state.failures == 1 and state.last_error
+
+
+async def test_debounce_two_misses_keep_three_evict_one_success_restores(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """1 and 2 failed polls keep a node; the 3rd takes it out; one success restores it."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    assert poller.fleet.node("n1").healthy
+    node.health_ok = False
+    await poller.poll_once()
+    assert poller.fleet.node("n1").healthy, "one miss must not flip health"
+    await poller.poll_once()
+    assert poller.fleet.node("n1").healthy, "two misses must not flip health"
+    await poller.poll_once()
+    state = poller.fleet.node("n1")
+    assert not state.healthy and state.failures == 3
+    node.health_ok = True
+    await poller.poll_once()
+    state = poller.fleet.node("n1")
+    assert state.healthy and state.failures == 0
+
+
+async def test_a_success_between_misses_resets_the_count(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """Misses must be consecutive: miss, miss, success, miss, miss keeps the node."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    for ok in (False, False, True, False, False):
+        node.health_ok = ok
+        await poller.poll_once()
+    assert poller.fleet.node("n1").healthy
+    assert poller.fleet.node("n1").failures == 2
+
+
+async def test_unreachable_node_is_evicted_after_threshold(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """Refused connections count as failed polls the same way."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    await node.stop()
+    healthy = []
+    for _ in range(3):
+        await poller.poll_once()
+        healthy.append(poller.fleet.node("n1").healthy)
+    assert healthy == [True, True, False]
+
+
+async def test_one_slow_node_does_not_fail_another(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """Nodes are polled concurrently, each with its own verdict."""
+    dead = await FakeNeuron(name="dead").start()
+    await dead.stop()
+    poller = _poller(session, ("n1", node.url), ("dead", dead.url))
+    await poller.poll_once()
+    assert poller.fleet.node("n1").healthy
+    assert not poller.fleet.node("dead").healthy
+
+
+async def test_discovery_reread_only_on_restart(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """Discovery is read once, then again only when node_id or started_at change."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    await poller.poll_once()
+    assert node.calls["discovery"] == 1
+    await node.restart()
+    await poller.poll_once()
+    assert node.calls["discovery"] == 2
+    state = poller.fleet.node("n1")
+    assert state.discovery is not None
+    assert state.discovery.started_at == node.started_at
+    assert state.models == ()
+
+
+async def test_missing_discovery_is_retried(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A node whose discovery failed is healthy, and discovery is asked again next poll."""
+    node.discovery_ok = False
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    assert poller.fleet.node("n1").healthy
+    assert poller.fleet.node("n1").discovery is None
+    node.discovery_ok = True
+    await poller.poll_once()
+    assert poller.fleet.node("n1").discovery is not None
+
+
+async def test_passive_failure_takes_node_out_at_once(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A refused connection seen by the proxy removes the node now; the next poll restores it."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    poller.record_failure("n1", "connect refused", fatal=True)
+    assert not poller.fleet.node("n1").healthy
+    await poller.poll_once()
+    assert poller.fleet.node("n1").healthy
+
+
+async def test_non_fatal_passive_failure_counts_as_one_miss(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A timeout seen by the proxy is one failed poll, debounced like the others."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    poller.record_failure("n1", "read timeout", fatal=False)
+    state = poller.fleet.node("n1")
+    assert state.healthy and state.failures == 1

@@ -1,0 +1,156 @@
+"""A model sharded over two neurons (MLX ring), placed and kept placed by cortex.
+
+Where this machine lets us (root, iproute2), each neuron runs in a network
+namespace of its own with its own address, so the ranks talk over a real
+network hop; otherwise both run on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import NeuronProcess, runner_pids, wait_until
+from tests.e2e.conftest import CortexProcess
+from tests.support import netns
+
+Wrap = Callable[[list[str]], list[str]] | None
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[list[tuple[str, Wrap]]]:
+    """(address, command wrapper) for two test hosts."""
+    if netns.available():
+        with netns.hosts(2) as hosts:
+            yield [(h.address, h.wrap) for h in hosts]
+    else:
+        yield [("127.0.0.1", None), ("127.0.0.1", None)]
+
+
+def _group_members(c: CortexProcess, model_id: str) -> dict[str, dict[str, Any]]:
+    """node -> its record of model_id, for members of a multi-rank group."""
+    state = c.get("/admin/state")[1]
+    out = {}
+    for n in state["nodes"]:
+        for m in n["models"]:
+            if m["model_id"] == model_id and m["group"] is not None:
+                out[n["name"]] = m
+    return out
+
+
+def _group_ready(c: CortexProcess, model_id: str) -> str | None:
+    """The group id once both ranks are ready, else None."""
+    members = _group_members(c, model_id)
+    ids = {m["group"]["group_id"] for m in members.values()}
+    if len(members) == 2 and len(ids) == 1 and all(m["state"] == "ready" for m in members.values()):
+        return str(ids.pop())
+    return None
+
+
+async def _chat(c: CortexProcess, model: str, max_tokens: int = 24) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me about the ring."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    async with aiohttp.ClientSession() as s:
+        for _ in range(60):
+            async with s.post(c.url + "/v1/chat/completions", json=body) as r:
+                if r.status == 503:  # loading: honour Retry-After
+                    await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+                    continue
+                assert r.status == 200, await r.text()
+                return str((await r.json())["choices"][0]["message"]["content"])
+    raise AssertionError(f"{model} never answered")
+
+
+async def test_tensor_sharded_ring_group_through_cortex(
+    neuron_factory: Any,
+    cortex_factory: Any,
+    demo_model: Any,
+    model_id: str,
+    two_hosts: list[tuple[str, Wrap]],
+) -> None:
+    """Two ranks over ring equal one process at temperature 0; a lost rank is healed."""
+    neurons: list[tuple[str, NeuronProcess]] = []
+    for name, (addr, wrap) in zip("ab", two_hosts, strict=True):
+        settings: dict[str, Any] = {
+            "host": addr,
+            "ring_host": addr,
+            "runner": {"stall_timeout_s": 10.0},
+        }
+        if wrap is not None:
+            settings["port"] = 9410
+        neurons.append((name, neuron_factory(settings, name=name, wrap=wrap)))
+    big = {
+        "id": model_id,
+        "source": str(demo_model),
+        "min_nodes": 2,
+        "sharding": "tensor",
+        "backend": "ring",
+        "keep_loaded": True,
+    }
+    single = {"id": f"{model_id}-one", "source": str(demo_model)}
+    c = cortex_factory(neurons, [big, single])
+
+    group = wait_until(lambda: _group_ready(c, model_id), 180, "the ring group ready")
+    members = _group_members(c, model_id)
+    assert sorted(m["group"]["rank"] for m in members.values()) == [0, 1]
+    placements = c.get(f"/admin/placements?model_id={model_id}")[1]
+    # Both nodes hold it now, so a further replica is refused with that reason.
+    pair = next(p for p in placements["candidates"] if sorted(p["nodes"]) == ["a", "b"])
+    assert "already holds" in " ".join(pair["reasons"])
+
+    sharded = await _chat(c, model_id)
+    unsharded = await _chat(c, f"{model_id}-one")
+    assert sharded and sharded == unsharded
+
+    # Kill rank 1's runner while a stream is open through cortex.
+    rank1_node = next(n for n, m in members.items() if m["group"]["rank"] == 1)
+    rank1 = dict(neurons)[rank1_node]
+    body = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "A long answer, please."}],
+        "max_tokens": 4000,
+        "stream": True,
+    }
+    frames: list[str] = []
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(c.url + "/v1/chat/completions", json=body) as r,
+    ):
+        assert r.status == 200
+        killed = False
+        async with asyncio.timeout(120):
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                frames.append(line)
+                if not killed:
+                    pids = runner_pids(model_id, parent=rank1.process.pid)
+                    assert pids, "rank 1 runner not found"
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                    killed = True
+    assert frames[-1] == "data: [DONE]"
+    error = json.loads(frames[-2][len("data:") :])
+    assert "error" in error, frames[-3:]
+
+    # The whole group is torn down on both members, then placed again by itself.
+    wait_until(
+        lambda: all(m["group"]["group_id"] != group for m in _group_members(c, model_id).values()),
+        60,
+        "the broken group gone from both members",
+    )
+    new_group = wait_until(lambda: _group_ready(c, model_id), 180, "the group placed again")
+    assert new_group != group
+    assert await _chat(c, model_id) == unsharded
