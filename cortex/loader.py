@@ -224,7 +224,7 @@ class Loader:
         url = self.fleet.node(node).url.rstrip("/") + "/models/load"
         body = await self._post(node, url, req.to_json())
         try:
-            status = ModelStatus.from_json(body["model"])
+            status = ModelStatus.from_json(body)
         except (KeyError, TypeError, ValueError) as exc:
             raise ColdLoadFailed(f"node {node} answered the load unreadably: {exc}") from exc
         # Recorded now so routing says model_loading, and the memory is spoken for.

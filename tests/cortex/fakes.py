@@ -225,7 +225,7 @@ class FakeNeuron:
             task = asyncio.create_task(self._finish_load(m))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return web.json_response({"model": m.status_json()}, status=202)
+        return web.json_response(m.status_json(), status=202)
 
     async def _finish_load(self, m: FakeModel) -> None:
         if self.load_gate is not None:

@@ -38,6 +38,15 @@ def _served(n: NeuronProcess, model_id: str) -> float:
     return total
 
 
+def _cold_loads(c: CortexProcess, result: str) -> float:
+    text = urllib.request.urlopen(c.url + "/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cortex_cold_loads_total{") and f'result="{result}"' in line
+    )
+
+
 def _client(c: CortexProcess, retries: int = 0) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=retries)
 
@@ -61,6 +70,8 @@ async def test_openai_sdk_chats_and_streams_with_load_on_demand(
     )
     assert resp.choices[0].message.content
     assert len(_ready_on(c, model_id)) == 1, "one request loads one replica"
+    assert _cold_loads(c, "ok") == 1
+    assert _cold_loads(c, "failed") == 0
 
     stream = await client.chat.completions.create(
         model=model_id,
@@ -96,6 +107,7 @@ async def test_two_replicas_share_load(
         )
         return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
 
+    assert _cold_loads(c, "failed") == 0
     answers = await asyncio.gather(*(ask(i) for i in range(12)))
     assert all(answers)
     assert _served(a, model_id) > 0 and _served(b, model_id) > 0
