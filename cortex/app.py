@@ -14,6 +14,7 @@ from aiohttp import web
 
 from cortex.auth import REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
+from cortex.dashboard import dashboard
 from cortex.loader import Loader
 from cortex.metrics import CONTENT_TYPE, Metrics
 from cortex.placement import candidates
@@ -74,6 +75,7 @@ def create_app(
     app.router.add_get("/admin/placements", _admin_placements)
     app.router.add_post("/admin/models/{model_id}/load", _admin_load)
     app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
+    app.router.add_get("/dashboard", dashboard)
     return app
 
 

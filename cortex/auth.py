@@ -85,7 +85,7 @@ class Auth:
             path = request.path
             if path in OPEN_PATHS:
                 pass
-            elif path.startswith("/admin"):
+            elif path.startswith("/admin") or path == "/dashboard":
                 self.admin(request)
             elif path.startswith("/v1"):
                 key = self.client(request)
