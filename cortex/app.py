@@ -15,6 +15,20 @@ from aiohttp import web
 from cortex.auth import REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
+from cortex.keys import (
+    AFFINITY,
+    AUTH,
+    CATALOGUE,
+    CONFIG,
+    FLEET,
+    LOADER,
+    METRICS,
+    POLLER,
+    PROXY,
+    RECONCILER,
+    STARTED,
+    Started,
+)
 from cortex.loader import Loader
 from cortex.metrics import CONTENT_TYPE, Metrics
 from cortex.placement import candidates
@@ -34,18 +48,6 @@ from shared.errors import (
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", CortexConfig)
-CATALOGUE = web.AppKey("catalogue", Catalogue)
-FLEET = web.AppKey("fleet", Fleet)
-METRICS = web.AppKey("metrics", Metrics)
-AUTH = web.AppKey("auth", Auth)
-AFFINITY = web.AppKey("affinity", AffinityTable)
-# Set while the app runs (they need its event loop).
-POLLER = web.AppKey("poller", Poller)
-LOADER = web.AppKey("loader", Loader)
-PROXY = web.AppKey("proxy", Proxy)
-RECONCILER = web.AppKey("reconciler", Reconciler)
-
 
 def create_app(
     config: CortexConfig, *, catalogue: Catalogue | None = None, background: bool = True
@@ -58,6 +60,7 @@ def create_app(
         middlewares=[error_middleware, auth.middleware()],
     )
     app[CONFIG] = config
+    app[STARTED] = Started(monotonic=time.monotonic(), wall=time.time())
     app[CATALOGUE] = cat
     app[AUTH] = auth
     app[FLEET] = Fleet.of(
@@ -326,21 +329,32 @@ async def _admin_placements(request: web.Request) -> web.Response:
 
 
 async def _admin_load(request: web.Request) -> web.Response:
+    """Place a model. Body (optional): {"nodes": [...]} exactly there, or {"exclude": [...]}.
+
+    Without a body the call is idempotent (a loaded model stays as it is); with
+    one it places one more copy, so an operator can add a replica by hand.
+    """
     app = request.app
     spec = _spec(request, request.match_info["model_id"])
-    snap = app[FLEET].snapshot()
-    locs = [(n, m) for n, m in snap.locations(spec.id) if n.healthy]
-    ready = [n.name for n, m in locs if m.state == "ready"]
-    if ready:
-        return web.json_response({"model_id": spec.id, "state": "ready", "nodes": ready})
-    loading = [n.name for n, m in locs if m.state in LOADING_STATES]
-    if loading:
-        return web.json_response(
-            {"model_id": spec.id, "state": "loading", "nodes": loading}, status=202
-        )
+    body = await read_json_object(request) if request.can_read_body else {}
+    nodes, exclude = _names(body, "nodes"), _names(body, "exclude")
+    unknown = sorted(set(body) - {"nodes", "exclude"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    if not body:
+        snap = app[FLEET].snapshot()
+        locs = [(n, m) for n, m in snap.locations(spec.id) if n.healthy]
+        ready = [n.name for n, m in locs if m.state == "ready"]
+        if ready:
+            return web.json_response({"model_id": spec.id, "state": "ready", "nodes": ready})
+        loading = [n.name for n, m in locs if m.state in LOADING_STATES]
+        if loading:
+            return web.json_response(
+                {"model_id": spec.id, "state": "loading", "nodes": loading}, status=202
+            )
     job = app[LOADER].job(spec.id)
     if job is None:
-        job = await app[LOADER].place(spec)
+        job = await app[LOADER].place(spec, nodes=nodes or None, exclude=exclude)
     return web.json_response(
         {
             "model_id": spec.id,
@@ -350,6 +364,13 @@ async def _admin_load(request: web.Request) -> web.Response:
         },
         status=202,
     )
+
+
+def _names(body: dict[str, Any], field: str) -> list[str]:
+    value = body.get(field, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"{field!r} must be an array of node names", param=field)
+    return list(value)
 
 
 async def _admin_unload(request: web.Request) -> web.Response:

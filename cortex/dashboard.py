@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import attrs
 from aiohttp import web
 
+from cortex.keys import CATALOGUE, FLEET, LOADER, RECONCILER, STARTED
 from cortex.placement import candidates
 from cortex.reconciler import replicas, wanted_replicas
 from cortex.router import node_infos
@@ -22,9 +23,6 @@ from cortex.state import LOADING_STATES, FleetSnapshot, NodeModel, NodeState
 from shared.catalogue import GIB, Catalogue
 
 REFRESH_S = 2
-# Taken when cortex.app imports this module: the cortex process's start.
-_STARTED_MONOTONIC = time.monotonic()
-_STARTED_WALL = time.time()
 
 
 @attrs.frozen
@@ -45,9 +43,6 @@ class CatalogueRow:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    # cortex.app imports this module to register the route: look its keys up late.
-    from cortex.app import CATALOGUE, FLEET, LOADER, RECONCILER
-
     app = request.app
     snap = app[FLEET].snapshot()
     cat = app[CATALOGUE]
@@ -82,8 +77,8 @@ async def dashboard(request: web.Request) -> web.Response:
         snap,
         rows,
         catalogue=cat,
-        uptime_s=time.monotonic() - _STARTED_MONOTONIC,
-        started_at=_STARTED_WALL,
+        uptime_s=time.monotonic() - app[STARTED].monotonic,
+        started_at=app[STARTED].wall,
         now=time.time(),
     )
     return web.Response(

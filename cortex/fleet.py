@@ -191,23 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    model_dir = root / "models" / "demo"
-    if not (model_dir / "config.json").exists():
-        print(f"building the demo model in {model_dir} ...", flush=True)
-        subprocess.run(
-            [_bin("neuron"), "demo-model", str(model_dir), "--seed", str(args.seed)], check=True
-        )
-    cortex_conf = write_configs(root, args.nodes, args.port, args.neuron_port, model_dir)
-
-    fleet = Fleet(root)
-
+    # Handlers first: a Ctrl-C at any point stops whatever was started.
     def on_signal(signum: int, frame: Any) -> None:
         raise _Stop
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+    fleet = Fleet(root)
     base = f"http://127.0.0.1:{args.port}"
     try:
+        model_dir = root / "models" / "demo"
+        if not (model_dir / "config.json").exists():
+            print(f"building the demo model in {model_dir} ...", flush=True)
+            subprocess.run(
+                [_bin("neuron"), "demo-model", str(model_dir), "--seed", str(args.seed)],
+                check=True,
+            )
+        cortex_conf = write_configs(root, args.nodes, args.port, args.neuron_port, model_dir)
         for i in range(args.nodes):
             name = NODE_NAMES[i]
             fleet.start(f"neuron-{name}", [_bin("neuron"), "serve", "-c", f"neuron-{name}.toml"])
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         answer = _wait_first_answer(base, fleet, args.timeout)
         text = answer["choices"][0]["message"]["content"]
         print(f"\nfirst answer through cortex: {text!r}  (the demo model speaks noise)")
-        print(f"\ncortex is at {base}/v1  (dashboard state: {base}/admin/state)")
+        print(f"\ncortex is at {base}/v1  (fleet page: {base}/dashboard)")
         print("try:\n")
         print(
             f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
     except _Stop:
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"cortex fleet: {exc}", file=sys.stderr)
         return 1
     finally:

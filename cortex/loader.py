@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import aiohttp
@@ -23,7 +23,14 @@ import attrs
 
 from cortex.config import CortexConfig
 from cortex.metrics import Metrics
-from cortex.placement import Candidate, best, candidates, explain
+from cortex.placement import (
+    Candidate,
+    PlacementPending,
+    best,
+    candidates,
+    explain,
+    pending_nodes,
+)
 from cortex.poller import Poller
 from cortex.router import ColdLoad, eviction_order, node_infos, plan_evictions
 from cortex.state import Fleet, LoadFailure, NodeModel
@@ -31,6 +38,7 @@ from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import (
     ApiError,
     ColdLoadFailed,
+    InvalidRequest,
     ModelLoading,
     PlacementRefused,
     UpstreamUnavailable,
@@ -113,8 +121,22 @@ class Loader:
         if not task.cancelled():
             task.exception()  # retrieved here: nobody else may await a load's outcome
 
-    async def place(self, spec: ModelSpec) -> LoadJob:
-        """An explicit load (admin): the best set now, or a 400 with the arithmetic."""
+    async def place(
+        self,
+        spec: ModelSpec,
+        *,
+        nodes: Sequence[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> LoadJob:
+        """An explicit load (admin): the best set now, or a 400 with the arithmetic.
+
+        `nodes` asks for exactly that node set (one placement: a node, or a
+        group's members); `exclude` keeps nodes out of the choice.
+        """
+        known = set(self.fleet.names)
+        unknown = sorted((set(nodes or ()) | set(exclude)) - known)
+        if unknown:
+            raise InvalidRequest(f"unknown node(s): {', '.join(unknown)}", param="nodes")
         deadline = time.monotonic() + self.config.discovery_wait_s
         while any(n.healthy and n.discovery is None for n in self.fleet.snapshot().nodes):
             if time.monotonic() >= deadline:
@@ -123,9 +145,26 @@ class Loader:
         snap = self.fleet.snapshot()
         facts = self.facts(spec)
         infos = node_infos(snap, self.catalogue, loading=spec.id)
-        cand = best(spec, facts, infos, now=True)  # PlacementPending: 503 with Retry-After
+        if nodes:
+            chosen = [i for i in infos if i.name in nodes]
+            silent = pending_nodes(chosen, now=True)
+            if silent:
+                raise PlacementPending(silent)
+            cands = [c for c in candidates(spec, facts, chosen) if set(c.nodes) == set(nodes)]
+            if not cands or not cands[0].feasible:
+                size = f"{spec.min_nodes}+" if spec.min_nodes > 1 else "1"
+                raise PlacementRefused(
+                    f"cannot place {spec.id} on exactly [{', '.join(nodes)}] "
+                    f"(it places on {size} node(s)): "
+                    + explain(spec, cands or candidates(spec, facts, chosen)),
+                    details={"candidates": [c.to_json() for c in cands[:10]]},
+                )
+            cand: Candidate | None = cands[0]
+        else:
+            # PlacementPending: 503 with Retry-After.
+            cand = best(spec, facts, infos, exclude=exclude, now=True)
         if cand is None:
-            cands = candidates(spec, facts, infos, now=True)
+            cands = candidates(spec, facts, [i for i in infos if i.name not in exclude])
             raise PlacementRefused(
                 explain(spec, cands), details={"candidates": [c.to_json() for c in cands[:10]]}
             )

@@ -20,8 +20,9 @@ import attrs
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from cortex.app import POLLER, create_app
+from cortex.app import create_app
 from cortex.config import CortexConfig, NeuronRef
+from cortex.keys import POLLER
 from shared.catalogue import GIB, Catalogue, ModelSpec
 from shared.wire import Discovery, ModelState
 

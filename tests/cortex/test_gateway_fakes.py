@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from cortex import cli
-from cortex.app import FLEET, POLLER
 from cortex.config import ApiKey, CortexConfig
+from cortex.keys import FLEET, POLLER
 from shared.catalogue import GIB, ModelSpec
 from shared.config import ConfigError
 from shared.errors import sse_error_frame
@@ -425,6 +425,41 @@ async def test_admin_load_then_unload(two: list[FakeNeuron]) -> None:
         assert client.app[FLEET].node(node).model("m1") is None
 
 
+async def test_admin_load_on_a_named_node_and_with_exclusions(two: list[FakeNeuron]) -> None:
+    """An operator picks the node, or keeps one out; a second copy goes elsewhere."""
+    async with gateway(two) as client:
+        resp = await client.post("/admin/models/m1/load", json={"nodes": ["n2"]})
+        body = await resp.json()
+        assert resp.status == 202 and body["nodes"] == ["n2"]
+        assert [r["model_id"] for r in two[1].load_requests] == ["m1"]
+        assert two[0].load_requests == []
+
+        async def loaded_on_n2() -> bool:
+            r = await client.post("/admin/models/m1/load")
+            return bool((await r.json())["state"] == "ready")
+
+        await _until(loaded_on_n2)
+        # A body asks for one more copy: n2 holds it, so exclusions leave only n1.
+        resp = await client.post("/admin/models/m1/load", json={"exclude": []})
+        assert resp.status == 202 and (await resp.json())["nodes"] == ["n1"]
+
+
+async def test_admin_load_bad_node_sets(two: list[FakeNeuron]) -> None:
+    """Unknown nodes, a wrong-sized set or a bad field are 400 naming the problem."""
+    async with gateway(two) as client:
+        resp = await client.post("/admin/models/m1/load", json={"nodes": ["n9"]})
+        body = await resp.json()
+        assert resp.status == 400 and "n9" in body["error"]["message"]
+        resp = await client.post("/admin/models/m1/load", json={"nodes": ["n1", "n2"]})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["code"] == "placement_refused"
+        assert "exactly [n1, n2]" in body["error"]["message"]
+        resp = await client.post("/admin/models/m1/load", json={"node": ["n1"]})
+        assert resp.status == 400 and "node" in (await resp.json())["error"]["message"]
+        resp = await client.post("/admin/models/m1/load", json={"exclude": "n1"})
+        assert resp.status == 400
+
+
 async def test_admin_load_waits_for_discovery_then_503(two: list[FakeNeuron]) -> None:
     """A healthy node without discovery: 503 placement_info_pending with Retry-After."""
     two[0].discovery_ok = False
@@ -455,3 +490,25 @@ def test_config_file_is_strict_and_resolves_catalogue(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neurons"):
         CortexConfig.from_file(bad)
     assert cli.main(["check", "-c", str(bad)]) == 2
+
+
+async def test_stalled_stream_ends_with_error_frame(two: list[FakeNeuron]) -> None:
+    """A stream silent past idle_read_timeout_s ends with an error frame and [DONE]."""
+    two[0].add_model("m1")
+    two[0].stream_gate = asyncio.Event()  # never set: the replica goes quiet
+    async with gateway(two, idle_read_timeout_s=0.2) as client:
+        resp = await client.post(CHAT, json=chat(stream=True))
+        body = await resp.read()
+    assert body.startswith(sse_frames()[0])
+    assert b"stalled" in body and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_completions_endpoint_is_proxied(two: list[FakeNeuron]) -> None:
+    """/v1/completions routes like chat and reaches the neuron's /v1/completions."""
+    two[0].add_model("m1")
+    async with gateway(two) as client:
+        resp = await client.post("/v1/completions", json={"model": "m1", "prompt": "hi"})
+        assert resp.status == 200
+        bad = await client.post("/v1/completions", json={"model": "m1"})
+        assert (await _error(bad))[:2] == (400, "invalid_request")
+    assert two[0].chat_bodies[-1]["prompt"] == "hi"

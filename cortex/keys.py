@@ -1,0 +1,38 @@
+"""Typed application keys: where cortex keeps its state on the aiohttp app."""
+
+from __future__ import annotations
+
+import attrs
+from aiohttp import web
+
+from cortex.auth import Auth
+from cortex.config import CortexConfig
+from cortex.loader import Loader
+from cortex.metrics import Metrics
+from cortex.poller import Poller
+from cortex.proxy import Proxy
+from cortex.reconciler import Reconciler
+from cortex.state import AffinityTable, Fleet
+from shared.catalogue import Catalogue
+
+
+@attrs.frozen
+class Started:
+    """When this app was created, for uptime (monotonic) and display (wall clock)."""
+
+    monotonic: float
+    wall: float
+
+
+CONFIG = web.AppKey("config", CortexConfig)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+FLEET = web.AppKey("fleet", Fleet)
+METRICS = web.AppKey("metrics", Metrics)
+AUTH = web.AppKey("auth", Auth)
+AFFINITY = web.AppKey("affinity", AffinityTable)
+STARTED = web.AppKey("started", Started)
+# Set while the app runs (they need its event loop).
+POLLER = web.AppKey("poller", Poller)
+LOADER = web.AppKey("loader", Loader)
+PROXY = web.AppKey("proxy", Proxy)
+RECONCILER = web.AppKey("reconciler", Reconciler)
