@@ -371,6 +371,7 @@ def group_specs(
                 hosts=hosts if backend == "ring" else (),
                 coordinator=hosts[0] if backend == "jaccl" else None,
                 ibv_devices=ibv,
+                layer_split=(cand.layer_split or ()) if sharding == "pipeline" else (),
             )
         )
         del d

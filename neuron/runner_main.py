@@ -7,6 +7,10 @@ handing over to `mlx_lm.server` this process
     neuron holds the write end, so EOF means the neuron is gone, on Linux and
     macOS alike; then it kills its whole process group.
 `--neuron-model-id` is only a marker for operators (`pgrep -f`); it is dropped.
+
+A pipeline rank also gets its layer counts (NEURON_PIPELINE_SPLIT, one per
+rank): cortex placed the layers in proportion to each node's memory, while
+mlx_lm's own loader would split them evenly.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 WATCHDOG_ENV = "NEURON_WATCHDOG_FD"
 PARENT_ENV = "NEURON_PARENT_PID"
 MODEL_ID_FLAG = "--neuron-model-id"
 PR_SET_PDEATHSIG = 1
+SPLIT_ENV = "NEURON_PIPELINE_SPLIT"
 
 
 def _die() -> None:
@@ -75,9 +81,25 @@ def strip_marker(argv: list[str]) -> list[str]:
     return out
 
 
+def apply_pipeline_split(raw: str | None) -> None:
+    """Make mlx_lm's pipeline() default to these per-rank layer counts ("7,23")."""
+    if not raw:
+        return
+    split = [int(x) for x in raw.split(",")]
+    from mlx_lm.models.pipeline import PipelineMixin
+
+    even = PipelineMixin.pipeline
+
+    def pipeline(self: PipelineMixin, group: Any, split_: list[int] | None = None) -> Any:
+        return even(self, group, split if split_ is None else split_)  # type: ignore[no-untyped-call]
+
+    PipelineMixin.pipeline = pipeline  # type: ignore[method-assign]
+
+
 def main() -> None:
     _set_parent_death_signal()
     _start_watchdog()
+    apply_pipeline_split(os.environ.get(SPLIT_ENV))
     from mlx_lm import server
 
     sys.argv = ["mlx_lm.server", *strip_marker(sys.argv[1:])]

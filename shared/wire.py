@@ -91,6 +91,9 @@ class GroupSpec:
     # jaccl: coordinator "host:port" and this rank's RDMA device row.
     coordinator: str | None = None
     ibv_devices: tuple[tuple[str | None, ...], ...] = ()
+    # pipeline: layers per rank, in rank order (placement's proportional split);
+    # empty means mlx_lm's even split.
+    layer_split: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +105,7 @@ class GroupSpec:
             "hosts": list(self.hosts),
             "coordinator": self.coordinator,
             "ibv_devices": [list(r) for r in self.ibv_devices],
+            "layer_split": list(self.layer_split),
         }
 
     @classmethod
@@ -124,7 +128,15 @@ class GroupSpec:
             hosts=tuple(str(h) for h in d.get("hosts", ())),
             coordinator=d.get("coordinator"),
             ibv_devices=tuple(tuple(r) for r in d.get("ibv_devices", ())),
+            layer_split=_layer_split(d.get("layer_split", ()), world),
         )
+
+
+def _layer_split(raw: Any, world: int) -> tuple[int, ...]:
+    split = tuple(raw or ())
+    if split and (len(split) != world or not all(isinstance(x, int) and x > 0 for x in split)):
+        raise ValueError(f"group.layer_split must be {world} positive integers, not {raw!r}")
+    return split
 
 
 @attrs.frozen

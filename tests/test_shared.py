@@ -144,3 +144,15 @@ def test_load_request_validation() -> None:
         )
     with pytest.raises(ValueError, match="warmup_deadline_s"):
         LoadRequest.from_json({"model_id": "m", "warmup_deadline_s": -1})
+
+
+def test_group_layer_split_must_match_world() -> None:
+    """A pipeline split names one positive layer count per rank."""
+    base = {"group_id": "g", "rank": 0, "world_size": 2, "sharding": "pipeline"}
+    ok = GroupSpec.from_json({**base, "layer_split": [7, 23]})
+    assert ok.layer_split == (7, 23)
+    assert GroupSpec.from_json(ok.to_json()) == ok
+    with pytest.raises(ValueError, match="layer_split"):
+        GroupSpec.from_json({**base, "layer_split": [30]})
+    with pytest.raises(ValueError, match="layer_split"):
+        GroupSpec.from_json({**base, "layer_split": [0, 30]})
