@@ -28,6 +28,13 @@ class RunnerConfig:
     max_tokens: int = 512
     # Start to first answered 1-token request; a runner that misses it is killed.
     warmup_deadline_s: float = 300.0
+    # The same for a multi-rank group (rank 0 answers only once every rank joined).
+    group_connect_deadline_s: float = 120.0
+    # Heartbeat watchdog: a runner with requests in flight that sends no byte for
+    # this long and leaves GET /health unanswered for `health_probe_timeout_s`
+    # is killed (a lost peer can make a rank spin or block forever).
+    stall_timeout_s: float = 60.0
+    health_probe_timeout_s: float = 5.0
     # Unload: SIGTERM to the process group, this long, then SIGKILL.
     stop_grace_s: float = 5.0
     # Appended to every runner's command line (e.g. ["--kv-bits", "8"]).
@@ -39,8 +46,14 @@ class RunnerConfig:
         for name in ("decode_concurrency", "prompt_concurrency", "prompt_cache_size", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name} must be >= 1")
-        if self.warmup_deadline_s <= 0:
-            raise ValueError("runner.warmup_deadline_s must be > 0")
+        for name in (
+            "warmup_deadline_s",
+            "group_connect_deadline_s",
+            "stall_timeout_s",
+            "health_probe_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"runner.{name} must be > 0")
 
 
 @attrs.frozen

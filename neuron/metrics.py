@@ -22,6 +22,9 @@ class ModelStats:
     ttft_s: float | None = None
     decode_tps: float | None = None
     last_used: float = attrs.Factory(time.time)
+    # time.monotonic() of the last byte from the runner (or of a request's start);
+    # the supervisor's stall watchdog reads it.
+    last_byte_at: float = attrs.Factory(time.monotonic)
 
     @property
     def phase(self) -> Phase:

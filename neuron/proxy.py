@@ -137,12 +137,13 @@ class Proxy:
         self, m: ModelSupervisor, runner: RunnerProcess, path: str, payload: bytes
     ) -> web.Response:
         metrics = self.supervisor.metrics
-        m.stats.prefilling += 1
+        _start_work(m)
         upstream: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(self.config.idle_read_timeout_s):
                 upstream = await self._race(self._open(runner, path, payload), runner)
                 raw = await self._race(upstream.read(), runner)
+                m.stats.last_byte_at = time.monotonic()
         except (_Lost, aiohttp.ClientError, TimeoutError) as exc:
             metrics.requests.labels(m.model_id, "upstream_lost").inc()
             raise UpstreamUnavailable(f"runner of {m.model_id!r} lost: {exc}") from exc
@@ -190,7 +191,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse | None = None
         counter = _FrameCounter()
         phase = "prefill"
-        m.stats.prefilling += 1
+        _start_work(m)
         outcome = "ok"
         pending: asyncio.Future[Any] = asyncio.ensure_future(self._open(runner, path, payload))
 
@@ -210,7 +211,7 @@ class Proxy:
                         result = pending.result()
                     except aiohttp.ClientError as exc:
                         raise _Lost(f"runner connection failed: {exc}") from exc
-                    last_byte = now
+                    last_byte = m.stats.last_byte_at = now
                     if upstream is None:
                         upstream = result
                         if upstream.status >= 400:
@@ -281,6 +282,14 @@ class Proxy:
                     m.stats.decode_tps = tps
                     metrics.decode_tps.labels(m.model_id).observe(tps)
             metrics.requests.labels(m.model_id, outcome).inc()
+
+
+def _start_work(m: ModelSupervisor) -> None:
+    # An idle runner's silence counts for the stall watchdog from now on; a busy
+    # one's keeps counting from its last byte (new requests do not hide a stall).
+    if m.stats.phase == "idle":
+        m.stats.last_byte_at = time.monotonic()
+    m.stats.prefilling += 1
 
 
 def _runner_error(status: int, raw: bytes) -> ApiError:

@@ -22,7 +22,7 @@ from typing import IO
 import attrs
 
 from neuron.config import RunnerConfig
-from neuron.runner_main import MODEL_ID_FLAG, PARENT_ENV, WATCHDOG_ENV
+from neuron.runner_main import MODEL_ID_FLAG, PARENT_ENV, SPLIT_ENV, WATCHDOG_ENV
 from shared.wire import GroupSpec
 
 
@@ -58,6 +58,8 @@ def group_env(group: GroupSpec | None, files_dir: Path) -> dict[str, str]:
             raise ValueError("a jaccl group needs a coordinator")
         env["MLX_JACCL_COORDINATOR"] = group.coordinator
         env["MLX_IBV_DEVICES"] = str(files_dir / "ibv_devices.json")
+    if group.sharding == "pipeline" and group.layer_split:
+        env[SPLIT_ENV] = ",".join(str(n) for n in group.layer_split)
     return env
 
 

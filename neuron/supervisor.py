@@ -1,13 +1,20 @@
 """Runner supervision: one state machine per local model.
 
     loading -> warming -> ready -> (crash) recovering -> ready ...
-                                \\-> failed  (too many crashes in the window)
+                                \\-> failed  (too many crashes in the window,
+                                             or any loss of a group rank)
     any -> unloading (then gone)
 
-A model is ready only after one real 1-token request has been answered.  A
-crash is noticed by the exit of the runner process; streams in flight watch
-the same `exited` future, so they fail at once, and the runner is restarted
-with exponential backoff (shared.retry.RUNNER_RESTART_WAIT).
+A model is ready only after one real 1-token request has been answered (rank 0
+of a group answers only once every rank has joined; other ranks serve no HTTP
+and are ready once started).  A crash is noticed by the exit of the runner
+process; streams in flight watch the same `exited` future, so they fail at
+once, and the runner is restarted with exponential backoff
+(shared.retry.RUNNER_RESTART_WAIT).  A rank of a multi-rank group is never
+restarted: alone it can never rejoin its ring, so it goes to `failed` and
+cortex tears the whole group down.  A runner that falls silent with requests
+in flight and leaves /health unanswered is killed (the stall watchdog) and
+goes the same way as a crash.
 """
 
 from __future__ import annotations
@@ -102,7 +109,7 @@ class ModelSupervisor:
             model_id=req.model_id,
             source=req.source,
             group=req.group,
-            warmup_deadline_s=req.warmup_deadline_s or config.runner.warmup_deadline_s,
+            warmup_deadline_s=req.warmup_deadline_s or _default_deadline(req, config),
             config=config,
             store=store,
             metrics=metrics,
@@ -115,6 +122,11 @@ class ModelSupervisor:
     @property
     def is_rank0(self) -> bool:
         return self.group is None or self.group.rank == 0
+
+    @property
+    def in_group(self) -> bool:
+        """One rank of a multi-rank group (never restarted alone)."""
+        return self.group is not None and self.group.world_size > 1
 
     def status(self) -> ModelStatus:
         return ModelStatus(
@@ -205,8 +217,34 @@ class ModelSupervisor:
         log.info(
             "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
         )
-        code = await asyncio.shield(runner.exited)
-        self._crashed(runner, f"runner exited with code {code}")
+        self._crashed(runner, await self._watch(runner))
+
+    async def _watch(self, runner: RunnerProcess) -> str:
+        """Wait for the runner to exit, killing it if it stalls; the reason."""
+        limit = self.config.runner.stall_timeout_s
+        while True:
+            await asyncio.wait({runner.exited}, timeout=min(1.0, limit / 2))
+            if runner.exited.done():
+                return f"runner exited with code {runner.exited.result()}"
+            silent = time.monotonic() - self.stats.last_byte_at
+            if self.admission.in_flight and silent > limit and not await self._probe(runner):
+                # Killing it ends the streams in flight (they watch `exited`).
+                reason = (
+                    f"runner stalled: no byte for {silent:.0f} s with "
+                    f"{self.admission.in_flight} request(s) in flight, /health unanswered"
+                )
+                log.warning("model %s: %s; killing it", self.model_id, reason)
+                runner.kill_now()
+                await asyncio.shield(runner.exited)
+                return reason
+
+    async def _probe(self, runner: RunnerProcess) -> bool:
+        """Does the runner answer GET /health within the probe timeout?"""
+        within_s = self.config.runner.health_probe_timeout_s
+        try:
+            return await race_exit(self._answers(runner, within_s), runner)
+        except _RunnerLost:  # it exited, or answered 503 (generation thread dead)
+            return False
 
     async def _bring_up(self, runner: RunnerProcess) -> None:
         if not self.is_rank0:
@@ -224,10 +262,10 @@ class ModelSupervisor:
                 raise _RunnerLost(f"warmup request answered {status}: {text[:500]}")
             await race_exit(asyncio.sleep(POLL_S), runner)
 
-    async def _answers(self, runner: RunnerProcess) -> bool:
+    async def _answers(self, runner: RunnerProcess, within_s: float = 2.0) -> bool:
         try:
             async with self.session.get(
-                runner.base_url + "/health", timeout=aiohttp.ClientTimeout(total=2)
+                runner.base_url + "/health", timeout=aiohttp.ClientTimeout(total=within_s)
             ) as r:
                 await r.read()
                 # 503: the runner's generation thread died (bad weights...).
@@ -254,9 +292,17 @@ class ModelSupervisor:
         window = self.config.restart.crash_window_s
         while self._crashes and now - self._crashes[0] > window:
             self._crashes.popleft()
+        g = self.group
+        if g is not None and g.world_size > 1:
+            reason = (
+                f"rank {g.rank} of group {g.group_id} (world size {g.world_size}) lost, "
+                f"not restarted alone: {reason}"
+            )
         tail = runner.tail()
         self.error = f"{reason}; runner output tail:\n{tail}" if tail else reason
         log.warning("model %s: %s", self.model_id, reason)
+        if self.in_group:
+            raise _GiveUp(self.error)
         if len(self._crashes) >= self.config.restart.max_crashes:
             raise _GiveUp(
                 f"{len(self._crashes)} runner failures within {window:g} s; last: {self.error}"
@@ -278,6 +324,12 @@ class ModelSupervisor:
                 await self._task
         if self.runner is not None:
             await self.runner.stop(self.config.runner.stop_grace_s)
+
+
+def _default_deadline(req: LoadRequest, config: NeuronConfig) -> float:
+    if req.group is not None and req.group.world_size > 1:
+        return config.runner.group_connect_deadline_s
+    return config.runner.warmup_deadline_s
 
 
 @attrs.define

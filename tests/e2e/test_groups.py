@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import NeuronProcess, runner_pids, wait_until
+from tests.conftest import LONG_STREAM, NeuronProcess, runner_pids, wait_until
 from tests.e2e.conftest import CortexProcess
 from tests.support import netns
 
@@ -119,8 +119,8 @@ async def test_tensor_sharded_ring_group_through_cortex(
     body = {
         "model": model_id,
         "messages": [{"role": "user", "content": "A long answer, please."}],
-        "max_tokens": 4000,
         "stream": True,
+        **LONG_STREAM,
     }
     frames: list[str] = []
     async with (

@@ -23,7 +23,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from shared.sse import HEARTBEAT
 from shared.wire import Discovery, NodeHealth
-from tests.conftest import NeuronProcess, kill_pid, runner_pids, stop_quietly
+from tests.conftest import LONG_STREAM, NeuronProcess, kill_pid, runner_pids, stop_quietly
 
 # Unique: other test sessions on this machine may run runners for "demo" too.
 MODEL = f"demo-{uuid.uuid4().hex[:8]}"
@@ -143,7 +143,7 @@ async def test_eight_concurrent_loads_make_one_runner_and_unload_stops_it(
 async def test_full_queue_answers_429(neuron: NeuronProcess) -> None:
     """Over the in-flight cap and queue bound: 429 queue_full with Retry-After."""
     url = neuron.url + "/v1/completions"
-    long = {"model": MODEL, "prompt": "a", "max_tokens": 100000, "stream": True}
+    long = {"model": MODEL, "prompt": "a", "stream": True, **LONG_STREAM}
     short = {"model": MODEL, "prompt": "b", "max_tokens": 2}
     async with aiohttp.ClientSession() as s:
         holder = await s.post(url, json=long)
@@ -176,7 +176,7 @@ async def test_runner_sigkill_mid_stream_ends_stream_with_error_and_recovers(
 ) -> None:
     """SIGKILL of the runner mid-stream: an error frame, then the model is ready again."""
     [pid] = runner_pids(MODEL)
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 100000, "stream": True}
+    body = {"model": MODEL, "messages": CHAT, "stream": True, **LONG_STREAM}
     async with (
         aiohttp.ClientSession() as s,
         s.post(neuron.url + "/v1/chat/completions", json=body) as r,
@@ -201,7 +201,7 @@ async def test_runner_sigkill_mid_stream_ends_stream_with_error_and_recovers(
 async def test_silent_runner_gets_heartbeats_not_a_timeout(neuron: NeuronProcess) -> None:
     """While the runner is silent the client gets SSE comment heartbeats."""
     [pid] = runner_pids(MODEL)
-    body = {"model": MODEL, "prompt": "tick", "max_tokens": 100000, "stream": True}
+    body = {"model": MODEL, "prompt": "tick", "stream": True, **LONG_STREAM}
     async with (
         aiohttp.ClientSession() as s,
         s.post(neuron.url + "/v1/completions", json=body) as r,

@@ -17,7 +17,7 @@ import pytest
 from neuron.runner import free_port
 from neuron.runner_main import WATCHDOG_ENV
 from shared.sse import HEARTBEAT
-from tests.conftest import NeuronProcess, runner_pids, wait_until
+from tests.conftest import LONG_STREAM, NeuronProcess, runner_pids, wait_until
 
 Factory = Callable[..., NeuronProcess]
 
@@ -85,7 +85,7 @@ async def test_idle_read_timeout_ends_a_silent_stream(
     n = neuron_factory({"idle_read_timeout_s": 1.0, "heartbeat_s": 0.2})
     n.load_ready(model_id, demo_model)
     [pid] = runner_pids(model_id)
-    body = {"model": model_id, "prompt": "tick", "max_tokens": 100000, "stream": True}
+    body = {"model": model_id, "prompt": "tick", "stream": True, **LONG_STREAM}
     async with (
         aiohttp.ClientSession() as s,
         s.post(n.url + "/v1/completions", json=body) as r,

@@ -106,6 +106,13 @@ def test_group_env_ring_and_jaccl(tmp_path: Path) -> None:
     assert env["MLX_JACCL_COORDINATOR"] == "10.0.0.1:6000"
     assert env["MLX_IBV_DEVICES"] == str(tmp_path / "ibv_devices.json")
     assert "MLX_HOSTFILE" not in env
+    assert "NEURON_PIPELINE_SPLIT" not in env
+
+
+def test_group_env_carries_pipeline_split(tmp_path: Path) -> None:
+    """A pipeline rank is told cortex's per-rank layer counts."""
+    group = GroupSpec("g", 0, 2, "ring", "pipeline", hosts=("a:1", "b:1"), layer_split=(23, 7))
+    assert group_env(group, tmp_path)["NEURON_PIPELINE_SPLIT"] == "23,7"
 
 
 def test_runner_argv_marks_model_and_pipeline() -> None:
