@@ -32,8 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +39,8 @@ from typing import Any
 
 import aiohttp
 import attrs
+
+from shared.blocking_http import request_json
 
 # mlx_lm.server serves its own model under this name (see neuron.proxy).
 RUNNER_MODEL_NAME = "default_model"
@@ -133,28 +133,12 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null"), resp.headers
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw), exc.headers
-        except ValueError:
-            return exc.code, raw.decode(errors="replace"), exc.headers
-
-
 def _wait_http(url: str, procs: Procs, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         procs.check()
         with contextlib.suppress(OSError):
-            status, _, _ = _http("GET", url, timeout=2.0)
+            status, _, _ = request_json("GET", url, timeout=2.0)
             if status < 500:
                 return
         time.sleep(0.2)
@@ -202,7 +186,7 @@ def load_model(cortex: str, neuron: str, model_id: str, procs: Procs, timeout_s:
     last: Any = None
     while time.monotonic() < deadline:
         procs.check()
-        status, answer, _ = _http("POST", f"{cortex}/admin/models/{model_id}/load")
+        status, answer, _ = request_json("POST", f"{cortex}/admin/models/{model_id}/load")
         if status in (200, 202):
             break
         last = (status, answer)  # cortex may not have polled the neuron yet
@@ -212,7 +196,7 @@ def load_model(cortex: str, neuron: str, model_id: str, procs: Procs, timeout_s:
     port: int | None = None
     while time.monotonic() < deadline:
         procs.check()
-        _, answer, _ = _http("GET", f"{neuron}/models")
+        _, answer, _ = request_json("GET", f"{neuron}/models")
         for m in answer.get("models", []) if isinstance(answer, dict) else []:
             if m.get("model_id") == model_id and m.get("state") == "failed":
                 raise RuntimeError(f"model failed on the neuron: {m.get('error')}")
@@ -227,7 +211,7 @@ def load_model(cortex: str, neuron: str, model_id: str, procs: Procs, timeout_s:
     body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     while time.monotonic() < deadline:
         procs.check()
-        status, answer, headers = _http("POST", f"{cortex}/v1/chat/completions", body)
+        status, answer, headers = request_json("POST", f"{cortex}/v1/chat/completions", body)
         if status == 200:
             return port
         last = (status, answer)

@@ -9,17 +9,16 @@ Ctrl-C (or SIGTERM) stops everything; nothing is left behind.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from shared.blocking_http import request_json
 
 NODE_NAMES = "abcdefgh"
 
@@ -37,22 +36,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null"), resp.headers
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw), exc.headers
-        except ValueError:
-            return exc.code, raw.decode(errors="replace"), exc.headers
 
 
 def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir: Path) -> Path:
@@ -131,14 +114,15 @@ def _wait_first_answer(base: str, fleet: Fleet, timeout_s: float) -> dict[str, A
     while time.monotonic() < deadline:
         if fleet.dead():
             raise RuntimeError(f"{', '.join(fleet.dead())} exited; see {fleet.root}/logs/")
+        wait = 1.0
         try:
-            status, answer, headers = _http("POST", f"{base}/v1/chat/completions", body)
+            status, answer, headers = request_json("POST", f"{base}/v1/chat/completions", body)
+            wait = float(headers.get("Retry-After", 1))
         except OSError as exc:
-            status, answer, headers = 0, str(exc), {}
+            status, answer = 0, str(exc)
         if status == 200:
             return dict(answer)
         last = f"{status} {answer}"
-        wait = float(headers.get("Retry-After", 1) if headers else 1)
         print(f"  waiting for the demo model ({status}: {_code(answer)}) ...", flush=True)
         time.sleep(min(wait, 5.0))
     raise RuntimeError(f"no answer through cortex in {timeout_s:.0f}s; last: {last}")

@@ -8,15 +8,12 @@ start as many as they need with `neuron_factory`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from neuron.app import create_app
 from neuron.config import NeuronConfig
 from neuron.demo_model import build_demo_model
+from shared.blocking_http import request_json
 
 READY_TIMEOUT_S = 120.0
 # The demo model's end-of-text token (id 1) banned: random weights may pick it
@@ -77,13 +75,8 @@ def http_json(
     url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 ) -> tuple[int, Any]:
     """A blocking JSON request (GET without body, POST with); (status, parsed body)."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+    status, answer, _ = request_json("GET" if body is None else "POST", url, body, timeout)
+    return status, answer
 
 
 @attrs.define
