@@ -38,6 +38,8 @@ from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
 
 # mlx_lm.server loads any other name from the hub; its own model is "default_model".
 RUNNER_MODEL_NAME = "default_model"
+# How the final `data: [DONE]` event starts behind its separator (see _FrameCounter).
+_DONE_EVENT = b"\n\n" + DONE.rstrip(b"\n")
 
 
 class _Lost(Exception):
@@ -46,31 +48,125 @@ class _Lost(Exception):
 
 @attrs.define
 class _FrameCounter:
-    """Counts SSE data frames in a byte stream split anywhere."""
+    """Counts SSE data frames in a byte stream split anywhere.
 
-    pending: bytes = b""
+    Only complete events count (those ended by a blank line).  `pending` is the
+    unfinished tail behind the last event separator, kept with that separator (a
+    virtual one at the stream's start), so each data event reads `\n\ndata:` and a
+    chunk costs a few C-level scans instead of a split into events.
+    """
+
+    pending: bytes = b"\n\n"
     frames: int = 0
     done: bool = False
     first_at: float | None = None
     last_at: float | None = None
 
-    def feed(self, chunk: bytes) -> None:
-        buf = (self.pending + chunk).replace(b"\r\n", b"\n")
-        *events, self.pending = buf.split(b"\n\n")
-        for ev in events:
-            if not ev.startswith(b"data:"):
-                continue  # comments (runner keepalives) are not tokens
-            if ev.strip() == DONE.strip():
-                self.done = True
-                continue
-            now = time.monotonic()
-            self.frames += 1
-            self.first_at = self.first_at or now
+    def feed(self, chunk: bytes, now: float) -> None:
+        buf = self.pending + chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        cut = buf.rfind(b"\n\n")  # >= 0: `pending` starts with a separator
+        complete, self.pending = buf[:cut], buf[cut:]
+        if not complete:
+            return
+        # Comments (runner keepalives) are not tokens, nor is the final [DONE].
+        dones = complete.count(_DONE_EVENT)
+        frames = complete.count(b"\n\ndata:") - dones
+        if dones:
+            self.done = True
+        if frames:
+            self.frames += frames
+            if self.first_at is None:
+                self.first_at = now
             self.last_at = now
 
     @property
     def at_boundary(self) -> bool:
-        return not self.pending
+        return len(self.pending) == 2
+
+
+class _LostOnExit:
+    """Within it, the runner's exit cancels the current task and surfaces as `_Lost`.
+
+    A stream blocked on its runner thus ends the moment the runner dies, without a
+    watcher task or timer per chunk.  Any other cancel (the client left) propagates.
+    """
+
+    def __init__(self, runner: RunnerProcess) -> None:
+        self._runner = runner
+        self._fired = False
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+
+    def _on_exit(self, _: asyncio.Future[int]) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def __enter__(self) -> None:
+        self._runner.exited.add_done_callback(self._on_exit)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        self._runner.exited.remove_done_callback(self._on_exit)
+        if not self._fired:
+            return
+        # Our cancel was delivered inside (the task was waiting in here): take it back.
+        if self._task.uncancel() == 0 and exc_type is asyncio.CancelledError:
+            raise _Lost(f"runner exited with code {self._runner.exited.result()}") from exc
+
+
+class _QuietReads:
+    """`read()` gives the runner's next chunk, or None once it has been silent `quiet_s`.
+
+    Like `asyncio.timeout(quiet_s)` around each read, but with one timer per
+    `quiet_s` per stream instead of one per chunk (every cancelled timer churns the
+    loop's heap): a read only moves the deadline, and the timer, should it fire
+    early, re-arms itself at the deadline.  Reads run in the caller's task, which
+    the timer cancels to interrupt a read; a cancel from anyone else propagates.
+    """
+
+    def __init__(self, upstream: aiohttp.ClientResponse, quiet_s: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._loop = task.get_loop()
+        self._readany = upstream.content.readany
+        self._quiet_s = quiet_s
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading = False
+        self._fired = False
+
+    async def read(self) -> bytes | None:
+        self._deadline = self._loop.time() + self._quiet_s
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        self._reading = True
+        try:
+            return await self._readany()
+        except asyncio.CancelledError:
+            fired, self._fired = self._fired, False
+            if fired and self._task.uncancel() == 0:
+                return None
+            raise
+        finally:
+            self._reading = False
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._reading:
+            return  # the next read arms it again
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        else:
+            self._fired = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 @attrs.define
@@ -189,69 +285,74 @@ class Proxy:
         last_byte = started
         response: web.StreamResponse | None = None
         upstream: aiohttp.ClientResponse | None = None
+        reads: _QuietReads | None = None
         counter = _FrameCounter()
         phase = "prefill"
         _start_work(m)
         outcome = "ok"
-        pending: asyncio.Future[Any] = asyncio.ensure_future(self._open(runner, path, payload))
+        opening = asyncio.ensure_future(self._open(runner, path, payload))
 
         async def begin() -> web.StreamResponse:
             r = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await r.prepare(request)
             return r
 
+        async def silence() -> web.StreamResponse:
+            """The runner said nothing for `hb` seconds: a heartbeat, or the end."""
+            if time.monotonic() - last_byte > idle_limit:
+                raise _Lost(f"runner silent for {idle_limit:g} s")
+            r = response if response is not None else await begin()
+            if counter.at_boundary:
+                await r.write(HEARTBEAT)
+            return r
+
         try:
-            while True:
-                done, _ = await asyncio.wait(
-                    {pending, runner.exited}, timeout=hb, return_when=asyncio.FIRST_COMPLETED
-                )
-                now = time.monotonic()
-                if pending in done:
-                    try:
-                        result = pending.result()
-                    except aiohttp.ClientError as exc:
-                        raise _Lost(f"runner connection failed: {exc}") from exc
-                    last_byte = m.stats.last_byte_at = now
-                    if upstream is None:
-                        upstream = result
-                        if upstream.status >= 400:
-                            raw = await upstream.read()
-                            err = _runner_error(upstream.status, raw)
-                            if response is None:
-                                outcome = "upstream_error"
-                                raise err
-                            await response.write(sse_error_frame(err.message, err.status, err.code))
-                            outcome = "upstream_error"
-                            return response
-                        if response is None:
-                            response = await begin()
-                    else:
-                        chunk: bytes = result
-                        assert response is not None
-                        if not chunk:
-                            if not counter.done:
-                                raise _Lost("runner closed the stream before [DONE]")
-                            return response
-                        await response.write(chunk)
-                        counter.feed(chunk)
-                        if counter.frames and phase == "prefill":
-                            phase = "decode"
-                            m.stats.prefilling -= 1
-                            m.stats.decoding += 1
-                            ttft = (counter.first_at or now) - started
-                            m.stats.ttft_s = ttft
-                            metrics.ttft.labels(m.model_id).observe(ttft)
-                    pending = asyncio.ensure_future(upstream.content.readany())
-                    continue
-                if runner.exited.done():
-                    raise _Lost(f"runner exited with code {runner.exited.result()}")
-                # Silence from the runner.
-                if now - last_byte > idle_limit:
-                    raise _Lost(f"runner silent for {idle_limit:g} s")
+            with _LostOnExit(runner):
+                # The runner's answer headers (it may send them only after prefill).
+                while not opening.done():
+                    await asyncio.wait({opening}, timeout=hb)
+                    if not opening.done():
+                        response = await silence()
+                try:
+                    upstream = opening.result()
+                except aiohttp.ClientError as exc:
+                    raise _Lost(f"runner connection failed: {exc}") from exc
+                last_byte = m.stats.last_byte_at = time.monotonic()
+                if upstream.status >= 400:
+                    raw = await upstream.read()
+                    err = _runner_error(upstream.status, raw)
+                    outcome = "upstream_error"
+                    if response is None:
+                        raise err
+                    await response.write(sse_error_frame(err.message, err.status, err.code))
+                    return response
                 if response is None:
                     response = await begin()
-                if counter.at_boundary:
-                    await response.write(HEARTBEAT)
+                # Plain reads in the handler's own task: no task, wait or timer per
+                # chunk. Silence comes back as None; the runner's exit as _Lost.
+                reads = _QuietReads(upstream, hb)
+                while True:
+                    try:
+                        chunk = await reads.read()
+                    except aiohttp.ClientError as exc:
+                        raise _Lost(f"runner connection failed: {exc}") from exc
+                    if chunk is None:
+                        response = await silence()
+                        continue
+                    last_byte = m.stats.last_byte_at = now = time.monotonic()
+                    if not chunk:
+                        if not counter.done:
+                            raise _Lost("runner closed the stream before [DONE]")
+                        return response
+                    await response.write(chunk)
+                    counter.feed(chunk, now)
+                    if counter.frames and phase == "prefill":
+                        phase = "decode"
+                        m.stats.prefilling -= 1
+                        m.stats.decoding += 1
+                        ttft = (counter.first_at or now) - started
+                        m.stats.ttft_s = ttft
+                        metrics.ttft.labels(m.model_id).observe(ttft)
         except _Lost as exc:
             outcome = "upstream_lost"
             metrics.stream_errors.labels(m.model_id, "runner_lost").inc()
@@ -265,10 +366,13 @@ class Proxy:
             outcome = "client_gone"
             raise
         finally:
-            if not pending.done():
-                pending.cancel()
+            if reads is not None:
+                reads.close()
+            if upstream is None:
+                # Not opened yet, or opened just as the stream was cut short.
+                opening.cancel()
                 with contextlib.suppress(BaseException):
-                    await pending
+                    upstream = await opening
             if upstream is not None:
                 upstream.close()
             if phase == "prefill":
