@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import attrs
-import tenacity
 
 from neuron.admission import Admission
 from neuron.config import NeuronConfig
@@ -39,7 +38,7 @@ from neuron.metrics import ModelStats, NeuronMetrics
 from neuron.runner import RunnerProcess
 from neuron.store import Store, check_model_dir, is_local_source
 from shared.errors import ModelNotFound
-from shared.retry import RUNNER_RESTART_WAIT
+from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -174,14 +173,13 @@ class ModelSupervisor:
     async def _run(self) -> None:
         try:
             self.model_dir = await self.store.resolve(self.source)
-            retrying = tenacity.AsyncRetrying(
-                wait=RUNNER_RESTART_WAIT,
-                retry=tenacity.retry_if_exception_type(_RunnerLost),
-                reraise=True,
-            )
-            async for attempt in retrying:
-                with attempt:
+            while True:
+                try:
                     await self._run_once()
+                except _RunnerLost:
+                    # Back off by the crashes still inside the window, so a runner
+                    # that ran well for a long time restarts at once after a crash.
+                    await asyncio.sleep(backoff_s(RUNNER_RESTART_WAIT, len(self._crashes)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # _GiveUp, a failed download, anything unforeseen

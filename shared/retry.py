@@ -33,7 +33,8 @@ RECONCILE_WAIT = tenacity.wait_exponential(multiplier=2, min=2, max=300)
 def backoff_s(wait: tenacity.wait.wait_base, attempt: int) -> float:
     """Seconds a named wait policy gives before attempt `attempt` + 1.
 
-    For loops that are not one call retried (the reconciler's periodic pass) but
+    For loops that are not one call retried (the reconciler's periodic pass, the
+    runner restart loop counting only the crashes inside its window) but
     should still back off by the same named policy.
     """
     state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
