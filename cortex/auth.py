@@ -2,12 +2,16 @@
 
 Auth is off when no key is configured (a laptop fleet). With keys, every
 /v1/* call needs one (401 invalid_api_key) and may use only the models its
-allow-list names, by id or alias (403 model_not_allowed). /admin/* needs the
-admin token; /health and /metrics are always open (probes and Prometheus).
+allow-list names, by id or alias (403 model_not_allowed). /admin/* and
+/dashboard need the admin token, as a bearer token or, so a browser can open
+the dashboard, as the password of HTTP Basic auth; /health and /metrics are
+always open (probes and Prometheus).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -30,6 +34,12 @@ def presented_key(request: web.Request) -> str | None:
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if scheme.lower() == "basic" and token.strip():
+        try:
+            user_pass = base64.b64decode(token.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return user_pass.partition(":")[2] or None
     return request.headers.get("X-Api-Key") or None
 
 
@@ -85,8 +95,16 @@ class Auth:
             path = request.path
             if path in OPEN_PATHS:
                 pass
-            elif path.startswith("/admin") or path == "/dashboard":
+            elif path.startswith("/admin"):
                 self.admin(request)
+            elif path == "/dashboard":
+                try:
+                    self.admin(request)
+                except InvalidApiKey as exc:
+                    # Lets a browser ask for the token (any user name, token as password).
+                    resp = exc.to_response()
+                    resp.headers["WWW-Authenticate"] = 'Basic realm="cortex admin"'
+                    return resp
             elif path.startswith("/v1"):
                 key = self.client(request)
                 if key is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections.abc import AsyncIterator
@@ -73,11 +74,24 @@ async def test_dashboard_shows_nodes_models_and_catalogue(up_and_down: list[Fake
     assert "1 / 0" in models["m2"]  # keep_loaded wants one replica, none present
 
 
+def _basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
 async def test_dashboard_needs_the_admin_token(up_and_down: list[FakeNeuron]) -> None:
+    """The page is admin data: token as bearer, or as a browser's Basic password."""
     async with gateway(up_and_down, admin_token="admin-secret") as client:
         resp = await client.get("/dashboard")
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "invalid_api_key"
+        assert resp.headers["WWW-Authenticate"].startswith("Basic")
+        basic = await client.get("/dashboard", headers=_basic("ops", "admin-secret"))
+        assert basic.status == 200
+        bad = await client.get("/dashboard", headers=_basic("ops", "nope-nope"))
+        assert bad.status == 401
+        admin = await client.get("/admin/state")
+        assert "WWW-Authenticate" not in admin.headers
         wrong = await client.get("/dashboard", headers={"Authorization": "Bearer nope-nope"})
         assert wrong.status == 401
         ok = await client.get("/dashboard", headers={"Authorization": "Bearer admin-secret"})
