@@ -154,3 +154,10 @@ async def test_tensor_sharded_ring_group_through_cortex(
     new_group = wait_until(lambda: _group_ready(c, model_id), 180, "the group placed again")
     assert new_group != group
     assert await _chat(c, model_id) == unsharded
+
+    # A restarted cortex adopts the running group: no teardown, no second load.
+    c.stop()
+    c2 = cortex_factory(neurons, [big, single])
+    assert wait_until(lambda: _group_ready(c2, model_id), 60, "group seen") == new_group
+    assert await _chat(c2, model_id) == unsharded
+    assert _group_ready(c2, model_id) == new_group
