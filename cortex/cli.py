@@ -98,7 +98,11 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, catalogue=catalogue)
     print(f"cortex listening on http://{host}:{port} ({len(config.neurons)} neuron(s))", flush=True)
     # handler_cancellation: a client that disconnects cancels its upstream request.
-    web.run_app(app, host=host, port=port, print=None, handler_cancellation=True)
+    try:
+        web.run_app(app, host=host, port=port, print=None, handler_cancellation=True)
+    except OSError as exc:
+        print(f"cortex: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,13 +11,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from neuron.config import NeuronConfig
-from neuron.discovery import discover, memory_available_bytes
+from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes
 from neuron.metrics import NeuronMetrics
 from neuron.proxy import Proxy
 from neuron.store import Store
 from neuron.supervisor import Supervisor
 from shared.errors import ApiError, InvalidRequest, error_middleware, read_json_object
-from shared.wire import Discovery, LoadRequest, NodeHealth, NodeStatus
+from shared.wire import LoadRequest, NodeHealth, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,14 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 METRICS = web.AppKey("metrics", NeuronMetrics)
 STORE = web.AppKey("store", Store)
 STARTED = web.AppKey("started_at", float)
-IDENTITY = web.AppKey("identity", Discovery)
+NODE_ID = web.AppKey("node_id", str)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     supervisor = app[SUPERVISOR]
     await supervisor.open()
-    app[IDENTITY] = await asyncio.to_thread(
-        discover, config.store_path, config.ring_host, started_at=app[STARTED]
-    )
+    app[NODE_ID] = await asyncio.to_thread(load_or_create_node_id, config.store_path)
     for entry in config.load:
         try:
             await supervisor.load(LoadRequest(model_id=entry.model_id, source=entry.source))
@@ -102,10 +100,11 @@ async def get_health(request: web.Request) -> web.Response:
     now = time.time()
     health = NodeHealth(
         status=status,
-        node_id=app[IDENTITY].node_id,
+        node_id=app[NODE_ID],
         started_at=app[STARTED],
         uptime_s=now - app[STARTED],
-        memory_available_bytes=memory_available_bytes(),
+        # A subprocess on macOS (vm_stat): never on the event loop.
+        memory_available_bytes=await asyncio.to_thread(memory_available_bytes),
         models=models,
     )
     return web.json_response(health.to_json())
@@ -146,9 +145,7 @@ async def post_unload(request: web.Request) -> web.Response:
     if not isinstance(model_id, str) or not model_id:
         raise InvalidRequest("missing `model_id` (a non-empty string)", param="model_id")
     m = await request.app[SUPERVISOR].unload(model_id)
-    out = m.status().to_json()
-    out["state"] = "unloaded"
-    return web.json_response(out)
+    return web.json_response({"model_id": m.model_id, "unloaded": True})
 
 
 async def get_metrics(request: web.Request) -> web.Response:

@@ -75,29 +75,41 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"neuron: {exc}", file=sys.stderr)
         return 2
-    if args.host is not None:
-        config = attrs.evolve(config, host=args.host)
-    if args.port is not None:
-        config = attrs.evolve(config, port=args.port)
+    try:
+        if args.host is not None:
+            config = attrs.evolve(config, host=args.host)
+        if args.port is not None:
+            config = attrs.evolve(config, port=args.port)
+    except ValueError as exc:
+        print(f"neuron: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # handler_cancellation: a client that disconnects cancels its proxied request.
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        handler_cancellation=True,
-        print=lambda msg: print(msg, flush=True),
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            handler_cancellation=True,
+            print=lambda msg: print(msg, flush=True),
+        )
+    except OSError as exc:
+        print(f"neuron: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from neuron.demo_model import build_demo_model
+    from neuron.demo_model import NotADemoModel, build_demo_model
 
-    path = build_demo_model(args.dir, seed=args.seed)
+    try:
+        path = build_demo_model(args.dir, seed=args.seed)
+    except NotADemoModel as exc:
+        print(f"neuron demo-model: {exc}", file=sys.stderr)
+        return 2
     print(f"demo model (noise, not language) written to {path}")
     return 0
 

@@ -90,16 +90,32 @@ def _train_tokenizer(out: Path, vocab_size: int) -> int:
     return int(tok.get_vocab_size())
 
 
+README_MARK = "Demo model for cortex + neuron"
+
+
+class NotADemoModel(Exception):
+    """The target exists and is something else: never delete an operator's files."""
+
+
+def is_demo_model(path: Path) -> bool:
+    readme = path / "README.md"
+    return readme.is_file() and readme.read_text(errors="replace").startswith(README_MARK)
+
+
 def build_demo_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
-    """Write the demo model to `path` (replacing it atomically) and return it.
+    """Write the demo model to `path` (replacing an earlier demo model atomically).
 
     Deterministic: the same seed gives byte-identical weights and tokenizer.
+    An existing non-empty `path` that is not a demo model is refused.
     """
+    path = Path(path).resolve()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not is_demo_model(path):
+        raise NotADemoModel(f"{path} exists and is not a demo model; pick another directory")
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     tmp.chmod(0o755)
@@ -117,7 +133,7 @@ def build_demo_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
             weights[key] = (value if "norm" in key else value * 4.0).astype(mx.float32)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "README.md").write_text(
-            f"Demo model for cortex + neuron (seed {seed}): random weights, noise not language.\n"
+            f"{README_MARK} (seed {seed}): random weights, noise not language.\n"
         )
         if path.exists():
             shutil.rmtree(path)

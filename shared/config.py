@@ -28,6 +28,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(f"{p}: file not found") from exc
+    except OSError as exc:  # a directory, no permission...
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
 

@@ -8,10 +8,13 @@ LiteLLM benches an upstream that answers 404.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 60
 
@@ -229,6 +232,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return resp
     except web.HTTPException:
         raise
+    except Exception:
+        # A bug of ours: still the envelope (clients parse it), and the traceback logged.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return InternalError("internal error; see the server log").to_response()
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

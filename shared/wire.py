@@ -119,15 +119,22 @@ class GroupSpec:
         rank, world = int(d["rank"]), int(d["world_size"])
         if not 0 <= rank < world:
             raise ValueError(f"group.rank {rank} outside world size {world}")
+        hosts = tuple(str(h) for h in d.get("hosts", ()))
+        ibv = tuple(tuple(r) for r in d.get("ibv_devices", ()))
+        coordinator = d.get("coordinator")
+        if world > 1 and backend == "ring" and len(hosts) != world:
+            raise ValueError(f"group.hosts must name {world} ranks for ring, not {len(hosts)}")
+        if world > 1 and backend == "jaccl" and (not coordinator or len(ibv) != world):
+            raise ValueError(f"a jaccl group needs a coordinator and {world} ibv_devices rows")
         return cls(
             group_id=str(d["group_id"]),
             rank=rank,
             world_size=world,
             backend=backend,
             sharding=sharding,
-            hosts=tuple(str(h) for h in d.get("hosts", ())),
-            coordinator=d.get("coordinator"),
-            ibv_devices=tuple(tuple(r) for r in d.get("ibv_devices", ())),
+            hosts=hosts,
+            coordinator=coordinator,
+            ibv_devices=ibv,
             layer_split=_layer_split(d.get("layer_split", ()), world),
         )
 

@@ -44,3 +44,37 @@ def test_demo_model_cli_help_says_noise() -> None:
         check=True,
     ).stdout
     assert "noise" in out
+
+
+def test_demo_model_never_deletes_other_files(tmp_path: Path) -> None:
+    """A non-empty directory that is not a demo model is refused, its files kept."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "neuron"), "demo-model", str(precious)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "not a demo model" in r.stderr
+    assert (precious / "notes.txt").read_text() == "keep me"
+    # An earlier demo model is replaced in place.
+    again = build_demo_model(build_demo_model(tmp_path / "demo", seed=1), seed=2)
+    assert "seed 2" in (again / "README.md").read_text()
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
+    """A bad port or an unreadable config is exit 2 with a message naming it."""
+    neuron = str(Path(sys.executable).parent / "neuron")
+    bad_port = subprocess.run(
+        [neuron, "serve", "--port", "70000"], capture_output=True, text=True, timeout=60
+    )
+    assert bad_port.returncode == 2 and "70000" in bad_port.stderr
+    assert "Traceback" not in bad_port.stderr
+    a_dir = subprocess.run(
+        [neuron, "serve", "-c", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert a_dir.returncode == 2 and str(tmp_path) in a_dir.stderr
+    assert "Traceback" not in a_dir.stderr

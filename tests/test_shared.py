@@ -142,13 +142,30 @@ def test_load_request_validation() -> None:
         LoadRequest.from_json(
             {"model_id": "m", "group": {"group_id": "g", "rank": 2, "world_size": 2}}
         )
+    with pytest.raises(ValueError, match="hosts"):
+        LoadRequest.from_json(
+            {"model_id": "m", "group": {"group_id": "g", "rank": 0, "world_size": 2}}
+        )
+    with pytest.raises(ValueError, match="coordinator"):
+        LoadRequest.from_json(
+            {
+                "model_id": "m",
+                "group": {"group_id": "g", "rank": 0, "world_size": 2, "backend": "jaccl"},
+            }
+        )
     with pytest.raises(ValueError, match="warmup_deadline_s"):
         LoadRequest.from_json({"model_id": "m", "warmup_deadline_s": -1})
 
 
 def test_group_layer_split_must_match_world() -> None:
     """A pipeline split names one positive layer count per rank."""
-    base = {"group_id": "g", "rank": 0, "world_size": 2, "sharding": "pipeline"}
+    base = {
+        "group_id": "g",
+        "rank": 0,
+        "world_size": 2,
+        "sharding": "pipeline",
+        "hosts": ["a:1", "b:1"],
+    }
     ok = GroupSpec.from_json({**base, "layer_split": [7, 23]})
     assert ok.layer_split == (7, 23)
     assert GroupSpec.from_json(ok.to_json()) == ok
@@ -156,3 +173,21 @@ def test_group_layer_split_must_match_world() -> None:
         GroupSpec.from_json({**base, "layer_split": [30]})
     with pytest.raises(ValueError, match="layer_split"):
         GroupSpec.from_json({**base, "layer_split": [0, 30]})
+
+
+async def test_unhandled_error_still_gets_the_envelope() -> None:
+    """A bug in a handler answers 500 with the OpenAI envelope, not aiohttp's text page."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("boom")
+
+    app = web.Application(middlewares=[errors.error_middleware])
+    app.router.add_get("/x", broken)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/x")
+        assert resp.status == 500
+        body = await resp.json()
+    assert body["error"]["code"] == "internal_error"
+    assert "boom" not in body["error"]["message"]
