@@ -49,6 +49,14 @@ from shared.errors import (
 log = logging.getLogger(__name__)
 
 
+class ModelKeptLoaded(ApiError):
+    """An unload the reconciler would undo at once (keep_loaded or pinned_on)."""
+
+    status = 409
+    code = "model_kept_loaded"
+    type = "invalid_request_error"
+
+
 def create_app(
     config: CortexConfig, *, catalogue: Catalogue | None = None, background: bool = True
 ) -> web.Application:
@@ -194,26 +202,31 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
 # -- models, health, metrics ----------------------------------------------------------
 
 
-def _model_json(
-    spec: ModelSpec, snap: FleetSnapshot, app: web.Application, infos: list[Any]
+def _model_entry(
+    model_id: str,
+    snap: FleetSnapshot,
+    *,
+    owned_by: str,
+    aliases: tuple[str, ...] = (),
+    feasible_on: list[list[str]] | None = None,
+    context_length: int | None = None,
 ) -> dict[str, Any]:
-    locs = snap.locations(spec.id)
-    facts = app[LOADER].facts(spec)
-    feasible = [list(c.nodes) for c in candidates(spec, facts, infos, now=False) if c.feasible]
+    """One /v1/models entry; `locations` only where the model takes requests (rank 0)."""
+    locs = snap.locations(model_id)
     return {
-        "id": spec.id,
+        "id": model_id,
         "object": "model",
         "created": 0,
-        "owned_by": "cortex",
-        "aliases": list(spec.aliases),
+        "owned_by": owned_by,
+        "aliases": list(aliases),
         "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
         "locations": [
             {"node": n.name, "state": m.state, "healthy": n.healthy}
             for n, m in locs
             if m.serves_http
         ],
-        "feasible_on": feasible,
-        "context_length": spec.context_limit,
+        "feasible_on": feasible_on or [],
+        "context_length": context_length,
     }
 
 
@@ -223,33 +236,29 @@ async def _models(request: web.Request) -> web.Response:
     cat = app[CATALOGUE]
     key: ApiKey | None = request.get(REQUEST_KEY)
     infos = node_infos(snap, cat)
-    data = [
-        _model_json(spec, snap, app, infos)
-        for spec in cat.models
-        if Auth.allowed(key, spec.id, cat)
-    ]
+    data = []
+    for spec in cat.models:
+        if not Auth.allowed(key, spec.id, cat):
+            continue
+        facts = app[LOADER].facts(spec)
+        feasible = [list(c.nodes) for c in candidates(spec, facts, infos, now=False) if c.feasible]
+        data.append(
+            _model_entry(
+                spec.id,
+                snap,
+                owned_by="cortex",
+                aliases=spec.aliases,
+                feasible_on=feasible,
+                context_length=spec.context_limit,
+            )
+        )
     # Models a neuron serves that the catalogue does not name are routable too.
     extra = sorted(
         {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
     )
-    for mid in extra:
-        if not Auth.allowed(key, mid, cat):
-            continue
-        locs = snap.locations(mid)
-        data.append(
-            {
-                "id": mid,
-                "object": "model",
-                "created": 0,
-                "owned_by": "neuron",
-                "aliases": [],
-                "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
-                "locations": [
-                    {"node": n.name, "state": m.state, "healthy": n.healthy} for n, m in locs
-                ],
-                "feasible_on": [],
-            }
-        )
+    data.extend(
+        _model_entry(mid, snap, owned_by="neuron") for mid in extra if Auth.allowed(key, mid, cat)
+    )
     return web.json_response({"object": "list", "data": data})
 
 
@@ -352,6 +361,7 @@ async def _admin_load(request: web.Request) -> web.Response:
             return web.json_response(
                 {"model_id": spec.id, "state": "loading", "nodes": loading}, status=202
             )
+    app[RECONCILER].release(spec.id)  # a force-unloaded model may come back now
     job = app[LOADER].job(spec.id)
     if job is None:
         job = await app[LOADER].place(spec, nodes=nodes or None, exclude=exclude)
@@ -374,14 +384,32 @@ def _names(body: dict[str, Any], field: str) -> list[str]:
 
 
 async def _admin_unload(request: web.Request) -> web.Response:
+    """Remove a model everywhere. A keep_loaded or pinned one needs {"force": true},
+    and then stays unloaded (the reconciler leaves it) until the next admin load."""
     app = request.app
     model_id = request.match_info["model_id"]
+    body = await read_json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"force"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidRequest("'force' must be true or false", param="force")
     spec = app[CATALOGUE].resolve(model_id)
     mid = spec.id if spec is not None else model_id
     snap = app[FLEET].snapshot()
     nodes = [n.name for n, _ in snap.locations(mid)]
     if not nodes:
         raise ModelNotFound(f"model {mid!r} is loaded nowhere", param="model_id")
+    if spec is not None and (spec.keep_loaded or spec.pinned_on):
+        if not force:
+            why = "keep_loaded" if spec.keep_loaded else f"pinned_on {list(spec.pinned_on)}"
+            raise ModelKeptLoaded(
+                f"model {mid!r} is {why} in the catalogue: the reconciler would load it"
+                ' again; send {"force": true} to unload it until the next admin load',
+                param="force",
+            )
+        app[RECONCILER].hold(mid)
     results = await asyncio.gather(
         *(app[LOADER].unload(n, mid) for n in nodes), return_exceptions=True
     )

@@ -109,6 +109,9 @@ class CortexConfig:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.load_wait_s < 0 or self.discovery_wait_s < 0:
             raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
+        # A group takes up to 16 ports at base + (0..999) * 16 (loader.group_specs).
+        if not 1024 <= self.ring_base_port <= 65535 - 1000 * 16:
+            raise ValueError(f"ring_base_port must be in 1024..{65535 - 1000 * 16}")
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("admin_token must be at least 8 characters")
 

@@ -56,7 +56,6 @@ class LoadJob:
     candidate: Candidate
     task: asyncio.Task[None]
     accepted: asyncio.Future[tuple[str, ...]]
-    started: float
 
 
 @attrs.define
@@ -110,16 +109,18 @@ class Loader:
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[tuple[str, ...]] = loop.create_future()
         task = loop.create_task(self._run(spec, cand, accepted), name=f"load {spec.id}")
-        job = LoadJob(spec, cand, task, accepted, time.monotonic())
+        job = LoadJob(spec, cand, task, accepted)
         self._jobs[spec.id] = job
-        task.add_done_callback(lambda t: self._done(spec.id, t))
+        task.add_done_callback(lambda t: self._done(spec.id, job))
         log.info("loading %s on %s", spec.id, ", ".join(cand.nodes))
         return job
 
-    def _done(self, model_id: str, task: asyncio.Task[None]) -> None:
-        self._jobs.pop(model_id, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here: nobody else may await a load's outcome
+    def _done(self, model_id: str, job: LoadJob) -> None:
+        # Only this job: a newer load of the same model may have started already.
+        if self._jobs.get(model_id) is job:
+            del self._jobs[model_id]
+        if not job.task.cancelled():
+            job.task.exception()  # retrieved here: nobody else may await a load's outcome
 
     async def place(
         self,
@@ -240,8 +241,7 @@ class Loader:
     async def unload(self, node: str, model_id: str) -> None:
         """POST /models/unload on `node`, recorded at once."""
         url = self.fleet.node(node).url.rstrip("/") + "/models/unload"
-        body = await self._post(node, url, {"model_id": model_id})
-        del body
+        await self._post(node, url, {"model_id": model_id})
         self.fleet.drop_model(node, model_id)
 
     def _requests(self, spec: ModelSpec, cand: Candidate) -> list[tuple[str, LoadRequest]]:
@@ -350,17 +350,17 @@ def group_specs(
     backend: Backend = "jaccl" if cand.backend == "jaccl" else "ring"
     sharding: Sharding = "pipeline" if cand.sharding == "pipeline" else "tensor"
     hosts = tuple(f"{d.ring_host}:{port + i}" for i, d in enumerate(discs))
+    ibv: tuple[tuple[str | None, ...], ...] = ()
+    if backend == "jaccl":
+        # Discovery does not say which port reaches which peer: the k-th active
+        # port of each member is taken to reach its k-th peer.
+        rows = []
+        for i, d in enumerate(discs):
+            active = iter(p.device for p in d.rdma_ports if p.active)
+            rows.append(tuple(None if j == i else next(active, None) for j in range(n)))
+        ibv = tuple(rows)
     out = []
-    for rank, d in enumerate(discs):
-        ibv: tuple[tuple[str | None, ...], ...] = ()
-        if backend == "jaccl":
-            # Discovery does not say which port reaches which peer: the k-th active
-            # port of each member is taken to reach its k-th peer.
-            rows = []
-            for i, di in enumerate(discs):
-                active = iter(p.device for p in di.rdma_ports if p.active)
-                rows.append(tuple(None if j == i else next(active, None) for j in range(n)))
-            ibv = tuple(rows)
+    for rank in range(len(discs)):
         out.append(
             GroupSpec(
                 group_id=group_id,
@@ -374,5 +374,4 @@ def group_specs(
                 layer_split=(cand.layer_split or ()) if sharding == "pipeline" else (),
             )
         )
-        del d
     return out

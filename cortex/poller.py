@@ -36,18 +36,19 @@ class Poller:
     interval_s: float = 2.0
     timeout_s: float = 1.5
     listeners: list[Listener] = attrs.field(factory=list)
-    _polls: int = 0
 
     async def run(self) -> None:
         """Poll forever; meant to run as a background task."""
         while True:
             started = time.monotonic()
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # one bad answer must not end polling
+                log.exception("poll round failed")
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def poll_once(self) -> None:
         """One round over every node; one slow node never delays another."""
-        self._polls += 1
         await asyncio.gather(*(self.poll_node(name) for name in self.fleet.names))
 
     async def poll_node(self, name: str) -> NodeState:
@@ -58,7 +59,7 @@ class Poller:
         staged_t = asyncio.ensure_future(self._get(node.url, "/store/storage"))
         try:
             health = NodeHealth.from_json(await health_t)
-        except (PollError, KeyError, TypeError, ValueError) as exc:
+        except (PollError, AttributeError, KeyError, TypeError, ValueError) as exc:
             for t in (models_t, staged_t):
                 t.cancel()
             await asyncio.gather(models_t, staged_t, return_exceptions=True)
@@ -69,7 +70,7 @@ class Poller:
         statuses: list[ModelStatus] | None
         try:
             statuses = [ModelStatus.from_json(m) for m in (await models_t)["models"]]
-        except (PollError, KeyError, TypeError, ValueError) as exc:
+        except (PollError, AttributeError, KeyError, TypeError, ValueError) as exc:
             # Health answered, so the node is up; keep the model list we had.
             log.debug("poll of %s: /models unreadable: %s", name, exc)
             statuses = None
@@ -83,7 +84,7 @@ class Poller:
             # New node or a restart: what it is may have changed (memory, version).
             try:
                 discovery = Discovery.from_json(await self._get(node.url, "/discovery"))
-            except (PollError, KeyError, TypeError, ValueError) as exc:
+            except (PollError, AttributeError, KeyError, TypeError, ValueError) as exc:
                 log.warning("discovery of %s unreadable: %s", name, exc)
         new = self.fleet.poll_succeeded(
             name, health, started=started, statuses=statuses, discovery=discovery, staged=staged

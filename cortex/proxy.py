@@ -1,11 +1,11 @@
 """The streaming proxy: route, forward, pass the answer through unchanged.
 
 Response headers go to the client only once a replica has answered (and, for a
-stream, sent its first chunk), so anything that fails before that is retried
-on another replica by a bounded policy and the client never sees it. After the
-first byte the stream cannot be replayed: it ends with an SSE error frame and
-`data: [DONE]`. A client that goes away closes the upstream connection, which
-the neuron takes as a cancel.
+stream, sent its first event: keepalive comments do not count), so anything that
+fails before that is retried on another replica by a bounded policy and the
+client never sees it. After that the stream cannot be replayed: it ends with an
+SSE error frame and `data: [DONE]`. A client that goes away closes the upstream
+connection, which the neuron takes as a cancel.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ _RESPONSE_SKIP = HOP_HEADERS | {"server", "date"}
 class _TryAnother(Exception):
     """A replica failed before the first byte; `error` is the answer if no other is left."""
 
-    def __init__(self, error: ApiError, reason: str) -> None:
+    def __init__(self, error: ApiError) -> None:
         super().__init__(error.message)
         self.error = error
-        self.reason = reason
 
 
 def request_id(request: web.Request) -> str:
@@ -69,6 +68,21 @@ def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
     if request.remote:
         out["X-Forwarded-For"] = request.remote
     return out
+
+
+async def _first_event(up: aiohttp.ClientResponse) -> bytes:
+    """A stream's bytes up to its first line that is not an SSE comment.
+
+    A neuron sends `: keepalive` while its runner is still in prefill: that proves
+    the link, not the runner, so the answer is committed only on real data and a
+    runner lost before then is retried elsewhere. Each read has the idle timeout.
+    """
+    got = b""
+    while chunk := await up.content.readany():
+        got += chunk
+        if any(line.strip() and not line.startswith(b":") for line in got.split(b"\n")):
+            break
+    return got
 
 
 def _client_headers(headers: Mapping[str, str], rid: str) -> dict[str, str]:
@@ -103,15 +117,27 @@ class Proxy:
         stream = bool(body.get("stream"))
         exclude: set[str] = set()
         full: set[str] = set()
+        last: _TryAnother | None = None
         try:
             async for attempt in proxy_attempts(self.config.retry_attempts, _TryAnother):
                 with attempt:
-                    r = await self._route(model, keys, exclude, full)
-                    if attempt.retry_state.attempt_number > 1:
+                    try:
+                        r = await self._route(model, keys, exclude, full)
+                    except (UpstreamUnavailable, QueueFull):
+                        # No replica left to try: the last one's own answer (its code,
+                        # its Retry-After) says more than the router's generic one.
+                        if last is None:
+                            raise
+                        raise last.error from None
+                    if last is not None:
                         log.info("%s: retrying on %s", rid, r.node)
-                    return await self._forward(
-                        request, r, path, payload, headers, rid, stream, exclude, full, keys
-                    )
+                    try:
+                        return await self._forward(
+                            request, r, path, payload, headers, rid, stream, exclude, full, keys
+                        )
+                    except _TryAnother as exc:
+                        last = exc
+                        raise
         except _TryAnother as exc:
             raise exc.error from exc
         raise AssertionError("unreachable: the retry policy returns or raises")
@@ -173,14 +199,13 @@ class Proxy:
                 self.metrics.passive_failures.labels(r.node).inc()
                 self._retry(r, exclude, "connect")
                 raise _TryAnother(
-                    UpstreamUnavailable(f"no replica of {r.model_id!r} reachable: {exc}"),
-                    "connect",
+                    UpstreamUnavailable(f"no replica of {r.model_id!r} reachable: {exc}")
                 ) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.poller.record_failure(r.node, f"request: {exc!r}", fatal=False)
                 self._retry(r, exclude, "no_answer")
                 raise _TryAnother(
-                    UpstreamUnavailable(f"replica {r.node} did not answer: {exc!r}"), "no_answer"
+                    UpstreamUnavailable(f"replica {r.node} did not answer: {exc!r}")
                 ) from exc
             try:
                 return await self._answer(request, up, r, rid, exclude, full, keys, started)
@@ -213,13 +238,12 @@ class Proxy:
         label = self.metrics.model(r.model_id)
         is_sse = up.content_type == "text/event-stream"
         try:
-            first = await (up.content.readany() if is_sse else up.read())
+            first = await (_first_event(up) if is_sse else up.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
             up.close()
             self._retry(r, exclude, "no_first_byte")
             raise _TryAnother(
-                UpstreamUnavailable(f"replica {r.node} failed before answering: {exc!r}"),
-                "no_first_byte",
+                UpstreamUnavailable(f"replica {r.node} failed before answering: {exc!r}")
             ) from exc
         self.metrics.first_byte.labels(label).observe(time.monotonic() - started)
         if up.status >= 400:
@@ -270,20 +294,18 @@ class Proxy:
         if up.status == 429:
             full.add(r.node)
             self.metrics.upstream_retries.labels("queue_full").inc()
-            raise _TryAnother(
-                err if isinstance(err, QueueFull) else QueueFull(err.message), "queue_full"
-            )
+            raise _TryAnother(err if isinstance(err, QueueFull) else QueueFull(err.message))
         if up.status == 404:
             # The replica lost the model since the last poll; never pass a 404 on for
             # something transient (LiteLLM benches an upstream that says 404).
             self.fleet.drop_model(r.node, r.model_id)
             self._retry(r, exclude, "gone")
             raise _TryAnother(
-                UpstreamUnavailable(f"replica {r.node} no longer serves {r.model_id!r}"), "gone"
+                UpstreamUnavailable(f"replica {r.node} no longer serves {r.model_id!r}")
             )
         if up.status >= 500:
             self._retry(r, exclude, f"http_{up.status}")
             if err.retry_after is None:
                 err = UpstreamUnavailable(f"replica {r.node}: {err.message}")
-            raise _TryAnother(err, f"http_{up.status}")
+            raise _TryAnother(err)
         # A 4xx is about the request itself: another replica would say the same.

@@ -5,6 +5,9 @@ a member node went unhealthy or restarted): one rank alone can never serve, and
 its peers spin on a dead link; then (2) loads models whose `keep_loaded` or
 `pinned_on` asks for more replicas than the fleet has. A model whose load fails
 waits longer each time (shared.retry.RECONCILE_WAIT) so it cannot thrash the fleet.
+No pass acts while a node has not been heard from yet (after a cortex restart,
+say) and is not given up on: what it holds is unknown. An operator's forced
+unload holds a model back until the next admin load.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def broken_groups(snap: FleetSnapshot) -> list[BrokenGroup]:
             reason = f"{', '.join(failed)} failed"
         elif down:
             reason = f"member node(s) {', '.join(down)} unhealthy"
-        elif len(present) < world[(gid, model_id)]:
+        elif len(present) < world[(gid, model_id)] and not snap.unheard:
+            # (A rank on a node not heard from yet is not known to be gone.)
             missing = sorted(set(range(world[(gid, model_id)])) - present)
             reason = f"rank(s) {missing} gone (a member restarted or unloaded)"
         if reason is not None:
@@ -93,6 +97,8 @@ class Reconciler:
     _failures: dict[str, int] = attrs.field(factory=dict)
     _not_before: dict[str, float] = attrs.field(factory=dict)
     _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
+    # Models an operator force-unloaded: not loaded again until an admin load.
+    _held: set[str] = attrs.field(factory=set)
 
     async def run(self) -> None:
         while True:
@@ -110,11 +116,21 @@ class Reconciler:
                 await t
 
     async def step(self) -> None:
+        if self.fleet.snapshot().unheard:
+            # After a restart every node starts unseen: until each has answered (or
+            # been given up on), a missing rank or copy may just not be reported yet.
+            return
         for broken in broken_groups(self.fleet.snapshot()):
             await self.teardown(broken)
         snap = self.fleet.snapshot()
         for spec in self.catalogue.models:
             self._ensure(snap, spec)
+
+    def hold(self, model_id: str) -> None:
+        self._held.add(model_id)
+
+    def release(self, model_id: str) -> None:
+        self._held.discard(model_id)
 
     async def teardown(self, broken: BrokenGroup) -> None:
         """Unload every remaining rank of a broken group, on every member."""
@@ -138,7 +154,9 @@ class Reconciler:
 
     def _ensure(self, snap: FleetSnapshot, spec: ModelSpec) -> None:
         want = wanted_replicas(spec)
-        if want == 0 or spec.id in snap.loading or self.loader.job(spec.id) is not None:
+        if want == 0 or spec.id in self._held or spec.id in snap.loading:
+            return
+        if self.loader.job(spec.id) is not None:
             return
         if replicas(snap, spec.id) >= want:
             return

@@ -93,6 +93,7 @@ def route(
         if not snap.healthy and any(not n.seen for n in snap.nodes):
             # We cannot know what an unseen node has loaded: transient, never 404.
             raise NoHealthyNodes(f"no healthy node to serve model {model!r} (none answered yet)")
+        _wait_for_unheard(snap, model)
         raise ModelNotFound(f"model {model!r} is not in the catalogue and loaded nowhere")
 
     # A node this request already tried may have just been marked down (passive
@@ -117,7 +118,24 @@ def route(
             f"model {model_id!r} is loaded only on unhealthy node(s):"
             f" {', '.join(n.name for n, _ in locs)}"
         )
+    # A node not heard from yet may hold a copy: no second one loaded beside it.
+    _wait_for_unheard(snap, model_id)
     return _cold_load(snap, catalogue, spec, facts(spec))
+
+
+def _wait_for_unheard(snap: FleetSnapshot, model: str) -> None:
+    """503 while a node not heard from yet may serve `model`: we cannot know, so never 404."""
+    unheard = snap.unheard
+    if not unheard:
+        return
+    names = ", ".join(n.name for n in unheard)
+    if not snap.healthy:
+        raise NoHealthyNodes(
+            f"no healthy node to serve model {model!r} ({names} not heard from yet)"
+        )
+    raise FeasibleNodeUnhealthy(
+        f"model {model!r} may be on {names}, not heard from yet; retry shortly"
+    )
 
 
 def _pick(

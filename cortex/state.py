@@ -163,6 +163,8 @@ class FleetSnapshot:
     loading: frozenset[str] = frozenset()
     load_failures: Mapping[str, LoadFailure] = attrs.field(factory=dict)
     taken_at: float = 0.0
+    # Failed polls after which a never-seen node is given up on (Fleet.threshold).
+    threshold: int = 3
 
     def node(self, name: str) -> NodeState | None:
         for n in self.nodes:
@@ -173,6 +175,11 @@ class FleetSnapshot:
     @property
     def healthy(self) -> tuple[NodeState, ...]:
         return tuple(n for n in self.nodes if n.healthy)
+
+    @property
+    def unheard(self) -> tuple[NodeState, ...]:
+        """Nodes not heard from yet and not given up on: they may hold any model."""
+        return tuple(n for n in self.nodes if not n.seen and n.failures < self.threshold)
 
     def outstanding_on(self, node: str, model_id: str) -> int:
         return self.outstanding.get((node, model_id), 0)
@@ -215,6 +222,7 @@ class Fleet:
             loading=frozenset(self._loading),
             load_failures=dict(self._failures),
             taken_at=time.monotonic(),
+            threshold=self.threshold,
         )
 
     def node(self, name: str) -> NodeState:
@@ -261,7 +269,8 @@ class Fleet:
             failures=0,
             seen=True,
             health=health,
-            discovery=discovery if discovery is not None else old.discovery,
+            # After a restart the old discovery may be wrong; none beats stale.
+            discovery=discovery if discovery is not None or restarted else old.discovery,
             models=models,
             reserved_bytes=reserved,
             staged=staged if staged is not None else old.staged,
@@ -387,10 +396,6 @@ class AffinityTable:
             self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
-
-    def forget_node(self, node: str) -> None:
-        for key in [k for k, v in self._entries.items() if v == node]:
-            del self._entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -33,6 +33,6 @@ HOP_HEADERS = frozenset(
         "X-Forwarded-Proto",
         "X-Real-IP",
         "X-Request-Id",
-        "X-Cortex-Key",
+        "X-Api-Key",
     )
 )

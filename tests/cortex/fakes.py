@@ -54,13 +54,15 @@ class FakeModel:
     last_used: float = 0.0
     memory_bytes: int = 0
     error: str | None = None
+    # A multi-node group member: GroupSpec JSON.
+    group: dict[str, Any] | None = None
 
     def status_json(self) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
             "state": self.state,
             "source": self.model_id,
-            "group": None,
+            "group": self.group,
             "port": 1234,
             "memory_bytes": self.memory_bytes,
             "last_used": self.last_used,
@@ -103,6 +105,10 @@ class FakeNeuron:
     stream_gate: asyncio.Event | None = None
     # (status, code): /v1/* answers this error envelope instead of a completion.
     chat_error: tuple[int, str] | None = None
+    # The Retry-After of its 429 and 503 answers.
+    retry_after: str = "2"
+    # Raw entries appended to GET /models (to send malformed ones).
+    models_extra: list[Any] = attrs.Factory(list)
     # -- what it saw ----------------------------------------------------------------
     calls: Counter[str] = attrs.Factory(Counter)
     load_requests: list[dict[str, Any]] = attrs.Factory(list)
@@ -210,7 +216,8 @@ class FakeNeuron:
         self.calls["models"] += 1
         if not self.health_ok:
             return web.json_response({"error": "down"}, status=500)
-        return web.json_response({"models": [m.status_json() for m in self.models.values()]})
+        models = [m.status_json() for m in self.models.values()]
+        return web.json_response({"models": [*models, *self.models_extra]})
 
     async def _load(self, request: web.Request) -> web.Response:
         self.calls["load"] += 1
@@ -250,7 +257,7 @@ class FakeNeuron:
         self.chat_bodies.append(body)
         if self.chat_error is not None:
             status, code = self.chat_error
-            return _envelope(status, code, f"fake {self.name}: {code}")
+            return _envelope(status, code, f"fake {self.name}: {code}", self.retry_after)
         m = self.models.get(body.get("model", ""))
         if m is None:
             return _envelope(404, "model_not_found", "no such model here")
@@ -285,8 +292,8 @@ class FakeNeuron:
         return resp
 
 
-def _envelope(status: int, code: str, message: str) -> web.Response:
-    headers = {"Retry-After": "2"} if status in (429, 503) else {}
+def _envelope(status: int, code: str, message: str, retry_after: str = "2") -> web.Response:
+    headers = {"Retry-After": retry_after} if status in (429, 503) else {}
     return web.json_response(
         {"error": {"message": message, "type": "server_error", "code": code, "param": None}},
         status=status,

@@ -14,10 +14,11 @@ from aiohttp.test_utils import TestClient
 
 from cortex import cli
 from cortex.config import ApiKey, CortexConfig
-from cortex.keys import FLEET, POLLER
+from cortex.keys import FLEET, LOADER, POLLER, RECONCILER
 from shared.catalogue import GIB, ModelSpec
 from shared.config import ConfigError
 from shared.errors import sse_error_frame
+from shared.wire import GroupSpec
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, sse_frames, stop_all
 
 Client = TestClient[web.Request, web.Application]
@@ -75,7 +76,7 @@ async def test_non_stream_answer_passes_through(two: list[FakeNeuron]) -> None:
 
 
 async def test_identity_headers_stripped_and_restamped(two: list[FakeNeuron]) -> None:
-    """Authorization and cookies never reach a neuron; X-Request-Id and X-Forwarded-For are ours."""
+    """Credentials and cookies never reach a neuron; X-Request-Id and X-Forwarded-For are ours."""
     two[0].add_model("m1")
     async with gateway(two) as client:
         resp = await client.post(
@@ -83,6 +84,7 @@ async def test_identity_headers_stripped_and_restamped(two: list[FakeNeuron]) ->
             json=chat(),
             headers={
                 "Authorization": "Bearer sk-client-secret",
+                "X-Api-Key": "sk-client-secret",
                 "Cookie": "session=1",
                 "X-Forwarded-For": "6.6.6.6",
                 "X-Request-Id": "req-123",
@@ -92,7 +94,7 @@ async def test_identity_headers_stripped_and_restamped(two: list[FakeNeuron]) ->
         assert resp.status == 200
         assert resp.headers["X-Request-Id"] == "req-123"
     seen = {k.lower(): v for k, v in two[0].chat_headers[-1].items()}
-    assert "authorization" not in seen and "cookie" not in seen
+    assert "authorization" not in seen and "cookie" not in seen and "x-api-key" not in seen
     assert seen["x-forwarded-for"] == "127.0.0.1"
     assert seen["x-request-id"] == "req-123"
     assert seen["x-custom"] == "kept"
@@ -165,6 +167,49 @@ async def test_neuron_503_is_retried_on_another_replica(two: list[FakeNeuron]) -
         resp = await client.post(CHAT, json=chat())
         assert resp.status == 200
         assert (await resp.json())["served_by"] == "n2"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retry_after"), [(503, "model_failed", "10"), (429, "queue_full", "7")]
+)
+async def test_last_replicas_own_error_reaches_the_client(
+    two: list[FakeNeuron], status: int, code: str, retry_after: str
+) -> None:
+    """No other replica to try: the client gets the neuron's code and Retry-After, not the
+    router's generic upstream_unavailable or queue_full."""
+    two[0].add_model("m1")
+    two[0].chat_error = (status, code)
+    two[0].retry_after = retry_after
+    async with gateway(two) as client:
+        resp = await client.post(CHAT, json=chat())
+        assert await _error(resp) == (status, code, retry_after)
+    assert two[0].calls["chat"] == 1
+
+
+async def test_keepalive_before_a_lost_runner_is_retried_elsewhere(
+    two: list[FakeNeuron],
+) -> None:
+    """A keepalive comment is not an answer: a replica lost after one is retried, unseen."""
+    n1, n2 = two
+    n1.add_model("m1")
+    n2.add_model("m1", in_flight=1)
+    n1.stream_chunks = [b": keepalive\n\n", *sse_frames()]
+    n1.die_after_first_byte = True  # the runner dies during prefill
+    async with gateway(two) as client:
+        resp = await client.post(CHAT, json=chat(stream=True))
+        assert resp.status == 200
+        assert await resp.read() == b"".join(sse_frames())
+    assert n1.calls["chat"] == 1 and n2.calls["chat"] == 1
+
+
+async def test_keepalives_then_tokens_pass_through_unchanged(two: list[FakeNeuron]) -> None:
+    """Keepalives held back until the first event still reach the client, byte for byte."""
+    two[0].add_model("m1")
+    two[0].stream_chunks = [b": keepalive\n\n", b": keepalive\n\n", *sse_frames()]
+    async with gateway(two) as client:
+        resp = await client.post(CHAT, json=chat(stream=True))
+        assert resp.status == 200
+        assert await resp.read() == b"".join(two[0].stream_chunks)
 
 
 async def test_every_replica_unreachable_is_503_upstream_unavailable(
@@ -356,6 +401,18 @@ async def test_models_lists_catalogue_with_live_state(two: list[FakeNeuron]) -> 
     assert ["n1"] in m1["feasible_on"] or ["n2"] in m1["feasible_on"]
     assert by_id["m2"]["loaded"] is False
     assert by_id["adhoc"]["owned_by"] == "neuron"
+    assert m1["context_length"] == 4096 and "context_length" in by_id["adhoc"]
+
+
+async def test_models_lists_only_rank_0_of_an_uncatalogued_group(two: list[FakeNeuron]) -> None:
+    """Like a catalogued one, an uncatalogued group is listed where it takes requests."""
+    for rank, n in enumerate(two):
+        group = GroupSpec("g1", rank, 2, "ring", "tensor", ("a:1", "b:2"))
+        n.add_model("adhoc", group=group.to_json())
+    async with gateway(two) as client:
+        body = await (await client.get("/v1/models")).json()
+    [adhoc] = [m for m in body["data"] if m["id"] == "adhoc"]
+    assert adhoc["locations"] == [{"node": "n1", "state": "ready", "healthy": True}]
 
 
 async def test_health_degraded_when_a_node_is_down(two: list[FakeNeuron]) -> None:
@@ -425,6 +482,29 @@ async def test_admin_load_then_unload(two: list[FakeNeuron]) -> None:
         assert client.app[FLEET].node(node).model("m1") is None
 
 
+async def test_admin_unload_of_a_kept_model_needs_force_and_then_sticks(
+    two: list[FakeNeuron],
+) -> None:
+    """Unloading a keep_loaded model is 409 (the reconciler would undo it) unless forced;
+    forced, the reconciler leaves it unloaded until the next admin load."""
+    two[0].add_model("m1")
+    cat = catalogue(ModelSpec(id="m1", source="org/m1", memory_gb=1.0, keep_loaded=True))
+    async with gateway(two, cat) as client:
+        assert client.app is not None
+        resp = await client.post("/admin/models/m1/unload")
+        status, code, _ = await _error(resp)
+        assert (status, code) == (409, "model_kept_loaded")
+        assert two[0].unload_requests == []
+        resp = await client.post("/admin/models/m1/unload", json={"force": True})
+        assert resp.status == 200 and two[0].unload_requests == ["m1"]
+        await client.app[RECONCILER].step()
+        assert client.app[LOADER].job("m1") is None
+        resp = await client.post("/admin/models/m1/load")
+        assert resp.status == 202
+        await client.app[RECONCILER].step()  # released: nothing new, the admin load is under way
+        assert sum(n.calls["load"] for n in two) == 1
+
+
 async def test_admin_load_on_a_named_node_and_with_exclusions(two: list[FakeNeuron]) -> None:
     """An operator picks the node, or keeps one out; a second copy goes elsewhere."""
     async with gateway(two) as client:
@@ -490,6 +570,13 @@ def test_config_file_is_strict_and_resolves_catalogue(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neurons"):
         CortexConfig.from_file(bad)
     assert cli.main(["check", "-c", str(bad)]) == 2
+
+
+def test_ring_base_port_leaves_room_for_every_group() -> None:
+    """Groups take ports up to base + 1000 * 16: a base that overflows 65535 is refused."""
+    assert CortexConfig(ring_base_port=65535 - 16000).ring_base_port == 49535
+    with pytest.raises(ValueError, match="ring_base_port"):
+        CortexConfig(ring_base_port=60000)
 
 
 async def test_stalled_stream_ends_with_error_frame(two: list[FakeNeuron]) -> None:

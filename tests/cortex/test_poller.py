@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from cortex.poller import Poller
-from cortex.state import Fleet
+from cortex.state import Fleet, NodeState
 from tests.cortex.fakes import FakeNeuron
 
 
@@ -131,6 +132,62 @@ async def test_discovery_reread_only_on_restart(
     assert state.discovery is not None
     assert state.discovery.started_at == node.started_at
     assert state.models == ()
+
+
+async def test_failed_discovery_reread_after_restart_drops_the_stale_one(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A restarted node whose discovery cannot be read has none, not the old process's."""
+    poller = _poller(session, ("n1", node.url))
+    await poller.poll_once()
+    node.discovery_ok = False
+    await node.restart()
+    await poller.poll_once()
+    state = poller.fleet.node("n1")
+    assert state.healthy and state.discovery is None
+
+
+async def test_malformed_models_entry_keeps_the_node_and_the_poller(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A /models entry of the wrong shape is unreadable /models, not a dead poller."""
+    node.models_extra = [{"model_id": "bad", "state": "ready", "group": "not-an-object"}]
+    poller = _poller(session, ("n1", node.url))
+    poller.interval_s = 0.01
+    task = asyncio.create_task(poller.run())
+    try:
+        for _ in range(500):
+            if node.calls["health"] >= 3 or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        state = poller.fleet.node("n1")
+        assert state.healthy and [m.model_id for m in state.models] == ["m1"]
+    finally:
+        task.cancel()
+
+
+async def test_poller_survives_an_exception_in_a_round(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """Whatever goes wrong in one round, the next round still runs."""
+    poller = _poller(session, ("n1", node.url))
+    poller.interval_s = 0.01
+
+    def broken(state: NodeState) -> None:
+        raise RuntimeError("listener bug")
+
+    poller.listeners.append(broken)
+    task = asyncio.create_task(poller.run())
+    try:
+        for _ in range(500):
+            assert not task.done()
+            if node.calls["health"] >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert node.calls["health"] >= 3
+    finally:
+        task.cancel()
 
 
 async def test_missing_discovery_is_retried(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from cortex.reconciler import broken_groups, replicas, wanted_replicas
+import attrs
+
+from cortex.keys import FLEET, LOADER, POLLER
+from cortex.reconciler import Reconciler, broken_groups, replicas, wanted_replicas
 from cortex.state import FleetSnapshot, NodeModel, NodeState
-from shared.catalogue import ModelSpec
+from shared.catalogue import GIB, ModelSpec
 from shared.retry import RECONCILE_WAIT, backoff_s
 from shared.wire import GroupSpec, ModelState
+from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 
 
 def _member(rank: int, state: ModelState = "ready", gid: str = "g1") -> NodeModel:
@@ -39,6 +43,46 @@ def test_missing_rank_breaks_group() -> None:
     [broken] = broken_groups(snap)
     assert broken.members == ("a",)
     assert "[1]" in broken.reason
+
+
+def test_missing_rank_on_a_node_not_heard_from_is_not_evidence() -> None:
+    """After a cortex restart rank 1's node may just not have answered yet; once given up on
+    (threshold failed polls), its rank counts as gone."""
+    unheard = NodeState(name="b", url="http://b", failures=1)
+    snap = FleetSnapshot(nodes=(_node("a", _member(0)), unheard), threshold=3)
+    assert broken_groups(snap) == []
+    given_up = FleetSnapshot(nodes=(_node("a", _member(0)), attrs.evolve(unheard, failures=3)))
+    [broken] = broken_groups(given_up)
+    assert "[1]" in broken.reason
+
+
+async def test_step_waits_until_every_node_was_heard_from() -> None:
+    """A cortex restart where one node's first poll fails: no extra copy of a keep_loaded
+    model it holds is loaded elsewhere while any node is unheard and not given up on."""
+    nodes = await fleet("n1", "n2", "n3")
+    n1, n2, n3 = nodes
+    n2.add_model("m1", memory_bytes=GIB)
+    n2.health_ok = False  # slow on its first poll
+    await n3.stop()  # never answers: given up on after `threshold` (3) polls
+    spec = ModelSpec(id="m1", source="org/m1", memory_gb=1.0, keep_loaded=True, replicas=2)
+    try:
+        async with gateway(nodes, catalogue(spec)) as client:
+            app = client.app
+            rec = Reconciler(fleet=app[FLEET], catalogue=catalogue(spec), loader=app[LOADER])
+            await rec.step()
+            assert app[LOADER].job("m1") is None
+            n2.health_ok = True
+            await app[POLLER].poll_once()
+            await rec.step()  # n3 still unheard (2 failed polls)
+            assert app[LOADER].job("m1") is None
+            await app[POLLER].poll_once()
+            await rec.step()  # n3 given up on: the second copy goes to n1
+            job = app[LOADER].job("m1")
+            assert job is not None and job.candidate.nodes == ("n1",)
+            await rec.close()
+    finally:
+        await stop_all(nodes)
+    assert n1.calls["load"] == 1 and n2.calls["load"] == 0
 
 
 def test_unhealthy_member_breaks_group() -> None:

@@ -144,6 +144,27 @@ def test_unknown_model_with_nothing_seen_is_not_a_404() -> None:
         go(snap(node("a", healthy=False, seen=False)), "nope")
 
 
+def test_unknown_model_while_a_node_is_unheard_is_503() -> None:
+    """One node healthy, another not heard from yet (it may serve it): 503, not 404; once
+    that node is given up on (threshold failed polls), a real 404."""
+    unheard = attrs.evolve(node("b", healthy=False, seen=False), failures=2)
+    with pytest.raises(errors.FeasibleNodeUnhealthy) as exc:
+        go(snap(node("a"), unheard), "nope")
+    assert exc.value.retry_after is not None and "b" in exc.value.message
+    with pytest.raises(errors.ModelNotFound):
+        go(snap(node("a"), attrs.evolve(unheard, failures=3)), "nope")
+
+
+def test_no_cold_load_while_a_node_that_may_hold_it_is_unheard() -> None:
+    """A catalogued model loaded nowhere known: no cold load (perhaps a duplicate) while a
+    node is unheard; 503 with Retry-After instead, then the load once it is given up on."""
+    unheard = attrs.evolve(node("b", healthy=False, seen=False), failures=1)
+    with pytest.raises(errors.FeasibleNodeUnhealthy) as exc:
+        go(snap(node("a"), unheard), "m1")
+    assert exc.value.retry_after is not None
+    assert isinstance(go(snap(node("a"), attrs.evolve(unheard, failures=3)), "m1"), ColdLoad)
+
+
 def test_uncatalogued_model_loaded_on_a_node_is_routed() -> None:
     """A model a neuron serves is routable even if the catalogue does not name it."""
     r = go(snap(node("a", rm("adhoc"))), "adhoc")
