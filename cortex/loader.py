@@ -106,6 +106,10 @@ class Loader:
         """Begin loading `spec` on `cand`; ModelLoading if a load of it is under way."""
         if not self.fleet.begin_load(spec.id):
             raise ModelLoading(f"model {spec.id!r} is loading; retry shortly")
+        # Spoken for now, before any await: a second cold load placed meanwhile
+        # must see this memory as taken.
+        for fit in cand.fits:
+            self.fleet.reserve(fit.node, spec.id, fit.need_bytes)
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[tuple[str, ...]] = loop.create_future()
         task = loop.create_task(self._run(spec, cand, accepted), name=f"load {spec.id}")
@@ -208,6 +212,9 @@ class Loader:
         finally:
             if not accepted.done():
                 accepted.cancel()
+            if failure is not None:
+                for node in cand.nodes:
+                    self.fleet.release(node, spec.id)
             self.fleet.end_load(spec.id, failure)
 
     async def _load(
@@ -217,10 +224,7 @@ class Loader:
         for node, model_id in plan_evictions(cand, snap, self.catalogue, keep=spec.id):
             await self._evict(node, model_id)
         requests = self._requests(spec, cand)
-        needs = {f.node: f.need_bytes for f in cand.fits}
-        statuses = await asyncio.gather(
-            *(self._post_load(node, req, needs.get(node, 0)) for node, req in requests)
-        )
+        statuses = await asyncio.gather(*(self._post_load(node, req) for node, req in requests))
         accepted.set_result(cand.nodes)
         if all(s.state == "ready" for s in statuses):
             return
@@ -259,15 +263,15 @@ class Loader:
             for n, g in zip(cand.nodes, groups, strict=True)
         ]
 
-    async def _post_load(self, node: str, req: LoadRequest, need: int) -> ModelStatus:
+    async def _post_load(self, node: str, req: LoadRequest) -> ModelStatus:
         url = self.fleet.node(node).url.rstrip("/") + "/models/load"
         body = await self._post(node, url, req.to_json())
         try:
             status = ModelStatus.from_json(body)
         except (KeyError, TypeError, ValueError) as exc:
             raise ColdLoadFailed(f"node {node} answered the load unreadably: {exc}") from exc
-        # Recorded now so routing says model_loading, and the memory is spoken for.
-        self.fleet.set_model(node, NodeModel.merge(status, None), reserve_bytes=need)
+        # Recorded now so routing says model_loading (the memory was reserved at start).
+        self.fleet.set_model(node, NodeModel.merge(status, None))
         return status
 
     async def _post(self, node: str, url: str, payload: dict[str, Any]) -> Any:

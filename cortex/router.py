@@ -279,9 +279,11 @@ def plan_evictions(
         if node is None:
             continue
         cap = int(fit.total_bytes * fit.cap_fraction)
+        # This load's own reservation is the room being made, not a competitor.
+        free = node.memory_available_bytes + snap.reservations.get((node.name, keep), 0)
         freed = 0
         for m in eviction_order(node, catalogue, snap, keep=keep):
-            if fit.need_bytes < min(node.memory_available_bytes + freed, cap):
+            if fit.need_bytes < min(free + freed, cap):
                 break
             plan.append((node.name, m.model_id))
             freed += m.memory_bytes

@@ -162,6 +162,8 @@ class FleetSnapshot:
     outstanding: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
     loading: frozenset[str] = frozenset()
     load_failures: Mapping[str, LoadFailure] = attrs.field(factory=dict)
+    # Memory promised to loads under way, per (node, model).
+    reservations: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
     taken_at: float = 0.0
     # Failed polls after which a never-seen node is given up on (Fleet.threshold).
     threshold: int = 3
@@ -209,6 +211,12 @@ class Fleet:
     _outstanding: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     _loading: set[str] = attrs.field(factory=set)
     _failures: dict[str, LoadFailure] = attrs.field(factory=dict)
+    # Memory promised to loads under way, per (node, model): held from the moment
+    # a load is placed until a fresh poll shows the model ready (its memory is then
+    # in the node's own figures) or the load fails.
+    _reservations: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    # Memory freed by unloads cortex made, per node, until a fresh poll shows it.
+    _credits: dict[str, int] = attrs.field(factory=dict)
 
     @classmethod
     def of(cls, nodes: Iterable[tuple[str, str]], *, threshold: int) -> Fleet:
@@ -221,6 +229,7 @@ class Fleet:
             outstanding={k: v for k, v in self._outstanding.items() if v > 0},
             loading=frozenset(self._loading),
             load_failures=dict(self._failures),
+            reservations=dict(self._reservations),
             taken_at=time.monotonic(),
             threshold=self.threshold,
         )
@@ -249,17 +258,22 @@ class Fleet:
         restarted = old.health is not None and (
             old.health.node_id != health.node_id or old.health.started_at != health.started_at
         )
-        reserved = old.reserved_bytes
         if restarted:
-            # A new process: nothing of the old model list survives.
-            models, reserved = merge_models(statuses, health), 0
+            # A new process: nothing of the old model list, nor its loads, survives.
+            models = merge_models(statuses, health)
+            self._credits.pop(name, None)
+            for key in [k for k in self._reservations if k[0] == name]:
+                del self._reservations[key]
         elif started >= old.models_at:
-            reserved = 0
+            self._credits.pop(name, None)
             if statuses is not None:
                 models = merge_models(statuses, health)
             else:
                 # No fresh /models: keep what we knew, updated with the live figures.
                 models = _refresh_load(old.models, health, states=True)
+            for m in models:
+                if m.state in ("ready", "failed"):
+                    self._reservations.pop((name, m.model_id), None)
         else:
             # Cortex wrote fresher model states during this poll: take only the load.
             models = _refresh_load(old.models, health, states=False)
@@ -272,7 +286,7 @@ class Fleet:
             # After a restart the old discovery may be wrong; none beats stale.
             discovery=discovery if discovery is not None or restarted else old.discovery,
             models=models,
-            reserved_bytes=reserved,
+            reserved_bytes=self._reserved(name),
             staged=staged if staged is not None else old.staged,
             last_ok=time.time(),
             last_error=None,
@@ -305,13 +319,12 @@ class Fleet:
 
     # -- models cortex changed itself (recorded at once, not at the next poll) --
 
-    def set_model(self, name: str, model: NodeModel, *, reserve_bytes: int = 0) -> None:
+    def set_model(self, name: str, model: NodeModel) -> None:
         old = self._nodes[name]
         models = (*(m for m in old.models if m.model_id != model.model_id), model)
         self._nodes[name] = attrs.evolve(
             old,
             models=tuple(sorted(models, key=lambda m: m.model_id)),
-            reserved_bytes=old.reserved_bytes + reserve_bytes,
             models_at=time.monotonic(),
         )
 
@@ -319,13 +332,30 @@ class Fleet:
         """An unload cortex made: gone from routing, and its memory counted free at once."""
         old = self._nodes[name]
         gone = old.model(model_id)
-        freed = gone.memory_bytes if gone is not None else 0
+        if gone is not None:
+            self._credits[name] = self._credits.get(name, 0) + gone.memory_bytes
+        self._reservations.pop((name, model_id), None)
         self._nodes[name] = attrs.evolve(
             old,
             models=tuple(m for m in old.models if m.model_id != model_id),
-            reserved_bytes=old.reserved_bytes - freed,
+            reserved_bytes=self._reserved(name),
             models_at=time.monotonic(),
         )
+
+    def reserve(self, name: str, model_id: str, nbytes: int) -> None:
+        """Promise `nbytes` on `name` to a load of `model_id`, before any await."""
+        self._reservations[(name, model_id)] = nbytes
+        self._nodes[name] = attrs.evolve(self._nodes[name], reserved_bytes=self._reserved(name))
+
+    def release(self, name: str, model_id: str) -> None:
+        """A load that failed: its promised memory is free again."""
+        if self._reservations.pop((name, model_id), None) is not None:
+            node = self._nodes[name]
+            self._nodes[name] = attrs.evolve(node, reserved_bytes=self._reserved(name))
+
+    def _reserved(self, name: str) -> int:
+        held = sum(v for (n, _), v in self._reservations.items() if n == name)
+        return held - self._credits.get(name, 0)
 
     # -- requests in flight, cold loads ------------------------------------------
 
