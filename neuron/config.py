@@ -101,7 +101,9 @@ class NeuronConfig:
     node_name: str | None = None
     # Address peers use to reach this node's ranks over TCP (ring backend).
     ring_host: str = "127.0.0.1"
-    # The longest a runner may stay silent mid-answer; never a total timeout.
+    # The longest a runner may stay silent mid-stream; never a total timeout. A
+    # non-streamed answer comes only at its end, so it has none: runner exit and
+    # the stall watchdog end those.
     idle_read_timeout_s: float = 300.0
     # SSE comment sent to the client while the runner is silent (long prefill).
     heartbeat_s: float = 1.0

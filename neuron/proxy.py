@@ -22,7 +22,7 @@ from aiohttp import web
 
 from neuron.config import NeuronConfig
 from neuron.runner import RunnerProcess
-from neuron.supervisor import ModelSupervisor, Supervisor
+from neuron.supervisor import ModelSupervisor, Supervisor, describe, race_exit
 from shared.errors import (
     ApiError,
     InvalidRequest,
@@ -190,11 +190,14 @@ class Proxy:
             raise InvalidRequest("`stream` must be a boolean", param="stream")
         m = self.supervisor.get(model_id)
         metrics = self.supervisor.metrics
+        # Errors once the runner is reached count in `requests` by outcome instead.
+        reached_runner = False
         try:
             self._check_state(m, model_id)
             assert m is not None
             async with m.admission.slot():
                 runner = self._check_state(m, model_id)
+                reached_runner = True
                 m.stats.last_used = time.time()
                 payload = json.dumps({**body, "model": RUNNER_MODEL_NAME}).encode()
                 if stream:
@@ -204,7 +207,8 @@ class Proxy:
                 m.stats.last_used = time.time()
                 return resp
         except ApiError as exc:
-            metrics.rejected.labels(model_id if m is not None else "", exc.code).inc()
+            if not reached_runner:
+                metrics.rejected.labels(model_id if m is not None else "", exc.code).inc()
             raise
 
     def _check_state(self, m: ModelSupervisor | None, model_id: str) -> RunnerProcess:
@@ -235,14 +239,16 @@ class Proxy:
         metrics = self.supervisor.metrics
         _start_work(m)
         upstream: aiohttp.ClientResponse | None = None
+        # No timeout: the whole answer comes at the end, however long the generation.
+        # A dead runner ends the wait at once; a stalled one is killed by the
+        # supervisor's stall watchdog (which ends it the same way).
         try:
-            async with asyncio.timeout(self.config.idle_read_timeout_s):
-                upstream = await self._race(self._open(runner, path, payload), runner)
-                raw = await self._race(upstream.read(), runner)
-                m.stats.last_byte_at = time.monotonic()
+            upstream = await race_exit(self._open(runner, path, payload), runner, _Lost)
+            raw = await race_exit(upstream.read(), runner, _Lost)
+            m.stats.last_byte_at = time.monotonic()
         except (_Lost, aiohttp.ClientError, TimeoutError) as exc:
             metrics.requests.labels(m.model_id, "upstream_lost").inc()
-            raise UpstreamUnavailable(f"runner of {m.model_id!r} lost: {exc}") from exc
+            raise UpstreamUnavailable(f"runner of {m.model_id!r} lost: {describe(exc)}") from exc
         finally:
             m.stats.prefilling -= 1
             if upstream is not None:
@@ -256,19 +262,6 @@ class Proxy:
             status=upstream.status,
             content_type=upstream.content_type or "application/json",
         )
-
-    async def _race(self, aw: Any, runner: RunnerProcess) -> Any:
-        task = asyncio.ensure_future(aw)
-        try:
-            await asyncio.wait({task, runner.exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if task.cancelled():
-            raise _Lost(f"runner exited with code {runner.exited.result()}")
-        return task.result()
 
     async def _stream(
         self,
@@ -316,7 +309,7 @@ class Proxy:
                 try:
                     upstream = opening.result()
                 except aiohttp.ClientError as exc:
-                    raise _Lost(f"runner connection failed: {exc}") from exc
+                    raise _Lost(f"runner connection failed: {describe(exc)}") from exc
                 last_byte = m.stats.last_byte_at = time.monotonic()
                 if upstream.status >= 400:
                     raw = await upstream.read()
@@ -335,7 +328,7 @@ class Proxy:
                     try:
                         chunk = await reads.read()
                     except aiohttp.ClientError as exc:
-                        raise _Lost(f"runner connection failed: {exc}") from exc
+                        raise _Lost(f"runner connection failed: {describe(exc)}") from exc
                     if chunk is None:
                         response = await silence()
                         continue
@@ -356,10 +349,11 @@ class Proxy:
         except _Lost as exc:
             outcome = "upstream_lost"
             metrics.stream_errors.labels(m.model_id, "runner_lost").inc()
+            message = f"runner of {m.model_id!r} lost: {describe(exc)}"
             if response is None:
-                raise UpstreamUnavailable(f"runner of {m.model_id!r} lost: {exc}") from exc
+                raise UpstreamUnavailable(message) from exc
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await response.write(sse_error_frame(f"runner of {m.model_id!r} lost: {exc}"))
+                await response.write(sse_error_frame(message))
             return response
         except (ConnectionError, asyncio.CancelledError):
             # The client went away: closing the upstream stops the runner's work.

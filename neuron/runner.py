@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,6 +25,11 @@ import attrs
 from neuron.config import RunnerConfig
 from neuron.runner_main import MODEL_ID_FLAG, PARENT_ENV, SPLIT_ENV, WATCHDOG_ENV
 from shared.wire import GroupSpec
+
+log = logging.getLogger(__name__)
+# Runner output is read in chunks of this size; a line longer than this (a `\r`
+# progress bar never ends one) keeps only its last LINE_LIMIT bytes in the tail.
+LINE_LIMIT = 65536
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -186,26 +192,40 @@ class RunnerProcess:
         return "\n".join(self._tail)
 
     async def _read_output(self) -> None:
+        """Drain the runner's output into the log file and the tail, to its end.
+
+        Chunks, not `readline()`: a line over the stream's limit would raise and
+        leave the pipe undrained, and a runner blocks once its pipe is full.
+        """
         stream = self.process.stdout
         assert stream is not None
-        log: IO[bytes] | None = None
+        file: IO[bytes] | None = None
         try:
-            log = self.log_path.open("ab")
-            log.write(f"--- runner start pid={self.pid} port={self.port}\n".encode())
+            file = self.log_path.open("ab")
+            file.write(f"--- runner start pid={self.pid} port={self.port}\n".encode())
         except OSError:
-            log = None
+            file = None
+        partial = b""  # the unfinished last line
         try:
-            while True:
-                line = await stream.readline()
-                if not line:
-                    break
-                self._tail.append(line.decode(errors="replace").rstrip())
-                if log is not None:
-                    log.write(line)
-                    log.flush()
+            while chunk := await stream.read(LINE_LIMIT):
+                if file is not None:
+                    try:
+                        file.write(chunk)
+                        file.flush()
+                    except OSError as exc:  # a full disk must not stop the draining
+                        log.warning("runner log %s: %s; no longer written", self.log_path, exc)
+                        with contextlib.suppress(OSError):
+                            file.close()
+                        file = None
+                *lines, partial = (partial + chunk).split(b"\n")
+                partial = partial[-LINE_LIMIT:]
+                self._tail.extend(_text(line) for line in lines)
+            if partial:
+                self._tail.append(_text(partial))
         finally:
-            if log is not None:
-                log.close()
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
 
     async def _wait_exit(self) -> None:
         code = await self.process.wait()
@@ -233,13 +253,19 @@ class RunnerProcess:
         # SIGKILL even after a clean exit: children of the runner may linger.
         self._signal_group(signal.SIGKILL)
         code = await asyncio.shield(self.exited)
-        if self._pump is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pump), 2.0)
+        pump = self._pump
+        if pump is not None:
+            # Let it take the last output; its failure is no reason to fail the stop.
+            await asyncio.wait({pump}, timeout=2.0)
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                log.warning("output reader of runner %d failed: %r", self.pid, pump.exception())
         return code
 
     def kill_now(self) -> None:
-        """Last resort, synchronous (interpreter shutdown)."""
+        """SIGKILL the whole group at once, no grace: a crashed, stalled or failed runner.
+
+        Synchronous; the exit is noticed (and reaped) by `exited` as usual.
+        """
         self._signal_group(signal.SIGKILL)
         self._close_watchdog()
 
@@ -247,6 +273,10 @@ class RunnerProcess:
 def _prepare_dirs(log_dir: Path, group: GroupSpec | None, group_dir: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     write_group_files(group, group_dir)
+
+
+def _text(line: bytes) -> str:
+    return line.decode(errors="replace").rstrip()
 
 
 def _safe(model_id: str) -> str:

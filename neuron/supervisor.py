@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,8 +56,15 @@ class _GiveUp(Exception):
     """Too many crashes in the window, or a source that cannot be resolved."""
 
 
-async def race_exit(aw: Awaitable[T], runner: RunnerProcess) -> T:
-    """Await `aw`, unless the runner exits first (then _RunnerLost)."""
+def describe(exc: BaseException) -> str:
+    """`str(exc)`, or its repr when that is empty (a bare TimeoutError...)."""
+    return str(exc) or repr(exc)
+
+
+async def race_exit(
+    aw: Awaitable[T], runner: RunnerProcess, lost: Callable[[str], Exception] = _RunnerLost
+) -> T:
+    """Await `aw`, unless the runner exits first (then `lost`, _RunnerLost by default)."""
     task: asyncio.Future[T] = asyncio.ensure_future(aw)
     watched: set[asyncio.Future[Any]] = {task, runner.exited}
     try:
@@ -68,7 +75,7 @@ async def race_exit(aw: Awaitable[T], runner: RunnerProcess) -> T:
             with contextlib.suppress(BaseException):
                 await task
     if task.cancelled() or not task.done():
-        raise _RunnerLost(f"runner exited with code {runner.exited.result()}")
+        raise lost(f"runner exited with code {runner.exited.result()}")
     return task.result()
 
 
@@ -183,9 +190,11 @@ class ModelSupervisor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # _GiveUp, a failed download, anything unforeseen
-            log.warning("model %s failed: %s", self.model_id, exc)
+            log.warning("model %s failed: %s", self.model_id, describe(exc))
+            if self.runner is not None:
+                self.runner.kill_now()  # a failed model keeps no runner
             self.state = "failed"
-            self.error = str(exc)
+            self.error = describe(exc)
 
     async def _run_once(self) -> None:
         self.state = "loading" if self._starts == 0 else "recovering"
@@ -274,12 +283,17 @@ class ModelSupervisor:
             return False
 
     async def _warmup(self, runner: RunnerProcess) -> tuple[int, str]:
-        async with self.session.post(
-            runner.base_url + "/v1/completions",
-            data=WARMUP_BODY,
-            headers={"Content-Type": "application/json"},
-        ) as r:
-            return r.status, await r.text()
+        # A runner dying mid-request breaks the connection before its exit is
+        # noticed: that is a lost runner (restarted), not a failed model.
+        try:
+            async with self.session.post(
+                runner.base_url + "/v1/completions",
+                data=WARMUP_BODY,
+                headers={"Content-Type": "application/json"},
+            ) as r:
+                return r.status, await r.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _RunnerLost(f"warmup request failed: {describe(exc)}") from exc
 
     def _crashed(self, runner: RunnerProcess, reason: str) -> None:
         """Account for a lost runner; raise _GiveUp or _RunnerLost."""
@@ -309,19 +323,28 @@ class ModelSupervisor:
         raise _RunnerLost(reason)
 
     def stop(self) -> asyncio.Task[None]:
-        """Unload: stop supervising, SIGTERM then SIGKILL the runner (idempotent)."""
+        """Unload: stop supervising, SIGTERM then SIGKILL the runner (idempotent).
+
+        One task shared by every caller: await it through `asyncio.shield`, so a
+        caller that is cancelled (its client went away) does not cancel the stop.
+        """
         if self._stop_task is None:
             self._stop_task = asyncio.create_task(self._stop(), name=f"stop {self.model_id}")
         return self._stop_task
 
     async def _stop(self) -> None:
         self.state = "unloading"
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.runner is not None:
-            await self.runner.stop(self.config.runner.stop_grace_s)
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.wait({self._task})  # its outcome is not ours to raise
+        finally:
+            if self.runner is not None:
+                try:
+                    await self.runner.stop(self.config.runner.stop_grace_s)
+                except BaseException:
+                    self.runner.kill_now()  # interrupted: no grace left
+                    raise
 
 
 def _default_deadline(req: LoadRequest, config: NeuronConfig) -> float:
@@ -369,7 +392,7 @@ class Supervisor:
             if is_local_source(req.source):
                 check_model_dir(req.source)  # 400 now, rather than a failed load later
             if current is not None:
-                await current.stop()
+                await asyncio.shield(current.stop())
             m = ModelSupervisor.create(req, self.config, self.store, self.metrics, self.session)
             self.models[req.model_id] = m
             m.start()
@@ -382,20 +405,20 @@ class Supervisor:
         m = self.models.get(model_id)
         if m is None:
             raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model_id")
-        await m.stop()
-        if self.models.get(model_id) is m:
-            del self.models[model_id]
+        stopping = m.stop()
+        # Forgotten once stopped, even if this caller is cancelled meanwhile.
+        stopping.add_done_callback(lambda _: self._forget(m))
+        await asyncio.shield(stopping)
         return m
+
+    def _forget(self, m: ModelSupervisor) -> None:
+        if self.models.get(m.model_id) is m:
+            del self.models[m.model_id]
 
     async def stop_all(self) -> None:
         models = list(self.models.values())
-        await asyncio.gather(*(m.stop() for m in models), return_exceptions=True)
+        await asyncio.gather(*(asyncio.shield(m.stop()) for m in models), return_exceptions=True)
         self.models.clear()
-
-    def kill_all_now(self) -> None:
-        for m in self.models.values():
-            if m.runner is not None:
-                m.runner.kill_now()
 
     def in_use_dirs(self) -> list[Path]:
         return [m.model_dir for m in self.models.values() if m.model_dir is not None]
@@ -405,7 +428,3 @@ class Supervisor:
 
     def statuses(self) -> list[ModelStatus]:
         return [m.status() for m in self.models.values()]
-
-
-def status_json(m: ModelSupervisor) -> dict[str, Any]:
-    return m.status().to_json()

@@ -1,0 +1,304 @@
+"""Runner faults, with a fake runner: a tiny HTTP server that misbehaves on purpose.
+
+`runner.python` names an executable script written here; the neuron starts it
+as `SCRIPT -m neuron.runner_main --neuron-model-id ID ... --port P ...`, and it
+serves GET /health and POST /v1/completions on that port in the way under
+test.  Each start records its pid in `STATE/start-N`, so a test can tell
+runners apart and check that one has really gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from neuron.config import RunnerConfig
+from neuron.runner import LINE_LIMIT
+from neuron.supervisor import describe
+from tests.conftest import InProcessFactory
+
+T = TypeVar("T")
+WAIT_S = 60.0  # an upper bound for waits, never a measured duration
+
+FAKE_RUNNER = """\
+#!{python}
+import json, os, pathlib, signal, socket, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Like the real runner: die once the neuron's end of the watchdog pipe closes.
+fd = int(os.environ["NEURON_WATCHDOG_FD"])
+threading.Thread(target=lambda: os.read(fd, 1) or os._exit(1), daemon=True).start()
+
+MODE = {mode!r}
+STATE = pathlib.Path({state!r})
+port = int(sys.argv[sys.argv.index("--port") + 1])
+start = len(list(STATE.glob("start-*")))
+(STATE / f"start-{{start}}").write_text(str(os.getpid()))
+
+if MODE == "ignore_sigterm":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if MODE == "chatty":
+    # A progress bar: \\r-separated updates, never a newline, far over 64 KiB.
+    for i in range(16384):
+        sys.stdout.write(f"\\rprogress {{i:>8}}")
+    sys.stdout.flush()
+    sys.stdout.write("\\nfake runner serving\\n")
+    sys.stdout.flush()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.answer(200, {{"status": "ok"}})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        warmup = body.get("prompt") == "hi" and body.get("max_tokens") == 1
+        if MODE == "warmup_disconnect" and warmup:
+            if start == 0:
+                # Break the connection unanswered, and stay alive.
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            while not (STATE / "go").exists():
+                time.sleep(0.02)
+        if not warmup and MODE == "slow":
+            time.sleep({slow_s})
+        if not warmup and body.get("prompt") == "die":
+            os._exit(3)
+        self.answer(200, {{"id": "fake", "object": "text_completion",
+                          "choices": [{{"index": 0, "text": "x", "finish_reason": "length"}}]}})
+
+
+server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+server.daemon_threads = True
+server.serve_forever()
+"""
+
+
+def fake_runner(tmp_path: Path, mode: str, slow_s: float = 0.0) -> tuple[Path, Path]:
+    """(the script, its state folder)."""
+    state = tmp_path / f"fake-{mode}"
+    state.mkdir()
+    script = tmp_path / f"fake-runner-{mode}"
+    script.write_text(
+        FAKE_RUNNER.format(python=sys.executable, mode=mode, state=str(state), slow_s=slow_s)
+    )
+    script.chmod(0o755)
+    return script, state
+
+
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def pid_of(state: Path, start: int) -> int:
+    return int((state / f"start-{start}").read_text())
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def until(check: Callable[[], Awaitable[T | None]], what: str) -> T:
+    """The first value of `check()` that is not None (polled)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (value := await check()) is None:
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def until_true(predicate: Callable[[], bool], what: str) -> None:
+    async def check() -> bool | None:
+        return True if predicate() else None
+
+    await until(check, what)
+
+
+class Client:
+    def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        async with self.session.post(self.server.make_url(path), json=body) as r:
+            return r.status, await r.json()
+
+    async def model(self, model_id: str) -> dict[str, Any] | None:
+        async with self.session.get(self.server.make_url("/models")) as r:
+            models = (await r.json())["models"]
+        return next((m for m in models if m["model_id"] == model_id), None)
+
+    async def state_in(self, model_id: str, *states: str) -> str:
+        async def check() -> str | None:
+            m = await self.model(model_id)
+            return m["state"] if m is not None and m["state"] in states else None
+
+        return await until(check, f"{model_id} to be {'/'.join(states)}")
+
+    async def gone(self, model_id: str) -> None:
+        async def check() -> bool | None:
+            return True if await self.model(model_id) is None else None
+
+        await until(check, f"{model_id} to be removed")
+
+    async def load(self, model_id: str, source: Path) -> None:
+        status, body = await self.post(
+            "/models/load", {"model_id": model_id, "source": str(source)}
+        )
+        assert status == 202, body
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with self.session.get(self.server.make_url("/metrics")) as r:
+            text = await r.text()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+
+async def neuron(factory: InProcessFactory, script: Path, **settings: Any) -> TestServer:
+    runner = settings.pop("runner", {})
+    return await factory(runner=RunnerConfig(python=str(script), **runner), **settings)
+
+
+async def test_warmup_disconnect_restarts_the_runner(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """A runner that breaks the warmup connection is lost (restarted), not failed."""
+    script, state = fake_runner(tmp_path, "warmup_disconnect")
+    server = await neuron(neuron_app_factory, script)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        # The second runner holds its warmup until "go": `recovering` stays visible.
+        assert await c.state_in("m", "recovering", "failed") == "recovering"
+        await until_true((state / "start-1").exists, "the restarted runner")
+        first = pid_of(state, 0)
+        await until_true(lambda: not alive(first), "the lost runner's death")
+        (state / "go").touch()
+        assert await c.state_in("m", "ready", "failed") == "ready"
+        assert alive(pid_of(state, 1))
+        crashes = (await c.metrics())[("neuron_runner_crashes_total", (("model", "m"),))]
+        assert crashes == 1
+
+
+async def test_unload_survives_its_client_leaving_during_the_grace(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """A client that disconnects from an unload does not stop the SIGKILL."""
+    script, state = fake_runner(tmp_path, "ignore_sigterm")
+    server = await neuron(neuron_app_factory, script, runner={"stop_grace_s": 1.0})
+    source = model_dir(tmp_path)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", source)
+        await c.state_in("m", "ready")
+        first = pid_of(state, 0)
+        unload = asyncio.create_task(c.post("/models/unload", {"model_id": "m"}))
+        # The runner ignores SIGTERM: the unload waits out its grace...
+        await c.state_in("m", "unloading")
+        # ...and its client goes away meanwhile (the handler is cancelled).
+        unload.cancel()
+        await asyncio.gather(unload, return_exceptions=True)
+        await until_true(lambda: not alive(first), "the runner's SIGKILL")
+        await c.gone("m")
+        # A new load starts a new runner.
+        await c.load("m", source)
+        assert await c.state_in("m", "ready", "failed") == "ready"
+        assert alive(pid_of(state, 1))
+
+
+async def test_runner_output_line_over_the_limit(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """200+ KB of output without a newline: the runner still loads and unloads."""
+    script, state = fake_runner(tmp_path, "chatty")
+    store = tmp_path / "store"
+    server = await neuron(neuron_app_factory, script, store_dir=str(store))
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        assert await c.state_in("m", "ready", "failed") == "ready"
+        status, body = await c.post("/models/unload", {"model_id": "m"})
+        assert status == 200, body
+        assert not alive(pid_of(state, 0))
+        assert await c.model("m") is None
+    # The whole output reached the runner's log file.
+    log = (store / "logs" / "m.log").read_bytes()
+    assert len(log) > 3 * LINE_LIMIT
+    assert log.rstrip().endswith(b"fake runner serving")
+
+
+async def test_slow_unary_request_has_no_total_timeout(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """A non-streamed answer slower than idle_read_timeout_s from a healthy runner."""
+    script, _ = fake_runner(tmp_path, "slow", slow_s=1.5)
+    server = await neuron(neuron_app_factory, script, idle_read_timeout_s=0.3)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        await c.state_in("m", "ready")
+        status, body = await c.post("/v1/completions", {"model": "m", "prompt": "long"})
+        assert status == 200, body
+        assert body["choices"][0]["text"] == "x"
+        counted = await c.metrics()
+        assert counted[("neuron_requests_total", (("model", "m"), ("outcome", "ok")))] == 1
+
+
+async def test_runner_lost_mid_request_counts_once(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """A runner dying under a request: 503 with a reason, counted as lost, not rejected."""
+    script, _ = fake_runner(tmp_path, "die")
+    server = await neuron(neuron_app_factory, script)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        await c.state_in("m", "ready")
+        status, body = await c.post("/v1/completions", {"model": "m", "prompt": "die"})
+        assert status == 503, body
+        assert body["error"]["code"] == "upstream_unavailable"
+        reason = body["error"]["message"].split(" lost: ", 1)[1]
+        assert reason.strip(), body
+        counted = await c.metrics()
+        assert counted[("neuron_requests_total", (("model", "m"), ("outcome", "upstream_lost")))]
+        rejected = [k for k in counted if k[0] == "neuron_rejected_requests_total"]
+        assert rejected == [], rejected
+
+
+def test_describe_never_empty() -> None:
+    assert describe(TimeoutError()) == "TimeoutError()"
+    assert describe(ValueError("bad")) == "bad"
