@@ -115,10 +115,6 @@ class CortexConfig:
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("admin_token must be at least 8 characters")
 
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
-
     @classmethod
     def from_file(cls, path: str | Path) -> CortexConfig:
         """Read a `cortex.toml`; the catalogue path is taken from the file's folder."""

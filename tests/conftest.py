@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
 import pytest
 import pytest_asyncio
@@ -58,6 +59,16 @@ def runner_pids(model_id: str, parent: int | None = None) -> list[int]:
         if any(argv[i : i + len(marker)] == marker for i in range(len(argv))):
             pids.append(int(entry.name))
     return pids
+
+
+async def read_until(resp: aiohttp.ClientResponse, marker: bytes) -> bytes:
+    """Read a streamed response until `marker` arrives; fail if the stream ends first."""
+    buf = b""
+    while marker not in buf:
+        chunk = await resp.content.readany()
+        assert chunk, f"stream ended before {marker!r}: {buf!r}"
+        buf += chunk
+    return buf
 
 
 def wait_until(predicate: Any, timeout: float = READY_TIMEOUT_S, what: str = "condition") -> Any:

@@ -6,7 +6,7 @@ from cortex.loader import group_specs
 from cortex.placement import NodeInfo, best
 from shared.catalogue import GIB, ModelFacts, ModelSpec
 from shared.wire import Discovery
-from tests.cortex.test_placement import node
+from tests.cortex.records import node
 
 
 def _discoveries(nodes: list[NodeInfo], order: tuple[str, ...]) -> list[Discovery]:

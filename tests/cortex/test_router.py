@@ -19,7 +19,8 @@ from cortex.router import (
 from cortex.state import FleetSnapshot, LoadFailure, NodeModel, NodeState
 from shared import errors
 from shared.catalogue import GIB, Catalogue, ModelSpec
-from shared.wire import Discovery, ModelState, NodeHealth
+from shared.wire import ModelState, NodeHealth
+from tests.cortex.records import disc
 
 CAT = Catalogue(
     models=(
@@ -35,30 +36,6 @@ CAT = Catalogue(
         ModelSpec(id="m4", source="org/m4", memory_gb=4.0),
     )
 )
-
-
-def disc(name: str, total_gb: float = 64) -> Discovery:
-    return Discovery(
-        node_id=name,
-        hostname=f"{name}.local",
-        version="0",
-        os="Darwin",
-        kernel="24",
-        arch="arm64",
-        chip="M2",
-        memory_total_bytes=int(total_gb * GIB),
-        memory_available_bytes=int(total_gb * GIB),
-        unified_memory=True,
-        mlx_version="0.29",
-        mlx_device="metal",
-        recommended_working_set_bytes=None,
-        backends=("ring",),
-        rdma_ports=(),
-        disk_free_bytes=100 * GIB,
-        store_dir="/s",
-        ring_host="127.0.0.1",
-        started_at=0.0,
-    )
 
 
 def rm(
@@ -103,7 +80,9 @@ def node(
         url=f"http://{name}:9410",
         healthy=healthy,
         seen=seen,
-        discovery=disc(name, total_gb) if seen else None,
+        discovery=disc(name, total_gb, ring_host="127.0.0.1", hostname=f"{name}.local")
+        if seen
+        else None,
         health=health if seen else None,
         models=models,
     )

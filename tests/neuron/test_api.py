@@ -23,7 +23,14 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from shared.sse import HEARTBEAT
 from shared.wire import Discovery, NodeHealth
-from tests.conftest import LONG_STREAM, NeuronProcess, kill_pid, runner_pids, stop_quietly
+from tests.conftest import (
+    LONG_STREAM,
+    NeuronProcess,
+    kill_pid,
+    read_until,
+    runner_pids,
+    stop_quietly,
+)
 
 # Unique: other test sessions on this machine may run runners for "demo" too.
 MODEL = f"demo-{uuid.uuid4().hex[:8]}"
@@ -54,15 +61,6 @@ def neuron(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
 
 def client(n: NeuronProcess) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=n.url + "/v1", api_key="unused", max_retries=0)
-
-
-async def read_until(resp: aiohttp.ClientResponse, marker: bytes) -> bytes:
-    buf = b""
-    while marker not in buf:
-        chunk = await resp.content.readany()
-        assert chunk, f"stream ended before {marker!r}: {buf!r}"
-        buf += chunk
-    return buf
 
 
 async def test_chat_non_streamed_through_openai_sdk(neuron: NeuronProcess) -> None:
@@ -214,7 +212,7 @@ async def test_silent_runner_gets_heartbeats_not_a_timeout(neuron: NeuronProcess
             os.kill(pid, signal.SIGCONT)
         more = await read_until(r, b"data: {")
         assert b"error" not in more
-    # Closing the stream above cancelled the runner's work: the slot is free again.
+    # Closing the stream above gave its admission slot back: a new request runs.
     r2 = await client(neuron).completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert r2.choices
 

@@ -12,7 +12,15 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import LONG_STREAM, NeuronProcess, free_port, kill_pid, runner_pids, wait_until
+from tests.conftest import (
+    LONG_STREAM,
+    NeuronProcess,
+    free_port,
+    kill_pid,
+    read_until,
+    runner_pids,
+    wait_until,
+)
 
 Factory = Callable[..., NeuronProcess]
 
@@ -111,11 +119,7 @@ async def test_stall_watchdog_kills_a_stopped_runner(
         aiohttp.ClientSession() as s,
         s.post(n.url + "/v1/completions", json=body) as r,
     ):
-        buf = b""
-        while b"data: {" not in buf:
-            chunk = await r.content.readany()
-            assert chunk, buf
-            buf += chunk
+        await read_until(r, b"data: {")
         os.kill(pid, signal.SIGSTOP)
         try:
             rest = await r.content.read()
