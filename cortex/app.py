@@ -20,6 +20,7 @@ from cortex.keys import (
     AUTH,
     CATALOGUE,
     CONFIG,
+    DRAIN,
     FLEET,
     LOADER,
     METRICS,
@@ -38,6 +39,7 @@ from cortex.reconciler import Reconciler
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
 from shared.catalogue import Catalogue, ModelSpec
+from shared.drain import Drain
 from shared.errors import (
     ApiError,
     InvalidRequest,
@@ -57,16 +59,26 @@ class ModelKeptLoaded(ApiError):
     type = "invalid_request_error"
 
 
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def _drain(app: web.Application) -> None:
+    await app[DRAIN].close(app[CONFIG].drain_s)
+
+
 def create_app(
     config: CortexConfig, *, catalogue: Catalogue | None = None, background: bool = True
 ) -> web.Application:
     """The gateway. `background=False` leaves polling to the caller (tests drive it)."""
     cat = catalogue if catalogue is not None else Catalogue.load(config.catalogue)
     auth = Auth(keys=config.api_keys, admin_token=config.admin_token)
+    drain = Drain(paths=INFERENCE_PATHS)
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[error_middleware, auth.middleware()],
+        middlewares=[error_middleware, drain.middleware(), auth.middleware()],
     )
+    app[DRAIN] = drain
+    app.on_shutdown.append(_drain)
     app[CONFIG] = config
     app[STARTED] = Started(monotonic=time.monotonic(), wall=time.time())
     app[CATALOGUE] = cat

@@ -99,7 +99,15 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"cortex listening on http://{host}:{port} ({len(config.neurons)} neuron(s))", flush=True)
     # handler_cancellation: a client that disconnects cancels its upstream request.
     try:
-        web.run_app(app, host=host, port=port, print=None, handler_cancellation=True)
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            print=None,
+            handler_cancellation=True,
+            # The drain (on_shutdown) bounds the wait; this only backs it up.
+            shutdown_timeout=config.drain_s + 10,
+        )
     except OSError as exc:
         print(f"cortex: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2

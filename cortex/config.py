@@ -66,6 +66,9 @@ class CortexConfig:
     # A non-streaming answer arrives in one piece; this bounds the whole wait.
     response_timeout_s: float = 600.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # On SIGTERM: requests in flight may finish for this long, then streams still
+    # running end with an error frame. Service managers must wait longer than this.
+    drain_s: float = 30.0
     # Attempts on distinct replicas for a request that failed before its first byte.
     retry_attempts: int = 3
     # Prefix affinity: stay on the remembered replica unless its load exceeds the
@@ -107,6 +110,8 @@ class CortexConfig:
             raise ValueError("retry_attempts must be >= 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
+        if self.drain_s < 0:
+            raise ValueError("drain_s must be >= 0")
         if self.load_wait_s < 0 or self.discovery_wait_s < 0:
             raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
         # A group takes up to 16 ports at base + (0..999) * 16 (loader.group_specs).

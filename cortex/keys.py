@@ -14,6 +14,7 @@ from cortex.proxy import Proxy
 from cortex.reconciler import Reconciler
 from cortex.state import AffinityTable, Fleet
 from shared.catalogue import Catalogue
+from shared.drain import Drain
 
 
 @attrs.frozen
@@ -31,6 +32,7 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Auth)
 AFFINITY = web.AppKey("affinity", AffinityTable)
 STARTED = web.AppKey("started", Started)
+DRAIN = web.AppKey("drain", Drain)
 # Set while the app runs (they need its event loop).
 POLLER = web.AppKey("poller", Poller)
 LOADER = web.AppKey("loader", Loader)

@@ -29,6 +29,7 @@ from cortex.poller import Poller
 from cortex.router import Route, prefix_keys, route
 from cortex.state import AffinityTable, Fleet
 from shared.catalogue import Catalogue
+from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
     ModelLoading,
@@ -256,6 +257,7 @@ class Proxy:
 
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)
+        mark_streaming(request, resp)
         try:
             await resp.write(first)
             async for chunk in up.content.iter_any():

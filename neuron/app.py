@@ -16,6 +16,7 @@ from neuron.metrics import NeuronMetrics
 from neuron.proxy import Proxy
 from neuron.store import Store
 from neuron.supervisor import Supervisor
+from shared.drain import Drain
 from shared.errors import ApiError, InvalidRequest, error_middleware, read_json_object
 from shared.wire import LoadRequest, NodeHealth, NodeStatus
 
@@ -27,6 +28,8 @@ METRICS = web.AppKey("metrics", NeuronMetrics)
 STORE = web.AppKey("store", Store)
 STARTED = web.AppKey("started_at", float)
 NODE_ID = web.AppKey("node_id", str)
+DRAIN = web.AppKey("drain", Drain)
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -47,8 +50,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await supervisor.close()
 
 
+async def _drain(app: web.Application) -> None:
+    # Before cleanup stops the runners: streams in flight may finish first.
+    await app[DRAIN].close(app[CONFIG].drain_s)
+
+
 def create_app(config: NeuronConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    drain = Drain(paths=INFERENCE_PATHS)
+    app = web.Application(
+        middlewares=[error_middleware, drain.middleware()], client_max_size=config.max_body_bytes
+    )
+    app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path)
     supervisor = Supervisor(config=config, store=store, metrics=metrics)
@@ -59,6 +71,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[SUPERVISOR] = supervisor
     app[STARTED] = time.time()
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_drain)
 
     proxy = Proxy(config=config, supervisor=supervisor)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)

@@ -94,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
             host=config.host,
             port=config.port,
             handler_cancellation=True,
+            # The drain (on_shutdown) bounds the wait; this only backs it up.
+            shutdown_timeout=config.drain_s + 10,
             print=lambda msg: print(msg, flush=True),
         )
     except OSError as exc:

@@ -108,6 +108,9 @@ class NeuronConfig:
     # SSE comment sent to the client while the runner is silent (long prefill).
     heartbeat_s: float = 1.0
     max_body_bytes: int = 16 * 1024 * 1024
+    # On SIGTERM: requests in flight may finish for this long, then streams still
+    # running end with an error frame. Service managers must wait longer than this.
+    drain_s: float = 30.0
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -120,6 +123,8 @@ class NeuronConfig:
             raise ValueError("heartbeat_s must be > 0")
         if self.idle_read_timeout_s <= 0:
             raise ValueError("idle_read_timeout_s must be > 0")
+        if self.drain_s < 0:
+            raise ValueError("drain_s must be >= 0")
         ids = [e.model_id for e in self.load]
         if len(ids) != len(set(ids)):
             raise ValueError("[[load]] names a model_id twice")

@@ -23,6 +23,7 @@ from aiohttp import web
 from neuron.config import NeuronConfig
 from neuron.runner import RunnerProcess
 from neuron.supervisor import ModelSupervisor, Supervisor, describe, race_exit
+from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
     InvalidRequest,
@@ -288,6 +289,7 @@ class Proxy:
         async def begin() -> web.StreamResponse:
             r = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await r.prepare(request)
+            mark_streaming(request, r)
             return r
 
         async def silence() -> web.StreamResponse:

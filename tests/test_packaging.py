@@ -31,6 +31,8 @@ METRICS = {
 }
 
 PROMTOOL = shutil.which("promtool")
+# The services' default drain on SIGTERM; a service manager must wait longer.
+DRAIN_S = max(CortexConfig().drain_s, NeuronConfig().drain_s)
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
 
 
@@ -61,7 +63,8 @@ def test_systemd_unit(unit: str, config: str) -> None:
 
     assert service["Restart"] == "on-failure"
     assert service["KillMode"] == "control-group"
-    assert int(service["TimeoutStopSec"]) > 0
+    # Longer than the default drain, so a stop never cuts a stream unterminated.
+    assert int(service["TimeoutStopSec"]) > DRAIN_S
     exec_start = service["ExecStart"].split()
     assert exec_start[0].endswith(f"/bin/{unit}")
     assert exec_start[1:] == ["serve", "-c", f"/etc/cortex-neuron/{config}.toml"]
@@ -96,7 +99,7 @@ def test_launchd_plist(name: str) -> None:
     assert plist["ProgramArguments"][1:] == ["serve", "-c", f"/etc/cortex-neuron/{name}.toml"]
     assert plist["StandardOutPath"].endswith(".log")
     assert plist["StandardErrorPath"].endswith(".log")
-    assert plist["ExitTimeOut"] > 0
+    assert plist["ExitTimeOut"] > DRAIN_S
     if shutil.which("plutil"):
         assert _run("plutil", "-lint", path).returncode == 0
 
