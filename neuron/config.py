@@ -32,8 +32,10 @@ class RunnerConfig:
     group_connect_deadline_s: float = 120.0
     # Heartbeat watchdog: a runner with requests in flight that sends no byte for
     # this long and leaves GET /health unanswered for `health_probe_timeout_s`
-    # is killed (a lost peer can make a rank spin or block forever).
-    stall_timeout_s: float = 60.0
+    # is killed (a lost peer can make a rank spin or block forever). A streaming
+    # runner sends a keepalive during prefill and a frame per token, so 15 s of
+    # silence is already far outside normal; the probe guards against false kills.
+    stall_timeout_s: float = 15.0
     health_probe_timeout_s: float = 5.0
     # Unload: SIGTERM to the process group, this long, then SIGKILL.
     stop_grace_s: float = 5.0

@@ -137,3 +137,30 @@ async def test_stall_watchdog_kills_a_stopped_runner(
         return m is not None and m["state"] == "ready" and runner_pids(model_id) not in ([], [pid])
 
     wait_until(recovered, what="a new runner, ready")
+
+
+async def test_stopped_runner_costs_a_stream_seconds_with_defaults(
+    neuron_factory: Factory, demo_model: Path
+) -> None:
+    """With the shipped watchdog settings a frozen runner's stream ends well inside a minute."""
+    model_id = unique("stall-defaults")
+    n = neuron_factory()
+    n.load_ready(model_id, demo_model)
+    [pid] = runner_pids(model_id)
+    body = {"model": model_id, "prompt": "tick", "stream": True, **LONG_STREAM}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(n.url + "/v1/completions", json=body) as r,
+    ):
+        await read_until(r, b"data: {")
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            rest = await r.content.read()
+        finally:
+            kill_pid(pid, signal.SIGCONT)
+        took = time.monotonic() - t0
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert b"runner stalled" in rest or b"lost" in rest
+    # Before: 60 s of silence plus the probe (65 s). Now 15 s plus the probe.
+    assert took < 45, f"{took:.1f} s to end the stream of a frozen runner"
