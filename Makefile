@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit sysdeps bench clean
+.PHONY: setup run test lint typecheck unit sysdeps soak bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ unit: setup sysdeps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# Minutes of mixed hostile traffic through a real fleet (SOAK_S seconds, default 180).
+soak: setup
+	$(BIN)/pytest -q -s -m soak tests/e2e/test_soak.py
 
 clean:
 	rm -rf $(VENV) run
