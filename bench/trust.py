@@ -212,8 +212,10 @@ async def run(cortex: str, neurons: dict[str, Any], root: Path, procs: Procs, ar
             )
         )
     ready_everywhere(cortex, procs)
-    rows.append(("abandoned, non-stream decode", await abandoned(cortex, root, False, "hi")))
+    # Streamed first: an abandoned one-piece request that keeps running would
+    # otherwise show in the streamed figure too.
     rows.append(("abandoned, stream decode", await abandoned(cortex, root, True, "hi")))
+    rows.append(("abandoned, non-stream decode", await abandoned(cortex, root, False, "hi")))
     rows.append(("metrics, streams closed at [DONE]", await metrics_truth(cortex, args.streams)))
     for name, value in rows:
         print(f"{name:36s} {value}", flush=True)
