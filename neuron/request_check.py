@@ -167,8 +167,8 @@ def _stop(v: Any, param: str) -> Any:
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list) or len(items) > MAX_STOP:
         raise _bad(param, f"must be a string or a list of at most {MAX_STOP} strings")
-    for i, s in enumerate(items):
-        _text(s, f"{param}[{i}]")
+    for s in items:
+        _text(s, param)
         if not s or len(s) > MAX_STOP_CHARS:
             raise _bad(param, f"strings must have 1 to {MAX_STOP_CHARS} characters")
     return items
@@ -195,11 +195,8 @@ def _logit_bias(v: Any, vocab: int | None) -> dict[str, float]:
     out: dict[str, float] = {}
     top = "" if vocab is None else f" below {vocab}"
     for k, bias in v.items():
-        try:
-            token = int(k)
-        except ValueError:
-            token = -1
-        if token < 0 or (vocab is not None and token >= vocab) or not k.strip().isdigit():
+        token = int(k) if k.isascii() and k.isdigit() else -1
+        if token < 0 or (vocab is not None and token >= vocab):
             raise _bad("logit_bias", f"key {k[:40]!r} is not a token id (0{top})")
         if not _is_number(bias) or not -100 <= bias <= 100:
             raise _bad("logit_bias", f"value for {k!r} must be a number in [-100, 100]")
@@ -219,7 +216,7 @@ def _content(v: Any, param: str) -> str:
     for i, part in enumerate(v):
         if not isinstance(part, dict) or part.get("type") != "text":
             raise _bad(param, f"part {i}: only text parts are supported")
-        parts.append(_text(part.get("text"), f"{param}[{i}].text"))
+        parts.append(_text(part.get("text"), param))
     return "".join(parts)
 
 
@@ -302,6 +299,7 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
             raise _bad("prompt", "is required (a string)")
         out["prompt"] = _text(body["prompt"], "prompt")
         texts = [out["prompt"]]
+        overhead = 1  # a BOS token the runner's tokenizer may add
     for name, check in SAMPLING.items():
         if body.get(name) is not None:
             out[name] = check(body[name], name)

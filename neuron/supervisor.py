@@ -287,6 +287,10 @@ class ModelSupervisor:
             return
         self._broken = reason
         log.warning("model %s: runner broken (%s); restarting it", self.model_id, reason)
+        # Not ready from this moment: new requests wait for the replacement.
+        if self.state == "ready":
+            self.state = "recovering"
+            self.error = f"runner broken: {reason}"
         runner.kill_now()
 
     def runner_failed(self, runner: RunnerProcess, reason: str) -> bool:
