@@ -104,7 +104,8 @@ async def get_health(request: web.Request) -> web.Response:
     app = request.app
     models = tuple(app[SUPERVISOR].health())
     status: NodeStatus
-    if any(m.state == "failed" for m in models):
+    # A model with no working runner (failed, or restarting one) degrades the node.
+    if any(m.state in ("failed", "recovering") for m in models):
         status = "degraded"
     elif any(m.in_flight or m.queue_depth for m in models):
         status = "busy"

@@ -24,6 +24,10 @@ class RunnerConfig:
     decode_concurrency: int = 8
     prompt_concurrency: int = 4
     prompt_cache_size: int = 4
+    # Prompt tokens prefilled per step. The runner notices a client that left only
+    # between steps (its keepalive write fails), so smaller steps stop abandoned
+    # prefill sooner at a small cost in prefill speed (mlx_lm's default is 2048).
+    prefill_step_size: int = 512
     # Default generation cap when a request names none.
     max_tokens: int = 512
     # Start to first answered 1-token request; a runner that misses it is killed.
@@ -43,9 +47,21 @@ class RunnerConfig:
     extra_args: tuple[str, ...] = ()
     # Lines of runner stderr kept in memory for the `failed` error.
     stderr_tail_lines: int = 40
+    # A runner whose requests fail this many times in a row (5xx, or a stream cut
+    # before its end) is broken: restarted like a crash.
+    max_consecutive_errors: int = 3
+    # How often GET /health of a ready runner is read (503: its generation thread died).
+    health_check_interval_s: float = 5.0
 
     def __attrs_post_init__(self) -> None:
-        for name in ("decode_concurrency", "prompt_concurrency", "prompt_cache_size", "max_tokens"):
+        for name in (
+            "decode_concurrency",
+            "prompt_concurrency",
+            "prompt_cache_size",
+            "prefill_step_size",
+            "max_tokens",
+            "max_consecutive_errors",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name} must be >= 1")
         for name in (
@@ -53,6 +69,7 @@ class RunnerConfig:
             "group_connect_deadline_s",
             "stall_timeout_s",
             "health_probe_timeout_s",
+            "health_check_interval_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"runner.{name} must be > 0")
@@ -113,6 +130,9 @@ class NeuronConfig:
     # On SIGTERM: requests in flight may finish for this long, then streams still
     # running end with an error frame. Service managers must wait longer than this.
     drain_s: float = 30.0
+    # Failed models stay listed (with their error) this long, and at most this many.
+    failed_record_ttl_s: float = 600.0
+    max_failed_records: int = 16
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -127,6 +147,8 @@ class NeuronConfig:
             raise ValueError("idle_read_timeout_s must be > 0")
         if self.drain_s < 0:
             raise ValueError("drain_s must be >= 0")
+        if self.failed_record_ttl_s <= 0 or self.max_failed_records < 0:
+            raise ValueError("failed_record_ttl_s must be > 0, max_failed_records >= 0")
         ids = [e.model_id for e in self.load]
         if len(ids) != len(set(ids)):
             raise ValueError("[[load]] names a model_id twice")

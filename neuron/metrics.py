@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -34,6 +34,15 @@ class ModelStats:
             return "decode"
         return "idle"
 
+
+# `_created` series only double the output (process-wide switch; cortex does the same).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Series made for each model as it is loaded, so that the first increase() counts.
+OUTCOMES = ("ok", "upstream_error", "upstream_lost", "client_gone", "runner_broken")
+REJECTION_CODES = ("invalid_request", "model_loading", "model_failed", "queue_full")
+STREAM_ERROR_REASONS = ("runner_lost",)
+TOKEN_KINDS = ("prompt", "completion")
 
 # The supervisor gives the collector a fresh snapshot at every scrape.
 Snapshot = Callable[[], Iterable[ModelHealth]]
@@ -82,6 +91,7 @@ class NeuronMetrics:
     load_seconds: Histogram
     runner_crashes: Counter
     stream_errors: Counter
+    tokens: Counter
 
     @classmethod
     def create(cls) -> NeuronMetrics:
@@ -106,7 +116,7 @@ class NeuronMetrics:
             ),
             decode_tps=Histogram(
                 "neuron_decode_tokens_per_second",
-                "Per stream: data frames after the first, per second",
+                "Per request: completion tokens after the first (runner's usage), per second",
                 ["model"],
                 buckets=TPS_BUCKETS,
                 registry=r,
@@ -127,7 +137,40 @@ class NeuronMetrics:
                 ["model", "reason"],
                 registry=r,
             ),
+            tokens=Counter(
+                "neuron_tokens",
+                "Tokens by kind, from the runner's usage report",
+                ["model", "kind"],
+                registry=r,
+            ),
         )
+
+    def _by_first_label(self) -> list[tuple[Counter | Histogram, tuple[tuple[str, ...], ...]]]:
+        return [
+            (self.requests, tuple((o,) for o in OUTCOMES)),
+            (self.rejected, tuple((c,) for c in REJECTION_CODES)),
+            (self.stream_errors, tuple((r,) for r in STREAM_ERROR_REASONS)),
+            (self.tokens, tuple((k,) for k in TOKEN_KINDS)),
+            (self.runner_crashes, ((),)),
+            (self.ttft, ((),)),
+            (self.decode_tps, ((),)),
+            (self.load_seconds, ((),)),
+        ]
+
+    def model_added(self, model_id: str) -> None:
+        """Make every labelled series of a model, at zero."""
+        for metric, rests in self._by_first_label():
+            for rest in rests:
+                metric.labels(model_id, *rest)
+
+    def model_removed(self, model_id: str) -> None:
+        """Drop every series of a model that is gone (a failed record dropped)."""
+        for metric, _ in self._by_first_label():
+            # Every label tuple ever used (codes outside the pre-made ones too);
+            # prometheus_client offers no public way to list them.
+            for labels in list(metric._metrics):
+                if labels and labels[0] == model_id:
+                    metric.remove(*labels)
 
     def watch(self, snapshot: Snapshot) -> None:
         self.registry.register(_LiveCollector(snapshot))

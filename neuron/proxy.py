@@ -1,11 +1,16 @@
-"""The OpenAI endpoints: admission, then a streaming proxy to the model's runner.
+"""The OpenAI endpoints: checks, admission, then a streaming proxy to the model's runner.
 
-SSE bytes pass through unchanged.  Reads from the runner have an idle timeout,
-never a total one.  While the runner is silent at a frame boundary the client
-gets an SSE comment heartbeat every `heartbeat_s`, so a gateway can tell a
-long prefill from a dead runner.  The runner's exit ends the stream at once
-with an error frame.  A client that goes away closes the upstream connection,
-which makes the runner stop generating.
+The runner gets only the allow-listed fields (neuron.request_check) and is
+always asked to stream, with usage: a client that goes away (aiohttp cancels
+its handler) closes the runner connection, which makes the runner stop at its
+next write, whether the client streamed or not, in prefill (keepalives) or
+decode.  A streaming client gets the runner's events unchanged but for the
+usage frame, which it gets only if it asked; a non-streaming one gets the
+answer assembled from them (shared.assemble).  Reads from the runner have an
+idle timeout, never a total one.  While the runner is silent a streaming client
+gets an SSE comment heartbeat every `heartbeat_s`.  The runner's exit ends the
+stream at once with an error frame; a runner that answers "generation thread
+died", or fails requests N times in a row, is restarted by its supervisor.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
+from neuron.request_check import Checked, Kind, check_size, count_prompt, finish, validate
 from neuron.runner import RunnerProcess
-from neuron.supervisor import ModelSupervisor, Supervisor, describe, race_exit
+from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
+from shared.assemble import assemble, is_usage_frame
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
@@ -37,54 +44,39 @@ from shared.errors import (
 )
 from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
 
-# mlx_lm.server loads any other name from the hub; its own model is "default_model".
-RUNNER_MODEL_NAME = "default_model"
-# How the final `data: [DONE]` event starts behind its separator (see _FrameCounter).
-_DONE_EVENT = b"\n\n" + DONE.rstrip(b"\n")
-
 
 class _Lost(Exception):
     """The runner went away or fell silent mid-request."""
 
 
 @attrs.define
-class _FrameCounter:
-    """Counts SSE data frames in a byte stream split anywhere.
+class _Events:
+    """Splits a byte stream cut anywhere into complete SSE events (each with its `\n\n`)."""
 
-    Only complete events count (those ended by a blank line).  `pending` is the
-    unfinished tail behind the last event separator, kept with that separator (a
-    virtual one at the stream's start), so each data event reads `\n\ndata:` and a
-    chunk costs a few C-level scans instead of a split into events.
-    """
+    pending: bytes = b""
 
-    pending: bytes = b"\n\n"
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self.pending + chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self.pending = buf
+            return []
+        self.pending = buf[cut + 2 :]
+        return [e + b"\n\n" for e in buf[:cut].split(b"\n\n") if e]
+
+
+@attrs.define
+class _Tally:
+    """What one request's stream from the runner said: frames, timings, usage."""
+
     frames: int = 0
     done: bool = False
     first_at: float | None = None
     last_at: float | None = None
-
-    def feed(self, chunk: bytes, now: float) -> None:
-        buf = self.pending + chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        cut = buf.rfind(b"\n\n")  # >= 0: `pending` starts with a separator
-        complete, self.pending = buf[:cut], buf[cut:]
-        if not complete:
-            return
-        # Comments (runner keepalives) are not tokens, nor is the final [DONE].
-        dones = complete.count(_DONE_EVENT)
-        frames = complete.count(b"\n\ndata:") - dones
-        if dones:
-            self.done = True
-        if frames:
-            self.frames += frames
-            if self.first_at is None:
-                self.first_at = now
-            self.last_at = now
-
-    @property
-    def at_boundary(self) -> bool:
-        return len(self.pending) == 2
+    usage: dict[str, Any] | None = None
+    chunks: list[dict[str, Any]] = attrs.Factory(list)
 
 
 class _LostOnExit:
@@ -176,19 +168,16 @@ class Proxy:
     supervisor: Supervisor
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.handle(request, "/v1/chat/completions")
+        return await self.handle(request, "/v1/chat/completions", "chat")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.handle(request, "/v1/completions")
+        return await self.handle(request, "/v1/completions", "completions")
 
-    async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
+    async def handle(self, request: web.Request, path: str, kind: Kind) -> web.StreamResponse:
         body = await read_json_object(request)
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
             raise InvalidRequest("missing `model` (a non-empty string)", param="model")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("`stream` must be a boolean", param="stream")
         m = self.supervisor.get(model_id)
         metrics = self.supervisor.metrics
         # Errors once the runner is reached count in `requests` by outcome instead.
@@ -196,21 +185,31 @@ class Proxy:
         try:
             self._check_state(m, model_id)
             assert m is not None
+            checked = await self._check(m, body, kind)
             async with m.admission.slot():
                 runner = self._check_state(m, model_id)
                 reached_runner = True
                 m.stats.last_used = time.time()
-                payload = json.dumps({**body, "model": RUNNER_MODEL_NAME}).encode()
-                if stream:
-                    resp = await self._stream(request, m, runner, path, payload)
+                if checked.runner_stream:
+                    resp = await self._relay(request, m, runner, path, checked)
                 else:
-                    resp = await self._unary(m, runner, path, payload)
+                    resp = await self._unary(m, runner, path, checked)
                 m.stats.last_used = time.time()
                 return resp
         except ApiError as exc:
             if not reached_runner:
                 metrics.rejected.labels(model_id if m is not None else "", exc.code).inc()
             raise
+
+    async def _check(self, m: ModelSupervisor, body: dict[str, Any], kind: Kind) -> Checked:
+        """The runner's body from the allow-list; the prompt counted off the event loop."""
+        info = m.info
+        draft = validate(body, kind, info)
+        check_size(draft, info)
+        tokens = None
+        if info.tokenizer is not None:
+            tokens = await asyncio.to_thread(count_prompt, draft, info)
+        return finish(draft, tokens, info, self.config.runner.max_tokens)
 
     def _check_state(self, m: ModelSupervisor | None, model_id: str) -> RunnerProcess:
         if m is None:
@@ -226,17 +225,22 @@ class Proxy:
         return m.runner
 
     async def _open(
-        self, runner: RunnerProcess, path: str, payload: bytes
+        self, runner: RunnerProcess, path: str, checked: Checked
     ) -> aiohttp.ClientResponse:
         return await self.supervisor.session.post(
             runner.base_url + path,
-            data=payload,
+            data=json.dumps(checked.body).encode(),
             headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
         )
 
     async def _unary(
-        self, m: ModelSupervisor, runner: RunnerProcess, path: str, payload: bytes
+        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked
     ) -> web.Response:
+        """Logprobs unstreamed: only the runner's unstreamed answer carries them.
+
+        So these alone are not stopped by a client that leaves; their length is
+        capped at the context left like every other request.
+        """
         metrics = self.supervisor.metrics
         _start_work(m)
         upstream: aiohttp.ClientResponse | None = None
@@ -244,7 +248,7 @@ class Proxy:
         # A dead runner ends the wait at once; a stalled one is killed by the
         # supervisor's stall watchdog (which ends it the same way).
         try:
-            upstream = await race_exit(self._open(runner, path, payload), runner, _Lost)
+            upstream = await race_exit(self._open(runner, path, checked), runner, _Lost)
             raw = await race_exit(upstream.read(), runner, _Lost)
             m.stats.last_byte_at = time.monotonic()
         except (_Lost, aiohttp.ClientError, TimeoutError) as exc:
@@ -255,8 +259,14 @@ class Proxy:
             if upstream is not None:
                 upstream.close()
         if upstream.status >= 400:
-            metrics.requests.labels(m.model_id, "upstream_error").inc()
-            raise _runner_error(upstream.status, raw)
+            err = self._runner_error(m, runner, upstream.status, raw)
+            metrics.requests.labels(m.model_id, _error_outcome(err)).inc()
+            raise err
+        m.runner_answered(runner)
+        with contextlib.suppress(ValueError):
+            answer = json.loads(raw)
+            if isinstance(answer, dict) and isinstance(answer.get("usage"), dict):
+                self._count_tokens(m, answer["usage"])
         metrics.requests.labels(m.model_id, "ok").inc()
         return web.Response(
             body=raw,
@@ -264,27 +274,34 @@ class Proxy:
             content_type=upstream.content_type or "application/json",
         )
 
-    async def _stream(
+    async def _relay(
         self,
         request: web.Request,
         m: ModelSupervisor,
         runner: RunnerProcess,
         path: str,
-        payload: bytes,
+        checked: Checked,
     ) -> web.StreamResponse:
+        """Stream from the runner; to the client as a stream, or assembled at the end.
+
+        Either way the client's going away cancels this handler, which closes the
+        runner connection; the runner's next write then fails and it stops.
+        """
         metrics = self.supervisor.metrics
         hb = self.config.heartbeat_s
         idle_limit = self.config.idle_read_timeout_s
+        streaming = checked.stream
         started = time.monotonic()
         last_byte = started
         response: web.StreamResponse | None = None
         upstream: aiohttp.ClientResponse | None = None
         reads: _QuietReads | None = None
-        counter = _FrameCounter()
+        events = _Events()
+        tally = _Tally()
         phase = "prefill"
         _start_work(m)
         outcome = "ok"
-        opening = asyncio.ensure_future(self._open(runner, path, payload))
+        opening = asyncio.ensure_future(self._open(runner, path, checked))
 
         async def begin() -> web.StreamResponse:
             r = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -292,13 +309,14 @@ class Proxy:
             mark_streaming(request, r)
             return r
 
-        async def silence() -> web.StreamResponse:
+        async def silence() -> web.StreamResponse | None:
             """The runner said nothing for `hb` seconds: a heartbeat, or the end."""
             if time.monotonic() - last_byte > idle_limit:
                 raise _Lost(f"runner silent for {idle_limit:g} s")
+            if not streaming:
+                return None
             r = response if response is not None else await begin()
-            if counter.at_boundary:
-                await r.write(HEARTBEAT)
+            await r.write(HEARTBEAT)
             return r
 
         try:
@@ -315,13 +333,13 @@ class Proxy:
                 last_byte = m.stats.last_byte_at = time.monotonic()
                 if upstream.status >= 400:
                     raw = await upstream.read()
-                    err = _runner_error(upstream.status, raw)
-                    outcome = "upstream_error"
+                    err = self._runner_error(m, runner, upstream.status, raw)
+                    outcome = _error_outcome(err)
                     if response is None:
                         raise err
                     await response.write(sse_error_frame(err.message, err.status, err.code))
                     return response
-                if response is None:
+                if streaming and response is None:
                     response = await begin()
                 # Plain reads in the handler's own task: no task, wait or timer per
                 # chunk. Silence comes back as None; the runner's exit as _Lost.
@@ -336,18 +354,26 @@ class Proxy:
                         continue
                     last_byte = m.stats.last_byte_at = now = time.monotonic()
                     if not chunk:
-                        if not counter.done:
+                        if not tally.done:
+                            m.runner_failed(runner, "closed a stream before [DONE]")
                             raise _Lost("runner closed the stream before [DONE]")
-                        return response
-                    await response.write(chunk)
-                    counter.feed(chunk, now)
-                    if counter.frames and phase == "prefill":
+                        break
+                    out = self._take(events.feed(chunk), tally, checked, now)
+                    if streaming and out:
+                        assert response is not None
+                        await response.write(out)
+                    if tally.frames and phase == "prefill":
                         phase = "decode"
                         m.stats.prefilling -= 1
                         m.stats.decoding += 1
-                        ttft = (counter.first_at or now) - started
+                        ttft = (tally.first_at or now) - started
                         m.stats.ttft_s = ttft
                         metrics.ttft.labels(m.model_id).observe(ttft)
+            m.runner_answered(runner)
+            if streaming:
+                assert response is not None
+                return response
+            return web.json_response(assemble(tally.chunks))
         except _Lost as exc:
             outcome = "upstream_lost"
             metrics.stream_errors.labels(m.model_id, "runner_lost").inc()
@@ -375,13 +401,97 @@ class Proxy:
                 m.stats.prefilling -= 1
             else:
                 m.stats.decoding -= 1
-            if counter.frames > 1 and counter.first_at and counter.last_at:
-                span = counter.last_at - counter.first_at
-                if span > 0:
-                    tps = (counter.frames - 1) / span
-                    m.stats.decode_tps = tps
-                    metrics.decode_tps.labels(m.model_id).observe(tps)
+            if tally.usage is not None:
+                self._count_tokens(m, tally.usage, tally)
             metrics.requests.labels(m.model_id, outcome).inc()
+
+    def _take(self, batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> bytes:
+        """Account for complete events from the runner; the bytes the client gets."""
+        out = []
+        for event in batch:
+            if event.startswith(b":"):  # the runner's prefill keepalive
+                out.append(event)
+                continue
+            if event.startswith(DONE.rstrip(b"\n")):
+                tally.done = True
+                out.append(event)
+                continue
+            # Quotes inside strings are escaped in JSON, so this finds only the key.
+            has_usage = b'"usage":' in event
+            chunk: dict[str, Any] | None = None
+            if has_usage or not checked.stream:
+                chunk = _event_json(event)
+            if chunk is not None and is_usage_frame(chunk):
+                tally.usage = chunk["usage"]
+                if not checked.stream:
+                    tally.chunks.append(chunk)
+                elif checked.include_usage:
+                    out.append(event)
+                continue
+            tally.frames += 1
+            if tally.first_at is None:
+                tally.first_at = now
+            tally.last_at = now
+            if chunk is not None and not checked.stream:
+                tally.chunks.append(chunk)
+            out.append(event)
+        return b"".join(out)
+
+    def _count_tokens(
+        self, m: ModelSupervisor, usage: dict[str, Any], tally: _Tally | None = None
+    ) -> None:
+        metrics = self.supervisor.metrics
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and prompt >= 0:
+            metrics.tokens.labels(m.model_id, "prompt").inc(prompt)
+        if not isinstance(completion, int) or completion < 0:
+            return
+        metrics.tokens.labels(m.model_id, "completion").inc(completion)
+        # Decode speed: the tokens after the first, over the time since the first.
+        if tally is not None and completion > 1 and tally.first_at and tally.last_at:
+            span = tally.last_at - tally.first_at
+            if span > 0:
+                tps = (completion - 1) / span
+                m.stats.decode_tps = tps
+                metrics.decode_tps.labels(m.model_id).observe(tps)
+
+    def _runner_error(
+        self, m: ModelSupervisor, runner: RunnerProcess, status: int, raw: bytes
+    ) -> ApiError:
+        """A runner's error answer as our envelope; a broken runner is restarted."""
+        message = _runner_message(raw)
+        if BROKEN_MARK in message:
+            m.runner_broken(runner, f"runner answered {status}: {message}")
+            return RunnerBroken(
+                f"runner of {m.model_id!r} was broken ({message}); it is being restarted"
+            )
+        if status == 400:
+            return InvalidRequest(f"runner refused the request: {message}")
+        # mlx_lm.server answers 404 to any failure to start a generation.
+        if m.runner_failed(runner, f"answered {status}: {message}"):
+            return RunnerBroken(
+                f"runner of {m.model_id!r} was broken ({status}: {message}); it is being restarted"
+            )
+        # Never a 404: gateways bench an upstream that answers one.
+        return UpstreamError(f"runner answered {status}: {message}")
+
+
+class RunnerBroken(UpstreamError):
+    """502 upstream_error from a runner that is being restarted (no code of its own:
+    cortex and clients know upstream_error)."""
+
+
+def _error_outcome(err: ApiError) -> str:
+    return "runner_broken" if isinstance(err, RunnerBroken) else "upstream_error"
+
+
+def _event_json(event: bytes) -> dict[str, Any] | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line[5:])
+                return obj if isinstance(obj, dict) else None
+    return None
 
 
 def _start_work(m: ModelSupervisor) -> None:
@@ -392,8 +502,7 @@ def _start_work(m: ModelSupervisor) -> None:
     m.stats.prefilling += 1
 
 
-def _runner_error(status: int, raw: bytes) -> ApiError:
-    """A runner's error answer as our envelope; never a 404 (gateways bench on it)."""
+def _runner_message(raw: bytes) -> str:
     message = raw.decode(errors="replace")[:2000]
     with contextlib.suppress(ValueError):
         body = json.loads(raw)
@@ -403,6 +512,4 @@ def _runner_error(status: int, raw: bytes) -> ApiError:
                 message = str(err.get("message", message))
             elif err is not None:
                 message = str(err)
-    if status == 400:
-        return InvalidRequest(f"runner refused the request: {message}")
-    return UpstreamError(f"runner answered {status}: {message}")
+    return message

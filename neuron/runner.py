@@ -100,6 +100,8 @@ def runner_argv(
         str(config.prompt_concurrency),
         "--prompt-cache-size",
         str(config.prompt_cache_size),
+        "--prefill-step-size",
+        str(config.prefill_step_size),
         "--max-tokens",
         str(config.max_tokens),
         "--log-level",

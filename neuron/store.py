@@ -9,6 +9,7 @@ copy under `<store>/models/`, which `/store/storage` lists and
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import shutil
@@ -53,9 +54,20 @@ class StagedCopy:
         return attrs.asdict(self)
 
 
+# Hub downloads at once; more wait their turn.
+DOWNLOAD_WORKERS = 2
+
+
 @attrs.define
 class Store:
     root: Path
+    # Downloads get their own bounded pool: stalled ones must never starve the
+    # default pool, which /health and the other endpoints use for their files.
+    _downloads: concurrent.futures.ThreadPoolExecutor = attrs.Factory(
+        lambda: concurrent.futures.ThreadPoolExecutor(
+            DOWNLOAD_WORKERS, thread_name_prefix="hub-download"
+        )
+    )
 
     @property
     def models_dir(self) -> Path:
@@ -74,7 +86,8 @@ class Store:
         if is_local_source(source):
             path = check_model_dir(source)
         else:
-            path = await asyncio.to_thread(self._download, source)
+            loop = asyncio.get_running_loop()
+            path = await loop.run_in_executor(self._downloads, self._download, source)
         self.touch(path)
         return path
 
@@ -96,6 +109,10 @@ class Store:
             ],
         )
         return check_model_dir(str(target))
+
+    def close(self) -> None:
+        # Queued downloads are dropped; a running one ends with its process.
+        self._downloads.shutdown(wait=False, cancel_futures=True)
 
     def touch(self, path: Path) -> None:
         # Only staged copies carry a last-use mark; a local source is not ours to write.

@@ -14,7 +14,9 @@ once, and the runner is restarted with exponential backoff
 restarted: alone it can never rejoin its ring, so it goes to `failed` and
 cortex tears the whole group down.  A runner that falls silent with requests
 in flight and leaves /health unanswered is killed (the stall watchdog) and
-goes the same way as a crash.
+goes the same way as a crash.  So does a broken runner: one alive but failing
+the requests it should serve ("generation thread died" in an answer or a 503
+from its /health, read every few seconds, or N failed requests in a row).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import attrs
 from neuron.admission import Admission
 from neuron.config import NeuronConfig
 from neuron.metrics import ModelStats, NeuronMetrics
+from neuron.request_check import ModelInfo
 from neuron.runner import RunnerProcess
 from neuron.store import Store, check_model_dir, is_local_source
 from shared.errors import ModelNotFound
@@ -46,6 +49,8 @@ T = TypeVar("T")
 
 WARMUP_BODY = json.dumps({"model": "default_model", "prompt": "hi", "max_tokens": 1}).encode()
 POLL_S = 0.2
+# What mlx_lm.server answers once its generation thread has died: it never recovers.
+BROKEN_MARK = "generation thread died"
 
 
 class _RunnerLost(Exception):
@@ -96,6 +101,13 @@ class ModelSupervisor:
     runner: RunnerProcess | None = None
     model_dir: Path | None = None
     load_seconds: float | None = None
+    context_limit: int | None = None
+    # Context, vocabulary and tokenizer, read once the model directory is known.
+    info: ModelInfo = attrs.Factory(ModelInfo)
+    # time.monotonic() of turning failed: the record is dropped some time later.
+    failed_at: float | None = None
+    _broken: str | None = None
+    _failures: int = 0
     _starts: int = 0
     _crashes: collections.deque[float] = attrs.Factory(collections.deque)
     _task: asyncio.Task[None] | None = None
@@ -121,6 +133,7 @@ class ModelSupervisor:
             metrics=metrics,
             session=session,
             admission=Admission(a.max_in_flight, a.max_queue, a.queue_timeout_s),
+            context_limit=req.context_limit,
         )
 
     # --- views ------------------------------------------------------------
@@ -180,6 +193,8 @@ class ModelSupervisor:
     async def _run(self) -> None:
         try:
             self.model_dir = await self.store.resolve(self.source)
+            # A tokenizer takes a moment to read: off the event loop.
+            self.info = await asyncio.to_thread(ModelInfo.load, self.model_dir, self.context_limit)
             while True:
                 try:
                     await self._run_once()
@@ -195,6 +210,7 @@ class ModelSupervisor:
                 self.runner.kill_now()  # a failed model keeps no runner
             self.state = "failed"
             self.error = describe(exc)
+            self.failed_at = time.monotonic()
 
     async def _run_once(self) -> None:
         self.state = "loading" if self._starts == 0 else "recovering"
@@ -227,12 +243,21 @@ class ModelSupervisor:
         self._crashed(runner, await self._watch(runner))
 
     async def _watch(self, runner: RunnerProcess) -> str:
-        """Wait for the runner to exit, killing it if it stalls; the reason."""
+        """Wait for the runner to exit, killing it if it stalls or breaks; the reason."""
         limit = self.config.runner.stall_timeout_s
+        check_every = self.config.runner.health_check_interval_s
+        next_check = time.monotonic() + check_every
         while True:
-            await asyncio.wait({runner.exited}, timeout=min(1.0, limit / 2))
+            await asyncio.wait({runner.exited}, timeout=min(1.0, limit / 2, check_every))
             if runner.exited.done():
+                if self._broken is not None:
+                    return f"runner broken: {self._broken}"
                 return f"runner exited with code {runner.exited.result()}"
+            if self.is_rank0 and time.monotonic() >= next_check:
+                next_check = time.monotonic() + check_every
+                if await self._reports_dead(runner):
+                    self.runner_broken(runner, "its /health reports the generation thread dead")
+                    continue
             silent = time.monotonic() - self.stats.last_byte_at
             if self.admission.in_flight and silent > limit and not await self._probe(runner):
                 # Killing it ends the streams in flight (they watch `exited`).
@@ -244,6 +269,44 @@ class ModelSupervisor:
                 runner.kill_now()
                 await asyncio.shield(runner.exited)
                 return reason
+
+    async def _reports_dead(self, runner: RunnerProcess) -> bool:
+        """Does GET /health answer 503?  (Silence is the stall watchdog's business.)"""
+        try:
+            within_s = self.config.runner.health_probe_timeout_s
+            await race_exit(self._answers(runner, within_s), runner)
+        except _RunnerLost:
+            return runner.alive
+        return False
+
+    # --- what the proxy saw of the runner's answers ---------------------------
+
+    def runner_broken(self, runner: RunnerProcess, reason: str) -> None:
+        """The runner can serve no more: kill it, and `_watch` restarts it like a crash."""
+        if self.runner is not runner or not runner.alive or self._broken is not None:
+            return
+        self._broken = reason
+        log.warning("model %s: runner broken (%s); restarting it", self.model_id, reason)
+        # Not ready from this moment: new requests wait for the replacement.
+        if self.state == "ready":
+            self.state = "recovering"
+            self.error = f"runner broken: {reason}"
+        runner.kill_now()
+
+    def runner_failed(self, runner: RunnerProcess, reason: str) -> bool:
+        """One more failed request in a row; True when that makes the runner broken."""
+        if self.runner is not runner:
+            return False
+        self._failures += 1
+        n = self.config.runner.max_consecutive_errors
+        if self._failures < n:
+            return False
+        self.runner_broken(runner, f"{self._failures} failed requests in a row; last: {reason}")
+        return True
+
+    def runner_answered(self, runner: RunnerProcess) -> None:
+        if self.runner is runner:
+            self._failures = 0
 
     async def _probe(self, runner: RunnerProcess) -> bool:
         """Does the runner answer GET /health within the probe timeout?"""
@@ -298,6 +361,8 @@ class ModelSupervisor:
     def _crashed(self, runner: RunnerProcess, reason: str) -> None:
         """Account for a lost runner; raise _GiveUp or _RunnerLost."""
         runner.kill_now()
+        self._broken = None
+        self._failures = 0
         self.metrics.runner_crashes.labels(self.model_id).inc()
         now = time.monotonic()
         self._crashes.append(now)
@@ -382,6 +447,7 @@ class Supervisor:
         await self.stop_all()
         if self._session is not None:
             await self._session.close()
+        self.store.close()
 
     async def load(self, req: LoadRequest) -> ModelSupervisor:
         """Start loading `req`, or return the model already loading/loaded (one load)."""
@@ -395,7 +461,9 @@ class Supervisor:
                 await asyncio.shield(current.stop())
             m = ModelSupervisor.create(req, self.config, self.store, self.metrics, self.session)
             self.models[req.model_id] = m
+            self.metrics.model_added(m.model_id)
             m.start()
+            self._prune_failed()
             return m
 
     def get(self, model_id: str) -> ModelSupervisor | None:
@@ -423,8 +491,24 @@ class Supervisor:
     def in_use_dirs(self) -> list[Path]:
         return [m.model_dir for m in self.models.values() if m.model_dir is not None]
 
+    def _prune_failed(self) -> None:
+        """Failed records stay a while for operators to read, but never pile up."""
+        now = time.monotonic()
+        ttl = self.config.failed_record_ttl_s
+        failed = sorted(
+            (m for m in self.models.values() if m.state == "failed" and m.failed_at is not None),
+            key=lambda m: m.failed_at or 0.0,
+            reverse=True,
+        )
+        for i, m in enumerate(failed):
+            if i >= self.config.max_failed_records or now - (m.failed_at or now) > ttl:
+                del self.models[m.model_id]
+                self.metrics.model_removed(m.model_id)
+
     def health(self) -> list[ModelHealth]:
+        self._prune_failed()
         return [m.health() for m in self.models.values()]
 
     def statuses(self) -> list[ModelStatus]:
+        self._prune_failed()
         return [m.status() for m in self.models.values()]

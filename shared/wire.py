@@ -152,6 +152,8 @@ class LoadRequest:
     source: str
     group: GroupSpec | None = None
     warmup_deadline_s: float | None = None
+    # Tokens of prompt plus output the model may take; None: from its config.json.
+    context_limit: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -159,6 +161,7 @@ class LoadRequest:
             "source": self.source,
             "group": None if self.group is None else self.group.to_json(),
             "warmup_deadline_s": self.warmup_deadline_s,
+            "context_limit": self.context_limit,
         }
 
     @classmethod
@@ -174,11 +177,17 @@ class LoadRequest:
             not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or deadline <= 0
         ):
             raise ValueError("warmup_deadline_s must be a positive number")
+        context = d.get("context_limit")
+        if context is not None and (
+            not isinstance(context, int) or isinstance(context, bool) or context < 1
+        ):
+            raise ValueError("context_limit must be a positive integer")
         return cls(
             model_id=d["model_id"],
             source=source,
             group=None if group is None else GroupSpec.from_json(group),
             warmup_deadline_s=None if deadline is None else float(deadline),
+            context_limit=context,
         )
 
 

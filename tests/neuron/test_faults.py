@@ -10,6 +10,7 @@ runners apart and check that one has really gone.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -67,7 +68,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def sse(self, events):
+        # Like mlx_lm.server: no length, the end of the stream closes the connection.
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for e in events:
+            self.wfile.write(b"data: " + json.dumps(e).encode() + b"\\n\\n")
+        self.wfile.write(b"data: [DONE]\\n\\n")
+        self.wfile.flush()
+        self.close_connection = True
+
     def do_GET(self):
+        if MODE == "health_dead" and (STATE / f"dead-{{start}}").exists():
+            self.answer(503, {{"status": "unavailable"}})
+            return
         self.answer(200, {{"status": "ok"}})
 
     def do_POST(self):
@@ -85,8 +101,22 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep({slow_s})
         if not warmup and body.get("prompt") == "die":
             os._exit(3)
-        self.answer(200, {{"id": "fake", "object": "text_completion",
-                          "choices": [{{"index": 0, "text": "x", "finish_reason": "length"}}]}})
+        if not warmup and MODE == "thread_died":
+            self.answer(404, {{"error": "generation thread died"}})
+            return
+        if not warmup and MODE == "error500":
+            self.answer(500, {{"error": "something failed"}})
+            return
+        if not warmup and MODE == "health_dead":
+            (STATE / f"dead-{{start}}").touch()
+        (STATE / "bodies").open("a").write(json.dumps(body) + "\\n")
+        head = {{"id": "fake", "object": "text_completion", "created": 1, "model": "default_model"}}
+        text = {{**head, "choices": [{{"index": 0, "text": "x", "finish_reason": "length"}}]}}
+        if body.get("stream"):
+            usage = {{"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+            self.sse([text, {{**head, "choices": [], "usage": usage}}])
+            return
+        self.answer(200, text)
 
 
 server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -264,9 +294,9 @@ async def test_runner_output_line_over_the_limit(
 async def test_slow_unary_request_has_no_total_timeout(
     neuron_app_factory: InProcessFactory, tmp_path: Path
 ) -> None:
-    """A non-streamed answer slower than idle_read_timeout_s from a healthy runner."""
+    """A non-streamed answer slower than many heartbeats from a healthy runner."""
     script, _ = fake_runner(tmp_path, "slow", slow_s=1.5)
-    server = await neuron(neuron_app_factory, script, idle_read_timeout_s=0.3)
+    server = await neuron(neuron_app_factory, script, heartbeat_s=0.1, idle_read_timeout_s=5)
     async with aiohttp.ClientSession() as session:
         c = Client(server, session)
         await c.load("m", model_dir(tmp_path))
@@ -295,10 +325,153 @@ async def test_runner_lost_mid_request_counts_once(
         assert reason.strip(), body
         counted = await c.metrics()
         assert counted[("neuron_requests_total", (("model", "m"), ("outcome", "upstream_lost")))]
-        rejected = [k for k in counted if k[0] == "neuron_rejected_requests_total"]
-        assert rejected == [], rejected
+        rejected = {k: v for k, v in counted.items() if k[0] == "neuron_rejected_requests_total"}
+        assert rejected and set(rejected.values()) == {0}, rejected
 
 
 def test_describe_never_empty() -> None:
     assert describe(TimeoutError()) == "TimeoutError()"
     assert describe(ValueError("bad")) == "bad"
+
+
+async def test_generation_thread_died_answer_restarts_the_runner(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """ "generation thread died": 502 naming a broken runner, restarted, reason in /models."""
+    script, state = fake_runner(tmp_path, "thread_died")
+    server = await neuron(neuron_app_factory, script)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        await c.state_in("m", "ready")
+        status, body = await c.post("/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 502, body
+        assert body["error"]["code"] == "upstream_error"
+        assert "broken" in body["error"]["message"]
+        assert await c.state_in("m", "recovering", "ready") == "recovering"
+        m = await c.model("m")
+        assert m is not None and "generation thread died" in m["error"], m
+        async with session.get(server.make_url("/health")) as r:
+            assert (await r.json())["status"] == "degraded"
+        await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        assert await c.state_in("m", "ready", "failed") == "ready"
+        assert alive(pid_of(state, 1))
+        counted = await c.metrics()
+        assert counted[("neuron_requests_total", (("model", "m"), ("outcome", "runner_broken")))]
+
+
+async def test_consecutive_5xx_make_a_runner_broken(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """N failed answers in a row: the Nth is 502 'broken' and the runner is replaced."""
+    script, state = fake_runner(tmp_path, "error500")
+    server = await neuron(neuron_app_factory, script, runner={"max_consecutive_errors": 3})
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        await c.state_in("m", "ready")
+        for _ in range(2):
+            status, body = await c.post("/v1/completions", {"model": "m", "prompt": "x"})
+            assert status == 502 and "broken" not in body["error"]["message"], body
+        assert alive(pid_of(state, 0))
+        status, body = await c.post("/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 502 and "broken" in body["error"]["message"], body
+        await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        m = await c.model("m")
+        assert m is not None and "3 failed requests in a row" in (m["error"] or ""), m
+
+
+async def test_health_503_restarts_the_runner(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """A runner whose /health turns 503 is found by the periodic read, and replaced."""
+    script, state = fake_runner(tmp_path, "health_dead")
+    server = await neuron(neuron_app_factory, script, runner={"health_check_interval_s": 0.2})
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        await c.state_in("m", "ready")
+        status, body = await c.post("/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 200, body  # ...and from now on its /health says 503
+        await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        m = await c.model("m")
+        assert m is not None and "/health" in (m["error"] or ""), m
+        assert await c.state_in("m", "ready", "failed") == "ready"
+
+
+async def test_runner_gets_only_allow_listed_fields(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """What reached the runner: checked fields, its own model name, stream with usage."""
+    script, state = fake_runner(tmp_path, "record")
+    server = await neuron(neuron_app_factory, script)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        await c.load("m", model_dir(tmp_path))
+        await c.state_in("m", "ready")
+        body = {"model": "m", "prompt": "x", "draft_model": "/a", "adapters": "/b", "n": 1}
+        status, answer = await c.post("/v1/completions", body)
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == "x"
+        assert answer["usage"]["completion_tokens"] == 1
+    sent = [json.loads(line) for line in (state / "bodies").read_text().splitlines()]
+    assert sent[-1] == {
+        "model": "default_model",
+        "prompt": "x",
+        "max_tokens": 512,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def test_failed_records_are_bounded_and_expire(
+    neuron_app_factory: InProcessFactory, tmp_path: Path
+) -> None:
+    """Junk loads that fail: at most N listed, dropped after the TTL, series gone too."""
+    server = await neuron_app_factory(
+        runner=RunnerConfig(python=str(tmp_path / "no-such-python")),
+        max_failed_records=3,
+        failed_record_ttl_s=1.5,
+    )
+    source = model_dir(tmp_path)
+    async with aiohttp.ClientSession() as session:
+        c = Client(server, session)
+        for i in range(8):
+            await c.load(f"junk{i}", source)
+            assert await c.state_in(f"junk{i}", "failed") == "failed"
+        async with session.get(server.make_url("/models")) as r:
+            listed = [m["model_id"] for m in (await r.json())["models"]]
+        assert sorted(listed) == ["junk5", "junk6", "junk7"]
+        models = {dict(k[1]).get("model") for k in await c.metrics()}
+        assert "junk0" not in models and "junk7" in models
+        await c.gone("junk7")
+        models = {dict(k[1]).get("model") for k in await c.metrics()}
+        assert not any(str(m).startswith("junk") for m in models), models
+
+
+async def test_stalled_hub_downloads_leave_health_answering(
+    neuron_factory: Any, monkeypatch: Any
+) -> None:
+    """Eight downloads from a hub that never answers: /health still answers at once."""
+    import socket
+    import time
+
+    from tests.conftest import http_json
+
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(64)  # connections are accepted by the kernel, and never answered
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        n = neuron_factory()
+        for i in range(8):
+            status, body = n.post("/models/load", {"model_id": f"hub{i}", "source": f"org/m{i}"})
+            assert status == 202, body
+        for _ in range(3):
+            t0 = time.monotonic()
+            status, _ = await asyncio.to_thread(http_json, n.url + "/health", None, 30.0)
+            assert status == 200
+            assert time.monotonic() - t0 < 5.0  # bounded: a starved pool waits out the hub
+    finally:
+        hub.close()

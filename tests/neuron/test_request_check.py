@@ -1,0 +1,245 @@
+"""The allow-list, unit by unit, with the demo model's real tokenizer and config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuron.request_check import (
+    BYTES_PER_TOKEN,
+    Checked,
+    Kind,
+    ModelInfo,
+    check_size,
+    count_prompt,
+    finish,
+    validate,
+)
+from shared.assemble import assemble, data_events
+from shared.errors import InvalidRequest
+
+CHAT = [{"role": "user", "content": "Once upon a time"}]
+
+
+@pytest.fixture(scope="module")
+def info(demo_model: Path) -> ModelInfo:
+    return ModelInfo.load(demo_model)
+
+
+def check(body: dict[str, Any], info: ModelInfo, kind: Kind = "chat") -> Checked:
+    draft = validate({"model": "m", **body}, kind, info)
+    check_size(draft, info)
+    return finish(draft, count_prompt(draft, info), info, default=512)
+
+
+def refused(body: dict[str, Any], info: ModelInfo, kind: Kind = "chat") -> str | None:
+    with pytest.raises(InvalidRequest) as exc:
+        check(body, info, kind)
+    return exc.value.param
+
+
+def test_model_info_from_config_and_tokenizer(info: ModelInfo, demo_model: Path) -> None:
+    """Context and vocabulary from config.json; a tokenizer from tokenizer.json."""
+    config = json.loads((demo_model / "config.json").read_text())
+    assert info.context_limit == config["max_position_embeddings"]
+    assert info.vocab_size == config["vocab_size"]
+    assert info.count_tokens(["Once upon a time"]) == len(
+        info.tokenizer.encode("Once upon a time", add_special_tokens=False).ids
+    )
+    assert ModelInfo.load(demo_model, context_limit=100).context_limit == 100
+
+
+def test_runner_body_is_built_from_the_allow_list_only(info: ModelInfo) -> None:
+    """Paths and unknown fields never reach the runner; it always streams with usage."""
+    c = check(
+        {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}], "x": 1}],
+            "draft_model": "/etc",
+            "adapters": "/tmp/evil",
+            "num_draft_tokens": 3,
+            "role_mapping": {"user": "U"},
+            "chat_template_kwargs": {"x": 1},
+            "xtc_probability": 0.5,
+            "whatever": True,
+            "temperature": 0,
+            "seed": 7,
+            "stop": "\n",
+            "logit_bias": {"1": -100},
+            "user": "me",
+        },
+        info,
+    )
+    assert c.body == {
+        "model": "default_model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0,
+        "seed": 7,
+        "stop": ["\n"],
+        "logit_bias": {"1": -100.0},
+        "max_tokens": 512,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert (c.stream, c.include_usage, c.runner_stream) == (False, False, True)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"stop": [123]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"logit_bias": {"512": 1}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 1000}}, "logit_bias"),
+        ({"logit_bias": {"5": "1"}}, "logit_bias"),
+        ({"top_k": 512}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+        ({"n": 2}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": "y"}}, "stream_options"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": "x"}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"top_logprobs": 99}, "top_logprobs"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}
+                ]
+            },
+            "messages",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}],
+                    }
+                ]
+            },
+            "messages",
+        ),
+    ],
+)
+def test_bad_chat_field_is_refused_naming_it(
+    info: ModelInfo, body: dict[str, Any], param: str
+) -> None:
+    assert refused({"messages": CHAT, **body}, info) == param
+
+
+@pytest.mark.parametrize("prompt", [123, ["a", "b"], [1, 2], None, "\udfff"])
+def test_completions_prompt_must_be_a_string(info: ModelInfo, prompt: Any) -> None:
+    assert refused({"prompt": prompt}, info, "completions") == "prompt"
+
+
+def test_max_tokens_capped_at_the_context_left(info: ModelInfo) -> None:
+    """A huge max_tokens, or none, never asks for more than the context holds."""
+    c = check({"prompt": "Once upon a time", "max_tokens": 10**9}, info, "completions")
+    assert c.prompt_tokens is not None and c.prompt_tokens > 1
+    assert c.max_tokens == 4096 - c.prompt_tokens
+    small = ModelInfo(context_limit=20, vocab_size=info.vocab_size, tokenizer=info.tokenizer)
+    assert check({"messages": CHAT}, small).max_tokens < 20
+
+
+def test_prompt_over_the_context_is_refused(info: ModelInfo) -> None:
+    """Counted over the limit: 400; far over by bytes: 400 without tokenizing."""
+    words = " ".join(f"w{i}" for i in range(3000))
+    assert refused({"prompt": words}, info, "completions") == "prompt"
+    assert refused({"messages": [{"role": "user", "content": words}]}, info) == "messages"
+    no_tokenizer = ModelInfo(context_limit=10)
+    huge = "a" * (10 * BYTES_PER_TOKEN + 1)
+    assert refused({"prompt": huge}, no_tokenizer, "completions") == "prompt"
+
+
+def test_logprobs_unstreamed_stay_unstreamed(info: ModelInfo) -> None:
+    """Only the runner's unstreamed answer carries logprobs."""
+    c = check({"messages": CHAT, "logprobs": True, "top_logprobs": 2}, info)
+    assert not c.runner_stream and "stream" not in c.body
+    s = check({"messages": CHAT, "logprobs": True, "stream": True}, info)
+    assert s.runner_stream and s.body["stream_options"] == {"include_usage": True}
+
+
+def test_a_model_without_tokenizer_or_config_still_gets_checked_fields(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    info = ModelInfo.load(tmp_path)
+    c = check({"prompt": "x", "logit_bias": {"70000": 1}}, info, "completions")
+    assert c.prompt_tokens is None and c.max_tokens == 512
+    assert refused({"prompt": "x", "stop": [1]}, info, "completions") == "stop"
+
+
+CHAT_STREAM = b"""data: {"id": "c1", "system_fingerprint": "fp", \
+"object": "chat.completion.chunk", "model": "default_model", "created": 5, \
+"choices": [{"index": 0, "finish_reason": null, \
+"delta": {"role": "assistant", "content": "Hel"}}]}
+
+: keepalive 1/2
+
+data: {"id": "c1", "system_fingerprint": "fp", "object": "chat.completion.chunk", \
+"model": "default_model", "created": 5, "choices": [{"index": 0, "finish_reason": null, \
+"delta": {"role": "assistant", "reasoning": "hm", "tool_calls": [{"index": 0, "id": "t", \
+"type": "function", "function": {"name": "f", "arguments": "{\\"a\\""}}]}}]}
+
+data: {"id": "c1", "system_fingerprint": "fp", "object": "chat.completion.chunk", \
+"model": "default_model", "created": 5, "choices": [{"index": 0, "finish_reason": "tool_calls", \
+"delta": {"role": "assistant", "content": "lo", "tool_calls": [{"index": 0, \
+"function": {"arguments": ": 1}"}}]}}]}
+
+data: {"id": "c1", "object": "chat.completion", "model": "default_model", "created": 5, \
+"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+data: [DONE]
+
+"""
+
+
+def test_assemble_chat_with_reasoning_and_tool_calls() -> None:
+    out = assemble(data_events(CHAT_STREAM))
+    assert out == {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 5,
+        "model": "default_model",
+        "system_fingerprint": "fp",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": "Hello",
+                    "reasoning": "hm",
+                    "tool_calls": [
+                        {
+                            "id": "t",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a": 1}'},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def test_assemble_empty_chat_content_is_none() -> None:
+    chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {}, "finish_reason": "stop"}]}
+    assert assemble([chunk])["choices"][0]["message"] == {"role": "assistant", "content": None}
