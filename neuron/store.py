@@ -1,6 +1,8 @@
 """The model store: where sources resolve to local directories.
 
-A local source is used in place and must be a model directory (config.json).
+A local source is used in place and must be a model directory (config.json)
+inside the store or a configured model root, after symlinks and `..` are
+resolved: a caller may not make the neuron open paths of its choosing.
 A hub source (`org/name`) is downloaded with huggingface_hub into a staged
 copy under `<store>/models/`, which `/store/storage` lists and
 `/store/purge-staging` may remove when no runner uses it.
@@ -20,7 +22,8 @@ import attrs
 
 from shared.errors import InvalidModelPath
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# org/name; a name of only dots would be a path step, not a repo.
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/(?!\.{1,2}$)[\w.-]+$")
 LAST_USE = ".neuron-last-use"
 
 
@@ -56,6 +59,39 @@ class StagedCopy:
 @attrs.define
 class Store:
     root: Path
+    # Directories besides the store that local sources may live in.
+    model_roots: tuple[Path, ...] = ()
+
+    def local_model_dir(self, source: str) -> Path:
+        """The resolved model directory of a local source, or InvalidModelPath.
+
+        Checked after resolving symlinks and `..`, before looking inside, so a
+        refused path tells the caller nothing about what exists there.
+        """
+        try:
+            resolved = Path(source).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+            raise InvalidModelPath(
+                f"model path {source!r} cannot be resolved: {exc}", param="source"
+            ) from exc
+        roots = [r.expanduser().resolve() for r in (self.root, *self.model_roots)]
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise InvalidModelPath(
+                f"model path {source!r} is outside the store and every configured model_roots"
+                f" directory ({', '.join(str(r) for r in roots)})",
+                param="source",
+            )
+        try:
+            return check_model_dir(str(resolved))
+        except OSError as exc:  # no permission, a name too long
+            raise InvalidModelPath(
+                f"model path {source!r} cannot be read: {exc.strerror or exc}", param="source"
+            ) from exc
+
+    def check_source(self, source: str) -> None:
+        """InvalidModelPath now for a local source a load could never use."""
+        if is_local_source(source):
+            self.local_model_dir(source)
 
     @property
     def models_dir(self) -> Path:
@@ -72,7 +108,7 @@ class Store:
     async def resolve(self, source: str) -> Path:
         """A local model directory for `source`, downloading hub models first."""
         if is_local_source(source):
-            path = check_model_dir(source)
+            path = self.local_model_dir(source)
         else:
             path = await asyncio.to_thread(self._download, source)
         self.touch(path)
