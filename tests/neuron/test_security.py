@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from neuron.config import NeuronConfig
 from neuron.store import Store
@@ -41,6 +42,11 @@ async def _call(
         s.request(method, url, json=body, headers=headers) as r,
     ):
         return r.status, await r.json(content_type=None)
+
+
+def _port(server: TestServer) -> int:
+    assert server.port is not None
+    return server.port
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -100,7 +106,7 @@ async def test_non_utf8_token_bytes_are_401_not_500(
     server = await neuron_app_factory(fleet_token=TOKEN)
     with caplog.at_level(logging.INFO):
         answer = await rawhttp.send(
-            server.port,
+            _port(server),
             rawhttp.request("GET", "/models", headers={"Authorization": "Bearer \xff\xfe\x80"}),
         )
     assert (answer.status, answer.code) == (401, "invalid_api_key")
@@ -226,9 +232,9 @@ async def test_unreadable_bodies_are_400_envelopes(
     """Deep nesting, bad gzip, unknown encodings, non-UTF-8: 400 envelope, nothing at ERROR."""
     server = await neuron_app_factory()
     with caplog.at_level(logging.INFO):
-        answer = await rawhttp.send(server.port, rawhttp.request("POST", path, body, headers))
+        answer = await rawhttp.send(_port(server), rawhttp.request("POST", path, body, headers))
         # The connection state is sane afterwards: the next request is served.
-        health = await rawhttp.send(server.port, rawhttp.request("GET", "/health"))
+        health = await rawhttp.send(_port(server), rawhttp.request("GET", "/health"))
     assert (answer.status, answer.code) == (400, code), answer
     assert health.status == 200
     _no_errors(caplog)
@@ -239,7 +245,7 @@ async def test_good_gzip_body_is_read(neuron_app_factory: InProcessFactory) -> N
     server = await neuron_app_factory()
     body = gzip.compress(b'{"model_id": "m"}')
     answer = await rawhttp.send(
-        server.port,
+        _port(server),
         rawhttp.request("POST", "/models/unload", body, {"Content-Encoding": "gzip"}),
     )
     assert (answer.status, answer.code) == (404, "model_not_found"), answer
@@ -303,10 +309,10 @@ async def test_oversize_body_is_413_envelope(neuron_app_factory: InProcessFactor
     """The neuron's own body limit answers 413 request_too_large, plain or gzipped."""
     server = await neuron_app_factory(max_body_bytes=4096)
     big = b'{"model_id": "' + b"m" * 8192 + b'"}'
-    answer = await rawhttp.send(server.port, rawhttp.request("POST", "/models/load", big))
+    answer = await rawhttp.send(_port(server), rawhttp.request("POST", "/models/load", big))
     assert (answer.status, answer.code) == (413, "request_too_large")
     answer = await rawhttp.send(
-        server.port,
+        _port(server),
         rawhttp.request("POST", "/models/load", gzip.compress(big), {"Content-Encoding": "gzip"}),
     )
     assert (answer.status, answer.code) == (413, "request_too_large")
@@ -334,6 +340,6 @@ async def test_parser_errors_are_4xx_and_not_logged_as_errors(
     they are the client's fault, so nothing is logged at ERROR with a traceback."""
     server = await neuron_app_factory()
     with caplog.at_level(logging.DEBUG):
-        answer = await rawhttp.send(server.port, data)
+        answer = await rawhttp.send(_port(server), data)
     assert 400 <= answer.status < 500
     _no_errors(caplog)
