@@ -343,3 +343,16 @@ async def test_parser_errors_are_4xx_and_not_logged_as_errors(
         answer = await rawhttp.send(_port(server), data)
     assert 400 <= answer.status < 500
     _no_errors(caplog)
+
+
+async def test_listening_beyond_loopback_without_token_warns(
+    neuron_app_factory: InProcessFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A neuron told to listen on the LAN with no fleet token says so at start."""
+    with caplog.at_level(logging.WARNING, logger="neuron.app"):
+        await neuron_app_factory(host="127.0.0.1")
+        assert "without a fleet token" not in caplog.text
+        await neuron_app_factory(host="0.0.0.0", fleet_token=TOKEN)
+        assert "without a fleet token" not in caplog.text
+        await neuron_app_factory(host="0.0.0.0")
+    assert "listening on 0.0.0.0 without a fleet token" in caplog.text
