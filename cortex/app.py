@@ -45,6 +45,7 @@ from shared.errors import (
     InvalidRequest,
     ModelNotFound,
     error_middleware,
+    quiet_bad_requests,
     read_json_object,
 )
 
@@ -70,6 +71,7 @@ def create_app(
     config: CortexConfig, *, catalogue: Catalogue | None = None, background: bool = True
 ) -> web.Application:
     """The gateway. `background=False` leaves polling to the caller (tests drive it)."""
+    quiet_bad_requests()
     cat = catalogue if catalogue is not None else Catalogue.load(config.catalogue)
     auth = Auth(keys=config.api_keys, admin_token=config.admin_token)
     drain = Drain(paths=INFERENCE_PATHS)
@@ -106,9 +108,16 @@ def _services(*, background: bool) -> Any:
     async def services(app: web.Application) -> AsyncIterator[None]:
         cfg = app[CONFIG]
         metrics = app[METRICS]
-        poll_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # The fleet token on every call to a neuron (poller, loader, proxy). The
+        # proxy drops the client's own Authorization, so this is the one that arrives.
+        headers = {} if cfg.fleet_token is None else {"Authorization": f"Bearer {cfg.fleet_token}"}
+        poll_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), headers=headers
+        )
         # No pool limit: every stream holds a connection for its whole life.
-        proxy_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        proxy_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), headers=headers
+        )
         poller = Poller(
             fleet=app[FLEET],
             session=poll_session,

@@ -37,16 +37,21 @@ def presented_key(request: web.Request) -> str | None:
     if scheme.lower() == "basic" and token.strip():
         try:
             user_pass = base64.b64decode(token.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # not base64, not ASCII, not UTF-8
             return None
         return user_pass.partition(":")[2] or None
     return request.headers.get("X-Api-Key") or None
 
 
+def _bytes(text: str) -> bytes:
+    """Header bytes that are not UTF-8 arrive as surrogates: encode them, never fail."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 @attrs.frozen
 class Auth:
     keys: tuple[ApiKey, ...] = ()
-    admin_token: str | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +67,7 @@ class Auth:
         found = None
         for k in self.keys:
             # Compare with every key in constant time: no timing hint of a near miss.
-            if hmac.compare_digest(k.key.encode(), given.encode()):
+            if hmac.compare_digest(_bytes(k.key), _bytes(given)):
                 found = k
         if found is None:
             raise InvalidApiKey("unknown API key")
@@ -74,7 +79,7 @@ class Auth:
                 raise InvalidApiKey("admin endpoints need admin_token set in cortex.toml")
             return
         given = presented_key(request) or ""
-        if not hmac.compare_digest(self.admin_token.encode(), given.encode()):
+        if not hmac.compare_digest(_bytes(self.admin_token), _bytes(given)):
             raise InvalidApiKey("admin endpoints need the admin token")
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +32,7 @@ examples:
 a minimal cortex.toml:
   port = 9400
   catalogue = "models.toml"     # relative to this file
+  fleet_token_file = "/etc/cortex-neuron/fleet-token"   # the neurons' token too
   [[neurons]]
   name = "studio-1"
   url = "http://10.0.0.11:9410"
@@ -123,7 +125,19 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  neuron     {n.name} {n.url}")
     auth = f"on, {len(config.api_keys)} key(s)" if config.api_keys else "off"
     print(f"  auth       {auth}")
+    print(f"  fleet      {_token_source(config)}")
     return 0
+
+
+def _token_source(config: CortexConfig) -> str:
+    """Where the fleet token came from; never the token."""
+    if config.fleet_token is None:
+        return "no fleet token: neurons must run without one (their API is open)"
+    env = config.fleet_token_env
+    where = f"environment variable {env}" if env and os.environ.get(env) else "file"
+    if where == "file":
+        where = f"file {config.fleet_token_file}"
+    return f"token set (from {where}), sent to every neuron"
 
 
 def _fleet(argv: Sequence[str]) -> int:

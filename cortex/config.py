@@ -10,7 +10,7 @@ from pathlib import Path
 
 import attrs
 
-from shared.config import load_config
+from shared.config import NOT_IN_TOML, check_token, load_config, read_token
 
 
 @attrs.frozen
@@ -35,7 +35,7 @@ class NeuronRef:
 class ApiKey:
     """A client key and the models it may use (ids or aliases; "*" for all)."""
 
-    key: str
+    key: str = attrs.field(repr=False)
     models: tuple[str, ...] = ("*",)
     # A label for logs and metrics; never the key itself.
     name: str = ""
@@ -76,7 +76,13 @@ class CortexConfig:
     affinity_margin: int = 4
     affinity_entries: int = 8192
     api_keys: tuple[ApiKey, ...] = ()
-    admin_token: str | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    # The fleet token cortex sends to every neuron (the same as theirs): from this
+    # environment variable if set, else from this file.
+    fleet_token_env: str | None = None
+    fleet_token_file: str | None = None
+    # The token itself, resolved by from_file; never read from TOML, never in repr.
+    fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
     # How long the request that starts a cold load waits for it before it, like
     # everyone else, is told 503 model_loading.
     load_wait_s: float = 5.0
@@ -119,12 +125,18 @@ class CortexConfig:
             raise ValueError(f"ring_base_port must be in 1024..{65535 - 1000 * 16}")
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("admin_token must be at least 8 characters")
+        if self.fleet_token is not None:
+            check_token(self.fleet_token)
 
     @classmethod
     def from_file(cls, path: str | Path) -> CortexConfig:
         """Read a `cortex.toml`; the catalogue path is taken from the file's folder."""
         cfg = load_config(cls, path)
+        base = Path(path).resolve().parent
         cat = Path(cfg.catalogue).expanduser()
         if not cat.is_absolute():
-            cat = Path(path).resolve().parent / cat
-        return attrs.evolve(cfg, catalogue=str(cat))
+            cat = base / cat
+        token = read_token(
+            file=cfg.fleet_token_file, env=cfg.fleet_token_env, base=base, config=str(path)
+        )
+        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token)

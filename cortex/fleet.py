@@ -1,8 +1,10 @@
 """`cortex fleet`: a whole local fleet from nothing, for trying things out.
 
-Builds the demo model if missing, writes a config for each neuron and for
-cortex under one directory, starts them as child processes, waits until a
-real chat answer comes back through cortex, and prints the URL and a curl line.
+Builds the demo model if missing, writes a fresh fleet token and a config for
+each neuron and for cortex under one directory (the neurons answer only
+cortex, and load only from the fleet's models dir), starts them as child
+processes, waits until a real chat answer comes back through cortex, and
+prints the URL and a curl line.
 Ctrl-C (or SIGTERM) stops everything; nothing is left behind.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,6 +24,7 @@ from typing import Any
 from shared.blocking_http import request_json
 
 NODE_NAMES = "abcdefgh"
+TOKEN_FILE = "fleet-token"
 
 
 def _bin(name: str) -> str:
@@ -38,8 +42,19 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def write_token(root: Path) -> Path:
+    """A new fleet token in `root`, readable by this user only."""
+    path = root / TOKEN_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir: Path) -> Path:
     """The fleet's config files under `root`; returns the cortex config path."""
+    write_token(root)
     neurons = []
     for i in range(nodes):
         name = NODE_NAMES[i]
@@ -47,6 +62,7 @@ def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir
             f"# neuron {name} of the local demo fleet (written by `cortex fleet`)\n"
             f'host = "127.0.0.1"\nport = {neuron_port + i}\n'
             f'store_dir = "store-{name}"\nnode_name = "{name}"\n'
+            f'model_roots = ["{model_dir.parent}"]\nfleet_token_file = "{TOKEN_FILE}"\n'
             "[runner]\ndecode_concurrency = 4\nmax_tokens = 64\n"
         )
         neurons.append(
@@ -61,7 +77,7 @@ def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir
     cortex.write_text(
         "# cortex of the local demo fleet (written by `cortex fleet`)\n"
         f'host = "127.0.0.1"\nport = {port}\ncatalogue = "models.toml"\n'
-        "poll_interval_s = 1.0\n\n" + "\n".join(neurons)
+        f'fleet_token_file = "{TOKEN_FILE}"\npoll_interval_s = 1.0\n\n' + "\n".join(neurons)
     )
     return cortex
 

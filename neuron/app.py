@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from neuron.auth import fleet_token_middleware
 from neuron.config import NeuronConfig
 from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes
 from neuron.metrics import NeuronMetrics
@@ -17,8 +21,14 @@ from neuron.proxy import Proxy
 from neuron.store import Store
 from neuron.supervisor import Supervisor
 from shared.drain import Drain
-from shared.errors import ApiError, InvalidRequest, error_middleware, read_json_object
-from shared.wire import LoadRequest, NodeHealth, NodeStatus
+from shared.errors import (
+    ApiError,
+    InvalidRequest,
+    error_middleware,
+    quiet_bad_requests,
+    read_json_object,
+)
+from shared.wire import FieldError, LoadRequest, NodeHealth, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +47,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     supervisor = app[SUPERVISOR]
     await supervisor.open()
     app[NODE_ID] = await asyncio.to_thread(load_or_create_node_id, config.store_path)
+    if config.fleet_token is None and not _loopback(config.host):
+        log.warning(
+            "listening on %s without a fleet token: anyone who can reach this port can "
+            "load and unload models (set fleet_token_file or fleet_token_env)",
+            config.host,
+        )
     for entry in config.load:
         try:
+            app[STORE].check_source(entry.source)
             await supervisor.load(LoadRequest(model_id=entry.model_id, source=entry.source))
         except ApiError as exc:
             # One bad [[load]] entry must not keep the node from serving the others.
@@ -55,14 +72,23 @@ async def _drain(app: web.Application) -> None:
     await app[DRAIN].close(app[CONFIG].drain_s)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def create_app(config: NeuronConfig) -> web.Application:
+    quiet_bad_requests()
     drain = Drain(paths=INFERENCE_PATHS)
-    app = web.Application(
-        middlewares=[error_middleware, drain.middleware()], client_max_size=config.max_body_bytes
-    )
+    middlewares: list[Middleware] = [error_middleware, drain.middleware()]
+    if config.fleet_token is not None:
+        middlewares.append(fleet_token_middleware(config.fleet_token))
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
-    store = Store(config.store_path)
+    store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
     supervisor = Supervisor(config=config, store=store, metrics=metrics)
     metrics.watch(supervisor.health)
     app[CONFIG] = config
@@ -147,8 +173,9 @@ async def post_load(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     try:
         req = LoadRequest.from_json(body)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidRequest(f"bad load request: {exc}") from exc
+    except FieldError as exc:
+        raise InvalidRequest(f"bad load request: {exc}", param=exc.param) from exc
+    request.app[STORE].check_source(req.source)  # 400 before any work
     m = await request.app[SUPERVISOR].load(req)
     return web.json_response(m.status().to_json(), status=202)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import attrs
 
-from shared.config import load_config
+from shared.config import NOT_IN_TOML, check_token, load_config, read_token
 
 
 @attrs.frozen
@@ -133,6 +133,15 @@ class NeuronConfig:
     # Failed models stay listed (with their error) this long, and at most this many.
     failed_record_ttl_s: float = 600.0
     max_failed_records: int = 16
+    # Directories local model sources may live in, besides the store (a load of
+    # any other path is refused: the API must not open paths of a caller's choosing).
+    model_roots: tuple[str, ...] = ()
+    # The fleet token (shared with cortex): from this environment variable if set,
+    # else from this file. Once set, every endpoint but /health and /metrics needs it.
+    fleet_token_env: str | None = None
+    fleet_token_file: str | None = None
+    # The token itself, resolved by from_file; never read from TOML, never in repr.
+    fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -149,6 +158,10 @@ class NeuronConfig:
             raise ValueError("drain_s must be >= 0")
         if self.failed_record_ttl_s <= 0 or self.max_failed_records < 0:
             raise ValueError("failed_record_ttl_s must be > 0, max_failed_records >= 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.fleet_token is not None:
+            check_token(self.fleet_token)
         ids = [e.model_id for e in self.load]
         if len(ids) != len(set(ids)):
             raise ValueError("[[load]] names a model_id twice")
@@ -162,6 +175,10 @@ class NeuronConfig:
         """Read a `neuron.toml`; relative paths in it are taken from the file's folder."""
         cfg = load_config(cls, path)
         base = Path(path).resolve().parent
+        token = read_token(
+            file=cfg.fleet_token_file, env=cfg.fleet_token_env, base=base, config=str(path)
+        )
+        roots = tuple(str(base / Path(r).expanduser()) for r in cfg.model_roots)
         store = Path(cfg.store_dir).expanduser()
         loads = tuple(
             attrs.evolve(e, source=str((base / e.source).resolve()))
@@ -170,5 +187,9 @@ class NeuronConfig:
             for e in cfg.load
         )
         return attrs.evolve(
-            cfg, store_dir=str(store if store.is_absolute() else base / store), load=loads
+            cfg,
+            store_dir=str(store if store.is_absolute() else base / store),
+            load=loads,
+            model_roots=roots,
+            fleet_token=token,
         )

@@ -1,6 +1,8 @@
 """The model store: where sources resolve to local directories.
 
-A local source is used in place and must be a model directory (config.json).
+A local source is used in place and must be a model directory (config.json)
+inside the store or a configured model root, after symlinks and `..` are
+resolved: a caller may not make the neuron open paths of its choosing.
 A hub source (`org/name`) is downloaded with huggingface_hub into a staged
 copy under `<store>/models/`, which `/store/storage` lists and
 `/store/purge-staging` may remove when no runner uses it.
@@ -21,7 +23,8 @@ import attrs
 
 from shared.errors import InvalidModelPath
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# org/name; a name of only dots would be a path step, not a repo.
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/(?!\.{1,2}$)[\w.-]+$")
 LAST_USE = ".neuron-last-use"
 
 
@@ -61,6 +64,8 @@ DOWNLOAD_WORKERS = 2
 @attrs.define
 class Store:
     root: Path
+    # Directories besides the store that local sources may live in.
+    model_roots: tuple[Path, ...] = ()
     # Downloads get their own bounded pool: stalled ones must never starve the
     # default pool, which /health and the other endpoints use for their files.
     _downloads: concurrent.futures.ThreadPoolExecutor = attrs.Factory(
@@ -68,6 +73,37 @@ class Store:
             DOWNLOAD_WORKERS, thread_name_prefix="hub-download"
         )
     )
+
+    def local_model_dir(self, source: str) -> Path:
+        """The resolved model directory of a local source, or InvalidModelPath.
+
+        Checked after resolving symlinks and `..`, before looking inside, so a
+        refused path tells the caller nothing about what exists there.
+        """
+        try:
+            resolved = Path(source).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+            raise InvalidModelPath(
+                f"model path {source!r} cannot be resolved: {exc}", param="source"
+            ) from exc
+        roots = [r.expanduser().resolve() for r in (self.root, *self.model_roots)]
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise InvalidModelPath(
+                f"model path {source!r} is outside the store and every configured model_roots"
+                f" directory ({', '.join(str(r) for r in roots)})",
+                param="source",
+            )
+        try:
+            return check_model_dir(str(resolved))
+        except OSError as exc:  # no permission, a name too long
+            raise InvalidModelPath(
+                f"model path {source!r} cannot be read: {exc.strerror or exc}", param="source"
+            ) from exc
+
+    def check_source(self, source: str) -> None:
+        """InvalidModelPath now for a local source a load could never use."""
+        if is_local_source(source):
+            self.local_model_dir(source)
 
     @property
     def models_dir(self) -> Path:
@@ -84,7 +120,7 @@ class Store:
     async def resolve(self, source: str) -> Path:
         """A local model directory for `source`, downloading hub models first."""
         if is_local_source(source):
-            path = check_model_dir(source)
+            path = self.local_model_dir(source)
         else:
             loop = asyncio.get_running_loop()
             path = await loop.run_in_executor(self._downloads, self._download, source)

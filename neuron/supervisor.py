@@ -39,7 +39,7 @@ from neuron.config import NeuronConfig
 from neuron.metrics import ModelStats, NeuronMetrics
 from neuron.request_check import ModelInfo
 from neuron.runner import RunnerProcess
-from neuron.store import Store, check_model_dir, is_local_source
+from neuron.store import Store
 from shared.errors import ModelNotFound
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
@@ -455,8 +455,8 @@ class Supervisor:
             current = self.models.get(req.model_id)
             if current is not None and current.state not in ("failed", "unloading"):
                 return current
-            if is_local_source(req.source):
-                check_model_dir(req.source)  # 400 now, rather than a failed load later
+            # 400 now (outside the roots, not a model), rather than a failed load later.
+            self.store.check_source(req.source)
             if current is not None:
                 await asyncio.shield(current.stop())
             m = ModelSupervisor.create(req, self.config, self.store, self.metrics, self.session)

@@ -13,12 +13,19 @@ from typing import Any
 
 
 def request_json(
-    method: str, url: str, body: Any = None, timeout: float = 30.0
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, Message]:
     """(status, parsed body or raw text, headers); HTTP errors are answers, not exceptions."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -6,6 +6,7 @@ mistyped key is an error that names the key and the file.
 
 from __future__ import annotations
 
+import os
 import tomllib
 import types
 import typing
@@ -15,6 +16,10 @@ from typing import Any, TypeVar
 import attrs
 
 T = TypeVar("T")
+
+# attrs metadata of a field no TOML file may set (a secret resolved from its source).
+NOT_IN_TOML = {"toml": False}
+MIN_TOKEN_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -43,7 +48,11 @@ def structure(cls: type[T], data: Any, *, file: str, where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: {where or 'top level'} must be a table")
     attrs.resolve_types(cls)  # type: ignore[type-var]
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    fields = {
+        f.name: f
+        for f in attrs.fields(cls)  # type: ignore[arg-type]
+        if f.metadata.get("toml", True)
+    }
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
@@ -123,3 +132,44 @@ def _convert(tp: Any, value: Any, *, file: str, key: str) -> Any:
 def _tname(value: Any) -> str:
     names: dict[type, str] = {dict: "table", list: "array"}
     return names.get(type(value), type(value).__name__)
+
+
+def check_token(token: str, what: str = "fleet token") -> None:
+    """ValueError unless `token` is long enough and fits an Authorization header."""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"the {what} must be at least {MIN_TOKEN_CHARS} characters")
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError(f"the {what} must be printable ASCII without spaces")
+
+
+def read_token(
+    *, file: str | None, env: str | None, base: Path, config: str, what: str = "fleet_token"
+) -> str | None:
+    """A secret from the environment variable `env` if it is set, else from `file`.
+
+    None when neither is configured. A configured source that yields nothing is an
+    error, never an open service. The message names the source, never the secret.
+    """
+    source = ""
+    token: str | None = None
+    if env is not None and os.environ.get(env):
+        source, token = f"environment variable {env}", os.environ[env].strip()
+    elif file is not None:
+        path = Path(file).expanduser()
+        path = path if path.is_absolute() else base / path
+        source = f"file {path}"
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config}: {what}_file: cannot read {path}: {exc}") from exc
+    elif env is not None:
+        raise ConfigError(
+            f"{config}: {what}_env names {env}, which is not set (and no {what}_file is given)"
+        )
+    if token is None:
+        return None
+    try:
+        check_token(token, what.replace("_", " "))
+    except ValueError as exc:
+        raise ConfigError(f"{config}: {exc} (read from the {source})") from exc
+    return token

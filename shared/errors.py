@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class ApiError(Exception):
     code: ClassVar[str] = "internal_error"
     type: ClassVar[str] = "server_error"
     default_retry_after: ClassVar[int | None] = None
+    # The connection cannot carry another request (its body was never read to the end).
+    close_connection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -62,7 +65,10 @@ class ApiError(Exception):
         return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def to_response(self) -> web.Response:
-        return web.json_response(self.to_json(), status=self.status, headers=self.headers())
+        resp = web.json_response(self.to_json(), status=self.status, headers=self.headers())
+        if self.close_connection:
+            resp.force_close()
+        return resp
 
     @classmethod
     def from_envelope(cls, status: int, body: Any, retry_after: str | None = None) -> ApiError:
@@ -99,6 +105,12 @@ class InvalidRequest(ApiError):
     status = 400
     code = "invalid_request"
     type = "invalid_request_error"
+
+
+class BadRequestBody(InvalidRequest):
+    """A body that could not be read: bad gzip, bad chunked encoding, cut short."""
+
+    close_connection = True
 
 
 class PlacementRefused(InvalidRequest):
@@ -238,19 +250,77 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return InternalError("internal error; see the server log").to_response()
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or InvalidRequest."""
+# What aiohttp decodes; any other Content-Encoding would reach us as raw bytes.
+CONTENT_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The (decoded) request body, or the typed error: 413, or 400 for bytes we cannot read."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise InvalidRequest(f"unsupported Content-Encoding {encoding[:40]!r}")
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestTooLarge(f"request body over the limit ({exc.text})") from exc
+    except web.RequestPayloadError as exc:
+        # The parser gave up on this body. Marked ended, so aiohttp does not read the
+        # rest after we answer (which raises again, logged as a crash); the answer
+        # closes the connection.
+        request.content.feed_eof()
+        cause = exc.__cause__ or exc
+        raise BadRequestBody(f"cannot read the request body: {_describe(cause)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return str(text).splitlines()[0][:200] if str(text).strip() else type(exc).__name__
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest."""
+    raw = await read_body(request)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+        # NaN and Infinity are not JSON; a runner would choke on them downstream.
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise InvalidRequest("body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
+        raise InvalidRequest(f"body is not valid JSON: {_describe(exc)}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
     return body
+
+
+class _ClientFaultFilter(logging.Filter):
+    """aiohttp logs a malformed request (bad request line, header, chunk) as an ERROR
+    with a traceback: the client's fault, not ours, so one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and isinstance(
+            exc, HttpProcessingError | web.RequestPayloadError
+        ):
+            record.msg = f"{record.getMessage()}: bad request: {_describe(exc)}"
+            record.args = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install the filter above on aiohttp's server logger, once per process.
+
+    The answer itself stays aiohttp's plain-text 400: its parser errors are written
+    by the protocol before any application code (or middleware) runs.
+    """
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaultFilter) for f in logger.filters):
+        logger.addFilter(_ClientFaultFilter())
 
 
 def sse_error_frame(message: str, code: int = 502, kind: str = "upstream_error") -> bytes:

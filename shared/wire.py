@@ -109,25 +109,45 @@ class GroupSpec:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> GroupSpec:
+    def from_json(cls, d: Any, where: str = "group") -> GroupSpec:
+        """Strictly: a wrong type anywhere is a FieldError naming the field."""
+        if not isinstance(d, dict):
+            raise FieldError(where, f"must be an object, not {_jtype(d)}")
         backend = d.get("backend", "ring")
         sharding = d.get("sharding", "tensor")
         if backend not in ("ring", "jaccl"):
-            raise ValueError(f"group.backend must be ring or jaccl, not {backend!r}")
+            raise FieldError(f"{where}.backend", f"must be ring or jaccl, not {backend!r}")
         if sharding not in ("tensor", "pipeline"):
-            raise ValueError(f"group.sharding must be tensor or pipeline, not {sharding!r}")
-        rank, world = int(d["rank"]), int(d["world_size"])
+            raise FieldError(f"{where}.sharding", f"must be tensor or pipeline, not {sharding!r}")
+        group_id = d.get("group_id")
+        if not isinstance(group_id, str) or not group_id:
+            raise FieldError(f"{where}.group_id", "must be a non-empty string")
+        rank = _int(d.get("rank"), f"{where}.rank")
+        world = _int(d.get("world_size"), f"{where}.world_size")
+        if not 1 <= world <= MAX_WORLD_SIZE:
+            raise FieldError(f"{where}.world_size", f"must be 1..{MAX_WORLD_SIZE}, not {world}")
         if not 0 <= rank < world:
-            raise ValueError(f"group.rank {rank} outside world size {world}")
-        hosts = tuple(str(h) for h in d.get("hosts", ()))
-        ibv = tuple(tuple(r) for r in d.get("ibv_devices", ()))
+            raise FieldError(f"{where}.rank", f"{rank} is outside world size {world}")
+        hosts = tuple(_strs(d.get("hosts", []), f"{where}.hosts"))
+        rows = d.get("ibv_devices", [])
+        if not isinstance(rows, list):
+            raise FieldError(f"{where}.ibv_devices", f"must be an array, not {_jtype(rows)}")
+        ibv = tuple(
+            tuple(_strs(r, f"{where}.ibv_devices[{i}]", none_ok=True)) for i, r in enumerate(rows)
+        )
         coordinator = d.get("coordinator")
+        if coordinator is not None and not isinstance(coordinator, str):
+            raise FieldError(f"{where}.coordinator", "must be a string or null")
         if world > 1 and backend == "ring" and len(hosts) != world:
-            raise ValueError(f"group.hosts must name {world} ranks for ring, not {len(hosts)}")
+            raise FieldError(
+                f"{where}.hosts", f"must name {world} ranks for ring, not {len(hosts)}"
+            )
         if world > 1 and backend == "jaccl" and (not coordinator or len(ibv) != world):
-            raise ValueError(f"a jaccl group needs a coordinator and {world} ibv_devices rows")
+            raise FieldError(
+                f"{where}.coordinator", f"a jaccl group needs a coordinator and {world} ibv_devices"
+            )
         return cls(
-            group_id=str(d["group_id"]),
+            group_id=group_id,
             rank=rank,
             world_size=world,
             backend=backend,
@@ -135,15 +155,54 @@ class GroupSpec:
             hosts=hosts,
             coordinator=coordinator,
             ibv_devices=ibv,
-            layer_split=_layer_split(d.get("layer_split", ()), world),
+            layer_split=_layer_split(d.get("layer_split", []), world, f"{where}.layer_split"),
         )
 
 
-def _layer_split(raw: Any, world: int) -> tuple[int, ...]:
-    split = tuple(raw or ())
-    if split and (len(split) != world or not all(isinstance(x, int) and x > 0 for x in split)):
-        raise ValueError(f"group.layer_split must be {world} positive integers, not {raw!r}")
-    return split
+MAX_WORLD_SIZE = 1024
+MAX_NAME_CHARS = 256
+MAX_PATH_CHARS = 4096
+
+
+class FieldError(ValueError):
+    """A field with the wrong type or value; `param` names it (dotted for nested ones)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
+def _jtype(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else "?")
+
+
+def _int(value: Any, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FieldError(param, f"must be an integer, not {_jtype(value)}")
+    return value
+
+
+def _strs(value: Any, param: str, *, none_ok: bool = False) -> list[Any]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) or (none_ok and v is None) for v in value
+    ):
+        raise FieldError(param, "must be an array of strings")
+    return value
+
+
+def _layer_split(raw: Any, world: int, param: str = "group.layer_split") -> tuple[int, ...]:
+    if raw is None:
+        return ()
+    if (
+        not isinstance(raw, list | tuple)
+        or (raw and len(raw) != world)
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in raw)
+    ):
+        raise FieldError(param, f"must be {world} positive integers, not {raw!r}"[:200])
+    return tuple(raw)
 
 
 @attrs.frozen
@@ -166,24 +225,33 @@ class LoadRequest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LoadRequest:
-        if not isinstance(d.get("model_id"), str) or not d["model_id"]:
-            raise ValueError("model_id must be a non-empty string")
-        source = d.get("source", d["model_id"])
-        if not isinstance(source, str) or not source:
-            raise ValueError("source must be a non-empty string")
+        """Strictly: a wrong type or an unknown field is a FieldError naming it."""
+        unknown = sorted(set(d) - {f.name for f in attrs.fields(cls)})
+        if unknown:
+            raise FieldError(unknown[0][:100], "is not a load request field")
+        model_id = d.get("model_id")
+        if not isinstance(model_id, str) or not 0 < len(model_id) <= MAX_NAME_CHARS:
+            raise FieldError("model_id", f"must be a string of 1..{MAX_NAME_CHARS} characters")
+        source = d.get("source", model_id)
+        if not isinstance(source, str) or not 0 < len(source) <= MAX_PATH_CHARS:
+            raise FieldError("source", f"must be a string of 1..{MAX_PATH_CHARS} characters")
+        if "\x00" in source or "\x00" in model_id:
+            raise FieldError("source" if "\x00" in source else "model_id", "holds a NUL byte")
         group = d.get("group")
         deadline = d.get("warmup_deadline_s")
         if deadline is not None and (
-            not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or deadline <= 0
+            not isinstance(deadline, (int, float))
+            or isinstance(deadline, bool)
+            or not 0 < deadline < float("inf")
         ):
-            raise ValueError("warmup_deadline_s must be a positive number")
+            raise FieldError("warmup_deadline_s", "must be a positive number")
         context = d.get("context_limit")
         if context is not None and (
             not isinstance(context, int) or isinstance(context, bool) or context < 1
         ):
-            raise ValueError("context_limit must be a positive integer")
+            raise FieldError("context_limit", "must be a positive integer")
         return cls(
-            model_id=d["model_id"],
+            model_id=model_id,
             source=source,
             group=None if group is None else GroupSpec.from_json(group),
             warmup_deadline_s=None if deadline is None else float(deadline),

@@ -31,6 +31,9 @@ from neuron.demo_model import build_demo_model
 from shared.blocking_http import request_json
 
 READY_TIMEOUT_S = 120.0
+# Every test's files (the demo model, broken copies of it) live under pytest's base
+# temp dir: neurons started here take it as their model root unless told otherwise.
+TEST_ROOT: list[Path] = []
 # The demo model's end-of-text token (id 1) banned: random weights may pick it
 # at any step, and a test that needs a long stream must not see it end early.
 LONG_STREAM = {"max_tokens": 100000, "logit_bias": {"1": -100}}
@@ -83,10 +86,13 @@ def wait_until(predicate: Any, timeout: float = READY_TIMEOUT_S, what: str = "co
 
 
 def http_json(
-    url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
+    url: str, body: dict[str, Any] | None = None, timeout: float = 10.0, token: str | None = None
 ) -> tuple[int, Any]:
     """A blocking JSON request (GET without body, POST with); (status, parsed body)."""
-    status, answer, _ = request_json("GET" if body is None else "POST", url, body, timeout)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    status, answer, _ = request_json(
+        "GET" if body is None else "POST", url, body, timeout, headers=headers
+    )
     return status, answer
 
 
@@ -98,6 +104,8 @@ class NeuronProcess:
     port: int
     process: subprocess.Popen[bytes]
     host: str = "127.0.0.1"
+    # The fleet token its config names (fleet_token_file), sent on every call.
+    token: str | None = None
 
     @property
     def url(self) -> str:
@@ -113,7 +121,12 @@ class NeuronProcess:
     ) -> NeuronProcess:
         """Start `neuron serve`; `wrap` turns the command into another (a netns exec)."""
         dir.mkdir(parents=True, exist_ok=True)
-        config = {"port": free_port(), "store_dir": str(dir / "store"), **(settings or {})}
+        config = {
+            "port": free_port(),
+            "store_dir": str(dir / "store"),
+            "model_roots": [str(r) for r in TEST_ROOT],
+            **(settings or {}),
+        }
         (dir / "neuron.toml").write_text(tomli_w.dumps(config))
         log = (dir / "neuron.log").open("ab")
         argv = [sys.executable, "-m", "neuron.cli", "serve", "-c", str(dir / "neuron.toml")]
@@ -129,6 +142,11 @@ class NeuronProcess:
             port=int(config["port"]),
             process=process,
             host=str(config.get("host", "127.0.0.1")),
+            token=(
+                Path(config["fleet_token_file"]).read_text().strip()
+                if "fleet_token_file" in config
+                else None
+            ),
         )
         wait_until(n._up, timeout=60, what=f"neuron at {n.url}")
         return n
@@ -145,10 +163,10 @@ class NeuronProcess:
         return (self.dir / "neuron.log").read_text(errors="replace")
 
     def get(self, path: str) -> tuple[int, Any]:
-        return http_json(self.url + path)
+        return http_json(self.url + path, token=self.token)
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        return http_json(self.url + path, body)
+        return http_json(self.url + path, body, token=self.token)
 
     def model(self, model_id: str) -> dict[str, Any] | None:
         _, body = self.get("/models")
@@ -179,6 +197,11 @@ class NeuronProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    TEST_ROOT[:] = [tmp_path_factory.getbasetemp()]
 
 
 @pytest.fixture(scope="session")
@@ -219,6 +242,7 @@ async def neuron_app_factory(tmp_path: Path) -> AsyncIterator[InProcessFactory]:
 
     async def start(**settings: Any) -> TestServer:
         settings.setdefault("store_dir", str(tmp_path / f"store{len(servers)}"))
+        settings.setdefault("model_roots", tuple(str(r) for r in TEST_ROOT))
         server = TestServer(create_app(NeuronConfig(port=0, **settings)), port=0)
         await server.start_server()
         servers.append(server)
