@@ -281,7 +281,7 @@ def _used_names() -> set[str]:
 
 def _exported(text: str) -> set[str]:
     """Sample names a /metrics page exports, with each family's suffixes from # TYPE."""
-    names = set()
+    names: set[str] = set()
     suffixes = {
         "counter": ("_total",),
         "histogram": ("_bucket", "_sum", "_count"),

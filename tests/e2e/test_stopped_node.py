@@ -42,7 +42,7 @@ def fleet(
 
     def both_ready() -> bool:
         locs = c.model(model_id)["locations"]
-        return sum(loc["state"] == "ready" and loc["healthy"] for loc in locs) == 2
+        return sum(bool(loc["state"] == "ready" and loc["healthy"]) for loc in locs) == 2
 
     wait_until(both_ready, 60, "both replicas ready in cortex")
     try:
