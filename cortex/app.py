@@ -31,10 +31,10 @@ from cortex.keys import (
     Started,
 )
 from cortex.loader import Loader
-from cortex.metrics import CONTENT_TYPE, Metrics
+from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, Metrics
 from cortex.placement import candidates
 from cortex.poller import Poller
-from cortex.proxy import Proxy, request_id
+from cortex.proxy import Outcome, Proxy, request_id
 from cortex.reconciler import Reconciler
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
@@ -88,7 +88,7 @@ def create_app(
     app[FLEET] = Fleet.of(
         ((n.name, n.base_url) for n in config.neurons), threshold=config.failure_threshold
     )
-    app[METRICS] = Metrics.create(m.id for m in cat.models)
+    app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
     app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
     app.cleanup_ctx.append(_services(background=background))
     app.router.add_post("/v1/chat/completions", _chat)
@@ -193,7 +193,7 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
     metrics = app[METRICS]
     started = time.monotonic()
     label = "other"
-    status = 500
+    outcome = Outcome()
     rid = request_id(request)
     try:
         body = await read_json_object(request)
@@ -209,14 +209,18 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
             raise InvalidRequest("'messages' must be a non-empty array", param="messages")
         key: ApiKey | None = request.get(REQUEST_KEY)
         app[AUTH].check_model(key, model, app[CATALOGUE])
-        resp = await app[PROXY].handle(request, path, body, raw, rid)
-        status = resp.status
+        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome)
+        # A stream's outcome is what it sent (set by the proxy as it went).
+        outcome.code = outcome.code or str(resp.status)
         return resp
     except ApiError as exc:
-        status = exc.status
+        outcome.code = outcome.code or str(exc.status)
+        raise
+    except asyncio.CancelledError:
+        outcome.code = outcome.code or CLIENT_CLOSED
         raise
     finally:
-        metrics.requests.labels(label, str(status)).inc()
+        metrics.requests.labels(label, outcome.code or "500").inc()
         metrics.request_duration.labels(label).observe(time.monotonic() - started)
 
 
@@ -286,8 +290,56 @@ async def _models(request: web.Request) -> web.Response:
 async def _health(request: web.Request) -> web.Response:
     snap = request.app[FLEET].snapshot()
     healthy, total = len(snap.healthy), len(snap.nodes)
-    status = "ok" if total and healthy == total else "degraded"
-    return web.json_response({"status": status, "nodes": {"healthy": healthy, "total": total}})
+    broken = unserved_models(snap, request.app[CATALOGUE])
+    status = "ok" if total and healthy == total and not broken else "degraded"
+    return web.json_response(
+        {
+            "status": status,
+            "nodes": {"healthy": healthy, "total": total},
+            "models_without_replica": broken,
+        }
+    )
+
+
+def unserved_models(snap: FleetSnapshot, cat: Catalogue) -> list[dict[str, Any]]:
+    """Models that should be served but have no working replica, each with why.
+
+    Wanted (keep_loaded or pinned_on) or loaded somewhere, yet no replica is ready
+    on a healthy node; one merely loading (a cold load under way) is on its way,
+    not broken.
+    """
+    ids = [s.id for s in cat.models]
+    ids += sorted({m.model_id for n in snap.nodes for m in n.models} - set(ids))
+    out = []
+    for mid in ids:
+        spec = cat.get(mid)
+        locs = [(n, m) for n, m in snap.locations(mid) if m.serves_http]
+        wanted = spec is not None and (spec.keep_loaded or bool(spec.pinned_on))
+        if not locs and not wanted:
+            continue
+        if any(n.healthy and m.state == "ready" for n, m in locs):
+            continue
+        if mid in snap.loading or any(
+            n.healthy and m.state in ("loading", "warming") for n, m in locs
+        ):
+            continue
+        replicas = [
+            {"node": n.name, "healthy": n.healthy, "state": m.state, "error": m.error}
+            for n, m in locs
+        ]
+        failure = snap.failure(mid)
+        if failure is not None:
+            why = f"last load failed: {failure.message}"
+        elif not locs:
+            why = "loaded nowhere"
+        else:
+            why = "; ".join(
+                f"{r['node']}: {r['state'] if r['healthy'] else 'node unhealthy'}"
+                + (f" ({r['error']})" if r["error"] else "")
+                for r in replicas
+            )
+        out.append({"model": mid, "reason": why, "replicas": replicas})
+    return out
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -60,10 +60,13 @@ class CortexConfig:
     poll_timeout_s: float = 1.5
     failure_threshold: int = 3
     # Proxy: time to get a connection, and the longest a stream may stay silent
-    # (neurons send a keepalive comment every second or so while busy).
+    # once it has begun: a few of the neurons' heartbeats (a `: keepalive` every
+    # heartbeat_s = 1 s while busy), so a stalled node costs a client seconds.
     connect_timeout_s: float = 3.0
-    idle_read_timeout_s: float = 60.0
-    # A non-streaming answer arrives in one piece; this bounds the whole wait.
+    idle_read_timeout_s: float = 5.0
+    # The longest wait for a neuron's answer headers (it sends them once it admits
+    # a request; unstreamed, with the whole answer). A node that stops answering is
+    # not waited for this long: polls mark it down and its attempts end at once.
     response_timeout_s: float = 600.0
     max_body_bytes: int = 8 * 1024 * 1024
     # On SIGTERM: requests in flight may finish for this long, then streams still

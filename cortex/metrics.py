@@ -5,13 +5,55 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cortex.state import NodeState
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+# Every value a label takes, so each series exists at 0 before its first event:
+# increase() over a series born mid-burst reads the burst as nothing.
+# cortex_requests_total{code}: the HTTP status answered, or how a stream ended
+# once its 200 was sent (a completed one stays "200").
+STREAM_ERROR = "stream_error"
+CLIENT_CLOSED = "client_closed"
+REQUEST_CODES = (
+    "200",
+    "400",
+    "401",
+    "403",
+    "404",
+    "413",
+    "429",
+    "500",
+    "502",
+    "503",
+    STREAM_ERROR,
+    CLIENT_CLOSED,
+)
+# Why a stream that had sent its first byte ended in an error frame.
+STREAM_ERROR_REASONS = ("upstream_error", "stalled", "lost", "node_down")
+# Why an attempt was retried on another replica before the client saw anything.
+RETRY_REASONS = (
+    "connect",
+    "no_answer",
+    "no_first_byte",
+    "queue_full",
+    "gone",
+    "node_down",
+    "runner_fault",
+    "upstream_5xx",
+)
+COLD_LOAD_RESULTS = ("ok", "failed")
 
 
 @attrs.define
@@ -33,9 +75,12 @@ class Metrics:
     models: frozenset[str] = frozenset()
 
     @classmethod
-    def create(cls, models: Iterable[str] = ()) -> Metrics:
+    def create(cls, models: Iterable[str] = (), nodes: Iterable[str] = ()) -> Metrics:
+        # `_created` series double every counter's output and nothing reads them
+        # (a process-wide switch of prometheus_client; idempotent).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         r = CollectorRegistry(auto_describe=True)
-        return cls(
+        out = cls(
             registry=r,
             requests=Counter(
                 "cortex_requests_total",
@@ -77,8 +122,9 @@ class Metrics:
             ),
             stream_errors=Counter(
                 "cortex_stream_errors_total",
-                "Streams that failed after their first byte",
-                ["model"],
+                "Streams that ended in an error frame after their first byte (cortex's own"
+                " or a neuron's relayed), by reason",
+                ["model", "reason"],
                 registry=r,
             ),
             node_healthy=Gauge(
@@ -111,6 +157,28 @@ class Metrics:
             ),
             models=frozenset(models),
         )
+        out._preinitialise(tuple(nodes))
+        return out
+
+    def _preinitialise(self, nodes: tuple[str, ...]) -> None:
+        for model in (*sorted(self.models), "other"):
+            for code in REQUEST_CODES:
+                self.requests.labels(model, code)
+            for reason in STREAM_ERROR_REASONS:
+                self.stream_errors.labels(model, reason)
+            for result in COLD_LOAD_RESULTS:
+                self.cold_loads.labels(model, result)
+            self.evictions.labels(model)
+            self.request_duration.labels(model)
+            self.first_byte.labels(model)
+            self.in_flight.labels(model)
+            self.cold_load_duration.labels(model)
+        for reason in RETRY_REASONS:
+            self.upstream_retries.labels(reason)
+        for node in nodes:
+            self.passive_failures.labels(node)
+            self.node_healthy.labels(node)
+            self.node_failures.labels(node)
 
     def model(self, name: str | None) -> str:
         return name if name is not None and name in self.models else "other"

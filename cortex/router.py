@@ -79,12 +79,15 @@ def route(
     exclude: Collection[str] = (),
     full: Collection[str] = (),
     margin: int = 4,
+    rotation: int = 0,
 ) -> Route | ColdLoad:
     """Where a request for `model` goes now, or the typed reason it cannot.
 
     `prefix` are the request's affinity keys, longest prefix first; `affinity`
     maps a key to the node that last served it. `exclude` are nodes that failed
     this request before its first byte, `full` those that answered queue_full.
+    `rotation` spreads ties: equally loaded replicas take turns as it changes
+    (the proxy passes a counter), and a fixed value keeps tests deterministic.
     """
     spec = catalogue.resolve(model)
     model_id = spec.id if spec is not None else model
@@ -101,7 +104,7 @@ def route(
     serving = [(n, m) for n, m in locs if (n.healthy or n.name in exclude) and m.serves_http]
     ready = [(n, m) for n, m in serving if m.state == "ready"]
     if ready:
-        return _pick(snap, model_id, ready, prefix, affinity or {}, exclude, full, margin)
+        return _pick(snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation)
     if model_id in snap.loading or any(m.state in LOADING_STATES for _, m in serving):
         raise ModelLoading(f"model {model_id!r} is loading; retry shortly")
     failure = snap.failure(model_id)
@@ -147,6 +150,7 @@ def _pick(
     exclude: Collection[str],
     full: Collection[str],
     margin: int,
+    rotation: int,
 ) -> Route:
     usable = [(n, m) for n, m in ready if n.name not in exclude and n.name not in full]
     if not usable:
@@ -167,8 +171,16 @@ def _pick(
             return Route(model_id, node, by_name[node].url, "affinity", loads[node])
         # The longest remembered prefix decides; its replica is gone or too busy.
         break
-    # Ties go to the node with less work overall, then by name (stable, testable).
-    n, _ = min(usable, key=lambda nm: (loads[nm[0].name], nm[0].load, nm[0].name))
+
+    # Ties go to the node with less work overall (any model, polled or cortex's own
+    # count), then take turns: breaking them by name sent every idle-fleet request
+    # to one node.
+    def rank(n: NodeState) -> tuple[int, int]:
+        return loads[n.name], max(n.load, snap.node_outstanding(n.name))
+
+    top = min(rank(n) for n, _ in usable)
+    tied = sorted((n for n, _ in usable if rank(n) == top), key=lambda n: n.name)
+    n = tied[rotation % len(tied)]
     return Route(model_id, n.name, n.url, "least_loaded", loads[n.name])
 
 
@@ -316,12 +328,30 @@ def prefix_keys(body: Mapping[str, Any]) -> tuple[str, ...]:
         if not isinstance(prompt, str):
             prompt = json.dumps(prompt, sort_keys=True) if prompt is not None else ""
         if prompt:
-            ends = list(range(PROMPT_BLOCK_CHARS, len(prompt), PROMPT_BLOCK_CHARS))
-            for end in [*ends, len(prompt)]:
-                digest = hashlib.sha256(f"{model}\x1e{prompt[:end]}".encode()).hexdigest()
-                keys.append(digest[:32])
+            keys = _prompt_keys(model, prompt)
     keys.reverse()
     return tuple(keys[:MAX_PREFIX_KEYS])
+
+
+def _prompt_keys(model: str, prompt: str) -> list[str]:
+    """sha256(model, 0x1e, prompt[:end]) at every block end and at the prompt's end.
+
+    One running hash over the prompt, copied at the block ends whose keys are
+    kept (only the last MAX_PREFIX_KEYS): linear in the prompt, where hashing
+    every prefix from scratch was quadratic (minutes near the body limit).
+    """
+    ends = [*range(PROMPT_BLOCK_CHARS, len(prompt), PROMPT_BLOCK_CHARS), len(prompt)]
+    kept = set(ends[-MAX_PREFIX_KEYS:])
+    h = hashlib.sha256(f"{model}\x1e".encode(errors="surrogatepass"))
+    keys = []
+    start = 0
+    for end in ends:
+        # A lone surrogate cannot be UTF-8: hash it as itself, not fail the request.
+        h.update(prompt[start:end].encode(errors="surrogatepass"))
+        start = end
+        if end in kept:
+            keys.append(h.copy().hexdigest()[:32])
+    return keys
 
 
 def _is_system(message: Any) -> bool:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import pytest
 
 from cortex.config import CortexConfig
 from neuron.config import NeuronConfig
+from tests.conftest import NeuronProcess, http_json, wait_until
+from tests.e2e.conftest import CortexProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "packaging"
@@ -27,7 +30,8 @@ METRICS = {
     "cortex_requests_total",
     "cortex_cold_loads_total",
     "neuron_model_state",
-    "neuron_queue_rejections_total",
+    "neuron_rejected_requests_total",
+    "cortex_stream_errors_total",
 }
 
 PROMTOOL = shutil.which("promtool")
@@ -270,3 +274,64 @@ def test_example_configs_cover_every_key() -> None:
         shown = tomllib.loads((PKG / "examples" / name).read_text())
         keys = {f.name for f in attrs.fields(cls) if f.metadata.get("toml", True)}
         assert keys - set(shown) == set(), name
+
+
+# A name in PromQL: not a function, keyword or label (those are followed by `(` or `=`).
+_NAME = re.compile(r"\b((?:cortex|neuron)_[a-zA-Z0-9_]*)\b(?!\s*[(=])")
+
+
+def _used_names() -> set[str]:
+    rules = [r["expr"] for g in _yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]]
+    return {m for e in [*rules, *_dashboard_exprs()] for m in _NAME.findall(e)}
+
+
+def _exported(text: str) -> set[str]:
+    """Sample names a /metrics page exports, with each family's suffixes from # TYPE."""
+    names: set[str] = set()
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count"),
+    }
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(maxsplit=3)
+            # A counter with no sample yet is declared with its `_total` already.
+            family = family.removesuffix("_total") if kind == "counter" else family
+            names.update(family + s for s in suffixes.get(kind, ("",)))
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_alerts_and_dashboard_use_only_names_live_services_export(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    """A real cortex and a real neuron with the demo model loaded serve a request; every
+    metric name the alert rules and the dashboard query is in their live /metrics."""
+    used = _used_names()
+    assert {"neuron_rejected_requests_total", "cortex_requests_total"} <= used
+    neuron = NeuronProcess.start(tmp_path / "neuron")
+    cortex: CortexProcess | None = None
+    try:
+        neuron.load_ready("demo", demo_model)
+        cortex = CortexProcess.write(
+            tmp_path / "cortex", [("a", neuron)], [{"id": "demo", "source": str(demo_model)}]
+        ).start()
+
+        def served() -> bool:
+            body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+            status, _ = http_json(cortex.url + "/v1/chat/completions", {**body, "max_tokens": 4})
+            return status == 200
+
+        wait_until(served, 60, "a chat answer through cortex")
+        text = ""
+        for base in (cortex.url, neuron.url):
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+                text += resp.read().decode() + "\n"
+    finally:
+        if cortex is not None:
+            cortex.stop()
+        neuron.stop()
+    missing = sorted(used - _exported(text))
+    assert missing == [], f"used by alerts/dashboard, exported by nobody: {missing}"

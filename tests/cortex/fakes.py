@@ -101,8 +101,13 @@ class FakeNeuron:
     memory_per_model: int = 2 * GIB
     stream_chunks: list[bytes] = attrs.Factory(sse_frames)
     die_after_first_byte: bool = False
+    # A pause between the last chunk ([DONE]) and the end of the body, as a neuron
+    # has while its runner winds down: a client may leave in between.
+    linger_after_last_s: float = 0.0
     # A stream pauses after its first chunk until this is set.
     stream_gate: asyncio.Event | None = None
+    # A one-piece (non-streamed) answer waits until this is set (a node gone silent).
+    answer_gate: asyncio.Event | None = None
     # (status, code): /v1/* answers this error envelope instead of a completion.
     chat_error: tuple[int, str] | None = None
     # The Retry-After of its 429 and 503 answers.
@@ -263,6 +268,8 @@ class FakeNeuron:
             return _envelope(404, "model_not_found", "no such model here")
         m.last_used = time.time()
         if not body.get("stream"):
+            if self.answer_gate is not None:
+                await self.answer_gate.wait()
             return web.json_response(
                 {
                     "id": "c1",
@@ -285,6 +292,7 @@ class FakeNeuron:
                     return resp
                 if i == 0 and self.stream_gate is not None:
                     await self.stream_gate.wait()
+            await asyncio.sleep(self.linger_after_last_s)
             await resp.write_eof()
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
@@ -333,7 +341,8 @@ async def gateway(
 ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     """A running cortex in front of `neurons`, polled once so they are healthy."""
     app = create_app(config(neurons, **kw), catalogue=cat or catalogue(), background=False)
-    async with TestClient(TestServer(app)) as client:
+    # Like `cortex serve`: a client that disconnects cancels its handler.
+    async with TestClient(TestServer(app, handler_cancellation=True)) as client:
         await app[POLLER].poll_once()
         yield client
 

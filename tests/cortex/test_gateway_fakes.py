@@ -424,7 +424,11 @@ async def test_health_degraded_when_a_node_is_down(two: list[FakeNeuron]) -> Non
         for _ in range(3):
             await client.app[POLLER].poll_once()
         body = await (await client.get("/health")).json()
-        assert body == {"status": "degraded", "nodes": {"healthy": 1, "total": 2}}
+        assert body == {
+            "status": "degraded",
+            "nodes": {"healthy": 1, "total": 2},
+            "models_without_replica": [],
+        }
 
 
 async def test_metrics_use_cortex_names(two: list[FakeNeuron]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import string
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -290,6 +293,42 @@ def test_excluded_replica_is_skipped() -> None:
     assert isinstance(r, Route) and r.node == "b"
 
 
+def test_ties_are_spread_not_broken_by_name() -> None:
+    """Equally idle replicas take turns as the rotation changes; none is always first."""
+    s = snap(node("a", rm("m1")), node("b", rm("m1")), node("c", rm("m1")))
+    picked = []
+    for rotation in range(6):
+        r = go(s, "m1", rotation=rotation)
+        assert isinstance(r, Route)
+        picked.append(r.node)
+    assert sorted(picked) == ["a", "a", "b", "b", "c", "c"]
+    # The same rotation gives the same answer: the router stays a pure function.
+    assert go(s, "m1", rotation=4) == go(s, "m1", rotation=4)
+
+
+def test_a_node_busy_with_abandoned_work_is_not_preferred() -> None:
+    """A node still working on a request its client left (polled in_flight) loses every tie."""
+    s = snap(
+        node("a", rm("m1", in_flight=1)),  # the abandoned prompt still runs here
+        node("b", rm("m1")),
+    )
+    for rotation in range(4):
+        r = go(s, "m1", rotation=rotation)
+        assert isinstance(r, Route) and r.node == "b"
+
+
+def test_work_cortex_sent_but_not_finished_counts_across_models() -> None:
+    """Cortex's own count of requests outstanding on a node, for any model, breaks a tie."""
+    s = snap(
+        node("a", rm("m1"), rm("x")),
+        node("b", rm("m1"), rm("x")),
+        outstanding={("a", "x"): 2},
+    )
+    for rotation in range(4):
+        r = go(s, "m1", rotation=rotation)
+        assert isinstance(r, Route) and r.node == "b"
+
+
 def _conversation(turns: int) -> dict[str, Any]:
     msgs: list[dict[str, str]] = [{"role": "system", "content": "be brief"}]
     for i in range(turns):
@@ -349,6 +388,33 @@ def test_prefix_keys_for_completions_share_leading_blocks() -> None:
     b = prefix_keys({"model": "m1", "prompt": base + "two"})
     assert set(a) & set(b)
     assert a[0] != b[0]
+
+
+def _prefix_key(model: str, text: str) -> str:
+    """The key of one prefix, hashed from scratch (what the affinity table remembers)."""
+    return hashlib.sha256(f"{model}\x1e{text}".encode()).hexdigest()[:32]
+
+
+def test_prefix_keys_for_completions_are_the_prefix_hashes() -> None:
+    """Each key is the hash of the prompt up to a block end (longest first), as before."""
+    prompt = "".join(chr(0x61 + i % 26) for i in range(256 * 5 + 17)) + "é✓"
+    keys = prefix_keys({"model": "m1", "prompt": prompt})
+    ends = [len(prompt), 256 * 5, 256 * 4, 256 * 3, 256 * 2, 256]
+    assert keys == tuple(_prefix_key("m1", prompt[:e]) for e in ends)
+
+
+def test_prefix_keys_of_an_8_mib_prompt_are_fast_and_keep_the_shared_prefix() -> None:
+    """Linear, not quadratic: an 8 MiB prompt takes well under a second, and a prompt
+    sharing its first 8 MiB with another finds that prefix's key (affinity kept)."""
+    base = (string.ascii_lowercase * (8 * 1024 * 1024 // 26 + 1))[: 8 * 1024 * 1024]
+    started = time.monotonic()
+    keys = prefix_keys({"model": "m1", "prompt": base})
+    took = time.monotonic() - started
+    assert took < 1.0, f"prefix_keys took {took:.2f} s"
+    assert len(keys) == 32 and keys[0] == _prefix_key("m1", base)
+    longer = prefix_keys({"model": "m1", "prompt": base + "and a new question"})
+    assert keys[0] in longer
+    assert prefix_keys({"model": "m1", "prompt": "\ud800 lone"})
 
 
 # -- eviction ---------------------------------------------------------------------------
