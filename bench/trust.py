@@ -43,7 +43,7 @@ MODEL = "demo"
 # (So the same bench runs against a checkout from before model_roots existed.)
 _HAS_ROOTS = "model_roots" in attrs.fields_dict(NeuronConfig)
 # Random weights may end a stream at any step: ban the end-of-text token (id 1).
-LONG = {"max_tokens": 100000, "logit_bias": {"1": -1000}}
+LONG = {"max_tokens": 100000, "logit_bias": {"1": -100}}
 
 
 def start_fleet(root: Path, procs: Procs, model_dir: Path) -> tuple[str, dict[str, Any]]:

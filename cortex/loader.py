@@ -249,8 +249,11 @@ class Loader:
         self.fleet.drop_model(node, model_id)
 
     def _requests(self, spec: ModelSpec, cand: Candidate) -> list[tuple[str, LoadRequest]]:
+        # The catalogue's context is the serving limit: placement sized the KV for it.
+        limit = spec.context_limit
         if len(cand.nodes) == 1:
-            return [(cand.nodes[0], LoadRequest(model_id=spec.id, source=spec.source))]
+            req = LoadRequest(model_id=spec.id, source=spec.source, context_limit=limit)
+            return [(cand.nodes[0], req)]
         discs = [self.fleet.node(n).discovery for n in cand.nodes]
         groups = group_specs(
             spec,
@@ -259,7 +262,7 @@ class Loader:
             base_port=self.config.ring_base_port,
         )
         return [
-            (n, LoadRequest(model_id=spec.id, source=spec.source, group=g))
+            (n, LoadRequest(model_id=spec.id, source=spec.source, group=g, context_limit=limit))
             for n, g in zip(cand.nodes, groups, strict=True)
         ]
 

@@ -103,7 +103,8 @@ def _parse_requests(text: str, model: str) -> dict[str, float]:
         if line.startswith("cortex_requests_total{") and f'model="{model}"' in line:
             code = line.split('code="', 1)[1].split('"', 1)[0]
             out[code] = out.get(code, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    # Every series exists from the start at 0 (pre-initialised): only those counted.
+    return {code: n for code, n in out.items() if n}
 
 
 def _requests(c: CortexProcess, model: str) -> dict[str, float]:

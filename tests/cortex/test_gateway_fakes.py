@@ -271,7 +271,13 @@ async def test_unloaded_model_is_loaded_on_demand(two: list[FakeNeuron]) -> None
         node = client.app[FLEET].node(loaded[0]).model("m1")
         assert node is not None and node.state == "ready"
         assert two[0].load_requests[-1:] + two[1].load_requests[-1:] == [
-            {"model_id": "m1", "source": "org/m1", "group": None, "warmup_deadline_s": None}
+            {
+                "model_id": "m1",
+                "source": "org/m1",
+                "group": None,
+                "warmup_deadline_s": None,
+                "context_limit": 4096,
+            }
         ]
 
 
