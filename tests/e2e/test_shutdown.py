@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from shared.sse import DONE
-from tests.conftest import LONG_STREAM, NeuronProcess, read_until
+from tests.conftest import LONG_STREAM, NeuronProcess, read_until, wait_until
 from tests.e2e.conftest import CortexProcess
 
 DRAIN_S = 1.5
@@ -75,6 +75,10 @@ async def test_cortex_sigterm_drains_then_ends_streams_cleanly(
     n = neuron_factory({"load": [{"model_id": "d", "source": str(demo_model)}]})
     n.wait_state("d", "ready")
     c = cortex_factory([("a", n)], [{"id": "d", "source": str(demo_model)}], drain_s=DRAIN_S)
+    wait_until(
+        lambda: any(loc["state"] == "ready" for loc in c.model("d")["locations"]),
+        what="cortex to see d ready",
+    )
 
     def sigterm() -> None:
         assert c.process is not None
