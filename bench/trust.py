@@ -9,6 +9,7 @@ Starts two neurons and a cortex with default timeouts (the demo model on both,
                          client's stream ends (error frame, [DONE])
   partition, non-stream  SIGSTOP the neuron serving a one-piece answer: seconds
                          until the client gets an answer or an error
+  frozen runner, stream  SIGSTOP the runner (not the neuron) serving a stream
   abandoned              a client leaves a long non-streamed request (and a long
                          streamed one): the runners' CPU, as a share of one core,
                          2-5 s after it left
@@ -107,9 +108,29 @@ def runner_cpu(root: Path) -> float:
     return total
 
 
-async def partition(cortex: str, neurons: dict[str, Any], stream: bool, cap: float) -> str:
+def runner_of(neuron_pid: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == neuron_pid and b"neuron.runner_main" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+    return None
+
+
+async def partition(
+    cortex: str, neurons: dict[str, Any], stream: bool, cap: float, *, runner: bool = False
+) -> str:
     body = {"model": MODEL, "prompt": "once upon a time", "stream": stream, **LONG}
+    alone = ""
     async with aiohttp.ClientSession() as s:
+        if not stream:
+            # What the same answer takes on a healthy fleet, to tell the two apart.
+            t0 = time.monotonic()
+            async with s.post(cortex + "/v1/completions", json=body) as r:
+                await r.read()
+            alone = f"; {time.monotonic() - t0:.1f} s on a healthy fleet"
         req = asyncio.ensure_future(s.post(cortex + "/v1/completions", json=body))
         resp = None
         if stream:
@@ -123,8 +144,10 @@ async def partition(cortex: str, neurons: dict[str, Any], stream: bool, cap: flo
             await asyncio.sleep(0.1)
         if victim is None:
             return "no node was busy"
-        proc = neurons[victim][1]
-        os.kill(proc.pid, signal.SIGSTOP)
+        pid = neurons[victim][1].pid
+        if runner:
+            pid = runner_of(pid) or pid
+        os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(cap):
@@ -143,11 +166,13 @@ async def partition(cortex: str, neurons: dict[str, Any], stream: bool, cap: flo
             what = type(exc).__name__
         finally:
             took = time.monotonic() - t0
-            os.kill(proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
             if resp is not None:
                 resp.close()
             req.cancel()
-        return f"{took:6.1f} s  ({what}; node {victim} stopped)"
+        who = f"the runner on {victim}" if runner else f"node {victim}"
+        return f"{took:6.1f} s  ({what}; {who} stopped{alone})"
 
 
 async def abandoned(cortex: str, root: Path, stream: bool, prompt: str) -> str:
@@ -211,6 +236,10 @@ async def run(cortex: str, neurons: dict[str, Any], root: Path, procs: Procs, ar
                 await partition(cortex, neurons, stream, args.cap),
             )
         )
+    ready_everywhere(cortex, procs)
+    rows.append(
+        ("frozen runner, stream", await partition(cortex, neurons, True, args.cap, runner=True))
+    )
     ready_everywhere(cortex, procs)
     # Streamed first: an abandoned one-piece request that keeps running would
     # otherwise show in the streamed figure too.
