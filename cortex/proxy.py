@@ -23,16 +23,16 @@ import attrs
 from aiohttp import web
 
 from cortex.config import CortexConfig
+from cortex.lifecycle import parse_keep_alive
 from cortex.loader import Loader
 from cortex.metrics import Metrics
 from cortex.poller import Poller
-from cortex.router import Route, prefix_keys, route
-from cortex.state import AffinityTable, Fleet
+from cortex.router import ColdLoad, Route, prefix_keys, route
+from cortex.state import AffinityTable, Fleet, FleetSnapshot
 from shared.catalogue import Catalogue
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
-    ModelLoading,
     QueueFull,
     UpstreamUnavailable,
     sse_error_frame,
@@ -110,9 +110,11 @@ class Proxy:
         model = str(body["model"])
         spec = self.catalogue.resolve(model)
         payload = raw
-        if spec is not None and model != spec.id:
-            # Neurons know models by id only.
-            payload = json.dumps({**body, "model": spec.id}).encode()
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        if (spec is not None and model != spec.id) or "keep_alive" in body:
+            # Neurons know models by id only; keep_alive is cortex's, not the runner's.
+            fwd = {k: v for k, v in body.items() if k != "keep_alive"}
+            payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
         keys = prefix_keys({**body, "model": spec.id if spec else model})
         headers = upstream_headers(request, rid)
         stream = bool(body.get("stream"))
@@ -133,9 +135,11 @@ class Proxy:
                     if last is not None:
                         log.info("%s: retrying on %s", rid, r.node)
                     try:
-                        return await self._forward(
+                        resp = await self._forward(
                             request, r, path, payload, headers, rid, stream, exclude, full, keys
                         )
+                        self.loader.life.answered(r.node, r.model_id, keep_alive)
+                        return resp
                     except _TryAnother as exc:
                         last = exc
                         raise
@@ -146,9 +150,11 @@ class Proxy:
     async def _route(
         self, model: str, keys: tuple[str, ...], exclude: set[str], full: set[str]
     ) -> Route:
-        for _ in range(2):
-            decision = route(
-                self.fleet.snapshot(),
+        spec = self.catalogue.resolve(model)
+
+        def decide(snap: FleetSnapshot) -> Route | ColdLoad:
+            return route(
+                snap,
                 self.catalogue,
                 model,
                 facts=self.loader.facts,
@@ -158,11 +164,9 @@ class Proxy:
                 full=full,
                 margin=self.config.affinity_margin,
             )
-            if isinstance(decision, Route):
-                return decision
-            # No await between the routing decision and the claim inside: one load.
-            await self.loader.cold_load(decision)
-        raise ModelLoading(f"model {model!r} is loaded but not routable yet")
+
+        # Loads a cold model (once, however many ask) or waits for one loading.
+        return await self.loader.life.routed(spec.id if spec else model, decide)
 
     async def _forward(
         self,
