@@ -252,7 +252,7 @@ def _model_entry(
                 "state": m.state,
                 "healthy": n.healthy,
                 # Wall clock (s) this copy is unloaded if still idle; null: never.
-                "expires_at": life.expires_at(n, m),
+                "expires_at": life.expires_at(snap, n, m),
             }
             for n, m in locs
             if m.serves_http

@@ -582,10 +582,14 @@ class Lifecycle:
     def idle_since(self, node: NodeState, m: NodeModel) -> float:
         return max(m.last_used, self._touched.get((node.name, m.model_id), self._started_wall))
 
-    def expires_at(self, node: NodeState, m: NodeModel) -> float | None:
-        """Wall time this copy will be unloaded for idleness; None when never."""
+    def expires_at(self, snap: FleetSnapshot, node: NodeState, m: NodeModel) -> float | None:
+        """Wall time this copy will be unloaded if still idle; None when never (the wish
+        keeps it: pinned here, or no more copies than the wish asks)."""
         spec = self.catalogue.get(m.model_id)
         if spec is None or self._kept_here(spec, node.name):
+            return None
+        want = wanted_replicas(spec) if spec.id not in self._holds else 0
+        if want and replicas(snap, spec.id) <= want:
             return None
         ttl = self.ttl_s(node.name, spec)
         if math.isinf(ttl):
@@ -611,7 +615,7 @@ class Lifecycle:
                     continue
                 if m.load or snap.outstanding_on(node.name, spec.id):
                     continue
-                exp = self.expires_at(node, m)
+                exp = self.expires_at(snap, node, m)
                 if exp is None or exp > now:
                     continue
                 members: tuple[str, ...] = (node.name,)

@@ -78,7 +78,7 @@ async def test_step_waits_until_every_node_was_heard_from() -> None:
             await app[POLLER].poll_once()
             await rec.step()  # n3 given up on: the second copy goes to n1
             job = app[LIFECYCLE].job("m1")
-            assert job is not None and job.candidate.nodes == ("n1",)
+            assert job is not None and job.nodes == ("n1",)
             await rec.close()
     finally:
         await stop_all(nodes)
