@@ -22,6 +22,7 @@ from cortex.keys import (
     CONFIG,
     DRAIN,
     FLEET,
+    LIFECYCLE,
     LOADER,
     METRICS,
     POLLER,
@@ -30,6 +31,7 @@ from cortex.keys import (
     STARTED,
     Started,
 )
+from cortex.lifecycle import Lifecycle
 from cortex.loader import Loader
 from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, Metrics
 from cortex.placement import candidates
@@ -58,6 +60,14 @@ class ModelKeptLoaded(ApiError):
     status = 409
     code = "model_kept_loaded"
     type = "invalid_request_error"
+
+
+class ForceNeedsAdminToken(ApiError):
+    """A forced load overrides placement's refusal: only an operator holding the token."""
+
+    status = 403
+    code = "admin_token_required"
+    type = "permission_error"
 
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -90,6 +100,7 @@ def create_app(
     )
     app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
     app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
+    app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config)
     app.cleanup_ctx.append(_services(background=background))
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
@@ -123,7 +134,7 @@ def _services(*, background: bool) -> Any:
             session=poll_session,
             interval_s=cfg.poll_interval_s,
             timeout_s=cfg.poll_timeout_s,
-            listeners=[metrics.observe_node],
+            listeners=[metrics.observe_node, app[LIFECYCLE].polled],
         )
         for name in app[FLEET].names:
             metrics.observe_node(app[FLEET].node(name))
@@ -134,6 +145,7 @@ def _services(*, background: bool) -> Any:
             config=cfg,
             metrics=metrics,
             poller=poller,
+            life=app[LIFECYCLE],
         )
         app[POLLER] = poller
         app[LOADER] = loader
@@ -148,7 +160,7 @@ def _services(*, background: bool) -> Any:
             affinity=app[AFFINITY],
         )
         reconciler = Reconciler(
-            fleet=app[FLEET],
+            life=app[LIFECYCLE],
             catalogue=app[CATALOGUE],
             loader=loader,
             interval_s=cfg.poll_interval_s,
@@ -170,7 +182,7 @@ def _services(*, background: bool) -> Any:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await reconciler.close()
-            await loader.close()
+            await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()
 
@@ -230,6 +242,7 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
 def _model_entry(
     model_id: str,
     snap: FleetSnapshot,
+    life: Lifecycle,
     *,
     owned_by: str,
     aliases: tuple[str, ...] = (),
@@ -238,6 +251,7 @@ def _model_entry(
 ) -> dict[str, Any]:
     """One /v1/models entry; `locations` only where the model takes requests (rank 0)."""
     locs = snap.locations(model_id)
+    f = life.failure(model_id)
     return {
         "id": model_id,
         "object": "model",
@@ -246,18 +260,26 @@ def _model_entry(
         "aliases": list(aliases),
         "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
         "locations": [
-            {"node": n.name, "state": m.state, "healthy": n.healthy}
+            {
+                "node": n.name,
+                "state": m.state,
+                "healthy": n.healthy,
+                # Wall clock (s) this copy is unloaded if still idle; null: never.
+                "expires_at": life.expires_at(snap, n, m),
+            }
             for n, m in locs
             if m.serves_http
         ],
         "feasible_on": feasible_on or [],
         "context_length": context_length,
+        "last_failure": None if f is None else f.to_json(life.clock()),
     }
 
 
 async def _models(request: web.Request) -> web.Response:
     app = request.app
-    snap = app[FLEET].snapshot()
+    life = app[LIFECYCLE]
+    snap = life.snapshot()
     cat = app[CATALOGUE]
     key: ApiKey | None = request.get(REQUEST_KEY)
     infos = node_infos(snap, cat)
@@ -271,6 +293,7 @@ async def _models(request: web.Request) -> web.Response:
             _model_entry(
                 spec.id,
                 snap,
+                life,
                 owned_by="cortex",
                 aliases=spec.aliases,
                 feasible_on=feasible,
@@ -282,7 +305,9 @@ async def _models(request: web.Request) -> web.Response:
         {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
     )
     data.extend(
-        _model_entry(mid, snap, owned_by="neuron") for mid in extra if Auth.allowed(key, mid, cat)
+        _model_entry(mid, snap, life, owned_by="neuron")
+        for mid in extra
+        if Auth.allowed(key, mid, cat)
     )
     return web.json_response({"object": "list", "data": data})
 
@@ -352,7 +377,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _admin_state(request: web.Request) -> web.Response:
     app = request.app
-    snap = app[FLEET].snapshot()
+    life = app[LIFECYCLE]
+    snap = life.snapshot()
     cat = app[CATALOGUE]
     nodes = []
     for n in snap.nodes:
@@ -362,7 +388,7 @@ async def _admin_state(request: web.Request) -> web.Response:
     models = []
     for spec in cat.models:
         failure = snap.failure(spec.id)
-        job = app[LOADER].job(spec.id)
+        job = life.job(spec.id)
         models.append(
             {
                 "id": spec.id,
@@ -371,9 +397,11 @@ async def _admin_state(request: web.Request) -> web.Response:
                 "pinned_on": list(spec.pinned_on),
                 "replicas": spec.replicas,
                 "keep_loaded": spec.keep_loaded,
+                "why": life.why(spec, snap, app[LOADER].facts(spec)),
                 "loading": spec.id in snap.loading,
-                "loading_on": None if job is None else list(job.candidate.nodes),
+                "loading_on": None if job is None else list(job.nodes),
                 "last_failure": None if failure is None else failure.message,
+                "life": life.to_json(spec, snap),
                 "placements": [
                     {"node": n.name, "healthy": n.healthy, **m.to_json()}
                     for n, m in snap.locations(spec.id)
@@ -381,7 +409,12 @@ async def _admin_state(request: web.Request) -> web.Response:
             }
         )
     return web.json_response(
-        {"nodes": nodes, "models": models, "affinity_entries": len(app[AFFINITY])}
+        {
+            "nodes": nodes,
+            "models": models,
+            "affinity_entries": len(app[AFFINITY]),
+            "events": [e.to_json() for e in life.events(limit=100)],
+        }
     )
 
 
@@ -397,7 +430,7 @@ def _spec(request: web.Request, model_id: str | None) -> ModelSpec:
 async def _admin_placements(request: web.Request) -> web.Response:
     app = request.app
     spec = _spec(request, request.query.get("model_id"))
-    snap = app[FLEET].snapshot()
+    snap = app[LIFECYCLE].snapshot()
     infos = node_infos(snap, app[CATALOGUE], loading=spec.id)
     facts = app[LOADER].facts(spec)
     return web.json_response(
@@ -411,42 +444,64 @@ async def _admin_placements(request: web.Request) -> web.Response:
 
 
 async def _admin_load(request: web.Request) -> web.Response:
-    """Place a model. Body (optional): {"nodes": [...]} exactly there, or {"exclude": [...]}.
+    """Place a model. Body (optional): {"nodes": [...]} exactly there, or {"exclude": [...]};
+    {"force": true} places despite a refused fit (admin token only).
 
-    Without a body the call is idempotent (a loaded model stays as it is); with
-    one it places one more copy, so an operator can add a replica by hand.
+    Always releases an operator's hold and forgets a failed load's backoff, and
+    says so. Without a body the call is idempotent (a loaded model stays as it
+    is); with one it places one more copy, so an operator can add a replica by hand.
     """
     app = request.app
+    life = app[LIFECYCLE]
     spec = _spec(request, request.match_info["model_id"])
     body = await read_json_object(request) if request.can_read_body else {}
     nodes, exclude = _names(body, "nodes"), _names(body, "exclude")
-    unknown = sorted(set(body) - {"nodes", "exclude"})
+    unknown = sorted(set(body) - {"nodes", "exclude", "force"})
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-    if not body:
-        snap = app[FLEET].snapshot()
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidRequest("'force' must be true or false", param="force")
+    if force and app[CONFIG].admin_token is None:
+        raise ForceNeedsAdminToken(
+            "a forced load needs admin_token set in cortex.toml (and presented)", param="force"
+        )
+    # What the operator's word undid, said in the answer.
+    did: list[str] = []
+    hold = life.release(spec.id)
+    if hold is not None:
+        did.append(f"released the hold ({hold.reason})")
+    failure = life.forget_failure(spec.id)
+    if failure is not None:
+        did.append(f"forgot the failed load ({failure.reason})")
+    if not {k: v for k, v in body.items() if k != "force"}:
+        snap = life.snapshot()
         locs = [(n, m) for n, m in snap.locations(spec.id) if n.healthy]
         ready = [n.name for n, m in locs if m.state == "ready"]
         if ready:
-            return web.json_response({"model_id": spec.id, "state": "ready", "nodes": ready})
+            return web.json_response(
+                {"model_id": spec.id, "state": "ready", "nodes": ready, "did": did}
+            )
         loading = [n.name for n, m in locs if m.state in LOADING_STATES]
         if loading:
             return web.json_response(
-                {"model_id": spec.id, "state": "loading", "nodes": loading}, status=202
+                {"model_id": spec.id, "state": "loading", "nodes": loading, "did": did},
+                status=202,
             )
-    app[RECONCILER].release(spec.id)  # a force-unloaded model may come back now
-    job = app[LOADER].job(spec.id)
-    if job is None:
-        job = await app[LOADER].place(spec, nodes=nodes or None, exclude=exclude)
-    return web.json_response(
-        {
-            "model_id": spec.id,
-            "state": "loading",
-            "nodes": list(job.candidate.nodes),
-            "placement": job.candidate.to_json(),
-        },
-        status=202,
-    )
+    job = life.job(spec.id)
+    if job is None or job.kind != "load":
+        job = await app[LOADER].place(spec, nodes=nodes or None, exclude=exclude, force=force)
+    did.append(f"loading on {', '.join(job.nodes)}")
+    answer: dict[str, Any] = {
+        "model_id": spec.id,
+        "state": "loading",
+        "nodes": list(job.nodes),
+        "did": did,
+        "placement": None if job.candidate is None else job.candidate.to_json(),
+    }
+    if job.warning is not None:
+        answer["warning"] = job.warning
+    return web.json_response(answer, status=202)
 
 
 def _names(body: dict[str, Any], field: str) -> list[str]:
@@ -470,7 +525,8 @@ async def _admin_unload(request: web.Request) -> web.Response:
         raise InvalidRequest("'force' must be true or false", param="force")
     spec = app[CATALOGUE].resolve(model_id)
     mid = spec.id if spec is not None else model_id
-    snap = app[FLEET].snapshot()
+    did: list[str] = []
+    snap = app[LIFECYCLE].snapshot()
     nodes = [n.name for n, _ in snap.locations(mid)]
     if not nodes:
         raise ModelNotFound(f"model {mid!r} is loaded nowhere", param="model_id")
@@ -482,11 +538,12 @@ async def _admin_unload(request: web.Request) -> web.Response:
                 ' again; send {"force": true} to unload it until the next admin load',
                 param="force",
             )
-        app[RECONCILER].hold(mid)
-    results = await asyncio.gather(
-        *(app[LOADER].unload(n, mid) for n in nodes), return_exceptions=True
-    )
-    failed = {n: str(r) for n, r in zip(nodes, results, strict=True) if isinstance(r, Exception)}
+        hold = app[LIFECYCLE].hold(mid, "forced unload")
+        did.append(f"held it: not loaded by wish until the next admin load (since {hold.since})")
+    failed = await app[LIFECYCLE].unload(mid, nodes, why="admin unload")
     done = [n for n in nodes if n not in failed]
+    did.append(f"unloaded from {', '.join(done)}" if done else "unloaded nothing")
     status = 200 if not failed else 502
-    return web.json_response({"model_id": mid, "unloaded": done, "failed": failed}, status=status)
+    return web.json_response(
+        {"model_id": mid, "unloaded": done, "failed": failed, "did": did}, status=status
+    )

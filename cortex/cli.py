@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -126,7 +127,32 @@ def _check(args: argparse.Namespace) -> int:
     auth = f"on, {len(config.api_keys)} key(s)" if config.api_keys else "off"
     print(f"  auth       {auth}")
     print(f"  fleet      {_token_source(config)}")
-    return 0
+    problems = catalogue_problems(config, catalogue)
+    for p in problems:
+        print(f"  problem    {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def catalogue_problems(config: CortexConfig, catalogue: Catalogue) -> list[str]:
+    """What would make a load fail for sure: a local source missing, an unknown pinned node.
+
+    (A local source is checked on this host; a neuron elsewhere may see other files.)
+    """
+    names = {n.name for n in config.neurons}
+    out = []
+    for spec in catalogue.models:
+        if spec.is_local:
+            path = Path(spec.source).expanduser()
+            if not path.exists():
+                out.append(f"model {spec.id!r}: local source {str(path)!r} does not exist")
+            elif not (path / "config.json").is_file():
+                out.append(f"model {spec.id!r}: {str(path)!r} is not a model dir (no config.json)")
+        unknown = sorted(set(spec.pinned_on) - names)
+        if unknown:
+            out.append(
+                f"model {spec.id!r}: pinned_on names node(s) not configured: {', '.join(unknown)}"
+            )
+    return out
 
 
 def _token_source(config: CortexConfig) -> str:

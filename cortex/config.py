@@ -86,9 +86,9 @@ class CortexConfig:
     fleet_token_file: str | None = None
     # The token itself, resolved by from_file; never read from TOML, never in repr.
     fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
-    # How long the request that starts a cold load waits for it before it, like
-    # everyone else, is told 503 model_loading.
-    load_wait_s: float = 5.0
+    # How long a request for a model being loaded waits for it (most clients time
+    # out far later) before it is told 503 model_loading.
+    load_wait_s: float = 60.0
     # A cold load (neuron's download + start + warmup) that takes longer fails.
     load_deadline_s: float = 900.0
     load_poll_interval_s: float = 0.25
@@ -96,6 +96,18 @@ class CortexConfig:
     discovery_wait_s: float = 5.0
     # First TCP port for multi-node ring groups (rank i of a group uses base + offset + i).
     ring_base_port: int = 47000
+    # -- a model's life (cortex.lifecycle) --
+    # Requests that may wait for one model's load at once; beyond, 503 at once.
+    max_waiting: int = 256
+    # A failed load: no new one before 1, 2, 4 ... 60 times this (x6 when it
+    # needs an operator, at most 600 s); requests meanwhile get 503 cold_load_failed.
+    load_backoff_s: float = 5.0
+    # Unload a model idle this long (a catalogue entry's idle_ttl_s wins); None: never.
+    idle_ttl_s: float | None = None
+    # The longest a request's keep_alive may keep a model (a negative one means this).
+    max_keep_alive_s: float = 24 * 3600.0
+    # One unload POST (teardowns, idle unloads): a hung node must not stall the others.
+    unload_timeout_s: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -130,6 +142,11 @@ class CortexConfig:
             raise ValueError("admin_token must be at least 8 characters")
         if self.fleet_token is not None:
             check_token(self.fleet_token)
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        for name in ("load_backoff_s", "max_keep_alive_s", "unload_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
 
     @classmethod
     def from_file(cls, path: str | Path) -> CortexConfig:

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import attrs
 from aiohttp import web
 
-from cortex.keys import CATALOGUE, FLEET, LOADER, RECONCILER, STARTED
+from cortex.keys import CATALOGUE, LIFECYCLE, LOADER, STARTED
+from cortex.lifecycle import replicas, wanted_replicas
 from cortex.placement import candidates
-from cortex.reconciler import replicas, wanted_replicas
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, FleetSnapshot, NodeModel, NodeState
 from shared.catalogue import GIB, Catalogue
@@ -39,15 +39,16 @@ class CatalogueRow:
     present: int
     loading_on: tuple[str, ...] | None
     last_failure: str | None
-    backoff_s: float | None
+    # The lifecycle's one line: why the model is (not) where its wish says.
+    why: str = ""
 
 
 async def dashboard(request: web.Request) -> web.Response:
     app = request.app
-    snap = app[FLEET].snapshot()
+    life = app[LIFECYCLE]
+    snap = life.snapshot()
     cat = app[CATALOGUE]
     loader = app[LOADER]
-    backoff = app[RECONCILER].backoff()
     infos = node_infos(snap, cat)
     rows = []
     for spec in cat.models:
@@ -58,7 +59,7 @@ async def dashboard(request: web.Request) -> web.Response:
             feasible = tuple(c.nodes for c in found if c.feasible)
         except Exception as exc:  # a status page must render during any incident
             error = f"{type(exc).__name__}: {exc}"
-        job = loader.job(spec.id)
+        job = life.job(spec.id)
         failure = snap.failure(spec.id)
         rows.append(
             CatalogueRow(
@@ -68,9 +69,9 @@ async def dashboard(request: web.Request) -> web.Response:
                 feasible_error=error,
                 wanted=wanted_replicas(spec),
                 present=replicas(snap, spec.id),
-                loading_on=None if job is None else tuple(job.candidate.nodes),
+                loading_on=None if job is None or job.kind != "load" else job.nodes,
                 last_failure=None if failure is None else failure.message,
-                backoff_s=backoff.get(spec.id),
+                why=life.why(spec, snap, loader.facts(spec)),
             )
         )
     page = render(
@@ -246,10 +247,8 @@ def _catalogue_table(rows: Sequence[CatalogueRow], snap: FleetSnapshot) -> str:
             )
         if r.last_failure:
             status.append(f'<span class="err">last load failed: {_e(r.last_failure)}</span>')
-        if r.backoff_s is not None:
-            status.append(
-                f'<span class="badge warn">reconciler backoff {_e(_duration(r.backoff_s))}</span>'
-            )
+        if r.why:
+            status.append(f'<span class="why">{_e(r.why)}</span>')
         aliases = f"<br><span class='dim'>{_e(', '.join(r.aliases))}</span>" if r.aliases else ""
         body.append(
             _tr(

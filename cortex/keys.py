@@ -7,6 +7,7 @@ from aiohttp import web
 
 from cortex.auth import Auth
 from cortex.config import CortexConfig
+from cortex.lifecycle import Lifecycle
 from cortex.loader import Loader
 from cortex.metrics import Metrics
 from cortex.poller import Poller
@@ -38,3 +39,4 @@ POLLER = web.AppKey("poller", Poller)
 LOADER = web.AppKey("loader", Loader)
 PROXY = web.AppKey("proxy", Proxy)
 RECONCILER = web.AppKey("reconciler", Reconciler)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

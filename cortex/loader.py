@@ -1,11 +1,12 @@
-"""Cold loads: one load per model however many requests ask, room made by eviction.
+"""Loads and unloads on neurons: the I/O of the jobs `cortex.lifecycle` owns.
 
-The first request for an unloaded model claims the model in `Fleet` (a
-synchronous check-and-set, so under asyncio it acts as the per-model lock) and
-starts the load as a task of its own, so a client that gives up never cancels
-a load half-way. That request waits up to `load_wait_s` for it; everyone else
-is told 503 model_loading at once. Each step is written to `Fleet` as it
-happens (evicted, accepted, ready), not at the next poll.
+The loader keeps no state of its own: the lifecycle decides that a load starts
+(one per model, memory reserved, failures remembered) and runs `load()` as the
+job's task, so a client that gives up never cancels a load half-way. Each step
+is written to `Fleet` as it happens (evicted, accepted, ready), not at the next
+poll, and only from inside the job: nothing is written after the job ended.
+A group load posts to every member at once; when one fails, the others' posts
+are cancelled and every member is unloaded again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import aiohttp
 import attrs
 
 from cortex.config import CortexConfig
+from cortex.lifecycle import Job, Lifecycle, live_ring_ports
 from cortex.metrics import Metrics
 from cortex.placement import (
     Candidate,
@@ -32,30 +34,19 @@ from cortex.placement import (
     pending_nodes,
 )
 from cortex.poller import Poller
-from cortex.router import ColdLoad, eviction_order, node_infos, plan_evictions
-from cortex.state import Fleet, LoadFailure, NodeModel
+from cortex.router import eviction_order, node_infos, plan_evictions
+from cortex.state import Fleet, NodeModel
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import (
     ApiError,
     ColdLoadFailed,
     InvalidRequest,
-    ModelLoading,
     PlacementRefused,
     UpstreamUnavailable,
 )
 from shared.wire import Backend, Discovery, GroupSpec, LoadRequest, ModelStatus, Sharding
 
 log = logging.getLogger(__name__)
-
-
-@attrs.define
-class LoadJob:
-    """One load under way: `accepted` resolves once every member answered 202."""
-
-    spec: ModelSpec
-    candidate: Candidate
-    task: asyncio.Task[None]
-    accepted: asyncio.Future[tuple[str, ...]]
 
 
 @attrs.define
@@ -66,8 +57,12 @@ class Loader:
     config: CortexConfig
     metrics: Metrics
     poller: Poller
-    _jobs: dict[str, LoadJob] = attrs.field(factory=dict)
+    life: Lifecycle
     _facts: dict[str, ModelFacts] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.life.run_load = self.load
+        self.life.run_unload = self.unload
 
     def facts(self, spec: ModelSpec) -> ModelFacts:
         """A model's shape, read from its files once (they do not change under us)."""
@@ -79,64 +74,20 @@ class Loader:
                 self._facts[spec.id] = f
         return f
 
-    async def close(self) -> None:
-        """Stop loads under way (cortex shutting down)."""
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            job.task.cancel()
-        for job in jobs:
-            with contextlib.suppress(BaseException):
-                await job.task
-
-    def job(self, model_id: str) -> LoadJob | None:
-        return self._jobs.get(model_id)
-
-    async def cold_load(self, plan: ColdLoad) -> None:
-        """Load for a request: returns once ready, else 503 model_loading or cold_load_failed."""
-        job = self.start(plan.spec, plan.candidate)
-        try:
-            await asyncio.wait_for(asyncio.shield(job.task), timeout=self.config.load_wait_s)
-        except TimeoutError:
-            raise ModelLoading(
-                f"model {plan.spec.id!r} is loading on {', '.join(plan.candidate.nodes)};"
-                " retry shortly"
-            ) from None
-
-    def start(self, spec: ModelSpec, cand: Candidate) -> LoadJob:
-        """Begin loading `spec` on `cand`; ModelLoading if a load of it is under way."""
-        if not self.fleet.begin_load(spec.id):
-            raise ModelLoading(f"model {spec.id!r} is loading; retry shortly")
-        # Spoken for now, before any await: a second cold load placed meanwhile
-        # must see this memory as taken.
-        for fit in cand.fits:
-            self.fleet.reserve(fit.node, spec.id, fit.need_bytes)
-        loop = asyncio.get_running_loop()
-        accepted: asyncio.Future[tuple[str, ...]] = loop.create_future()
-        task = loop.create_task(self._run(spec, cand, accepted), name=f"load {spec.id}")
-        job = LoadJob(spec, cand, task, accepted)
-        self._jobs[spec.id] = job
-        task.add_done_callback(lambda t: self._done(spec.id, job))
-        log.info("loading %s on %s", spec.id, ", ".join(cand.nodes))
-        return job
-
-    def _done(self, model_id: str, job: LoadJob) -> None:
-        # Only this job: a newer load of the same model may have started already.
-        if self._jobs.get(model_id) is job:
-            del self._jobs[model_id]
-        if not job.task.cancelled():
-            job.task.exception()  # retrieved here: nobody else may await a load's outcome
-
     async def place(
         self,
         spec: ModelSpec,
         *,
         nodes: Sequence[str] | None = None,
         exclude: Collection[str] = (),
-    ) -> LoadJob:
+        force: bool = False,
+    ) -> Job:
         """An explicit load (admin): the best set now, or a 400 with the arithmetic.
 
         `nodes` asks for exactly that node set (one placement: a node, or a
-        group's members); `exclude` keeps nodes out of the choice.
+        group's members); `exclude` keeps nodes out of the choice; `force`
+        places on a set that could ever hold the model even if it does not fit
+        now (the job carries the arithmetic as a warning).
         """
         known = set(self.fleet.names)
         unknown = sorted((set(nodes or ()) | set(exclude)) - known)
@@ -147,9 +98,10 @@ class Loader:
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.1)
-        snap = self.fleet.snapshot()
+        snap = self.life.snapshot()
         facts = self.facts(spec)
         infos = node_infos(snap, self.catalogue, loading=spec.id)
+        warning = None
         if nodes:
             chosen = [i for i in infos if i.name in nodes]
             silent = pending_nodes(chosen, now=True)
@@ -158,22 +110,39 @@ class Loader:
             cands = [c for c in candidates(spec, facts, chosen) if set(c.nodes) == set(nodes)]
             if not cands or not cands[0].feasible:
                 size = f"{spec.min_nodes}+" if spec.min_nodes > 1 else "1"
-                raise PlacementRefused(
+                refusal = (
                     f"cannot place {spec.id} on exactly [{', '.join(nodes)}] "
                     f"(it places on {size} node(s)): "
-                    + explain(spec, cands or candidates(spec, facts, chosen)),
-                    details={"candidates": [c.to_json() for c in cands[:10]]},
+                    + explain(spec, cands or candidates(spec, facts, chosen))
                 )
+                ever = [
+                    c
+                    for c in candidates(spec, facts, chosen, now=False)
+                    if set(c.nodes) == set(nodes) and c.feasible
+                ]
+                if not (force and ever):
+                    raise PlacementRefused(
+                        refusal, details={"candidates": [c.to_json() for c in cands[:10]]}
+                    )
+                cands, warning = ever, f"forced despite: {refusal}"
             cand: Candidate | None = cands[0]
         else:
             # PlacementPending: 503 with Retry-After.
             cand = best(spec, facts, infos, exclude=exclude, now=True)
         if cand is None:
-            cands = candidates(spec, facts, [i for i in infos if i.name not in exclude])
-            raise PlacementRefused(
-                explain(spec, cands), details={"candidates": [c.to_json() for c in cands[:10]]}
-            )
-        job = self.start(spec, cand)
+            rest = [i for i in infos if i.name not in exclude]
+            cands = candidates(spec, facts, rest)
+            refusal = explain(spec, cands)
+            ever_best = best(spec, facts, rest, now=False) if force else None
+            if ever_best is None:
+                raise PlacementRefused(
+                    refusal, details={"candidates": [c.to_json() for c in cands[:10]]}
+                )
+            cand, warning = ever_best, f"forced despite: {refusal}"
+        job = self.life.start_load(
+            spec, cand, why="admin load", ignore_backoff=True, warning=warning
+        )
+        assert job.accepted is not None and job.task is not None
         waiting: list[asyncio.Future[Any]] = [job.accepted, job.task]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if job.task.done() and not job.task.cancelled():
@@ -182,57 +151,74 @@ class Loader:
                 raise exc
         return job
 
-    async def _run(
-        self, spec: ModelSpec, cand: Candidate, accepted: asyncio.Future[tuple[str, ...]]
-    ) -> None:
+    async def load(self, spec: ModelSpec, cand: Candidate, job: Job) -> None:
+        """The load job's body (run by the lifecycle): evict, post to every member, wait."""
         started = time.monotonic()
-        failure: LoadFailure | None = None
+        label = self.metrics.model(spec.id)
         try:
-            await self._load(spec, cand, accepted)
+            await self._load(spec, cand, job)
         except asyncio.CancelledError:
-            failure = LoadFailure("cortex stopped during the load", until=0.0)
             raise
-        except Exception as exc:
-            err = _as_load_failure(spec, exc)
-            failure = LoadFailure(
-                err.message, until=time.monotonic() + (err.retry_after or 5), details=err.details
-            )
-            self.metrics.cold_loads.labels(self.metrics.model(spec.id), "failed").inc()
-            log.warning("loading %s failed: %s", spec.id, err.message)
-            if not accepted.done():
-                accepted.set_exception(err)
-                accepted.exception()
-            raise err from exc
-        else:
-            self.metrics.cold_loads.labels(self.metrics.model(spec.id), "ok").inc()
-            self.metrics.cold_load_duration.labels(self.metrics.model(spec.id)).observe(
-                time.monotonic() - started
-            )
-            log.info("%s ready on %s", spec.id, ", ".join(cand.nodes))
-        finally:
-            if not accepted.done():
-                accepted.cancel()
-            if failure is not None:
-                for node in cand.nodes:
-                    self.fleet.release(node, spec.id)
-            self.fleet.end_load(spec.id, failure)
+        except Exception:
+            self.metrics.cold_loads.labels(label, "failed").inc()
+            raise
+        self.metrics.cold_loads.labels(label, "ok").inc()
+        self.metrics.cold_load_duration.labels(label).observe(time.monotonic() - started)
+        log.info("%s ready on %s", spec.id, ", ".join(cand.nodes))
 
-    async def _load(
-        self, spec: ModelSpec, cand: Candidate, accepted: asyncio.Future[tuple[str, ...]]
-    ) -> None:
-        snap = self.fleet.snapshot()
+    async def _load(self, spec: ModelSpec, cand: Candidate, job: Job) -> None:
+        assert job.accepted is not None
+        job.phase = "evicting"
+        snap = self.life.snapshot()
         for node, model_id in plan_evictions(cand, snap, self.catalogue, keep=spec.id):
             await self._evict(node, model_id)
-        requests = self._requests(spec, cand)
-        statuses = await asyncio.gather(*(self._post_load(node, req) for node, req in requests))
-        accepted.set_result(cand.nodes)
+        job.phase = "posting"
+        requests = self._requests(spec, cand, job)
+        if len(requests) == 1:
+            node, req = requests[0]
+            statuses = [await self._post_load(node, req)]
+        else:
+            try:
+                statuses = await self._post_group(requests)
+                job.accepted.set_result(cand.nodes)
+                job.phase = "warming"
+                if not all(s.state == "ready" for s in statuses):
+                    await self._wait_ready(spec, cand.nodes)
+                return
+            except BaseException:
+                await self._undo_group(spec.id, cand.nodes)
+                raise
+        job.accepted.set_result(cand.nodes)
+        job.phase = "warming"
         if all(s.state == "ready" for s in statuses):
             return
         await self._wait_ready(spec, cand.nodes)
 
+    async def _post_group(self, requests: list[tuple[str, LoadRequest]]) -> list[ModelStatus]:
+        """Post to every member at once; the first failure cancels the others' posts."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._post_load(n, r)) for n, r in requests]
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            raise first from None
+        return [t.result() for t in tasks]
+
+    async def _undo_group(self, model_id: str, nodes: Sequence[str]) -> None:
+        """A group load that failed: no rank may stay loaded on any member."""
+        log.info("group load of %s failed: unloading it from %s", model_id, ", ".join(nodes))
+
+        async def one(node: str) -> None:
+            with contextlib.suppress(ApiError):
+                await self.unload(node, model_id)
+            self.fleet.drop_model(node, model_id)
+
+        # Shielded: even a cancelled load (cortex stopping) takes its ranks down.
+        await asyncio.shield(asyncio.gather(*(one(n) for n in nodes)))
+
     async def _evict(self, node: str, model_id: str) -> None:
         # Re-check at the last moment: a request may have arrived since the plan.
-        snap = self.fleet.snapshot()
+        snap = self.life.snapshot()
         state = snap.node(node)
         if state is None or model_id not in {
             m.model_id for m in eviction_order(state, self.catalogue, snap)
@@ -243,23 +229,27 @@ class Loader:
         self.metrics.evictions.labels(self.metrics.model(model_id)).inc()
 
     async def unload(self, node: str, model_id: str) -> None:
-        """POST /models/unload on `node`, recorded at once."""
+        """POST /models/unload on `node` (a short timeout: one hung node must not stall
+        a teardown or the reconciler), recorded at once."""
         url = self.fleet.node(node).url.rstrip("/") + "/models/unload"
-        await self._post(node, url, {"model_id": model_id})
+        await self._post(node, url, {"model_id": model_id}, total_s=self.config.unload_timeout_s)
         self.fleet.drop_model(node, model_id)
 
-    def _requests(self, spec: ModelSpec, cand: Candidate) -> list[tuple[str, LoadRequest]]:
+    def _requests(
+        self, spec: ModelSpec, cand: Candidate, job: Job
+    ) -> list[tuple[str, LoadRequest]]:
         # The catalogue's context is the serving limit: placement sized the KV for it.
         limit = spec.context_limit
         if len(cand.nodes) == 1:
             req = LoadRequest(model_id=spec.id, source=spec.source, context_limit=limit)
             return [(cand.nodes[0], req)]
         discs = [self.fleet.node(n).discovery for n in cand.nodes]
+        # A block of ports no live group uses, from the fleet's table.
+        job.ring_port = self.life.ports.allocate(
+            len(cand.nodes), live_ring_ports(self.life.snapshot())
+        )
         groups = group_specs(
-            spec,
-            cand,
-            [d for d in discs if d is not None],
-            base_port=self.config.ring_base_port,
+            spec, cand, [d for d in discs if d is not None], base_port=job.ring_port
         )
         return [
             (n, LoadRequest(model_id=spec.id, source=spec.source, group=g, context_limit=limit))
@@ -277,9 +267,11 @@ class Loader:
         self.fleet.set_model(node, NodeModel.merge(status, None))
         return status
 
-    async def _post(self, node: str, url: str, payload: dict[str, Any]) -> Any:
+    async def _post(
+        self, node: str, url: str, payload: dict[str, Any], *, total_s: float = 60.0
+    ) -> Any:
         connect = self.config.connect_timeout_s
-        timeout = aiohttp.ClientTimeout(total=max(60.0, connect), sock_connect=connect)
+        timeout = aiohttp.ClientTimeout(total=max(total_s, connect), sock_connect=connect)
         try:
             async with self.session.post(url, json=payload, timeout=timeout) as resp:
                 body = await resp.json(content_type=None)
@@ -337,23 +329,13 @@ class Loader:
                     pending.discard(node)
 
 
-def _as_load_failure(spec: ModelSpec, exc: BaseException) -> ApiError:
-    if isinstance(exc, ColdLoadFailed):
-        return exc
-    if isinstance(exc, ApiError):
-        msg = f"loading model {spec.id!r} failed: {exc.message}"
-        return ColdLoadFailed(msg, details=exc.details)
-    return ColdLoadFailed(f"loading model {spec.id!r} failed: {exc!r}")
-
-
 def group_specs(
     spec: ModelSpec, cand: Candidate, discs: Sequence[Discovery], *, base_port: int
 ) -> list[GroupSpec]:
-    """One GroupSpec per member, in rank order (candidate order)."""
+    """One GroupSpec per member, in rank order (candidate order); rank i on base_port + i."""
     n = len(cand.nodes)
     group_id = f"{spec.id}-{secrets.token_hex(4)}"
-    # A fresh block of ports per group so a restarted group never meets its old sockets.
-    port = base_port + secrets.randbelow(1000) * n
+    port = base_port
     backend: Backend = "jaccl" if cand.backend == "jaccl" else "ring"
     sharding: Sharding = "pipeline" if cand.sharding == "pipeline" else "tensor"
     hosts = tuple(f"{d.ring_host}:{port + i}" for i, d in enumerate(discs))

@@ -27,17 +27,17 @@ from aiohttp import web
 
 from cortex.config import CortexConfig
 from cortex.inflight import InFlight, NodeLost
+from cortex.lifecycle import parse_keep_alive
 from cortex.loader import Loader
 from cortex.metrics import CLIENT_CLOSED, STREAM_ERROR, Metrics
 from cortex.poller import Poller
-from cortex.router import Route, prefix_keys, route
-from cortex.state import AffinityTable, Fleet
+from cortex.router import ColdLoad, Route, prefix_keys, route
+from cortex.state import AffinityTable, Fleet, FleetSnapshot
 from shared.catalogue import Catalogue
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
     InvalidRequest,
-    ModelLoading,
     QueueFull,
     UpstreamError,
     UpstreamUnavailable,
@@ -140,9 +140,11 @@ class Proxy:
         model = str(body["model"])
         spec = self.catalogue.resolve(model)
         payload = raw
-        if spec is not None and model != spec.id:
-            # Neurons know models by id only.
-            payload = json.dumps({**body, "model": spec.id}).encode()
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        if (spec is not None and model != spec.id) or "keep_alive" in body:
+            # Neurons know models by id only; keep_alive is cortex's, not the runner's.
+            fwd = {k: v for k, v in body.items() if k != "keep_alive"}
+            payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
         keys = prefix_keys({**body, "model": spec.id if spec else model})
         headers = upstream_headers(request, rid)
         stream = bool(body.get("stream"))
@@ -162,9 +164,11 @@ class Proxy:
                     if tries.last is not None:
                         log.info("%s: retrying on %s", rid, r.node)
                     try:
-                        return await self._forward(
+                        resp = await self._forward(
                             request, r, path, payload, headers, rid, stream, tries, keys, out
                         )
+                        self.loader.life.answered(r.node, r.model_id, keep_alive)
+                        return resp
                     except _TryAnother as exc:
                         tries.last = exc
                         raise
@@ -173,9 +177,11 @@ class Proxy:
         raise AssertionError("unreachable: the retry policy returns or raises")
 
     async def _route(self, model: str, keys: tuple[str, ...], tries: _Tries) -> Route:
-        for _ in range(2):
-            decision = route(
-                self.fleet.snapshot(),
+        spec = self.catalogue.resolve(model)
+
+        def decide(snap: FleetSnapshot) -> Route | ColdLoad:
+            return route(
+                snap,
                 self.catalogue,
                 model,
                 facts=self.loader.facts,
@@ -186,11 +192,9 @@ class Proxy:
                 margin=self.config.affinity_margin,
                 rotation=next(self._turns),
             )
-            if isinstance(decision, Route):
-                return decision
-            # No await between the routing decision and the claim inside: one load.
-            await self.loader.cold_load(decision)
-        raise ModelLoading(f"model {model!r} is loaded but not routable yet")
+
+        # Loads a cold model (once, however many ask) or waits for one loading.
+        return await self.loader.life.routed(spec.id if spec else model, decide)
 
     async def _forward(
         self,

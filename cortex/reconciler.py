@@ -1,34 +1,35 @@
-"""The reconciler: the catalogue's wishes come back true by themselves.
+"""The reconciler: the loop that asks the lifecycle to make the wishes true.
 
 Every pass it (1) tears down multi-rank groups that lost a member (a rank died,
 a member node went unhealthy or restarted): one rank alone can never serve, and
-its peers spin on a dead link; then (2) loads models whose `keep_loaded` or
-`pinned_on` asks for more replicas than the fleet has. A model whose load fails
-waits longer each time (shared.retry.RECONCILE_WAIT) so it cannot thrash the fleet.
+its peers spin on a dead link; every group at once, each POST with a short
+timeout, so one hung member stalls nothing; then (2) loads models whose
+`keep_loaded` or `pinned_on` asks for more replicas than the fleet has, unless
+an operator holds them or a failed load still backs off (cortex.lifecycle);
+then (3) unloads copies idle past their TTL that the wish lets go.
 No pass acts while a node has not been heard from yet (after a cortex restart,
-say) and is not given up on: what it holds is unknown. An operator's forced
-unload holds a model back until the next admin load.
+say) and is not given up on: what it holds is unknown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections import defaultdict
 
 import attrs
 
+from cortex.lifecycle import Job, Lifecycle, replicas, wanted_replicas
 from cortex.loader import Loader
 from cortex.placement import PlacementPending, best
 from cortex.router import node_infos
-from cortex.state import LOADING_STATES, SERVING_STATES, Fleet, FleetSnapshot
+from cortex.state import FleetSnapshot
 from shared.catalogue import Catalogue, ModelSpec
 from shared.errors import ApiError
-from shared.retry import RECONCILE_WAIT, backoff_s
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BrokenGroup", "Reconciler", "broken_groups", "replicas", "wanted_replicas"]
 
 
 @attrs.frozen
@@ -37,22 +38,6 @@ class BrokenGroup:
     model_id: str
     members: tuple[str, ...]  # nodes still holding a rank
     reason: str
-
-
-def wanted_replicas(spec: ModelSpec) -> int:
-    """How many copies the catalogue asks to keep without any request."""
-    return spec.replicas if (spec.keep_loaded or spec.pinned_on) else 0
-
-
-def replicas(snap: FleetSnapshot, model_id: str) -> int:
-    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0."""
-    count = 0
-    for node, m in snap.locations(model_id):
-        if not node.healthy or m.state not in SERVING_STATES | LOADING_STATES:
-            continue
-        if m.group is None or m.group.world_size == 1 or m.group.rank == 0:
-            count += 1
-    return count
 
 
 def broken_groups(snap: FleetSnapshot) -> list[BrokenGroup]:
@@ -90,15 +75,10 @@ def broken_groups(snap: FleetSnapshot) -> list[BrokenGroup]:
 
 @attrs.define
 class Reconciler:
-    fleet: Fleet
+    life: Lifecycle
     catalogue: Catalogue
     loader: Loader
     interval_s: float = 2.0
-    _failures: dict[str, int] = attrs.field(factory=dict)
-    _not_before: dict[str, float] = attrs.field(factory=dict)
-    _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
-    # Models an operator force-unloaded: not loaded again until an admin load.
-    _held: set[str] = attrs.field(factory=set)
 
     async def run(self) -> None:
         while True:
@@ -109,31 +89,28 @@ class Reconciler:
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await t
+        """Nothing of its own to stop: jobs belong to the lifecycle."""
 
     async def step(self) -> None:
-        if self.fleet.snapshot().unheard:
+        if self.life.snapshot().unheard:
             # After a restart every node starts unseen: until each has answered (or
             # been given up on), a missing rank or copy may just not be reported yet.
             return
-        for broken in broken_groups(self.fleet.snapshot()):
-            await self.teardown(broken)
-        snap = self.fleet.snapshot()
+        jobs = [self.teardown(b) for b in broken_groups(self.life.snapshot())]
+        await asyncio.gather(*jobs)
+        snap = self.life.snapshot()
         for spec in self.catalogue.models:
             self._ensure(snap, spec)
-
-    def hold(self, model_id: str) -> None:
-        self._held.add(model_id)
-
-    def release(self, model_id: str) -> None:
-        self._held.discard(model_id)
+        idle: list[Job] = []
+        for spec, nodes in self.life.expired(self.life.snapshot()):
+            log.info("%s idle past its TTL on %s: unloading", spec.id, ", ".join(nodes))
+            job = self.life.start_unload(spec.id, nodes, kind="unload", why="idle past its TTL")
+            if job is not None:
+                idle.append(job)
+        await _settle(idle)
 
     async def teardown(self, broken: BrokenGroup) -> None:
-        """Unload every remaining rank of a broken group, on every member."""
+        """Unload every remaining rank of a broken group, on every member at once."""
         log.warning(
             "group %s of %s broken (%s): tearing down on %s",
             broken.group_id,
@@ -141,26 +118,18 @@ class Reconciler:
             broken.reason,
             ", ".join(broken.members),
         )
-        await asyncio.gather(*(self._unload_member(node, broken) for node in broken.members))
-
-    async def _unload_member(self, node: str, broken: BrokenGroup) -> None:
-        try:
-            await self.loader.unload(node, broken.model_id)
-        except ApiError as exc:
-            # Unreachable now: drop it from routing; when the node is back, its
-            # lone rank shows up as a broken group again and is unloaded then.
-            log.info("could not unload %s from %s: %s", broken.model_id, node, exc.message)
-            self.fleet.drop_model(node, broken.model_id)
+        job = self.life.start_unload(
+            broken.model_id, broken.members, kind="teardown", why=f"group broken: {broken.reason}"
+        )
+        if job is not None:
+            await _settle([job])
 
     def _ensure(self, snap: FleetSnapshot, spec: ModelSpec) -> None:
         want = wanted_replicas(spec)
-        if want == 0 or spec.id in self._held or spec.id in snap.loading:
+        if want == 0 or self.life.held(spec.id) or self.life.job(spec.id) is not None:
             return
-        if self.loader.job(spec.id) is not None:
-            return
-        if replicas(snap, spec.id) >= want:
-            return
-        if time.monotonic() < self._not_before.get(spec.id, 0.0):
+        have = replicas(snap, spec.id)
+        if have >= want or self.life.backing_off(spec.id):
             return
         try:
             cand = best(
@@ -169,38 +138,13 @@ class Reconciler:
         except PlacementPending:
             return  # a node has not said what it is yet; next pass
         if cand is None:
-            return  # nothing fits now (nodes down or busy); no penalty, try next pass
+            return  # nothing fits now (nodes down or busy); /admin/state says why
         try:
-            job = self.loader.start(spec, cand)
+            self.life.start_load(spec, cand, why=f"wish: {want} wanted / {have} present")
         except ApiError:
             return
-        log.info("reconciler: loading %s on %s", spec.id, ", ".join(cand.nodes))
-        task = asyncio.get_running_loop().create_task(self._follow(spec.id, job.task))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _follow(self, model_id: str, load: asyncio.Task[None]) -> None:
-        try:
-            await asyncio.shield(load)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            n = self._failures.get(model_id, 0) + 1
-            self._failures[model_id] = n
-            wait = backoff_s(RECONCILE_WAIT, n)
-            self._not_before[model_id] = time.monotonic() + wait
-            log.warning(
-                "reconciler: %s failed to load (%d in a row): %s; next try in %.0f s",
-                model_id,
-                n,
-                exc,
-                wait,
-            )
-        else:
-            self._failures.pop(model_id, None)
-            self._not_before.pop(model_id, None)
 
-    def backoff(self) -> dict[str, float]:
-        """Seconds until each backed-off model is tried again (for /admin/state)."""
-        now = time.monotonic()
-        return {m: round(t - now, 1) for m, t in self._not_before.items() if t > now}
+async def _settle(jobs: list[Job]) -> None:
+    tasks = [j.task for j in jobs if j.task is not None]
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from cortex.placement import (
     candidates,
     explain,
 )
-from cortex.state import LOADING_STATES, FleetSnapshot, NodeModel, NodeState
+from cortex.state import LOADING_STATES, FleetSnapshot, LoadFailure, NodeModel, NodeState
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import (
     ColdLoadFailed,
@@ -109,9 +110,7 @@ def route(
         raise ModelLoading(f"model {model_id!r} is loading; retry shortly")
     failure = snap.failure(model_id)
     if failure is not None:
-        raise ColdLoadFailed(
-            f"loading model {model_id!r} failed: {failure.message}", details=failure.details
-        )
+        raise load_failed(model_id, failure, snap.taken_at)
     failed = [m for _, m in serving if m.state == "failed"]
     if failed:
         reason = failed[0].error or "its runner failed"
@@ -124,6 +123,18 @@ def route(
     # A node not heard from yet may hold a copy: no second one loaded beside it.
     _wait_for_unheard(snap, model_id)
     return _cold_load(snap, catalogue, spec, facts(spec))
+
+
+def load_failed(model_id: str, failure: LoadFailure, now: float) -> ColdLoadFailed:
+    """503 cold_load_failed while a failed load backs off: the reason, said once, and
+    Retry-After = the time left (capped at 60 by the error)."""
+    left = max(1, math.ceil(failure.until - now))
+    hint = " (needs an operator: fix the source or the catalogue)" if failure.needs_operator else ""
+    return ColdLoadFailed(
+        f"loading model {model_id!r} failed: {failure.message}{hint}; next try in {left} s",
+        retry_after=left,
+        details=failure.details,
+    )
 
 
 def _wait_for_unheard(snap: FleetSnapshot, model: str) -> None:

@@ -1,7 +1,9 @@
 """What cortex knows of its fleet: frozen snapshots, and the one place that changes them.
 
-The poller, the loader and the proxy write through `Fleet`; the router only
-ever sees a `FleetSnapshot`, so routing is a pure function of one moment.
+The poller, the loader and the proxy write through `Fleet` (what nodes say,
+and cortex's own request counts); the router only ever sees a `FleetSnapshot`,
+to which `cortex.lifecycle` adds its view (loads under way, failures, memory
+reserved), so routing is a pure function of one moment.
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ class LoadFailure:
     # instead of starting another one.
     until: float
     details: dict[str, Any] | None = None
+    # Waiting will not help (a source missing, not a model): an operator must act.
+    needs_operator: bool = False
 
 
 @attrs.frozen
@@ -209,12 +213,6 @@ class Fleet:
     threshold: int
     _nodes: dict[str, NodeState]
     _outstanding: Counter[tuple[str, str]] = attrs.field(factory=Counter)
-    _loading: set[str] = attrs.field(factory=set)
-    _failures: dict[str, LoadFailure] = attrs.field(factory=dict)
-    # Memory promised to loads under way, per (node, model): held from the moment
-    # a load is placed until a fresh poll shows the model ready (its memory is then
-    # in the node's own figures) or the load fails.
-    _reservations: dict[tuple[str, str], int] = attrs.field(factory=dict)
     # Memory freed by unloads cortex made, per node, until a fresh poll shows it.
     _credits: dict[str, int] = attrs.field(factory=dict)
 
@@ -224,12 +222,10 @@ class Fleet:
         return cls(threshold=threshold, nodes={n: NodeState(name=n, url=u) for n, u in nodes})
 
     def snapshot(self) -> FleetSnapshot:
+        """What nodes say; `Lifecycle.snapshot()` adds loads, failures and reservations."""
         return FleetSnapshot(
             nodes=tuple(self._nodes.values()),
             outstanding={k: v for k, v in self._outstanding.items() if v > 0},
-            loading=frozenset(self._loading),
-            load_failures=dict(self._failures),
-            reservations=dict(self._reservations),
             taken_at=time.monotonic(),
             threshold=self.threshold,
         )
@@ -262,8 +258,6 @@ class Fleet:
             # A new process: nothing of the old model list, nor its loads, survives.
             models = merge_models(statuses, health)
             self._credits.pop(name, None)
-            for key in [k for k in self._reservations if k[0] == name]:
-                del self._reservations[key]
         elif started >= old.models_at:
             self._credits.pop(name, None)
             if statuses is not None:
@@ -271,9 +265,6 @@ class Fleet:
             else:
                 # No fresh /models: keep what we knew, updated with the live figures.
                 models = _refresh_load(old.models, health, states=True)
-            for m in models:
-                if m.state in ("ready", "failed"):
-                    self._reservations.pop((name, m.model_id), None)
         else:
             # Cortex wrote fresher model states during this poll: take only the load.
             models = _refresh_load(old.models, health, states=False)
@@ -334,7 +325,6 @@ class Fleet:
         gone = old.model(model_id)
         if gone is not None:
             self._credits[name] = self._credits.get(name, 0) + gone.memory_bytes
-        self._reservations.pop((name, model_id), None)
         self._nodes[name] = attrs.evolve(
             old,
             models=tuple(m for m in old.models if m.model_id != model_id),
@@ -342,22 +332,11 @@ class Fleet:
             models_at=time.monotonic(),
         )
 
-    def reserve(self, name: str, model_id: str, nbytes: int) -> None:
-        """Promise `nbytes` on `name` to a load of `model_id`, before any await."""
-        self._reservations[(name, model_id)] = nbytes
-        self._nodes[name] = attrs.evolve(self._nodes[name], reserved_bytes=self._reserved(name))
-
-    def release(self, name: str, model_id: str) -> None:
-        """A load that failed: its promised memory is free again."""
-        if self._reservations.pop((name, model_id), None) is not None:
-            node = self._nodes[name]
-            self._nodes[name] = attrs.evolve(node, reserved_bytes=self._reserved(name))
-
     def _reserved(self, name: str) -> int:
-        held = sum(v for (n, _), v in self._reservations.items() if n == name)
-        return held - self._credits.get(name, 0)
+        # Loads' reservations are the lifecycle's; added in its snapshot.
+        return -self._credits.get(name, 0)
 
-    # -- requests in flight, cold loads ------------------------------------------
+    # -- requests in flight ------------------------------------------
 
     def begin_request(self, node: str, model_id: str) -> None:
         self._outstanding[(node, model_id)] += 1
@@ -367,21 +346,6 @@ class Fleet:
         self._outstanding[key] -= 1
         if self._outstanding[key] <= 0:
             del self._outstanding[key]
-
-    def begin_load(self, model_id: str) -> bool:
-        """Claim the cold load of a model; False if one is already under way."""
-        if model_id in self._loading:
-            return False
-        self._loading.add(model_id)
-        self._failures.pop(model_id, None)
-        return True
-
-    def end_load(self, model_id: str, failure: LoadFailure | None = None) -> None:
-        self._loading.discard(model_id)
-        if failure is not None:
-            self._failures[model_id] = failure
-        else:
-            self._failures.pop(model_id, None)
 
 
 def _refresh_load(

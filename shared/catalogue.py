@@ -51,6 +51,8 @@ class ModelSpec:
     layers: int | None = None
     heads: int | None = None
     kv_heads: int | None = None
+    # Unload a copy idle this long (seconds; negative: never); None: the fleet default.
+    idle_ttl_s: float | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.replicas < 0:

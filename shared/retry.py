@@ -25,9 +25,10 @@ def proxy_attempts(
     )
 
 
-# A model the reconciler could not place: wait longer each time so a model that
-# cannot load does not thrash the fleet.
-RECONCILE_WAIT = tenacity.wait_exponential(multiplier=2, min=2, max=300)
+# A failed load of a model (by a request or by the reconciler): no new load before
+# this many units of `load_backoff_s` (1, 2, 4 ... 60), so a model that cannot
+# load does not thrash the fleet; requests meanwhile get 503 cold_load_failed.
+LOAD_RETRY_WAIT = tenacity.wait_exponential(multiplier=1, min=1, max=60)
 
 
 def backoff_s(wait: tenacity.wait.wait_base, attempt: int) -> float:

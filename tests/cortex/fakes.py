@@ -87,6 +87,8 @@ class FakeNeuron:
     name: str = "fake"
     node_id: str = attrs.Factory(lambda: uuid.uuid4().hex)
     memory_total_bytes: int = 64 * GIB
+    # One host for several fakes lets them form a loopback ring group.
+    hostname: str | None = None
     memory_available_bytes: int = 48 * GIB
     models: dict[str, FakeModel] = attrs.Factory(dict)
     # -- behaviour ----------------------------------------------------------------
@@ -96,6 +98,10 @@ class FakeNeuron:
     load_error: tuple[int, str, str] | None = None
     # A loaded model becomes ready only once this is set (None: ready at once).
     load_gate: asyncio.Event | None = None
+    # POST /models/load answers only once this is set (a slow neuron, a load in flight).
+    load_post_gate: asyncio.Event | None = None
+    # POST /models/unload answers only once this is set (a hung member).
+    unload_gate: asyncio.Event | None = None
     # After the gate: the model fails with this error instead of becoming ready.
     load_fails_with: str | None = None
     memory_per_model: int = 2 * GIB
@@ -137,7 +143,7 @@ class FakeNeuron:
     def discovery(self) -> Discovery:
         return Discovery(
             node_id=self.node_id,
-            hostname=f"{self.name}.local",
+            hostname=self.hostname or f"{self.name}.local",
             version="0.1.0",
             os="Darwin",
             kernel="24.0",
@@ -228,6 +234,8 @@ class FakeNeuron:
         self.calls["load"] += 1
         body = await request.json()
         self.load_requests.append(body)
+        if self.load_post_gate is not None:
+            await self.load_post_gate.wait()
         if self.load_error is not None:
             status, code, message = self.load_error
             return _envelope(status, code, message)
@@ -252,6 +260,8 @@ class FakeNeuron:
         self.calls["unload"] += 1
         body = await request.json()
         self.unload_requests.append(body["model_id"])
+        if self.unload_gate is not None:
+            await self.unload_gate.wait()
         self.models.pop(body["model_id"], None)
         return web.json_response({"model_id": body["model_id"], "state": "unloaded"})
 

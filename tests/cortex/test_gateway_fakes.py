@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from cortex import cli
 from cortex.config import ApiKey, CortexConfig
-from cortex.keys import FLEET, LOADER, POLLER, RECONCILER
+from cortex.keys import FLEET, LIFECYCLE, POLLER, RECONCILER
 from shared.catalogue import GIB, ModelSpec
 from shared.config import ConfigError
 from shared.errors import sse_error_frame
@@ -403,7 +403,9 @@ async def test_models_lists_catalogue_with_live_state(two: list[FakeNeuron]) -> 
     assert body["object"] == "list"
     m1 = by_id["m1"]
     assert m1["object"] == "model" and m1["loaded"] is True
-    assert m1["locations"] == [{"node": "n2", "state": "ready", "healthy": True}]
+    assert m1["locations"] == [
+        {"node": "n2", "state": "ready", "healthy": True, "expires_at": None}
+    ]
     assert ["n1"] in m1["feasible_on"] or ["n2"] in m1["feasible_on"]
     assert by_id["m2"]["loaded"] is False
     assert by_id["adhoc"]["owned_by"] == "neuron"
@@ -418,7 +420,9 @@ async def test_models_lists_only_rank_0_of_an_uncatalogued_group(two: list[FakeN
     async with gateway(two) as client:
         body = await (await client.get("/v1/models")).json()
     [adhoc] = [m for m in body["data"] if m["id"] == "adhoc"]
-    assert adhoc["locations"] == [{"node": "n1", "state": "ready", "healthy": True}]
+    assert adhoc["locations"] == [
+        {"node": "n1", "state": "ready", "healthy": True, "expires_at": None}
+    ]
 
 
 async def test_health_degraded_when_a_node_is_down(two: list[FakeNeuron]) -> None:
@@ -508,7 +512,7 @@ async def test_admin_unload_of_a_kept_model_needs_force_and_then_sticks(
         resp = await client.post("/admin/models/m1/unload", json={"force": True})
         assert resp.status == 200 and two[0].unload_requests == ["m1"]
         await client.app[RECONCILER].step()
-        assert client.app[LOADER].job("m1") is None
+        assert client.app[LIFECYCLE].job("m1") is None
         resp = await client.post("/admin/models/m1/load")
         assert resp.status == 202
         await client.app[RECONCILER].step()  # released: nothing new, the admin load is under way

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import attrs
 
-from cortex.keys import FLEET, LOADER, POLLER
+from cortex.keys import LIFECYCLE, LOADER, POLLER
 from cortex.reconciler import Reconciler, broken_groups, replicas, wanted_replicas
 from cortex.state import FleetSnapshot, NodeModel, NodeState
 from shared.catalogue import GIB, ModelSpec
-from shared.retry import RECONCILE_WAIT, backoff_s
+from shared.retry import LOAD_RETRY_WAIT, backoff_s
 from shared.wire import GroupSpec, ModelState
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 
@@ -68,17 +68,17 @@ async def test_step_waits_until_every_node_was_heard_from() -> None:
     try:
         async with gateway(nodes, catalogue(spec)) as client:
             app = client.app
-            rec = Reconciler(fleet=app[FLEET], catalogue=catalogue(spec), loader=app[LOADER])
+            rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(spec), loader=app[LOADER])
             await rec.step()
-            assert app[LOADER].job("m1") is None
+            assert app[LIFECYCLE].job("m1") is None
             n2.health_ok = True
             await app[POLLER].poll_once()
             await rec.step()  # n3 still unheard (2 failed polls)
-            assert app[LOADER].job("m1") is None
+            assert app[LIFECYCLE].job("m1") is None
             await app[POLLER].poll_once()
             await rec.step()  # n3 given up on: the second copy goes to n1
-            job = app[LOADER].job("m1")
-            assert job is not None and job.candidate.nodes == ("n1",)
+            job = app[LIFECYCLE].job("m1")
+            assert job is not None and job.nodes == ("n1",)
             await rec.close()
     finally:
         await stop_all(nodes)
@@ -119,7 +119,7 @@ def test_wanted_replicas() -> None:
 
 
 def test_reconcile_backoff_grows_and_caps() -> None:
-    """Each failed load waits longer, up to the cap."""
-    waits = [backoff_s(RECONCILE_WAIT, n) for n in (1, 2, 3, 20)]
+    """Each failed load waits longer, up to the cap (in units of load_backoff_s)."""
+    waits = [backoff_s(LOAD_RETRY_WAIT, n) for n in (1, 2, 3, 20)]
     assert waits[0] < waits[1] < waits[2]
-    assert waits[-1] == 300
+    assert waits[-1] == 60

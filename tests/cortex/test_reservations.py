@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cortex.keys import FLEET, POLLER
+from cortex.keys import LIFECYCLE, POLLER
 from shared.catalogue import GIB, ModelSpec
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 
@@ -47,7 +47,8 @@ async def test_reservation_held_while_the_model_loads() -> None:
         r = await client.post(CHAT, json=_chat("a"))
         assert (await r.json())["error"]["code"] == "model_loading"
         await client.app[POLLER].poll_once()
-        node = client.app[FLEET].node("n1")
+        node = client.app[LIFECYCLE].snapshot().node("n1")
+        assert node is not None
         assert node.model("a") is not None and node.model("a").state == "loading"  # type: ignore[union-attr]
         assert node.reserved_bytes >= int(6.5 * GIB)
         r = await client.post(CHAT, json=_chat("b"))
@@ -66,5 +67,5 @@ async def test_failed_load_gives_its_memory_back() -> None:
         assert client.app is not None
         r = await client.post(CHAT, json=_chat("a"))
         assert (await r.json())["error"]["code"] == "cold_load_failed"
-        assert client.app[FLEET].node("n1").reserved_bytes == 0
+        assert client.app[LIFECYCLE].snapshot().node("n1").reserved_bytes == 0  # type: ignore[union-attr]
     await stop_all([n1])

@@ -196,12 +196,18 @@ def test_cold_load_under_way_is_model_loading() -> None:
 
 
 def test_recent_cold_load_failure_is_503_cold_load_failed() -> None:
-    """A failed load answers 503 cold_load_failed (Retry-After 5) until its cooldown ends."""
-    fail = LoadFailure("runner crashed", until=200.0)
+    """A failed load answers 503 cold_load_failed until its backoff ends, Retry-After the
+    time left (capped at 60), the reason said once and what kind of reason it is."""
+    fail = LoadFailure("runner crashed", until=104.2)
     with pytest.raises(errors.ColdLoadFailed) as exc:
         go(snap(node("a"), failures={"m1": fail}), "m1")
     assert (exc.value.status, exc.value.retry_after) == (503, 5)
-    assert "runner crashed" in exc.value.message
+    assert exc.value.message.count("failed") == 1 and "runner crashed" in exc.value.message
+    assert "operator" not in exc.value.message
+    long = LoadFailure("model path '/x' does not exist", until=400.0, needs_operator=True)
+    with pytest.raises(errors.ColdLoadFailed) as exc:
+        go(snap(node("a"), failures={"m1": long}), "m1")
+    assert exc.value.retry_after == 60 and "needs an operator" in exc.value.message
     expired = LoadFailure("old", until=50.0)
     assert isinstance(go(snap(node("a"), failures={"m1": expired}), "m1"), ColdLoad)
 

@@ -1,0 +1,726 @@
+"""Every model's life in cortex, in one owner.
+
+`Lifecycle` holds, per model: the wish (the catalogue's keep_loaded, replicas,
+pinned_on and idle TTL, an operator's hold with its reason), the one job under
+way (load, unload, teardown: phase, nodes, since when), the last failed load
+with its backoff, the memory reserved for the job, the idle clocks, and a
+bounded list of events. The poller only records what nodes say (`Fleet`); the
+router reads `snapshot()`, which adds this owner's view to the fleet's; the
+reconciler calls `converge()`; the proxy calls `routed()` for a cold load or a
+wait. `why()` answers "why is model X (not) where its wish says".
+
+Every check-and-set here is synchronous (no await between the check and the
+write), so under asyncio it acts as the per-model lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal
+
+import attrs
+
+from cortex.config import CortexConfig
+from cortex.placement import Candidate, candidates, explain
+from cortex.router import ColdLoad, Route, load_failed, node_infos
+from cortex.state import (
+    LOADING_STATES,
+    SERVING_STATES,
+    Fleet,
+    FleetSnapshot,
+    LoadFailure,
+    NodeModel,
+    NodeState,
+)
+from shared.catalogue import Catalogue, ModelFacts, ModelSpec
+from shared.errors import ApiError, ColdLoadFailed, InvalidRequest, ModelLoading
+from shared.retry import LOAD_RETRY_WAIT, backoff_s
+
+log = logging.getLogger(__name__)
+
+JobKind = Literal["load", "unload", "teardown"]
+EVENTS_KEPT = 500
+OPERATOR_WAIT_FACTOR = 6
+OPERATOR_WAIT_MAX_S = 600.0
+# Neuron codes that mean the load cannot succeed until someone changes something.
+OPERATOR_CODES = frozenset({"invalid_model_path", "invalid_request", "placement_refused"})
+
+
+@attrs.frozen
+class Hold:
+    """An operator's word: do not load this model by wish until the next admin load."""
+
+    reason: str
+    since: float  # wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "since": self.since}
+
+
+@attrs.frozen
+class Failure:
+    """The last failed load of a model and when the next may start."""
+
+    reason: str
+    # True when waiting will not help (a source missing, not a model directory).
+    needs_operator: bool
+    count: int
+    at: float  # wall clock
+    until: float  # monotonic
+    details: dict[str, Any] | None = None
+
+    def left_s(self, now: float) -> float:
+        return max(0.0, self.until - now)
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "needs_operator": self.needs_operator,
+            "failures_in_a_row": self.count,
+            "at": self.at,
+            "next_try_in_s": round(self.left_s(now), 1),
+        }
+
+
+@attrs.frozen
+class Event:
+    at: float  # wall clock
+    model_id: str
+    what: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "model_id": self.model_id, "what": self.what, "detail": self.detail}
+
+
+@attrs.define(eq=False)
+class Job:
+    """The one thing under way for a model; `accepted` resolves once every member took it."""
+
+    model_id: str
+    kind: JobKind
+    nodes: tuple[str, ...]
+    started: float  # wall clock
+    phase: str = "starting"
+    candidate: Candidate | None = None
+    task: asyncio.Task[None] | None = None
+    accepted: asyncio.Future[tuple[str, ...]] | None = None
+    # Memory promised on each node, released when the job ends.
+    reserved: dict[str, int] = attrs.Factory(dict)
+    ring_port: int | None = None
+    warning: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "nodes": list(self.nodes),
+            "phase": self.phase,
+            "started": self.started,
+            "warning": self.warning,
+        }
+
+
+@attrs.frozen
+class _Settling:
+    """A finished load's reservation, kept until the node's own figures include it."""
+
+    nbytes: int
+    polls_left: int
+    until: float  # monotonic cap, for a node that stops answering
+
+
+# The executor of jobs (cortex.loader.Loader): I/O only, no state of its own.
+LoadRunner = Callable[[ModelSpec, Candidate, Job], Awaitable[None]]
+UnloadRunner = Callable[[str, str], Awaitable[None]]
+
+
+@attrs.define
+class RingPorts:
+    """Port blocks for ring groups, never overlapping a live group's (per fleet)."""
+
+    base: int
+    span: int = 16000
+    _next: int = 0
+    _taken: dict[int, int] = attrs.Factory(dict)  # first port -> size, for jobs under way
+
+    def allocate(self, n: int, live: Iterable[int]) -> int:
+        used = set(live)
+        for first, size in self._taken.items():
+            used.update(range(first, first + size))
+        for step in range(self.span):
+            first = self.base + (self._next + step) % (self.span - n + 1)
+            if not used.intersection(range(first, first + n)):
+                # Next time start past this block: a restarted group never meets
+                # its old sockets in TIME_WAIT.
+                self._next = (first - self.base + n) % (self.span - n + 1)
+                self._taken[first] = n
+                return first
+        raise ColdLoadFailed(f"no free block of {n} ring ports from {self.base}")
+
+    def free(self, first: int | None) -> None:
+        if first is not None:
+            self._taken.pop(first, None)
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds or a duration ("5m", "30s", "1h"); negative = forever.
+
+    Returns seconds (math.inf for forever) or None when absent.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequest("'keep_alive' must be a duration or seconds", param="keep_alive")
+    if isinstance(value, int | float):
+        secs = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        try:
+            secs = float(text[: len(text) - len(unit)] if unit else text) * units.get(unit, 1.0)
+        except ValueError:
+            raise InvalidRequest(
+                f"'keep_alive' {value!r} is not a duration like '5m', '30s' or seconds",
+                param="keep_alive",
+            ) from None
+    else:
+        raise InvalidRequest("'keep_alive' must be a duration or seconds", param="keep_alive")
+    if math.isnan(secs):
+        raise InvalidRequest("'keep_alive' must be a number", param="keep_alive")
+    return math.inf if secs < 0 else secs
+
+
+def wanted_replicas(spec: ModelSpec) -> int:
+    """How many copies the catalogue asks to keep without any request."""
+    return spec.replicas if (spec.keep_loaded or spec.pinned_on) else 0
+
+
+def replicas(snap: FleetSnapshot, model_id: str) -> int:
+    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0."""
+    count = 0
+    for node, m in snap.locations(model_id):
+        if not node.healthy or m.state not in SERVING_STATES | LOADING_STATES:
+            continue
+        if m.group is None or m.group.world_size == 1 or m.group.rank == 0:
+            count += 1
+    return count
+
+
+def load_failure(spec: ModelSpec, exc: BaseException) -> tuple[str, bool, dict[str, Any] | None]:
+    """(reason, needs_operator, details) of a failed load, the reason said once."""
+    if isinstance(exc, ApiError):
+        reason = exc.message
+        needs_operator = exc.code in OPERATOR_CODES or (
+            400 <= exc.status < 500 and exc.code != "model_kept_loaded"
+        )
+        details = exc.details
+    else:
+        reason, needs_operator, details = repr(exc), False, None
+    # Layers of wrapping (neuron, loader, router) each said "loading ... failed:".
+    prefix = f"loading model {spec.id!r} failed: "
+    while reason.startswith(prefix):
+        reason = reason[len(prefix) :]
+    return reason, needs_operator, details
+
+
+@attrs.define
+class Lifecycle:
+    fleet: Fleet
+    catalogue: Catalogue
+    config: CortexConfig
+    run_load: LoadRunner | None = None
+    run_unload: UnloadRunner | None = None
+    clock: Callable[[], float] = time.monotonic
+    _holds: dict[str, Hold] = attrs.Factory(dict)
+    _jobs: dict[str, Job] = attrs.Factory(dict)
+    _failures: dict[str, Failure] = attrs.Factory(dict)
+    _settling: dict[tuple[str, str], _Settling] = attrs.Factory(dict)
+    _waiting: Counter[str] = attrs.Factory(Counter)
+    # Per (node, model): when cortex last saw it answer (wall) and its keep_alive.
+    _touched: dict[tuple[str, str], float] = attrs.Factory(dict)
+    _keep: dict[tuple[str, str], float] = attrs.Factory(dict)
+    _events: deque[Event] = attrs.Factory(lambda: deque(maxlen=EVENTS_KEPT))
+    _started_wall: float = attrs.Factory(time.time)
+    ports: RingPorts = attrs.Factory(
+        lambda self: RingPorts(self.config.ring_base_port), takes_self=True
+    )
+
+    # -- the snapshot the router reads ----------------------------------------------
+
+    def snapshot(self) -> FleetSnapshot:
+        """The fleet's snapshot with this owner's view: loads, failures, reservations."""
+        snap = self.fleet.snapshot()
+        now = self.clock()
+        reservations: dict[tuple[str, str], int] = {}
+        for job in self._jobs.values():
+            for node, nbytes in job.reserved.items():
+                reservations[(node, job.model_id)] = nbytes
+        for key, s in list(self._settling.items()):
+            if s.until <= now:
+                del self._settling[key]
+            else:
+                reservations[key] = reservations.get(key, 0) + s.nbytes
+        per_node = Counter[str]()
+        for (node, _), nbytes in reservations.items():
+            per_node[node] += nbytes
+        nodes = tuple(
+            attrs.evolve(n, reserved_bytes=n.reserved_bytes + per_node[n.name])
+            if per_node[n.name]
+            else n
+            for n in snap.nodes
+        )
+        return attrs.evolve(
+            snap,
+            nodes=nodes,
+            loading=frozenset(m for m, j in self._jobs.items() if j.kind == "load"),
+            load_failures={
+                m: LoadFailure(
+                    f.reason, until=f.until, details=f.details, needs_operator=f.needs_operator
+                )
+                for m, f in self._failures.items()
+            },
+            reservations=reservations,
+            taken_at=now,
+        )
+
+    def polled(self, node: NodeState) -> None:
+        """Poller listener: a finished load's reservation ends two good polls later
+        (the second one surely started after the load ended), or at a restart."""
+        if not node.healthy or node.health is None:
+            return
+        for key, s in list(self._settling.items()):
+            if key[0] != node.name:
+                continue
+            if s.polls_left <= 1:
+                del self._settling[key]
+            else:
+                self._settling[key] = attrs.evolve(s, polls_left=s.polls_left - 1)
+
+    # -- holds, failures, events ----------------------------------------------------
+
+    def hold(self, model_id: str, reason: str) -> Hold:
+        h = Hold(reason, time.time())
+        self._holds[model_id] = h
+        self.event(model_id, "held", reason)
+        return h
+
+    def release(self, model_id: str) -> Hold | None:
+        h = self._holds.pop(model_id, None)
+        if h is not None:
+            self.event(model_id, "hold released", h.reason)
+        return h
+
+    def held(self, model_id: str) -> Hold | None:
+        return self._holds.get(model_id)
+
+    def failure(self, model_id: str) -> Failure | None:
+        return self._failures.get(model_id)
+
+    def backing_off(self, model_id: str) -> Failure | None:
+        f = self._failures.get(model_id)
+        return f if f is not None and f.until > self.clock() else None
+
+    def forget_failure(self, model_id: str) -> Failure | None:
+        f = self._failures.pop(model_id, None)
+        if f is not None:
+            self.event(model_id, "failure cleared", f.reason)
+        return f
+
+    def event(self, model_id: str, what: str, detail: str = "") -> None:
+        self._events.append(Event(time.time(), model_id, what, detail))
+
+    def events(self, model_id: str | None = None, limit: int = 50) -> list[Event]:
+        found = [e for e in self._events if model_id is None or e.model_id == model_id]
+        return found[-limit:]
+
+    def job(self, model_id: str) -> Job | None:
+        return self._jobs.get(model_id)
+
+    def cold_load_failed(self, model_id: str, f: Failure) -> ColdLoadFailed:
+        """The 503 a request gets while a failed load backs off."""
+        as_seen = LoadFailure(
+            f.reason, until=f.until, details=f.details, needs_operator=f.needs_operator
+        )
+        return load_failed(model_id, as_seen, self.clock())
+
+    # -- loads ----------------------------------------------------------------------
+
+    def start_load(
+        self,
+        spec: ModelSpec,
+        cand: Candidate,
+        *,
+        why: str,
+        ignore_backoff: bool = False,
+        warning: str | None = None,
+    ) -> Job:
+        """Begin the one load of `spec` on `cand`: ModelLoading if a job is under way,
+        ColdLoadFailed while a failed load backs off."""
+        if spec.id in self._jobs:
+            raise ModelLoading(f"model {spec.id!r} is {self._jobs[spec.id].kind}ing; retry shortly")
+        f = self.backing_off(spec.id)
+        if f is not None and not ignore_backoff:
+            raise self.cold_load_failed(spec.id, f)
+        if self.run_load is None:
+            raise RuntimeError("lifecycle has no loader")
+        loop = asyncio.get_running_loop()
+        job = Job(
+            spec.id,
+            "load",
+            cand.nodes,
+            time.time(),
+            candidate=cand,
+            accepted=loop.create_future(),
+            warning=warning,
+        )
+        # Spoken for now, before any await: a second load placed meanwhile sees it taken.
+        job.reserved = {fit.node: fit.need_bytes for fit in cand.fits}
+        for fit in cand.fits:
+            self._settling.pop((fit.node, spec.id), None)
+        self._jobs[spec.id] = job
+        job.task = loop.create_task(self._run_load(spec, cand, job), name=f"load {spec.id}")
+        job.task.add_done_callback(_retrieve)
+        self.event(spec.id, "load started", f"on {', '.join(cand.nodes)} ({why})")
+        log.info("loading %s on %s (%s)", spec.id, ", ".join(cand.nodes), why)
+        return job
+
+    async def _run_load(self, spec: ModelSpec, cand: Candidate, job: Job) -> None:
+        assert self.run_load is not None and job.accepted is not None
+        ok = False
+        try:
+            await self.run_load(spec, cand, job)
+            ok = True
+        except asyncio.CancelledError:
+            self.event(spec.id, "load cancelled", "cortex stopping")
+            raise
+        except Exception as exc:
+            reason, needs_operator, details = load_failure(spec, exc)
+            prev = self._failures.get(spec.id)
+            count = (prev.count if prev is not None else 0) + 1
+            wait = backoff_s(LOAD_RETRY_WAIT, count) * self.config.load_backoff_s
+            if needs_operator:
+                # Waiting will not fix it: ask the nodes far less often.
+                wait = min(wait * OPERATOR_WAIT_FACTOR, OPERATOR_WAIT_MAX_S)
+            f = Failure(reason, needs_operator, count, time.time(), self.clock() + wait, details)
+            self._failures[spec.id] = f
+            self.event(spec.id, "load failed", f"{reason}; next try in {wait:.0f} s")
+            log.warning("loading %s failed (%d in a row): %s", spec.id, count, reason)
+            err = self.cold_load_failed(spec.id, f)
+            if not job.accepted.done():
+                job.accepted.set_exception(err)
+                job.accepted.exception()
+            raise err from exc
+        finally:
+            if not job.accepted.done():
+                job.accepted.cancel()
+            self.ports.free(job.ring_port)
+            if self._jobs.get(spec.id) is job:
+                del self._jobs[spec.id]
+            if ok:
+                self._failures.pop(spec.id, None)
+                for node in cand.nodes:
+                    self._touched[(node, spec.id)] = time.time()
+                # The node's own memory figure takes over once a poll has seen the model.
+                cap = self.clock() + 3 * self.config.poll_interval_s + self.config.poll_timeout_s
+                for node, nbytes in job.reserved.items():
+                    self._settling[(node, spec.id)] = _Settling(nbytes, 2, cap)
+                self.event(spec.id, "ready", f"on {', '.join(cand.nodes)}")
+            job.reserved = {}
+
+    async def wait_job(self, job: Job, limit_s: float) -> None:
+        """Wait for a job up to `limit_s` (it goes on if we stop waiting)."""
+        assert job.task is not None
+        await asyncio.wait_for(asyncio.shield(job.task), timeout=limit_s)
+
+    async def routed(
+        self, model_id: str, decide: Callable[[FleetSnapshot], Route | ColdLoad]
+    ) -> Route:
+        """Route a request, loading or waiting for the model up to load_wait_s.
+
+        `decide` is the router on a snapshot. A cold model is loaded once however
+        many ask; everyone waits for the same job, at most `max_waiting` per model.
+        """
+        deadline = self.clock() + self.config.load_wait_s
+        waiting = False
+        try:
+            while True:
+                try:
+                    decision = decide(self.snapshot())
+                except ModelLoading:
+                    decision = None
+                if isinstance(decision, Route):
+                    return decision
+                job = self._jobs.get(model_id)
+                if isinstance(decision, ColdLoad) and job is None:
+                    # No await between the routing decision and the claim: one load.
+                    job = self.start_load(decision.spec, decision.candidate, why="a request")
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise self._still_loading(model_id)
+                if not waiting:
+                    if self._waiting[model_id] >= self.config.max_waiting:
+                        raise ModelLoading(
+                            f"model {model_id!r} is loading and {self._waiting[model_id]}"
+                            " requests already wait for it; retry shortly"
+                        )
+                    self._waiting[model_id] += 1
+                    waiting = True
+                if job is not None and job.task is not None:
+                    try:
+                        await self.wait_job(job, left)
+                    except TimeoutError:
+                        raise self._still_loading(model_id) from None
+                    except ApiError:
+                        if job.kind == "load":
+                            raise
+                else:
+                    # A node reports it loading (recovering, or a load cortex did not
+                    # start): look again shortly.
+                    await asyncio.sleep(min(left, max(0.05, self.config.load_poll_interval_s)))
+        finally:
+            if waiting:
+                self._waiting[model_id] -= 1
+                if self._waiting[model_id] <= 0:
+                    del self._waiting[model_id]
+
+    def _still_loading(self, model_id: str) -> ModelLoading:
+        job = self._jobs.get(model_id)
+        where = f" on {', '.join(job.nodes)} (phase: {job.phase})" if job is not None else ""
+        return ModelLoading(
+            f"model {model_id!r} is still loading{where} after"
+            f" {self.config.load_wait_s:g} s; retry shortly"
+        )
+
+    def waiting(self, model_id: str) -> int:
+        return self._waiting.get(model_id, 0)
+
+    # -- unloads ----------------------------------------------------------------------
+
+    async def unload(self, model_id: str, nodes: Iterable[str], *, why: str) -> dict[str, str]:
+        """Unload `model_id` from `nodes` concurrently (short timeouts); failures by node."""
+        nodes = tuple(nodes)
+        if self.run_unload is None:
+            raise RuntimeError("lifecycle has no loader")
+        run = self.run_unload
+        self.event(model_id, "unload", f"from {', '.join(nodes)} ({why})")
+        results = await asyncio.gather(*(run(n, model_id) for n in nodes), return_exceptions=True)
+        failed: dict[str, str] = {}
+        for n, r in zip(nodes, results, strict=True):
+            if isinstance(r, BaseException):
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+                failed[n] = getattr(r, "message", None) or repr(r)
+        for n in nodes:
+            self._touched.pop((n, model_id), None)
+            self._keep.pop((n, model_id), None)
+        return failed
+
+    def start_unload(
+        self, model_id: str, nodes: Iterable[str], *, kind: JobKind, why: str
+    ) -> Job | None:
+        """Unload as the model's one job (an idle unload, a teardown); None if one runs."""
+        if model_id in self._jobs:
+            return None
+        job = Job(model_id, kind, tuple(nodes), time.time(), phase="posting")
+        self._jobs[model_id] = job
+
+        async def run() -> None:
+            try:
+                failed = await self.unload(model_id, job.nodes, why=why)
+                for node, reason in failed.items():
+                    log.info("could not unload %s from %s: %s", model_id, node, reason)
+                    # Unreachable now: out of routing; a lone rank left behind shows
+                    # up as a broken group again once its node is back.
+                    self.fleet.drop_model(node, model_id)
+            finally:
+                if self._jobs.get(model_id) is job:
+                    del self._jobs[model_id]
+
+        job.task = asyncio.get_running_loop().create_task(run(), name=f"{kind} {model_id}")
+        job.task.add_done_callback(_retrieve)
+        return job
+
+    def answered_unload(self, node: str, model_id: str) -> Job | None:
+        """After an answer with keep_alive 0: unload that copy, unless the wish keeps it
+        or another request is under way there."""
+        spec = self.catalogue.get(model_id)
+        snap = self.snapshot()
+        if spec is None or snap.outstanding_on(node, model_id):
+            return None
+        if node in spec.pinned_on or replicas(snap, model_id) <= wanted_replicas(spec):
+            return None
+        state = snap.node(node)
+        m = state.model(model_id) if state is not None else None
+        if m is None or (m.group is not None and m.group.world_size > 1):
+            return None
+        return self.start_unload(model_id, (node,), kind="unload", why="keep_alive 0")
+
+    # -- idle clocks --------------------------------------------------------------------
+
+    def answered(self, node: str, model_id: str, keep_alive: float | None) -> None:
+        """A request was answered on `node`: its idle clock restarts (with its keep_alive)."""
+        self._touched[(node, model_id)] = time.time()
+        if keep_alive is not None:
+            self._keep[(node, model_id)] = min(keep_alive, self.config.max_keep_alive_s)
+            if keep_alive == 0:
+                self.answered_unload(node, model_id)
+
+    def ttl_s(self, node: str, spec: ModelSpec) -> float:
+        keep = self._keep.get((node, spec.id))
+        if keep is not None:
+            return keep
+        ttl = spec.idle_ttl_s if spec.idle_ttl_s is not None else self.config.idle_ttl_s
+        return math.inf if ttl is None or ttl < 0 else ttl
+
+    def idle_since(self, node: NodeState, m: NodeModel) -> float:
+        return max(m.last_used, self._touched.get((node.name, m.model_id), self._started_wall))
+
+    def expires_at(self, snap: FleetSnapshot, node: NodeState, m: NodeModel) -> float | None:
+        """Wall time this copy will be unloaded if still idle; None when never (the wish
+        keeps it: pinned here, or no more copies than the wish asks)."""
+        spec = self.catalogue.get(m.model_id)
+        if spec is None or self._kept_here(spec, node.name):
+            return None
+        want = wanted_replicas(spec) if spec.id not in self._holds else 0
+        if want and replicas(snap, spec.id) <= want:
+            return None
+        ttl = self.ttl_s(node.name, spec)
+        if math.isinf(ttl):
+            return None
+        return self.idle_since(node, m) + ttl
+
+    def _kept_here(self, spec: ModelSpec, node: str) -> bool:
+        return node in spec.pinned_on
+
+    def expired(self, snap: FleetSnapshot) -> list[tuple[ModelSpec, tuple[str, ...]]]:
+        """Copies idle past their TTL that the wish lets go: (model, nodes of one copy)."""
+        now = time.time()
+        out = []
+        for spec in self.catalogue.models:
+            if spec.id in self._jobs:
+                continue
+            want = wanted_replicas(spec) if spec.id not in self._holds else 0
+            have = replicas(snap, spec.id)
+            for node, m in snap.locations(spec.id):
+                if have <= want:
+                    break
+                if m.state != "ready" or not m.serves_http or not node.healthy:
+                    continue
+                if m.load or snap.outstanding_on(node.name, spec.id):
+                    continue
+                exp = self.expires_at(snap, node, m)
+                if exp is None or exp > now:
+                    continue
+                members: tuple[str, ...] = (node.name,)
+                if m.group is not None and m.group.world_size > 1:
+                    gid = m.group.group_id
+                    members = tuple(
+                        n.name
+                        for n, mm in snap.locations(spec.id)
+                        if mm.group is not None and mm.group.group_id == gid
+                    )
+                out.append((spec, members))
+                have -= 1
+        return out
+
+    # -- why -------------------------------------------------------------------------------
+
+    def why(self, spec: ModelSpec, snap: FleetSnapshot, facts: ModelFacts) -> str:
+        """One line: why the model is (not) where its wish says."""
+        now = self.clock()
+        want = wanted_replicas(spec)
+        have = replicas(snap, spec.id)
+        job = self._jobs.get(spec.id)
+        hold = self._holds.get(spec.id)
+        f = self._failures.get(spec.id)
+        if job is not None:
+            return f"{job.kind}ing on {', '.join(job.nodes)} (phase: {job.phase})"
+        if hold is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.since))
+            return f"held by operator since {since}: {hold.reason}"
+        if f is not None and f.until > now:
+            who = " (needs an operator)" if f.needs_operator else ""
+            return (
+                f"backing off after failure{who}: {f.reason}, next try in"
+                f" {math.ceil(f.left_s(now))} s"
+            )
+        if want and have < want:
+            if snap.unheard:
+                return f"{want} wanted / {have} present: waiting for nodes to report"
+            return f"{want} wanted / {have} present: {self._no_room(spec, snap, facts)}"
+        if want:
+            return f"{want} wanted / {have} present: as wished"
+        if have:
+            return f"{have} loaded on demand; unloaded when idle past its TTL"
+        return "not loaded: loads on the first request"
+
+    def _no_room(self, spec: ModelSpec, snap: FleetSnapshot, facts: ModelFacts) -> str:
+        """Why no more copies fit now: placement's per-node arithmetic, in a line."""
+        try:
+            infos = node_infos(snap, self.catalogue, loading=spec.id)
+            cands = candidates(spec, facts, infos, now=True)
+            if any(c.feasible for c in cands):
+                return "a copy fits: the next reconciler pass loads it"
+            return "no room: " + explain(spec, cands)
+        except Exception as exc:  # a status answer must not fail during an incident
+            return f"placement unknown ({type(exc).__name__}: {exc})"
+
+    def to_json(self, spec: ModelSpec, snap: FleetSnapshot) -> dict[str, Any]:
+        now = self.clock()
+        job = self._jobs.get(spec.id)
+        hold = self._holds.get(spec.id)
+        f = self._failures.get(spec.id)
+        return {
+            "wish": {
+                "replicas": wanted_replicas(spec),
+                "keep_loaded": spec.keep_loaded,
+                "pinned_on": list(spec.pinned_on),
+                "idle_ttl_s": spec.idle_ttl_s
+                if spec.idle_ttl_s is not None
+                else self.config.idle_ttl_s,
+            },
+            "present": replicas(snap, spec.id),
+            "hold": None if hold is None else hold.to_json(),
+            "job": None if job is None else job.to_json(),
+            "failure": None if f is None else f.to_json(now),
+            "waiting": self.waiting(spec.id),
+            "events": [e.to_json() for e in self.events(spec.id, limit=10)],
+        }
+
+    async def close(self) -> None:
+        """Stop jobs under way (cortex shutting down)."""
+        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # A job's outcome is recorded by the lifecycle; nobody else has to await it.
+    if not task.cancelled():
+        task.exception()
+
+
+def live_ring_ports(snap: FleetSnapshot) -> set[int]:
+    """Ports that live groups' ranks listen on, from what nodes report."""
+    out: set[int] = set()
+    for n in snap.nodes:
+        for m in n.models:
+            if m.group is None:
+                continue
+            for h in m.group.hosts:
+                with contextlib.suppress(ValueError):
+                    out.add(int(h.rsplit(":", 1)[1]))
+            if m.group.coordinator:
+                with contextlib.suppress(ValueError):
+                    out.add(int(m.group.coordinator.rsplit(":", 1)[1]))
+    return out
