@@ -19,18 +19,13 @@ import attrs
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from shared.errors import ServiceUnavailable, sse_error_frame
+from shared.errors import ShuttingDown, sse_error_frame
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A stream's response once its headers are sent: the proxies set it after prepare().
 SSE_RESPONSE = web.RequestKey("sse_response", web.StreamResponse)
-
-
-class ShuttingDown(ServiceUnavailable):
-    code = "shutting_down"
-    default_retry_after = 2
 
 
 def mark_streaming(request: web.Request, response: web.StreamResponse) -> None:

@@ -203,6 +203,13 @@ class PlacementInfoPending(ServiceUnavailable):
     default_retry_after = 3
 
 
+class ShuttingDown(ServiceUnavailable):
+    """The service is draining (SIGTERM): another replica, or this one restarted, will do."""
+
+    code = "shutting_down"
+    default_retry_after = 2
+
+
 class ModelFailed(ServiceUnavailable):
     """A runner that crashed repeatedly; retryable because an operator may fix it."""
 
