@@ -191,3 +191,38 @@ async def test_stream_bytes_pass_through_and_errors_are_enveloped(
 
     assert frames(via_cortex) == frames(direct)
     assert via_cortex.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_burst_for_a_cold_model_makes_one_load_and_every_answer(
+    neuron_factory: Any, cortex_factory: Any, demo_model: Any, model_id: str
+) -> None:
+    """50 requests at once for a catalogued, unloaded model: one load, 50 answers, no error."""
+    # Room for all 50 in the neuron's queue: this is about the load wait, not capacity.
+    a = neuron_factory({"admission": {"max_queue": 64}}, name="a")
+    c = cortex_factory([("a", a)], [{"id": model_id, "source": str(demo_model)}])
+    wait_until(lambda: _healthy(c, 1), 30, "the node healthy")
+    client = _client(c)  # no retries: every answer must come on the first try
+    try:
+        answers = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=model_id,
+                    messages=[{"role": "user", "content": f"hello {i}"}],
+                    max_tokens=4,
+                )
+                for i in range(50)
+            )
+        )
+    finally:
+        await client.close()
+    assert len(answers) == 50 and all(r.choices for r in answers)
+    assert _cold_loads(c, "ok") == 1
+    assert _cold_loads(c, "failed") == 0
+    async with aiohttp.ClientSession() as s, s.get(a.url + "/metrics") as r:
+        text = await r.text()
+    loads = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("neuron_runner_load_seconds_count{") and model_id in line
+    ]
+    assert loads == [1.0]
