@@ -41,7 +41,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # Series made for each model as it is loaded, so that the first increase() counts.
 OUTCOMES = ("ok", "upstream_error", "upstream_lost", "client_gone", "runner_broken")
 REJECTION_CODES = ("invalid_request", "model_loading", "model_failed", "queue_full")
-STREAM_ERROR_REASONS = ("runner_lost",)
+STREAM_ERROR_REASONS = ("runner_lost", "upstream_error")
 TOKEN_KINDS = ("prompt", "completion")
 
 # The supervisor gives the collector a fresh snapshot at every scrape.

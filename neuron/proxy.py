@@ -204,11 +204,20 @@ class Proxy:
     async def _check(self, m: ModelSupervisor, body: dict[str, Any], kind: Kind) -> Checked:
         """The runner's body from the allow-list; the prompt counted off the event loop."""
         info = m.info
-        draft = validate(body, kind, info)
+        try:
+            draft = validate(body, kind, info)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            # A shape the checks did not foresee is still the client's: never a 500.
+            raise InvalidRequest(f"request not understood: {describe(exc)}") from exc
         check_size(draft, info)
         tokens = None
         if info.tokenizer is not None:
-            tokens = await asyncio.to_thread(count_prompt, draft, info)
+            # Its own small pool: big prompts must never starve the default one,
+            # which /health and /discovery use.
+            loop = asyncio.get_running_loop()
+            tokens = await loop.run_in_executor(
+                self.supervisor.tokenizing, count_prompt, draft, info
+            )
         return finish(draft, tokens, info, self.config.runner.max_tokens)
 
     def _check_state(self, m: ModelSupervisor | None, model_id: str) -> RunnerProcess:
@@ -329,6 +338,7 @@ class Proxy:
                 try:
                     upstream = opening.result()
                 except aiohttp.ClientError as exc:
+                    _count_failure(m, runner, exc)
                     raise _Lost(f"runner connection failed: {describe(exc)}") from exc
                 last_byte = m.stats.last_byte_at = time.monotonic()
                 if upstream.status >= 400:
@@ -337,6 +347,7 @@ class Proxy:
                     outcome = _error_outcome(err)
                     if response is None:
                         raise err
+                    metrics.stream_errors.labels(m.model_id, "upstream_error").inc()
                     await response.write(sse_error_frame(err.message, err.status, err.code))
                     return response
                 if streaming and response is None:
@@ -348,6 +359,7 @@ class Proxy:
                     try:
                         chunk = await reads.read()
                     except aiohttp.ClientError as exc:
+                        _count_failure(m, runner, exc)
                         raise _Lost(f"runner connection failed: {describe(exc)}") from exc
                     if chunk is None:
                         response = await silence()
@@ -376,10 +388,11 @@ class Proxy:
             return web.json_response(assemble(tally.chunks))
         except _Lost as exc:
             outcome = "upstream_lost"
-            metrics.stream_errors.labels(m.model_id, "runner_lost").inc()
             message = f"runner of {m.model_id!r} lost: {describe(exc)}"
             if response is None:
                 raise UpstreamUnavailable(message) from exc
+            # Counted only where a client really gets the error frame.
+            metrics.stream_errors.labels(m.model_id, "runner_lost").inc()
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await response.write(sse_error_frame(message))
             return response
@@ -465,9 +478,11 @@ class Proxy:
             return RunnerBroken(
                 f"runner of {m.model_id!r} was broken ({message}); it is being restarted"
             )
-        if status == 400:
+        # mlx_lm.server answers 404 to any failure to start a generation: past the
+        # allow-list that is this request's own doing (a chat template refusing its
+        # roles...), not the runner's, so it is neither counted nor retried elsewhere.
+        if status in (400, 404):
             return InvalidRequest(f"runner refused the request: {message}")
-        # mlx_lm.server answers 404 to any failure to start a generation.
         if m.runner_failed(runner, f"answered {status}: {message}"):
             return RunnerBroken(
                 f"runner of {m.model_id!r} was broken ({status}: {message}); it is being restarted"
@@ -492,6 +507,12 @@ def _event_json(event: bytes) -> dict[str, Any] | None:
                 obj = json.loads(line[5:])
                 return obj if isinstance(obj, dict) else None
     return None
+
+
+def _count_failure(m: ModelSupervisor, runner: RunnerProcess, exc: BaseException) -> None:
+    # A live runner whose HTTP side fails us is wedged; a dead one is a crash already.
+    if runner.alive:
+        m.runner_failed(runner, f"connection failed: {describe(exc)}")
 
 
 def _start_work(m: ModelSupervisor) -> None:

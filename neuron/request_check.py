@@ -35,6 +35,9 @@ BYTES_PER_TOKEN = 16
 # Chat template tokens around each message and after the last (role headers...).
 PER_MESSAGE_TOKENS = 4
 PER_PROMPT_TOKENS = 8
+# What a chat template may add beyond that (a default system prompt, a date header,
+# tool instructions): kept free when max_tokens is capped, so prompt + answer fit.
+TEMPLATE_MARGIN_TOKENS = 64
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 SEED_MAX = 2**32 - 1
 
@@ -60,7 +63,7 @@ class ModelInfo:
             pass
         text_config = config.get("text_config")
         if isinstance(text_config, dict):  # multimodal configs nest the language model's
-            config = {**text_config, **config}
+            config = {**config, **text_config}
         vocab = _positive_int(config.get("vocab_size"))
         if context_limit is None:
             context_limit = _positive_int(config.get("max_position_embeddings"))
@@ -73,6 +76,8 @@ class ModelInfo:
                 tokenizer = Tokenizer.from_file(str(path))
             except Exception:  # a tokenizer the library cannot read: count nothing
                 tokenizer = None
+        if vocab is None and tokenizer is not None:
+            vocab = _positive_int(tokenizer.get_vocab_size())
         return cls(context_limit=context_limit, vocab_size=vocab, tokenizer=tokenizer)
 
     def count_tokens(self, texts: list[str]) -> int | None:
@@ -125,7 +130,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    # Integers are finite (and math.isfinite overflows on a 400-digit one).
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _text(v: Any, param: str) -> str:
@@ -190,14 +196,16 @@ SAMPLING: dict[str, Callable[[Any, str], Any]] = {
 
 
 def _logit_bias(v: Any, vocab: int | None) -> dict[str, float]:
+    if vocab is None:
+        # An index outside the vocabulary segfaults the runner: no bound, no bias.
+        raise _bad("logit_bias", "is not supported for a model of unknown vocabulary size")
     if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
         raise _bad("logit_bias", f"must be an object of at most {MAX_LOGIT_BIAS} entries")
     out: dict[str, float] = {}
-    top = "" if vocab is None else f" below {vocab}"
     for k, bias in v.items():
-        token = int(k) if k.isascii() and k.isdigit() else -1
-        if token < 0 or (vocab is not None and token >= vocab):
-            raise _bad("logit_bias", f"key {k[:40]!r} is not a token id (0{top})")
+        token = int(k) if k.isascii() and k.isdigit() and len(k) <= 10 else -1
+        if not 0 <= token < vocab:
+            raise _bad("logit_bias", f"key {k[:40]!r} is not a token id (0 to {vocab - 1})")
         if not _is_number(bias) or not -100 <= bias <= 100:
             raise _bad("logit_bias", f"value for {k!r} must be a number in [-100, 100]")
         out[str(token)] = float(bias)
@@ -255,19 +263,25 @@ def _messages(v: Any) -> tuple[list[dict[str, Any]], list[str]]:
         if not isinstance(msg, dict):
             raise _bad("messages", f"[{i}] must be an object")
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad("messages", f"[{i}].role must be one of {', '.join(sorted(ROLES))}")
         text = _content(msg.get("content"), "messages")
         clean: dict[str, Any] = {"role": role, "content": text}
         texts.append(text)
         if msg.get("tool_calls") is not None:
             clean["tool_calls"] = _tool_calls(msg["tool_calls"], "messages")
-            texts.append(json.dumps(clean["tool_calls"]))
+            texts.append(_json_text(clean["tool_calls"], "messages"))
         for key in ("name", "tool_call_id"):
             if msg.get(key) is not None:
                 clean[key] = _text(msg[key], "messages")
         out.append(clean)
     return out, texts
+
+
+def _json_text(v: Any, param: str) -> str:
+    """`v` as the JSON text the template renders; no lone surrogate anywhere in it."""
+    text = json.dumps(v, ensure_ascii=False)
+    return _text(text, param)
 
 
 def _tools(v: Any) -> list[dict[str, Any]]:
@@ -289,11 +303,13 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
     if kind == "chat":
         out["messages"], texts = _messages(body.get("messages"))
         overhead = PER_PROMPT_TOKENS + PER_MESSAGE_TOKENS * len(out["messages"])
-        if body.get("tools") is not None:
-            out["tools"] = _tools(body["tools"])
-            texts.append(json.dumps(out["tools"]))
-        if body.get("tool_choice") is not None and not isinstance(body["tool_choice"], (str, dict)):
+        choice = body.get("tool_choice")
+        if choice is not None and not isinstance(choice, (str, dict)):
             raise _bad("tool_choice", "must be a string or an object")
+        # mlx_lm has no tool_choice: "none" is honoured by not showing the tools.
+        if body.get("tools") is not None and choice != "none":
+            out["tools"] = _tools(body["tools"])
+            texts.append(_json_text(out["tools"], "tools"))
     else:
         if "prompt" not in body:
             raise _bad("prompt", "is required (a string)")
@@ -374,6 +390,8 @@ def finish(draft: Draft, prompt_tokens: int | None, info: ModelInfo, default: in
                 prompt_param(draft.kind),
                 f"has {prompt_tokens} tokens; the model's context is {limit} tokens",
             )
+        if draft.kind == "chat":
+            left = max(1, left - TEMPLATE_MARGIN_TOKENS)
         max_tokens = min(max_tokens, left)
     elif limit is not None:
         max_tokens = min(max_tokens, limit)

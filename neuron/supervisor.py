@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -236,7 +237,9 @@ class ModelSupervisor:
         self.load_seconds = time.monotonic() - t0
         self.metrics.load_seconds.labels(self.model_id).observe(self.load_seconds)
         self.state = "ready"
-        self.error = None
+        # After a restart, why it happened stays readable in /models (its first line).
+        last = (self.error or "").split("\n", 1)[0].removeprefix("recovered from: ")
+        self.error = f"recovered from: {last}" if self._starts > 1 and last else None
         log.info(
             "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
         )
@@ -426,6 +429,11 @@ class Supervisor:
     store: Store
     metrics: NeuronMetrics
     models: dict[str, ModelSupervisor] = attrs.Factory(dict)
+    # Prompts are tokenized here, two at a time: never in the default pool that
+    # /health and /discovery use, and never more than two cores next to the runners.
+    tokenizing: concurrent.futures.ThreadPoolExecutor = attrs.Factory(
+        lambda: concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+    )
     _session: aiohttp.ClientSession | None = None
     _lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
 
@@ -448,6 +456,7 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
         self.store.close()
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def load(self, req: LoadRequest) -> ModelSupervisor:
         """Start loading `req`, or return the model already loading/loaded (one load)."""

@@ -180,9 +180,47 @@ def test_logprobs_unstreamed_stay_unstreamed(info: ModelInfo) -> None:
 def test_a_model_without_tokenizer_or_config_still_gets_checked_fields(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     info = ModelInfo.load(tmp_path)
-    c = check({"prompt": "x", "logit_bias": {"70000": 1}}, info, "completions")
+    c = check({"prompt": "x", "temperature": 0.5}, info, "completions")
     assert c.prompt_tokens is None and c.max_tokens == 512
     assert refused({"prompt": "x", "stop": [1]}, info, "completions") == "stop"
+    # No vocabulary size known: no bound for an index, so no logit_bias at all.
+    assert refused({"prompt": "x", "logit_bias": {"70000": 1}}, info, "completions") == (
+        "logit_bias"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"messages": [{"role": [], "content": "x"}]}, "messages"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 10**400}}, "logit_bias"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "d": "\ud800"}}]}, "tools"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"function": {"name": "f", "arguments": {"a": "\udfff"}}}],
+                    }
+                ]
+            },
+            "messages",
+        ),
+    ],
+)
+def test_odd_shapes_are_400_never_500(info: ModelInfo, extra: dict[str, Any], param: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    assert refused(body, info, "chat") == param
+
+
+def test_tool_choice_none_hides_the_tools(info: ModelInfo) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    assert "tools" in check(chat, info, "chat").body
+    assert "tools" not in check({**chat, "tool_choice": "none"}, info, "chat").body
 
 
 CHAT_STREAM = b"""data: {"id": "c1", "system_fingerprint": "fp", \
