@@ -33,7 +33,7 @@ from cortex.keys import (
 )
 from cortex.lifecycle import Lifecycle
 from cortex.loader import Loader
-from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, Metrics
+from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, STREAM_ERROR, Metrics
 from cortex.placement import candidates
 from cortex.poller import Poller
 from cortex.proxy import Outcome, Proxy, request_id
@@ -41,7 +41,7 @@ from cortex.reconciler import Reconciler
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
 from shared.catalogue import Catalogue, ModelSpec
-from shared.drain import Drain
+from shared.drain import SSE_RESPONSE, Drain
 from shared.errors import (
     ApiError,
     InvalidRequest,
@@ -229,6 +229,12 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
         outcome.code = outcome.code or str(exc.status)
         raise
     except asyncio.CancelledError:
+        if app[DRAIN].closing and outcome.code is None:
+            # Cut by the drain at shutdown (it sends the error frame or a 503), not
+            # by the client.
+            outcome.code = STREAM_ERROR if SSE_RESPONSE in request else "503"
+            if SSE_RESPONSE in request:
+                metrics.stream_errors.labels(label, "shutdown").inc()
         outcome.code = outcome.code or CLIENT_CLOSED
         raise
     finally:
@@ -313,7 +319,8 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-    snap = request.app[FLEET].snapshot()
+    # The lifecycle's snapshot: it knows the loads under way and the failed ones.
+    snap = request.app[LIFECYCLE].snapshot()
     healthy, total = len(snap.healthy), len(snap.nodes)
     broken = unserved_models(snap, request.app[CATALOGUE])
     status = "ok" if total and healthy == total and not broken else "degraded"

@@ -135,7 +135,7 @@ class CortexConfig:
             raise ValueError("drain_s must be >= 0")
         if self.load_wait_s < 0 or self.discovery_wait_s < 0:
             raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
-        # A group takes up to 16 ports at base + (0..999) * 16 (loader.group_specs).
+        # Ring ports come from base .. base + 16000 (lifecycle.RingPorts), one block a group.
         if not 1024 <= self.ring_base_port <= 65535 - 1000 * 16:
             raise ValueError(f"ring_base_port must be in 1024..{65535 - 1000 * 16}")
         if self.admin_token is not None and len(self.admin_token) < 8:

@@ -178,16 +178,19 @@ def parse_keep_alive(value: Any) -> float | None:
     if isinstance(value, bool):
         raise InvalidRequest("'keep_alive' must be a duration or seconds", param="keep_alive")
     if isinstance(value, int | float):
-        secs = float(value)
+        try:
+            secs = float(value)
+        except OverflowError:
+            raise InvalidRequest("'keep_alive' is out of range", param="keep_alive") from None
     elif isinstance(value, str):
         text = value.strip()
         units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
         unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
         try:
             secs = float(text[: len(text) - len(unit)] if unit else text) * units.get(unit, 1.0)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InvalidRequest(
-                f"'keep_alive' {value!r} is not a duration like '5m', '30s' or seconds",
+                f"'keep_alive' {value[:40]!r} is not a duration like '5m', '30s' or seconds",
                 param="keep_alive",
             ) from None
     else:
@@ -384,6 +387,9 @@ class Lifecycle:
         job.reserved = {fit.node: fit.need_bytes for fit in cand.fits}
         for fit in cand.fits:
             self._settling.pop((fit.node, spec.id), None)
+        for node in cand.nodes:
+            # A new copy starts with the catalogue's TTL, not an old request's keep_alive.
+            self._keep.pop((node, spec.id), None)
         self._jobs[spec.id] = job
         job.task = loop.create_task(self._run_load(spec, cand, job), name=f"load {spec.id}")
         job.task.add_done_callback(_retrieve)
@@ -539,6 +545,13 @@ class Lifecycle:
                     # Unreachable now: out of routing; a lone rank left behind shows
                     # up as a broken group again once its node is back.
                     self.fleet.drop_model(node, model_id)
+                done = [n for n in job.nodes if n not in failed]
+                if done:
+                    self.event(model_id, "unloaded", f"from {', '.join(done)}")
+                if failed:
+                    self.event(
+                        model_id, "unload failed", "; ".join(f"{n}: {r}" for n, r in failed.items())
+                    )
             finally:
                 if self._jobs.get(model_id) is job:
                     del self._jobs[model_id]
@@ -558,7 +571,8 @@ class Lifecycle:
             return None
         state = snap.node(node)
         m = state.model(model_id) if state is not None else None
-        if m is None or (m.group is not None and m.group.world_size > 1):
+        # (m.load: work the node itself reports, e.g. a client talking to it directly.)
+        if m is None or m.load or (m.group is not None and m.group.world_size > 1):
             return None
         return self.start_unload(model_id, (node,), kind="unload", why="keep_alive 0")
 

@@ -1,7 +1,8 @@
 """Loads and unloads on neurons: the I/O of the jobs `cortex.lifecycle` owns.
 
-The loader keeps no state of its own: the lifecycle decides that a load starts
-(one per model, memory reserved, failures remembered) and runs `load()` as the
+The loader keeps no state of a model's life (only each model's shape, read
+once): the lifecycle decides that a load starts (one per model, memory
+reserved, failures remembered) and runs `load()` as the
 job's task, so a client that gives up never cancels a load half-way. Each step
 is written to `Fleet` as it happens (evicted, accepted, ready), not at the next
 poll, and only from inside the job: nothing is written after the job ended.

@@ -41,7 +41,7 @@ REQUEST_CODES = (
     CLIENT_CLOSED,
 )
 # Why a stream that had sent its first byte ended in an error frame.
-STREAM_ERROR_REASONS = ("upstream_error", "stalled", "lost", "node_down")
+STREAM_ERROR_REASONS = ("upstream_error", "stalled", "lost", "node_down", "shutdown")
 # Why an attempt was retried on another replica before the client saw anything.
 RETRY_REASONS = (
     "connect",

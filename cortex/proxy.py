@@ -357,12 +357,20 @@ class Proxy:
                     # stream failed though every byte of it arrived.
                     relayed_error = True
                     self.metrics.stream_errors.labels(label, "upstream_error").inc()
-                if _DONE in seen:
-                    out.code = STREAM_ERROR if relayed_error else "200"
                 await resp.write(chunk)
+                if _DONE in seen:
+                    # Complete: whatever the link does from here is no failure of it.
+                    out.code = STREAM_ERROR if relayed_error else "200"
+                    up.close()
+                    break
                 tail = chunk[-_TAIL:]
                 chunk = await self._read(up)
-            out.code = STREAM_ERROR if relayed_error else (out.code or "200")
+            else:
+                # The neuron ended the body without [DONE]: the client's stream is cut.
+                out.code = STREAM_ERROR
+                self.metrics.stream_errors.labels(label, "lost").inc()
+                with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    await resp.write(sse_error_frame(f"replica {r.node} ended the stream early"))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The client left: closing our side tells the neuron to stop generating.
             up.close()
@@ -432,6 +440,10 @@ class Proxy:
                 status, {"error": {**frame, "code": frame.get("type")}}, None
             )
             raise err if 400 <= err.status < 500 else InvalidRequest(message)
+        if frame.get("type") not in _RUNNER_FAULTS:
+            # Not the runner's doing (a neuron shutting down...): another replica, no fault.
+            self._retry(r, tries, "upstream_5xx")
+            raise _TryAnother(UpstreamUnavailable(f"replica {r.node}: {message}"))
         self._runner_fault(r, tries, UpstreamUnavailable(f"replica {r.node}: {message}"))
 
     def _runner_fault(self, r: Route, tries: _Tries, err: ApiError) -> None:

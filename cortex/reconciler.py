@@ -98,9 +98,9 @@ class Reconciler:
             return
         jobs = [self.teardown(b) for b in broken_groups(self.life.snapshot())]
         await asyncio.gather(*jobs)
-        snap = self.life.snapshot()
         for spec in self.catalogue.models:
-            self._ensure(snap, spec)
+            # A fresh snapshot each: it holds the memory the loads just started reserved.
+            self._ensure(self.life.snapshot(), spec)
         idle: list[Job] = []
         for spec, nodes in self.life.expired(self.life.snapshot()):
             log.info("%s idle past its TTL on %s: unloading", spec.id, ", ".join(nodes))

@@ -327,7 +327,7 @@ def prefix_keys(body: Mapping[str, Any]) -> tuple[str, ...]:
     messages = body.get("messages")
     keys: list[str] = []
     if isinstance(messages, list) and messages:
-        h = hashlib.sha256(model.encode())
+        h = hashlib.sha256(model.encode(errors="surrogatepass"))
         start = next((i for i, m in enumerate(messages) if not _is_system(m)), len(messages) - 1)
         for i, msg in enumerate(messages):
             h.update(json.dumps(msg, sort_keys=True, separators=(",", ":")).encode())

@@ -103,7 +103,8 @@ class NodeState:
     staged: frozenset[str] = frozenset()
     last_ok: float | None = None
     last_error: str | None = None
-    # Memory cortex has committed to loads the last /health may not show yet.
+    # Memory freed by unloads cortex made that the last /health may not show yet
+    # (negative: it adds to the free figure); loads' reservations live in the lifecycle.
     reserved_bytes: int = 0
     # Monotonic time cortex last wrote `models` itself (a load or unload it made);
     # a poll that started before then must not overwrite the fresher record.

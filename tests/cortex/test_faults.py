@@ -333,3 +333,51 @@ async def test_streams_closed_right_after_done_count_as_200(three: list[FakeNeur
         if float(v)
     }
     assert codes == {"200": 200.0}
+
+
+# -- review findings ------------------------------------------------------------------------
+
+
+async def test_nothing_after_done_counts_or_reaches_the_client(three: list[FakeNeuron]) -> None:
+    """A link that stalls after [DONE] (the neuron winding down) is no stream error: the
+    client gets [DONE] once and the request counts as 200."""
+    three[0].linger_after_last_s = 1.0
+    for n in three[1:]:
+        n.models.clear()
+    async with gateway(three, idle_read_timeout_s=0.2) as client:
+        resp = await client.post(CHAT, json=chat(stream=True))
+        body = await resp.read()
+        text = await _metrics(client)
+    assert body == b"".join(sse_frames()) and body.count(b"[DONE]") == 1
+    assert _metric(text, "cortex_requests_total", model="m1", code="200") == 1
+    assert _metric(text, "cortex_stream_errors_total", model="m1", reason="stalled") == 0
+
+
+async def test_a_draining_neurons_503_frame_is_no_runner_fault(three: list[FakeNeuron]) -> None:
+    """Neurons shutting down (a rolling restart) send 503 shutting_down after keepalives:
+    the request moves on to the next replica, it is never blamed as poison."""
+    drained = KEEPALIVE + sse_error_frame("server shutting down", 503, "shutting_down")
+    for n in three[:2]:
+        n.stream_chunks = [drained]
+    async with gateway(three) as client:
+        resp = await client.post(CHAT, json=chat(stream=True))
+        body = await resp.read()
+        text = await _metrics(client)
+    assert resp.status == 200 and body == b"".join(sse_frames())
+    assert _metric(text, "cortex_upstream_retries_total", reason="runner_fault") == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "keep_alive": 10**400},
+    ],
+)
+async def test_odd_model_and_keep_alive_are_4xx(three: list[FakeNeuron], body: Any) -> None:
+    async with gateway(three) as client:
+        resp = await client.post(
+            CHAT, data=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        assert 400 <= resp.status < 500, await resp.text()
+        assert (await resp.json())["error"]["code"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import attrs
 
 from cortex.keys import LIFECYCLE, LOADER, POLLER
@@ -123,3 +125,25 @@ def test_reconcile_backoff_grows_and_caps() -> None:
     waits = [backoff_s(LOAD_RETRY_WAIT, n) for n in (1, 2, 3, 20)]
     assert waits[0] < waits[1] < waits[2]
     assert waits[-1] == 60
+
+
+async def test_one_pass_never_double_books_a_node() -> None:
+    """Two wished models that each fit the node but not together: one pass starts one
+    load, because each decision sees the memory the one before it reserved."""
+    [n1] = nodes = await fleet("n1")
+    specs = [
+        ModelSpec(id=m, source=f"org/{m}", memory_gb=20.0, kv_gb=1.0, keep_loaded=True)
+        for m in ("m1", "m2")
+    ]
+    n1.load_gate = asyncio.Event()  # loads stay under way during the pass
+    try:
+        async with gateway(nodes, catalogue(*specs)) as client:
+            app = client.app
+            rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(*specs), loader=app[LOADER])
+            await rec.step()
+            jobs = [app[LIFECYCLE].job(s.id) for s in specs]
+            assert sum(j is not None for j in jobs) == 1, jobs
+            n1.load_gate.set()
+            await rec.close()
+    finally:
+        await stop_all(nodes)
