@@ -95,7 +95,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
-    stager = Stager(store=store, config=config)
+    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint)
     supervisor = Supervisor(config=config, store=store, metrics=metrics, stager=stager)
     app[STAGER] = stager
     metrics.watch(supervisor.health)

@@ -151,6 +151,8 @@ class NeuronConfig:
     min_free_gb: float = 5.0
     # A stage's source (peer or hub) silent this long is given up for the next one.
     stage_read_timeout_s: float = 30.0
+    # The model hub's base URL (a mirror); None: huggingface_hub's (HF_ENDPOINT).
+    hub_endpoint: str | None = None
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)

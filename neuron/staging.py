@@ -537,15 +537,19 @@ class Stager:
             elif r.status not in (200, 206):
                 raise _SourceError(f"answered {r.status}")
             buf = bytearray()
-            async for chunk in r.content.iter_chunked(1024 * 1024):
-                if pf.size + len(buf) + len(chunk) > pf.entry.size:
-                    raise _SourceError(f"sends more than the {pf.entry.size} bytes listed")
-                buf += chunk
-                if len(buf) >= WRITE_CHUNK:
+            try:
+                async for chunk in r.content.iter_chunked(1024 * 1024):
+                    if pf.size + len(buf) + len(chunk) > pf.entry.size:
+                        raise _SourceError(f"sends more than the {pf.entry.size} bytes listed")
+                    buf += chunk
+                    if len(buf) >= WRITE_CHUNK:
+                        await self._write(job, pf, bytes(buf))
+                        buf.clear()
+            finally:
+                # What arrived is kept even when the source fails or the stage is
+                # cancelled: the next source resumes after it (the hash checks it all).
+                if buf:
                     await self._write(job, pf, bytes(buf))
-                    buf.clear()
-            if buf:
-                await self._write(job, pf, bytes(buf))
         if pf.size != pf.entry.size:
             raise _SourceError(f"ended at {pf.size} of {pf.entry.size} bytes")
 
