@@ -1,0 +1,67 @@
+"""Cortex and the neurons' stores: peers named in a load, purge broadcast, disk in placement."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.cortex.fakes import GIB, FakeNeuron, fleet, gateway, stop_all
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+async def _posted(nodes: list[FakeNeuron]) -> None:
+    async with asyncio.timeout(10):
+        while not any(n.load_requests for n in nodes):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_load_on_a_node_without_the_copy_names_the_peers_that_hold_it() -> None:
+    """Placed where the files are not: the LoadRequest names the nodes holding a copy."""
+    holder = FakeNeuron(name="holder", memory_available_bytes=1 * GIB, staged=["org/m1"])
+    empty = FakeNeuron(name="empty")
+    nodes = [await holder.start(), await empty.start()]
+    try:
+        async with gateway(nodes, admin_token="admin-secret") as client:
+            r = await client.post("/admin/models/m1/load", json={}, headers=ADMIN)
+            assert r.status in (200, 202), await r.text()
+            await _posted(nodes)
+            assert [b.get("peers") for b in empty.load_requests] == [[holder.url]]
+            assert holder.load_requests == []
+    finally:
+        await stop_all(nodes)
+
+
+async def test_load_on_a_node_with_the_copy_names_no_peers() -> None:
+    """A node that holds the copy stages nothing: no peers field at all."""
+    nodes = await fleet("a", "b", staged=["org/m1"])
+    try:
+        async with gateway(nodes, admin_token="admin-secret") as client:
+            r = await client.post("/admin/models/m1/load", json={}, headers=ADMIN)
+            assert r.status in (200, 202), await r.text()
+            await _posted(nodes)
+            sent = [b for n in nodes for b in n.load_requests]
+            assert len(sent) == 1 and "peers" not in sent[0]
+    finally:
+        await stop_all(nodes)
+
+
+async def test_admin_store_purge_broadcasts_and_narrows_to_a_model() -> None:
+    """POST /admin/store/purge reaches every node; a model_id is sent as its source."""
+    nodes = await fleet("a", "b")
+    try:
+        async with gateway(nodes, admin_token="admin-secret") as client:
+            r = await client.post("/admin/store/purge", json={}, headers=ADMIN)
+            assert r.status == 200
+            body = await r.json()
+            assert body["freed_bytes"] == 2000 and body["failed"] == []
+            r = await client.post("/admin/store/purge", json={"model_id": "one"}, headers=ADMIN)
+            assert r.status == 200
+            assert [n.purge_requests for n in nodes] == [[{}, {"model_id": "org/m1"}]] * 2
+            await nodes[1].stop()
+            r = await client.post("/admin/store/purge", json={}, headers=ADMIN)
+            assert r.status == 502
+            assert (await r.json())["failed"] == ["b"]
+            r = await client.post("/admin/store/purge", json={"nodes": 1}, headers=ADMIN)
+            assert r.status == 400
+    finally:
+        await stop_all(nodes)
