@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.cortex.fakes import GIB, FakeNeuron, fleet, gateway, stop_all
+from shared.catalogue import GIB
+from tests.cortex.fakes import FakeNeuron, fleet, gateway, stop_all
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
