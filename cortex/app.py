@@ -111,6 +111,7 @@ def create_app(
     app.router.add_get("/admin/placements", _admin_placements)
     app.router.add_post("/admin/models/{model_id}/load", _admin_load)
     app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
+    app.router.add_post("/admin/store/purge", _admin_store_purge)
     app.router.add_get("/dashboard", dashboard)
     return app
 
@@ -553,4 +554,47 @@ async def _admin_unload(request: web.Request) -> web.Response:
     status = 200 if not failed else 502
     return web.json_response(
         {"model_id": mid, "unloaded": done, "failed": failed, "did": did}, status=status
+    )
+
+
+async def _admin_store_purge(request: web.Request) -> web.Response:
+    """POST /store/purge-staging on every node at once; `{"model_id": ...}` narrows it.
+
+    Each node deletes only copies no runner uses and no stage is writing. A node
+    that does not answer is reported, never waited on past the unload timeout.
+    """
+    app = request.app
+    body = await read_json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"model_id"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    model_id = body.get("model_id")
+    if model_id is not None and (not isinstance(model_id, str) or not model_id):
+        raise InvalidRequest("'model_id' must be a non-empty string", param="model_id")
+    forward: dict[str, Any] = {}
+    if model_id is not None:
+        # A catalogued model's copy is named after its source on every node.
+        spec = app[CATALOGUE].resolve(model_id)
+        forward["model_id"] = spec.source if spec is not None else model_id
+    fleet = app[FLEET]
+    session = app[LOADER].session
+    timeout = aiohttp.ClientTimeout(total=app[CONFIG].unload_timeout_s)
+
+    async def one(name: str) -> tuple[str, dict[str, Any]]:
+        url = fleet.node(name).url.rstrip("/") + "/store/purge-staging"
+        try:
+            async with session.post(url, json=forward, timeout=timeout) as r:
+                answer = await r.json(content_type=None)
+                if r.status != 200:
+                    return name, {"error": f"HTTP {r.status}", "answer": answer}
+                return name, answer if isinstance(answer, dict) else {"error": "not an object"}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return name, {"error": str(exc) or type(exc).__name__}
+
+    results = dict(await asyncio.gather(*(one(n) for n in fleet.names)))
+    freed = sum(int(r.get("freed_bytes", 0)) for r in results.values() if "error" not in r)
+    failed = sorted(n for n, r in results.items() if "error" in r)
+    return web.json_response(
+        {"nodes": results, "freed_bytes": freed, "failed": failed},
+        status=200 if not failed else 502,
     )

@@ -36,7 +36,7 @@ from cortex.placement import (
 )
 from cortex.poller import Poller
 from cortex.router import eviction_order, node_infos, plan_evictions
-from cortex.state import Fleet, NodeModel
+from cortex.state import Fleet, NodeModel, NodeState
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import (
     ApiError,
@@ -242,7 +242,12 @@ class Loader:
         # The catalogue's context is the serving limit: placement sized the KV for it.
         limit = spec.context_limit
         if len(cand.nodes) == 1:
-            req = LoadRequest(model_id=spec.id, source=spec.source, context_limit=limit)
+            req = LoadRequest(
+                model_id=spec.id,
+                source=spec.source,
+                context_limit=limit,
+                peers=self._peers(spec, cand.nodes[0]),
+            )
             return [(cand.nodes[0], req)]
         discs = [self.fleet.node(n).discovery for n in cand.nodes]
         # A block of ports no live group uses, from the fleet's table.
@@ -253,9 +258,32 @@ class Loader:
             spec, cand, [d for d in discs if d is not None], base_port=job.ring_port
         )
         return [
-            (n, LoadRequest(model_id=spec.id, source=spec.source, group=g, context_limit=limit))
+            (
+                n,
+                LoadRequest(
+                    model_id=spec.id,
+                    source=spec.source,
+                    group=g,
+                    context_limit=limit,
+                    peers=self._peers(spec, n),
+                ),
+            )
             for n, g in zip(cand.nodes, groups, strict=True)
         ]
+
+    def _peers(self, spec: ModelSpec, node: str) -> tuple[str, ...]:
+        """Healthy nodes holding a staged copy, when `node` does not: it stages from them."""
+        if spec.is_local:  # used in place on every node: nothing to copy
+            return ()
+        snap = self.fleet.snapshot()
+
+        def holds(n: NodeState) -> bool:
+            return spec.source in n.staged or spec.id in n.staged
+
+        target = snap.node(node)
+        if target is None or holds(target):
+            return ()
+        return tuple(n.url.rstrip("/") for n in snap.healthy if n.name != node and holds(n))
 
     async def _post_load(self, node: str, req: LoadRequest) -> ModelStatus:
         url = self.fleet.node(node).url.rstrip("/") + "/models/load"

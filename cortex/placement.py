@@ -139,6 +139,10 @@ class NodeFit:
     now: bool = True
     # Pipeline sharding: how many layers this node runs.
     layers: int | None = None
+    # The disk a stage of the model's files needs here (0: a copy is here, or the
+    # source is a local path), against the free disk discovery reported.
+    disk_need_bytes: int = 0
+    disk_free_bytes: int | None = None
 
     @property
     def headroom_bytes(self) -> int:
@@ -329,6 +333,13 @@ def _backend(
     return "ring", _ring_refusals(members, discs)
 
 
+def disk_need(spec: ModelSpec, facts: ModelFacts, node: NodeInfo) -> int:
+    """Bytes a stage of `spec` would write on `node`: its weights, unless a copy is there."""
+    if spec.is_local or spec.id in node.staged:
+        return 0
+    return facts.weights_bytes
+
+
 def _evaluate(
     spec: ModelSpec, facts: ModelFacts, members: Sequence[NodeInfo], *, now: bool
 ) -> Candidate:
@@ -434,7 +445,15 @@ def _evaluate(
             cap_fraction=cap_fraction,
             now=now,
             layers=layers if sharding == "pipeline" else None,
+            disk_need_bytes=disk_need(spec, facts, m) if now else 0,
+            disk_free_bytes=d.disk_free_bytes,
         )
+        if fit.disk_need_bytes and fit.disk_need_bytes >= d.disk_free_bytes:
+            # Every member stages the whole model (each rank opens every file).
+            reasons.append(
+                f"node {m.name} lacks the disk: staging {spec.id} needs"
+                f" {gib(fit.disk_need_bytes)}, its store has {gib(d.disk_free_bytes)} free"
+            )
         if not fit.ok:
             verdict = (
                 "exactly its usable memory (need must be strictly less)"

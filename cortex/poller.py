@@ -135,7 +135,11 @@ def _parse_staged(body: Any) -> frozenset[str] | None:
         return None
     entries = body
     if isinstance(body, dict):
-        entries = next((v for v in body.values() if isinstance(v, list)), [])
+        # "staged": the complete copies (a neuron also lists stages under way and
+        # partial copies, which no load may count on yet).
+        entries = body.get("staged")
+        if entries is None:
+            entries = next((v for v in body.values() if isinstance(v, list)), [])
     if not isinstance(entries, list):
         return None
     ids = set()

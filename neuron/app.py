@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -18,17 +19,19 @@ from neuron.config import NeuronConfig
 from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes
 from neuron.metrics import NeuronMetrics
 from neuron.proxy import Proxy
-from neuron.store import Store
+from neuron.staging import PLAN_WAIT_S, Stager
+from neuron.store import COPY_NAME, Store, copy_name, is_local_source
 from neuron.supervisor import Supervisor
 from shared.drain import Drain
 from shared.errors import (
     ApiError,
     InvalidRequest,
+    NotFound,
     error_middleware,
     quiet_bad_requests,
     read_json_object,
 )
-from shared.wire import FieldError, LoadRequest, NodeHealth, NodeStatus
+from shared.wire import FieldError, LoadRequest, NodeHealth, NodeStatus, StageRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ CONFIG = web.AppKey("config", NeuronConfig)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 METRICS = web.AppKey("metrics", NeuronMetrics)
 STORE = web.AppKey("store", Store)
+STAGER = web.AppKey("stager", Stager)
 STARTED = web.AppKey("started_at", float)
 NODE_ID = web.AppKey("node_id", str)
 DRAIN = web.AppKey("drain", Drain)
@@ -46,6 +50,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     supervisor = app[SUPERVISOR]
     await supervisor.open()
+    # The budget at startup: copies (and partial ones a crash left) beyond it go.
+    await app[STAGER].evict((), ())
     app[NODE_ID] = await asyncio.to_thread(load_or_create_node_id, config.store_path)
     if config.fleet_token is None and not _loopback(config.host):
         log.warning(
@@ -89,7 +95,9 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
-    supervisor = Supervisor(config=config, store=store, metrics=metrics)
+    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint)
+    supervisor = Supervisor(config=config, store=store, metrics=metrics, stager=stager)
+    app[STAGER] = stager
     metrics.watch(supervisor.health)
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -111,6 +119,10 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/store/storage", get_storage)
     app.router.add_post("/store/purge-staging", post_purge)
+    app.router.add_post("/store/stage", post_stage)
+    app.router.add_post("/store/cancel", post_cancel)
+    app.router.add_get("/store/models/{name}/manifest", get_manifest)
+    app.router.add_get("/store/models/{name}/files/{path:.+}", get_file)
     return app
 
 
@@ -176,6 +188,7 @@ async def post_load(request: web.Request) -> web.Response:
     except FieldError as exc:
         raise InvalidRequest(f"bad load request: {exc}", param=exc.param) from exc
     request.app[STORE].check_source(req.source)  # 400 before any work
+    await _refuse_if_floor(request.app, req.model_id, req.source, req.peers)
     m = await request.app[SUPERVISOR].load(req)
     return web.json_response(m.status().to_json(), status=202)
 
@@ -185,7 +198,11 @@ async def post_unload(request: web.Request) -> web.Response:
     model_id = body.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise InvalidRequest("missing `model_id` (a non-empty string)", param="model_id")
-    m = await request.app[SUPERVISOR].unload(model_id)
+    app = request.app
+    if app[SUPERVISOR].get(model_id) is None and app[STAGER].cancel(model_id) is not None:
+        # Only a stage of it was under way (POST /store/stage): that is what stops.
+        return web.json_response({"model_id": model_id, "unloaded": False, "stage_cancelled": True})
+    m = await app[SUPERVISOR].unload(model_id)
     return web.json_response({"model_id": m.model_id, "unloaded": True})
 
 
@@ -199,23 +216,129 @@ async def get_metrics(request: web.Request) -> web.Response:
 async def get_storage(request: web.Request) -> web.Response:
     app = request.app
     store = app[STORE]
-    copies = await asyncio.to_thread(store.staged, app[SUPERVISOR].in_use_dirs())
+    copies = await asyncio.to_thread(store.staged, app[SUPERVISOR].in_use_dirs(), partial=True)
+    done = [c for c in copies if not c.partial]
+    # "staged" first: cortex's poller reads the complete copies from it.
     return web.json_response(
         {
+            "staged": [c.to_json() for c in done],
             "store_dir": str(store.root),
-            "staged": [c.to_json() for c in copies],
             "total_bytes": sum(c.size_bytes for c in copies),
+            "staging": app[STAGER].listing(),
+            "partial": [c.to_json() for c in copies if c.partial],
+            "keep_recent_bytes": int(app[CONFIG].staging_keep_recent_gb * 1e9),
+            "min_free_bytes": int(app[CONFIG].min_free_gb * 1e9),
         }
     )
 
 
 async def post_purge(request: web.Request) -> web.Response:
+    """Delete unused copies: all of them, or `model_id`'s, or beyond `keep_recent_gb`.
+
+    Never a copy in use, nor one (complete or partial) a stage is writing.
+    """
     app = request.app
-    store = app[STORE]
-    removed = await asyncio.to_thread(store.purge, app[SUPERVISOR].in_use_dirs())
+    body = await read_json_object(request) if request.can_read_body else {}
+    only = body.get("model_id")
+    if only is not None and not isinstance(only, str):
+        raise InvalidRequest("`model_id` must be a string", param="model_id")
+    keep_gb = body.get("keep_recent_gb", 0)
+    if not isinstance(keep_gb, (int, float)) or isinstance(keep_gb, bool) or keep_gb < 0:
+        raise InvalidRequest("`keep_recent_gb` must be a number >= 0", param="keep_recent_gb")
+    supervisor, stager = app[SUPERVISOR], app[STAGER]
+    protected = supervisor.protected_copies() | stager.active_names()
+    removed = await asyncio.to_thread(
+        app[STORE].purge,
+        supervisor.in_use_dirs(),
+        protected,
+        keep_bytes=int(keep_gb * 1e9),
+        only=None if only is None else copy_name(only),
+    )
     return web.json_response(
         {
             "removed": [c.to_json() for c in removed],
             "freed_bytes": sum(c.size_bytes for c in removed),
         }
     )
+
+
+async def _refuse_if_floor(
+    app: web.Application, model_id: str, source: str, peers: tuple[str, ...]
+) -> None:
+    """Start the stage a hub load needs and raise its floor refusal (507) if it has one."""
+    if is_local_source(source) or app[STORE].has_copy(copy_name(source)):
+        return
+    existing = app[SUPERVISOR].get(model_id)
+    if existing is not None and existing.state not in ("failed", "unloading"):
+        return
+    job = app[STAGER].stage(model_id, source, peers)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(PLAN_WAIT_S):
+            await job.planned.wait()
+    if job.refusal is not None:
+        raise job.refusal
+
+
+async def post_stage(request: web.Request) -> web.Response:
+    """202 with the stage job; 507 with the arithmetic when the floor refuses it."""
+    app = request.app
+    body = await read_json_object(request)
+    try:
+        req = StageRequest.from_json(body)
+    except FieldError as exc:
+        raise InvalidRequest(f"bad stage request: {exc}", param=exc.param) from exc
+    store = app[STORE]
+    if is_local_source(req.source):
+        path = store.local_model_dir(req.source)  # used in place: nothing to stage
+        return web.json_response(
+            {
+                "model_id": req.model_id,
+                "source": req.source,
+                "state": "staged",
+                "path": str(path),
+                "in_place": True,
+            }
+        )
+    job = app[STAGER].stage(req.model_id, req.source, req.peers)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(PLAN_WAIT_S):
+            await job.planned.wait()
+    if job.refusal is not None:
+        raise job.refusal
+    return web.json_response(job.to_json(), status=200 if job.state == "staged" else 202)
+
+
+async def post_cancel(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    model_id = body.get("model_id")
+    if not isinstance(model_id, str) or not model_id:
+        raise InvalidRequest("missing `model_id` (a non-empty string)", param="model_id")
+    job = request.app[STAGER].cancel(model_id)
+    if job is None:
+        return web.json_response({"model_id": model_id, "cancelled": False})
+    await job.finished.wait()
+    return web.json_response({"model_id": model_id, "cancelled": True, "job": job.to_json()})
+
+
+def _copy_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if not COPY_NAME.match(name) or not request.app[STORE].has_copy(name):
+        raise NotFound(f"no staged copy {name[:200]!r} on this node", param="name")
+    return name
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    """What a peer may copy: every file of a staged copy with its size and sha256."""
+    name = _copy_name(request)
+    entries = await request.app[STORE].run_blocking(request.app[STORE].manifest, name)
+    return web.json_response({"name": name, "files": [e.to_json() for e in entries]})
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    """One file of a staged copy, with HTTP Range; only files its manifest lists."""
+    name = _copy_name(request)
+    store = request.app[STORE]
+    path = await store.run_blocking(store.copy_file, name, request.match_info["path"])
+    if path is None:
+        raise NotFound("no such file in this copy", param="path")
+    return web.FileResponse(path, chunk_size=1024 * 1024)

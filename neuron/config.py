@@ -142,6 +142,17 @@ class NeuronConfig:
     fleet_token_file: str | None = None
     # The token itself, resolved by from_file; never read from TOML, never in repr.
     fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
+    # Staged copies no runner uses are kept, most recently used first, up to this
+    # many GB (1e9 bytes); beyond it the least recently used are deleted when a
+    # runner stops, at startup, and on POST /store/purge-staging.
+    staging_keep_recent_gb: float = 40.0
+    # A stage that would leave less than this free under the store is refused
+    # (507 insufficient_storage, with the arithmetic) before it writes a byte.
+    min_free_gb: float = 5.0
+    # A stage's source (peer or hub) silent this long is given up for the next one.
+    stage_read_timeout_s: float = 30.0
+    # The model hub's base URL (a mirror); None: huggingface_hub's (HF_ENDPOINT).
+    hub_endpoint: str | None = None
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -158,6 +169,10 @@ class NeuronConfig:
             raise ValueError("drain_s must be >= 0")
         if self.failed_record_ttl_s <= 0 or self.max_failed_records < 0:
             raise ValueError("failed_record_ttl_s must be > 0, max_failed_records >= 0")
+        if self.staging_keep_recent_gb < 0 or self.min_free_gb < 0:
+            raise ValueError("staging_keep_recent_gb and min_free_gb must be >= 0")
+        if self.stage_read_timeout_s <= 0:
+            raise ValueError("stage_read_timeout_s must be > 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.fleet_token is not None:

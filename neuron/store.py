@@ -3,19 +3,24 @@
 A local source is used in place and must be a model directory (config.json)
 inside the store or a configured model root, after symlinks and `..` are
 resolved: a caller may not make the neuron open paths of its choosing.
-A hub source (`org/name`) is downloaded with huggingface_hub into a staged
-copy under `<store>/models/`, which `/store/storage` lists and
-`/store/purge-staging` may remove when no runner uses it.
+A hub source (`org/name`) is staged (neuron.staging: from peers or the hub)
+into `<store>/models/<org--name>/`; while it is being fetched its files live
+under `<store>/models/.staging/<org--name>/` (partial ones as `<file>.part`),
+and the directory is renamed into place only once every file is verified.
+`/store/storage` lists the copies; the budget (`evict`) and
+`/store/purge-staging` remove those no runner uses and no stage is writing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +31,68 @@ from shared.errors import InvalidModelPath
 # org/name; a name of only dots would be a path step, not a repo.
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/(?!\.{1,2}$)[\w.-]+$")
 LAST_USE = ".neuron-last-use"
+# The files, sizes and sha256 of a copy, computed once and kept inside it.
+MANIFEST = ".neuron-manifest.json"
+# Our own marks inside a copy: never part of what a peer may fetch.
+OWN_MARK = ".neuron-"
+STAGING = ".staging"
+PART = ".part"
+# A copy's name: one path step, never hidden, never `..`.
+COPY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+HASH_CHUNK = 4 * 1024 * 1024
 
 
 def is_local_source(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or not HUB_NAME.match(source)
+
+
+def copy_name(source: str) -> str:
+    """The staged copy's directory name of a hub source: `org/name` -> `org--name`."""
+    return source.replace("/", "--", 1)
+
+
+def safe_relpath(path: str) -> bool:
+    """A file path inside a copy: relative, no `..`, no empty or hidden-mark step."""
+    if not path or "\\" in path or "\x00" in path or path.startswith("/"):
+        return False
+    parts = path.split("/")
+    return all(p not in ("", ".", "..") for p in parts) and not parts[-1].startswith(OWN_MARK)
+
+
+@attrs.frozen
+class FileEntry:
+    """One file of a copy: what a peer serves and a stage verifies."""
+
+    path: str
+    size: int
+    sha256: str | None = None
+    # The hub's git blob id, for files it does not keep in LFS (no sha256 published).
+    git_sha1: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+def read_manifest(body: Any) -> tuple[FileEntry, ...]:
+    """A peer's manifest, strictly: every path safe, every size and digest well formed."""
+    files = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(files, list):
+        raise ValueError("manifest has no `files` array")
+    out = []
+    for f in files:
+        if not isinstance(f, dict):
+            raise ValueError("manifest entry is not an object")
+        path, size, sha = f.get("path"), f.get("size"), f.get("sha256")
+        if not isinstance(path, str) or not safe_relpath(path):
+            raise ValueError(f"manifest names an unsafe path {str(path)[:200]!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"manifest size of {path!r} is not a size")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ValueError(f"manifest sha256 of {path!r} is not a sha256")
+        out.append(FileEntry(path=path, size=size, sha256=sha))
+    if len({f.path for f in out}) != len(out):
+        raise ValueError("manifest names a file twice")
+    return tuple(out)
 
 
 def check_model_dir(source: str) -> Path:
@@ -52,13 +115,16 @@ class StagedCopy:
     size_bytes: int
     last_use: float
     in_use: bool
+    # A partial copy under .staging (a stage under way, cancelled, or cut by a crash).
+    partial: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
-# Hub downloads at once; more wait their turn.
-DOWNLOAD_WORKERS = 2
+# Threads for staging's blocking work (hub metadata calls, writing and hashing
+# chunks); more wait their turn.
+DOWNLOAD_WORKERS = 4
 
 
 @attrs.define
@@ -113,38 +179,64 @@ class Store:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def staging_root(self) -> Path:
+        return self.models_dir / STAGING
+
     def ensure(self) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_root.mkdir(parents=True, exist_ok=True)
 
-    async def resolve(self, source: str) -> Path:
-        """A local model directory for `source`, downloading hub models first."""
-        if is_local_source(source):
-            path = self.local_model_dir(source)
-        else:
-            loop = asyncio.get_running_loop()
-            path = await loop.run_in_executor(self._downloads, self._download, source)
-        self.touch(path)
-        return path
+    def copy_dir(self, name: str) -> Path:
+        return self.models_dir / name
 
-    def _download(self, repo_id: str) -> Path:
-        from huggingface_hub import snapshot_download
+    def staging_dir(self, name: str) -> Path:
+        return self.staging_root / name
 
-        target = self.models_dir / repo_id.replace("/", "--")
-        snapshot_download(
-            repo_id=repo_id,
-            local_dir=str(target),
-            allow_patterns=[
-                "*.json",
-                "*.safetensors",
-                "*.py",
-                "*.model",
-                "*.tiktoken",
-                "*.txt",
-                "*.jinja",
-            ],
-        )
-        return check_model_dir(str(target))
+    def has_copy(self, name: str) -> bool:
+        return COPY_NAME.match(name) is not None and (self.copy_dir(name) / "config.json").is_file()
+
+    async def run_blocking(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` in the staging pool (never the default one /health relies on)."""
+        return await asyncio.get_running_loop().run_in_executor(self._downloads, fn, *args)
+
+    def manifest(self, name: str) -> tuple[FileEntry, ...]:
+        """The files of copy `name` with sha256: read from its cache, else computed once."""
+        root = self.copy_dir(name)
+        cached = root / MANIFEST
+        try:
+            return read_manifest(json.loads(cached.read_text()))
+        except (OSError, ValueError):
+            pass
+        entries = []
+        for dirpath, dirs, files in os.walk(root):
+            dirs.sort()
+            for f in sorted(files):
+                full = Path(dirpath) / f
+                rel = full.relative_to(root).as_posix()
+                if not safe_relpath(rel) or full.is_symlink():
+                    continue
+                entries.append(
+                    FileEntry(path=rel, size=full.stat().st_size, sha256=file_sha256(full))
+                )
+        self.write_manifest(root, entries)
+        return tuple(entries)
+
+    def write_manifest(self, root: Path, entries: Iterable[FileEntry]) -> None:
+        tmp = root / (MANIFEST + PART)
+        tmp.write_text(json.dumps({"files": [e.to_json() for e in entries]}))
+        tmp.replace(root / MANIFEST)
+
+    def copy_file(self, name: str, path: str) -> Path | None:
+        """The file `path` of copy `name` if the copy's manifest lists it, else None."""
+        if not self.has_copy(name) or not safe_relpath(path):
+            return None
+        if path not in {e.path for e in self.manifest(name)}:
+            return None
+        full = (self.copy_dir(name) / path).resolve()
+        root = self.copy_dir(name).resolve()
+        return full if full.is_relative_to(root) and full.is_file() else None
 
     def close(self) -> None:
         # Queued downloads are dropped; a running one ends with its process.
@@ -155,16 +247,19 @@ class Store:
         if path.parent.resolve() == self.models_dir.resolve():
             (path / LAST_USE).touch()
 
-    def staged(self, in_use: Iterable[Path]) -> list[StagedCopy]:
+    def staged(self, in_use: Iterable[Path], *, partial: bool = False) -> list[StagedCopy]:
+        """Complete copies (and with `partial`, the staging directories too)."""
         used = {p.resolve() for p in in_use}
         out: list[StagedCopy] = []
-        if not self.models_dir.is_dir():
-            return out
-        for d in sorted(self.models_dir.iterdir()):
-            if not d.is_dir():
-                continue
+        dirs = [(d, False) for d in _subdirs(self.models_dir)]
+        if partial:
+            dirs += [(d, True) for d in _subdirs(self.staging_root)]
+        for d, part in dirs:
             mark = d / LAST_USE
-            last = mark.stat().st_mtime if mark.exists() else d.stat().st_mtime
+            try:
+                last = mark.stat().st_mtime if mark.exists() else d.stat().st_mtime
+            except OSError:  # deleted meanwhile
+                continue
             out.append(
                 StagedCopy(
                     name=d.name,
@@ -172,17 +267,54 @@ class Store:
                     size_bytes=_tree_size(d),
                     last_use=last,
                     in_use=d.resolve() in used,
+                    partial=part,
                 )
             )
         return out
 
-    def purge(self, in_use: Iterable[Path]) -> list[StagedCopy]:
-        removed = []
-        for copy in self.staged(in_use):
-            if not copy.in_use:
-                shutil.rmtree(copy.path, ignore_errors=True)
-                removed.append(copy)
+    def purge(
+        self,
+        in_use: Iterable[Path],
+        staging: Collection[str] = (),
+        *,
+        keep_bytes: int = 0,
+        only: str | None = None,
+    ) -> list[StagedCopy]:
+        """Delete copies beyond the `keep_bytes` most recently used; the deleted ones.
+
+        Never a copy in use, nor one (complete or partial) named in `staging`
+        (a stage is writing it). `only` narrows to copies of that name.
+        """
+        candidates = [
+            c
+            for c in self.staged(in_use, partial=True)
+            if not c.in_use and c.name not in staging and (only is None or c.name == only)
+        ]
+        candidates.sort(key=lambda c: c.last_use, reverse=True)
+        removed, kept, full = [], 0, False
+        for copy in candidates:
+            # Most recent first; once one does not fit, every older one goes too.
+            full = full or keep_bytes == 0 or kept + copy.size_bytes > keep_bytes
+            if not full:
+                kept += copy.size_bytes
+                continue
+            shutil.rmtree(copy.path, ignore_errors=True)
+            removed.append(copy)
         return removed
+
+
+def _subdirs(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _tree_size(path: Path) -> int:

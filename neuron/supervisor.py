@@ -40,7 +40,8 @@ from neuron.config import NeuronConfig
 from neuron.metrics import ModelStats, NeuronMetrics
 from neuron.request_check import ModelInfo
 from neuron.runner import RunnerProcess
-from neuron.store import Store
+from neuron.staging import StageJob, Stager
+from neuron.store import Store, copy_name, is_local_source
 from shared.errors import ModelNotFound
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
@@ -96,6 +97,10 @@ class ModelSupervisor:
     metrics: NeuronMetrics
     session: aiohttp.ClientSession
     admission: Admission
+    stager: Stager
+    peers: tuple[str, ...] = ()
+    # The stage this load waits for (a hub source), while it is under way.
+    stage: StageJob | None = None
     stats: ModelStats = attrs.Factory(ModelStats)
     state: ModelState = "loading"
     error: str | None = None
@@ -122,6 +127,7 @@ class ModelSupervisor:
         store: Store,
         metrics: NeuronMetrics,
         session: aiohttp.ClientSession,
+        stager: Stager,
     ) -> ModelSupervisor:
         a = config.admission
         return cls(
@@ -135,6 +141,8 @@ class ModelSupervisor:
             session=session,
             admission=Admission(a.max_in_flight, a.max_queue, a.queue_timeout_s),
             context_limit=req.context_limit,
+            stager=stager,
+            peers=req.peers,
         )
 
     # --- views ------------------------------------------------------------
@@ -158,6 +166,7 @@ class ModelSupervisor:
             memory_bytes=self._memory_bytes(),
             last_used=self.stats.last_used,
             error=self.error,
+            staging=None if self.stage is None or not self.stage.active else self.stage.to_json(),
         )
 
     def health(self) -> ModelHealth:
@@ -193,7 +202,13 @@ class ModelSupervisor:
 
     async def _run(self) -> None:
         try:
-            self.model_dir = await self.store.resolve(self.source)
+            if is_local_source(self.source):
+                self.model_dir = self.store.local_model_dir(self.source)  # used in place
+            else:
+                # Every load of a hub source stages first (from peers, else the hub).
+                self.stage = self.stager.stage(self.model_id, self.source, self.peers)
+                self.model_dir = await self.stager.wait(self.stage)
+            self.store.touch(self.model_dir)
             # A tokenizer takes a moment to read: off the event loop.
             self.info = await asyncio.to_thread(ModelInfo.load, self.model_dir, self.context_limit)
             while True:
@@ -403,6 +418,9 @@ class ModelSupervisor:
     async def _stop(self) -> None:
         self.state = "unloading"
         try:
+            if self.stage is not None:
+                # An unload of a model being staged cancels its stage (resumable later).
+                self.stager.cancel_job(self.stage)
             if self._task is not None:
                 self._task.cancel()
                 await asyncio.wait({self._task})  # its outcome is not ours to raise
@@ -428,6 +446,7 @@ class Supervisor:
     config: NeuronConfig
     store: Store
     metrics: NeuronMetrics
+    stager: Stager
     models: dict[str, ModelSupervisor] = attrs.Factory(dict)
     # Prompts are tokenized here, two at a time: never in the default pool that
     # /health and /discovery use, and never more than two cores next to the runners.
@@ -444,6 +463,7 @@ class Supervisor:
 
     async def open(self) -> None:
         self.store.ensure()
+        await self.stager.open()
         # No total timeout: streams may run long; the proxy times idle reads itself.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
@@ -455,6 +475,7 @@ class Supervisor:
         await self.stop_all()
         if self._session is not None:
             await self._session.close()
+        await self.stager.close()
         self.store.close()
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
@@ -468,7 +489,9 @@ class Supervisor:
             self.store.check_source(req.source)
             if current is not None:
                 await asyncio.shield(current.stop())
-            m = ModelSupervisor.create(req, self.config, self.store, self.metrics, self.session)
+            m = ModelSupervisor.create(
+                req, self.config, self.store, self.metrics, self.session, self.stager
+            )
             self.models[req.model_id] = m
             self.metrics.model_added(m.model_id)
             m.start()
@@ -491,6 +514,8 @@ class Supervisor:
     def _forget(self, m: ModelSupervisor) -> None:
         if self.models.get(m.model_id) is m:
             del self.models[m.model_id]
+        # A runner stopped: its copy may now be beyond the budget.
+        self.stager.evict_soon(self.protected_copies(), self.in_use_dirs())
 
     async def stop_all(self) -> None:
         models = list(self.models.values())
@@ -499,6 +524,14 @@ class Supervisor:
 
     def in_use_dirs(self) -> list[Path]:
         return [m.model_dir for m in self.models.values() if m.model_dir is not None]
+
+    def protected_copies(self) -> set[str]:
+        """Copy names no purge may touch: those of every model here (staging or loaded)."""
+        return {
+            copy_name(m.source)
+            for m in self.models.values()
+            if m.state != "failed" and not is_local_source(m.source)
+        }
 
     def _prune_failed(self) -> None:
         """Failed records stay a while for operators to read, but never pile up."""

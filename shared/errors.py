@@ -166,6 +166,16 @@ class QueueFull(ApiError):
     default_retry_after = 1
 
 
+class InsufficientStorage(ApiError):
+    """A stage that would take the store's disk below its free-space floor (min_free_gb).
+
+    Not retryable by itself: disk frees only when an operator (or the budget) acts.
+    """
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     code = "service_unavailable"

@@ -213,15 +213,20 @@ class LoadRequest:
     warmup_deadline_s: float | None = None
     # Tokens of prompt plus output the model may take; None: from its config.json.
     context_limit: int | None = None
+    # Neurons (base URLs) holding a staged copy of a hub source: staged from them first.
+    peers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model_id": self.model_id,
             "source": self.source,
             "group": None if self.group is None else self.group.to_json(),
             "warmup_deadline_s": self.warmup_deadline_s,
             "context_limit": self.context_limit,
         }
+        if self.peers:  # absent otherwise: a neuron that predates peers still parses it
+            out["peers"] = list(self.peers)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LoadRequest:
@@ -256,7 +261,48 @@ class LoadRequest:
             group=None if group is None else GroupSpec.from_json(group),
             warmup_deadline_s=None if deadline is None else float(deadline),
             context_limit=context,
+            peers=parse_peers(d.get("peers")),
         )
+
+
+MAX_PEERS = 16
+
+
+def parse_peers(value: Any) -> tuple[str, ...]:
+    """`peers`: absent, or an array of at most MAX_PEERS http(s) base URLs."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_PEERS:
+        raise FieldError("peers", f"must be an array of at most {MAX_PEERS} URLs")
+    for i, p in enumerate(value):
+        if (
+            not isinstance(p, str)
+            or not p.startswith(("http://", "https://"))
+            or not 0 < len(p) <= MAX_PATH_CHARS
+            or any(c in p for c in "\x00\r\n ")
+        ):
+            raise FieldError(f"peers[{i}]", "must be an http(s) base URL")
+    return tuple(value)
+
+
+@attrs.frozen
+class StageRequest:
+    """POST /store/stage: fetch a hub source's files into the store, from peers first."""
+
+    model_id: str
+    source: str
+    peers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StageRequest:
+        unknown = sorted(set(d) - {"model_id", "source", "peers"})
+        if unknown:
+            raise FieldError(unknown[0][:100], "is not a stage request field")
+        load = LoadRequest.from_json({k: d[k] for k in ("model_id", "source") if k in d})
+        return cls(model_id=load.model_id, source=load.source, peers=parse_peers(d.get("peers")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "source": self.source, "peers": list(self.peers)}
 
 
 @attrs.frozen
@@ -271,6 +317,8 @@ class ModelStatus:
     memory_bytes: int
     last_used: float
     error: str | None = None
+    # While the load stages its files: the stage job (state, bytes, rate, ETA).
+    staging: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -282,6 +330,7 @@ class ModelStatus:
             "memory_bytes": self.memory_bytes,
             "last_used": self.last_used,
             "error": self.error,
+            "staging": self.staging,
         }
 
     @classmethod
@@ -296,6 +345,7 @@ class ModelStatus:
             memory_bytes=int(d.get("memory_bytes", 0)),
             last_used=float(d.get("last_used", 0.0)),
             error=d.get("error"),
+            staging=d.get("staging") if isinstance(d.get("staging"), dict) else None,
         )
 
 

@@ -120,10 +120,14 @@ class FakeNeuron:
     retry_after: str = "2"
     # Raw entries appended to GET /models (to send malformed ones).
     models_extra: list[Any] = attrs.Factory(list)
+    # Sources it holds a staged copy of (GET /store/storage), and its disk free.
+    staged: list[str] = attrs.Factory(list)
+    disk_free_bytes: int = 500 * GIB
     # -- what it saw ----------------------------------------------------------------
     calls: Counter[str] = attrs.Factory(Counter)
     load_requests: list[dict[str, Any]] = attrs.Factory(list)
     unload_requests: list[str] = attrs.Factory(list)
+    purge_requests: list[dict[str, Any]] = attrs.Factory(list)
     chat_headers: list[dict[str, str]] = attrs.Factory(list)
     chat_bodies: list[dict[str, Any]] = attrs.Factory(list)
     # Streams whose client (cortex) went away mid-answer.
@@ -157,7 +161,7 @@ class FakeNeuron:
             recommended_working_set_bytes=None,
             backends=("ring",),
             rdma_ports=(),
-            disk_free_bytes=500 * GIB,
+            disk_free_bytes=self.disk_free_bytes,
             store_dir="/tmp/store",
             ring_host="127.0.0.1",
             started_at=self.started_at,
@@ -170,6 +174,8 @@ class FakeNeuron:
         app.router.add_get("/models", self._models)
         app.router.add_post("/models/load", self._load)
         app.router.add_post("/models/unload", self._unload)
+        app.router.add_get("/store/storage", self._storage)
+        app.router.add_post("/store/purge-staging", self._purge)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         return app
@@ -222,6 +228,17 @@ class FakeNeuron:
                 "models": [m.health_json() for m in self.models.values()],
             }
         )
+
+    async def _storage(self, request: web.Request) -> web.Response:
+        copies = [
+            {"name": s.replace("/", "--", 1), "path": f"/tmp/store/models/{s}", "in_use": False}
+            for s in self.staged
+        ]
+        return web.json_response({"staged": copies, "staging": [], "partial": []})
+
+    async def _purge(self, request: web.Request) -> web.Response:
+        self.purge_requests.append(await request.json())
+        return web.json_response({"removed": [], "freed_bytes": 1000})
 
     async def _models(self, request: web.Request) -> web.Response:
         self.calls["models"] += 1

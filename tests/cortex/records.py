@@ -19,6 +19,7 @@ def disc(
     rdma_down: int = 0,
     ring_host: str | None = None,
     hostname: str | None = None,
+    disk_gib: float = 100,
 ) -> Discovery:
     ports = tuple(RdmaPort(f"rdma_en{i}", 1, "PORT_ACTIVE") for i in range(rdma_active))
     ports += tuple(RdmaPort(f"rdma_dn{i}", 1, "PORT_DOWN") for i in range(rdma_down))
@@ -38,7 +39,7 @@ def disc(
         recommended_working_set_bytes=None,
         backends=backends,
         rdma_ports=ports,
-        disk_free_bytes=100 * GIB,
+        disk_free_bytes=int(disk_gib * GIB),
         store_dir="/tmp/store",
         ring_host=ring_host if ring_host is not None else f"10.0.0.{sum(map(ord, name)) % 250}",
         started_at=0.0,
