@@ -239,7 +239,8 @@ class Store:
         return full if full.is_relative_to(root) and full.is_file() else None
 
     def close(self) -> None:
-        # Queued downloads are dropped; a running one ends with its process.
+        # Queued work is dropped. What runs is short (one chunk hashed and written, a
+        # hub metadata call under its timeout); the interpreter waits for it at exit.
         self._downloads.shutdown(wait=False, cancel_futures=True)
 
     def touch(self, path: Path) -> None:
