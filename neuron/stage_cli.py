@@ -90,9 +90,8 @@ def _json(raw: bytes) -> Any:
 
 def _error_message(body: Any) -> str:
     err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err["message"]
-    return "no error message"
+    message = err.get("message") if isinstance(err, dict) else None
+    return message if isinstance(message, str) else "no error message"
 
 
 def read_token_file(path: Path | None) -> str | None:
@@ -223,7 +222,8 @@ def _follow(client: Client, model_id: str, name: str, pr: Printer, started: floa
             copy = next((c for c in copies if c.get("name") == name), None)
             if copy is None:
                 raise CliError(f"the stage of {name} vanished (the neuron restarted?)", 1)
-            total = copy.get("size_bytes") if isinstance(copy.get("size_bytes"), int) else 0
+            total = copy.get("size_bytes")
+            total = total if isinstance(total, int) else 0
             took = time.monotonic() - started
             if last is not None and last.bytes_total:
                 pr.progress(model_id, attrs.evolve(last, bytes_done=last.bytes_total, eta_s=0))
