@@ -21,6 +21,7 @@ from cortex.placement import candidates
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, FleetSnapshot, NodeModel, NodeState
 from shared.catalogue import GIB, Catalogue
+from shared.progress import ACTIVE_STATES, StageProgress
 
 REFRESH_S = 2
 
@@ -191,6 +192,7 @@ def _placements_table(snap: FleetSnapshot) -> str:
         "node",
         "model",
         "state",
+        "staging",
         "in flight",
         "queue",
         "via cortex",
@@ -208,6 +210,7 @@ def _placements_table(snap: FleetSnapshot) -> str:
                         _e(n.name) + ("" if n.healthy else ' <span class="badge bad">down</span>'),
                         f"<b>{_e(m.model_id)}</b>",
                         _state(m.state),
+                        _staging(m.staging),
                         _num(m.in_flight),
                         _num(m.queue_depth, warn=m.queue_depth > 0),
                         _num(snap.outstanding_on(n.name, m.model_id)),
@@ -299,7 +302,8 @@ _STATE_CLASS: Mapping[str, str] = {"ready": "ok", "failed": "bad", "unloading": 
 
 
 def _state(state: str) -> str:
-    cls = _STATE_CLASS.get(state, "warn" if state in LOADING_STATES else "idle")
+    busy = state in LOADING_STATES or state in ACTIVE_STATES
+    cls = _STATE_CLASS.get(state, "warn" if busy else "idle")
     return f'<span class="badge {cls}" data-state="{_e(state)}">{_e(state)}</span>'
 
 
@@ -310,6 +314,23 @@ def _group(m: NodeModel) -> str:
     return (
         f"{_num(f'{g.rank} / {g.world_size}')} <span class='dim'>{_e(g.backend)} "
         f"{_e(g.sharding)} · {_e(g.group_id[:8])}</span>"
+    )
+
+
+def _staging(p: StageProgress | None) -> str:
+    """A bar of bytes done over total, with the figures; the error of a failed stage."""
+    if p is None:
+        return _NONE
+    frac = p.fraction
+    bar = (
+        f'<progress max="100" value="{frac * 100:.0f}">{frac * 100:.0f}%</progress>'
+        if frac is not None and p.active
+        else ""
+    )
+    err = f'<br><span class="err">{_e(p.error)}</span>' if p.error else ""
+    return (
+        f'<div class="staging" data-stage-state="{_e(p.state)}">{_state(p.state)} {bar}'
+        f'<br><span class="num">{_e(p.summary())}</span>{err}</div>'
     )
 
 
@@ -382,5 +403,6 @@ tr.down td { background: #fdf1f1; }
 .badge.idle { background: #e5e7eb; color: #374151; }
 .bar { width: 140px; height: 6px; background: #e5e7eb; border-radius: 3px; margin-top: 3px; }
 .bar > div { height: 100%; background: #3b82f6; border-radius: 3px; }
+progress { width: 140px; height: 8px; vertical-align: middle; }
 .bar.hot > div { background: #dc2626; }
 """

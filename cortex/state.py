@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from shared.progress import StageProgress
 from shared.wire import Discovery, GroupSpec, ModelHealth, ModelState, ModelStatus, NodeHealth
 
 SERVING_STATES: frozenset[str] = frozenset({"ready"})
@@ -34,6 +35,8 @@ class NodeModel:
     group: GroupSpec | None = None
     error: str | None = None
     decode_tps: float | None = None
+    # A stage of the model's weights under way (or just failed) on this node.
+    staging: StageProgress | None = None
 
     @property
     def load(self) -> int:
@@ -55,6 +58,7 @@ class NodeModel:
             "group": None if self.group is None else self.group.to_json(),
             "error": self.error,
             "decode_tps": self.decode_tps,
+            "staging": None if self.staging is None else self.staging.to_json(),
         }
 
     @classmethod
@@ -77,6 +81,7 @@ class NodeModel:
             group=status.group if status is not None else None,
             error=status.error if status is not None else None,
             decode_tps=health.decode_tps if health is not None else None,
+            staging=StageProgress.from_json(status.staging) if status is not None else None,
         )
 
 

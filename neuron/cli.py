@@ -9,6 +9,8 @@ from pathlib import Path
 
 import attrs
 
+from neuron.stage_cli import HELP as STAGE_HELP
+from neuron.stage_cli import run as run_stage
 from shared.config import ConfigError
 
 DESCRIPTION = """\
@@ -61,6 +63,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir", type=Path, metavar="DIR", help="directory to write the model into")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    stage = sub.add_parser(
+        "stage",
+        help="stage a model's weights on a running neuron, with progress",
+        description=STAGE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stage.add_argument("model_id", metavar="MODEL_ID", help="the model the copy is for")
+    stage.add_argument(
+        "source", metavar="SOURCE", help="hub repo (org/name) or a local model directory"
+    )
+    stage.add_argument(
+        "--url",
+        default="http://127.0.0.1:9410",
+        help="the neuron to stage on (default: http://127.0.0.1:9410)",
+    )
+    stage.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the fleet token, if the neuron has one (sent as a bearer token)",
+    )
+    stage.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a neuron that holds the copy, to copy it from (repeatable; tried in order)",
+    )
     return p
 
 
@@ -120,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "stage":
+        return run_stage(
+            url=args.url,
+            model_id=args.model_id,
+            source=args.source,
+            peers=args.peer,
+            token_file=args.token_file,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
     return _demo_model(args)
 
 

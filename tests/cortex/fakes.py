@@ -56,6 +56,8 @@ class FakeModel:
     error: str | None = None
     # A multi-node group member: GroupSpec JSON.
     group: dict[str, Any] | None = None
+    # A stage job's JSON (neuron.staging StageJob.to_json), as /models carries it.
+    staging: dict[str, Any] | None = None
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +69,7 @@ class FakeModel:
             "memory_bytes": self.memory_bytes,
             "last_used": self.last_used,
             "error": self.error,
+            "staging": self.staging,
         }
 
     def health_json(self) -> dict[str, Any]:
