@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cortex import load_cli
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
@@ -29,6 +30,7 @@ examples:
   cortex serve -c cortex.toml           run the gateway
   cortex check -c cortex.toml           validate the config and the catalogue
   cortex fleet --dir run                start a local demo fleet (cortex + neurons)
+  cortex load demo                      place a model on a running cortex, follow it to ready
 
 a minimal cortex.toml:
   port = 9400
@@ -72,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("-c", "--config", required=True, help="path to cortex.toml")
     check.set_defaults(func=_check)
+
+    load_cli.add_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",
