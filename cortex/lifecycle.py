@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 JobKind = Literal["load", "unload", "teardown"]
 EVENTS_KEPT = 500
+# A prefetch asked of a node is asked again (if its copy is still missing) after this.
+PREFETCH_AGAIN_S = 300.0
 OPERATOR_WAIT_FACTOR = 6
 OPERATOR_WAIT_MAX_S = 600.0
 # Neuron codes that mean the load cannot succeed until someone changes something.
@@ -138,6 +140,7 @@ class _Settling:
 # The executor of jobs (cortex.loader.Loader): I/O only, no state of its own.
 LoadRunner = Callable[[ModelSpec, Candidate, Job], Awaitable[None]]
 UnloadRunner = Callable[[str, str], Awaitable[None]]
+StageRunner = Callable[[str, ModelSpec], Awaitable[None]]
 
 
 @attrs.define
@@ -240,7 +243,11 @@ class Lifecycle:
     config: CortexConfig
     run_load: LoadRunner | None = None
     run_unload: UnloadRunner | None = None
+    run_stage: StageRunner | None = None
     clock: Callable[[], float] = time.monotonic
+    # Prefetches asked of (node, model), by clock time: asked again only after a while.
+    _prefetched: dict[tuple[str, str], float] = attrs.Factory(dict)
+    _prefetching: set[asyncio.Task[None]] = attrs.Factory(set)
     _holds: dict[str, Hold] = attrs.Factory(dict)
     _jobs: dict[str, Job] = attrs.Factory(dict)
     _failures: dict[str, Failure] = attrs.Factory(dict)
@@ -335,6 +342,30 @@ class Lifecycle:
         if f is not None:
             self.event(model_id, "failure cleared", f.reason)
         return f
+
+    def prefetch(self, spec: ModelSpec, nodes: Iterable[str]) -> None:
+        """Ask `nodes` to stage `spec`'s files (each at most once per PREFETCH_AGAIN_S)."""
+        if self.run_stage is None:
+            return
+        run = self.run_stage
+        now = self.clock()
+        for node in nodes:
+            key = (node, spec.id)
+            if now - self._prefetched.get(key, -math.inf) < PREFETCH_AGAIN_S:
+                continue
+            self._prefetched[key] = now
+            self.event(spec.id, "prefetch", f"staging its files on {node}")
+
+            async def one(node: str = node) -> None:
+                try:
+                    await run(node, spec)
+                except Exception as exc:  # the next pass after PREFETCH_AGAIN_S tries again
+                    why = getattr(exc, "message", None) or repr(exc)
+                    self.event(spec.id, "prefetch failed", f"on {node}: {why}")
+
+            task = asyncio.get_running_loop().create_task(one(), name=f"prefetch {spec.id}")
+            self._prefetching.add(task)
+            task.add_done_callback(self._prefetching.discard)
 
     def event(self, model_id: str, what: str, detail: str = "") -> None:
         self._events.append(Event(time.time(), model_id, what, detail))
@@ -711,6 +742,7 @@ class Lifecycle:
     async def close(self) -> None:
         """Stop jobs under way (cortex shutting down)."""
         tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        tasks += list(self._prefetching)
         for t in tasks:
             t.cancel()
         for t in tasks:

@@ -64,6 +64,7 @@ class Loader:
     def __attrs_post_init__(self) -> None:
         self.life.run_load = self.load
         self.life.run_unload = self.unload
+        self.life.run_stage = self.stage
 
     def facts(self, spec: ModelSpec) -> ModelFacts:
         """A model's shape, read from its files once (they do not change under us)."""
@@ -284,6 +285,15 @@ class Loader:
         if target is None or holds(target):
             return ()
         return tuple(n.url.rstrip("/") for n in snap.healthy if n.name != node and holds(n))
+
+    async def stage(self, node: str, spec: ModelSpec) -> None:
+        """POST /store/stage on `node` (a prefetch): the neuron runs it as its own job."""
+        url = self.fleet.node(node).url.rstrip("/") + "/store/stage"
+        body: dict[str, Any] = {"model_id": spec.id, "source": spec.source}
+        peers = self._peers(spec, node)
+        if peers:
+            body["peers"] = list(peers)
+        await self._post(node, url, body)
 
     async def _post_load(self, node: str, req: LoadRequest) -> ModelStatus:
         url = self.fleet.node(node).url.rstrip("/") + "/models/load"

@@ -21,7 +21,7 @@ import attrs
 
 from cortex.lifecycle import Job, Lifecycle, replicas, wanted_replicas
 from cortex.loader import Loader
-from cortex.placement import PlacementPending, best
+from cortex.placement import PlacementPending, best, candidates
 from cortex.router import node_infos
 from cortex.state import FleetSnapshot
 from shared.catalogue import Catalogue, ModelSpec
@@ -101,6 +101,7 @@ class Reconciler:
         for spec in self.catalogue.models:
             # A fresh snapshot each: it holds the memory the loads just started reserved.
             self._ensure(self.life.snapshot(), spec)
+            self._prefetch(self.life.snapshot(), spec)
         idle: list[Job] = []
         for spec, nodes in self.life.expired(self.life.snapshot()):
             log.info("%s idle past its TTL on %s: unloading", spec.id, ", ".join(nodes))
@@ -126,23 +127,49 @@ class Reconciler:
 
     def _ensure(self, snap: FleetSnapshot, spec: ModelSpec) -> None:
         want = wanted_replicas(spec)
+        # A default model is loaded only into memory that is free: it never evicts.
+        soft = want == 0 and spec.default
+        if soft:
+            want = spec.replicas
         if want == 0 or self.life.held(spec.id) or self.life.job(spec.id) is not None:
             return
         have = replicas(snap, spec.id)
         if have >= want or self.life.backing_off(spec.id):
             return
+        infos = node_infos(snap, self.catalogue, loading=spec.id)
+        if soft:
+            infos = [attrs.evolve(i, reclaimable_bytes=0) for i in infos]
         try:
-            cand = best(
-                spec, self.loader.facts(spec), node_infos(snap, self.catalogue, loading=spec.id)
-            )
+            cand = best(spec, self.loader.facts(spec), infos)
         except PlacementPending:
             return  # a node has not said what it is yet; next pass
         if cand is None:
             return  # nothing fits now (nodes down or busy); /admin/state says why
+        kind = "default, memory free" if soft else "wish"
         try:
-            self.life.start_load(spec, cand, why=f"wish: {want} wanted / {have} present")
+            self.life.start_load(spec, cand, why=f"{kind}: {want} wanted / {have} present")
         except ApiError:
             return
+
+    def _prefetch(self, snap: FleetSnapshot, spec: ModelSpec) -> None:
+        """Stage a `prefetch` model's files on every healthy node that could hold it."""
+        if not spec.prefetch or spec.is_local:  # a local directory is used in place
+            return
+        try:
+            infos = node_infos(snap, self.catalogue, loading=spec.id)
+            sets = candidates(spec, self.loader.facts(spec), infos, now=False)
+        except PlacementPending:
+            return
+        able = {n for c in sets if c.feasible for n in c.nodes}
+        missing = [
+            n.name
+            for n in snap.healthy
+            if n.name in able
+            and spec.source not in n.staged
+            and spec.id not in n.staged
+            and n.model(spec.id) is None
+        ]
+        self.life.prefetch(spec, missing)
 
 
 async def _settle(jobs: list[Job]) -> None:

@@ -53,6 +53,11 @@ class ModelSpec:
     kv_heads: int | None = None
     # Unload a copy idle this long (seconds; negative: never); None: the fleet default.
     idle_ttl_s: float | None = None
+    # Stage the model's files on every node that could hold it, ahead of any request.
+    prefetch: bool = False
+    # Load `replicas` copies whenever memory is free for them (never evicting for it);
+    # unlike keep_loaded, a default model may itself be evicted to make room.
+    default: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.replicas < 0:

@@ -131,6 +131,7 @@ class FakeNeuron:
     load_requests: list[dict[str, Any]] = attrs.Factory(list)
     unload_requests: list[str] = attrs.Factory(list)
     purge_requests: list[dict[str, Any]] = attrs.Factory(list)
+    stage_requests: list[dict[str, Any]] = attrs.Factory(list)
     chat_headers: list[dict[str, str]] = attrs.Factory(list)
     chat_bodies: list[dict[str, Any]] = attrs.Factory(list)
     # Streams whose client (cortex) went away mid-answer.
@@ -179,6 +180,7 @@ class FakeNeuron:
         app.router.add_post("/models/unload", self._unload)
         app.router.add_get("/store/storage", self._storage)
         app.router.add_post("/store/purge-staging", self._purge)
+        app.router.add_post("/store/stage", self._stage)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         return app
@@ -238,6 +240,11 @@ class FakeNeuron:
             for s in self.staged
         ]
         return web.json_response({"staged": copies, "staging": [], "partial": []})
+
+    async def _stage(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.stage_requests.append(body)
+        return web.json_response({"model_id": body["model_id"], "state": "queued"}, status=202)
 
     async def _purge(self, request: web.Request) -> web.Response:
         self.purge_requests.append(await request.json())

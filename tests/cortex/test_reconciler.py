@@ -147,3 +147,55 @@ async def test_one_pass_never_double_books_a_node() -> None:
             await rec.close()
     finally:
         await stop_all(nodes)
+
+
+async def test_prefetch_stages_on_every_node_that_could_hold_it_once() -> None:
+    """`prefetch = true`: each feasible node without a copy is asked to stage it, naming the
+    node that holds one as a peer; the next pass asks nobody again."""
+    nodes = await fleet("n1", "n2", "n3")
+    n1, n2, n3 = nodes
+    n1.staged = ["org/m1"]
+    n3.memory_total_bytes = n3.memory_available_bytes = 2 * GIB  # too small for m1
+    spec = ModelSpec(id="m1", source="org/m1", memory_gb=4.0, kv_gb=0.5, prefetch=True)
+    try:
+        async with gateway(nodes, catalogue(spec)) as client:
+            app = client.app
+            rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(spec), loader=app[LOADER])
+            await rec.step()
+            await asyncio.sleep(0.2)  # the stage requests are posted in the background
+            await rec.step()
+            await asyncio.sleep(0.2)
+            events = [e.what for e in app[LIFECYCLE].events("m1")]
+            await app[LIFECYCLE].close()
+    finally:
+        await stop_all(nodes)
+    assert n1.stage_requests == [] and n3.stage_requests == []
+    assert n2.stage_requests == [{"model_id": "m1", "source": "org/m1", "peers": [n1.url]}]
+    assert events == ["prefetch"]
+    assert all(n.calls["load"] == 0 for n in nodes)
+
+
+async def test_default_model_loads_into_free_memory_but_never_evicts_for_it() -> None:
+    """`default = true`: loaded when memory is free; with the room taken by an idle
+    model, it waits rather than evicting (a request for it still could)."""
+    [n1] = nodes = await fleet("n1")
+    spec = ModelSpec(id="m1", source="org/m1", memory_gb=20.0, kv_gb=1.0, default=True)
+    other = ModelSpec(id="m2", source="org/m2", memory_gb=20.0, kv_gb=1.0)
+    try:
+        n1.add_model("m2", memory_bytes=30 * GIB)  # idle: evictable, but not for a default
+        async with gateway(nodes, catalogue(spec, other)) as client:
+            app = client.app
+            rec = Reconciler(
+                life=app[LIFECYCLE], catalogue=catalogue(spec, other), loader=app[LOADER]
+            )
+            await rec.step()
+            assert app[LIFECYCLE].job("m1") is None
+            n1.models.clear()  # memory frees up
+            await app[POLLER].poll_once()
+            await rec.step()
+            job = app[LIFECYCLE].job("m1")
+            assert job is not None and job.nodes == ("n1",)
+            await app[LIFECYCLE].close()
+    finally:
+        await stop_all(nodes)
+    assert n1.unload_requests == []
