@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import NeuronProcess, http_json
+from tests.support.fake_hub import repo_info
 
 TOKEN = "fleet-token-for-stage-cli-0123456789"
 REPO = "test-org/cli-demo"
@@ -191,25 +192,8 @@ async def silent_hub(demo_model: Path) -> AsyncIterator[TestServer]:
     files = sorted(p for p in demo_model.iterdir() if p.is_file())  # noqa: ASYNC240
     release = asyncio.Event()
 
-    def sibling(p: Path) -> dict[str, Any]:
-        data = p.read_bytes()
-        s: dict[str, Any] = {
-            "rfilename": p.name,
-            "size": len(data),
-            "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
-        }
-        if p.suffix == ".safetensors":
-            s["lfs"] = {
-                "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "pointerSize": 130,
-            }
-        return s
-
     async def info(request: web.Request) -> web.Response:
-        return web.json_response(
-            {"id": REPO, "sha": "0" * 40, "siblings": [sibling(p) for p in files]}
-        )
+        return web.json_response(repo_info(REPO, files))
 
     async def resolve(request: web.Request) -> web.StreamResponse:
         path = demo_model / request.match_info["file"]

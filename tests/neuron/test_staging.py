@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from neuron.app import CONFIG, STAGER
 from neuron.staging import StageJob, Stager
 from tests.conftest import InProcessFactory, NeuronProcess
+from tests.support.fake_hub import repo_info
 
 TOKEN = "fleet-token-for-staging-0123456789"
 REPO = "test-org/big-demo"
@@ -350,25 +351,8 @@ async def fake_hub(demo_model: Path) -> AsyncIterator[tuple[TestServer, dict[str
     ctl: dict[str, Any] = {"stall_after": None, "release": asyncio.Event(), "requests": []}
     files = sorted(p for p in demo_model.iterdir() if p.is_file())  # noqa: ASYNC240
 
-    def sibling(p: Path) -> dict[str, Any]:
-        data = p.read_bytes()
-        s: dict[str, Any] = {
-            "rfilename": p.name,
-            "size": len(data),
-            "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
-        }
-        if p.suffix == ".safetensors":  # LFS: the hub publishes its sha256
-            s["lfs"] = {
-                "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "pointerSize": 130,
-            }
-        return s
-
     async def info(request: web.Request) -> web.Response:
-        return web.json_response(
-            {"id": REPO, "sha": "0" * 40, "siblings": [sibling(p) for p in files]}
-        )
+        return web.json_response(repo_info(REPO, files))
 
     async def resolve(request: web.Request) -> web.StreamResponse:
         name = request.match_info["file"]
