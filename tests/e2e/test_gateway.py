@@ -85,6 +85,7 @@ async def test_openai_sdk_chats_and_streams_with_load_on_demand(
 
     completion = await client.completions.create(model=model_id, prompt="Once", max_tokens=4)
     assert completion.choices[0].text is not None
+    await client.close()  # not left for the GC on a closed loop (an ERROR in a later test)
 
 
 async def test_two_replicas_share_load(
@@ -109,6 +110,7 @@ async def test_two_replicas_share_load(
 
     assert _cold_loads(c, "failed") == 0
     answers = await asyncio.gather(*(ask(i) for i in range(12)))
+    await client.close()
     assert all(answers)
     assert _served(a, model_id) > 0 and _served(b, model_id) > 0
 
@@ -132,6 +134,7 @@ async def test_replica_killed_before_first_byte_costs_nothing(
             max_tokens=4,
         )
         assert resp.choices[0].message.content is not None
+    await client.close()
     state = c.get("/admin/state")[1]
     node_a = next(n for n in state["nodes"] if n["name"] == "a")
     assert node_a["healthy"] is False

@@ -66,7 +66,8 @@ def client(n: NeuronProcess) -> AsyncOpenAI:
 
 async def test_chat_non_streamed_through_openai_sdk(neuron: NeuronProcess) -> None:
     """A plain chat completion answers through the OpenAI SDK."""
-    r = await client(neuron).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8)
+    async with client(neuron) as c:
+        r = await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason in ("length", "stop")
     assert r.usage is not None and r.usage.completion_tokens >= 1
@@ -76,19 +77,17 @@ async def test_chat_streamed_through_openai_sdk(neuron: NeuronProcess) -> None:
     """A streamed chat completion yields chunks and a finish reason."""
     t0 = time.monotonic()
     first: float | None = None
-    stream = await client(neuron).chat.completions.create(
-        model=MODEL,
-        messages=CHAT,
-        max_tokens=16,
-        stream=True,
-    )
     chunks, finish = 0, None
-    async for chunk in stream:
-        if first is None:
-            first = time.monotonic() - t0
-        chunks += 1
-        if chunk.choices and chunk.choices[0].finish_reason:
-            finish = chunk.choices[0].finish_reason
+    async with client(neuron) as c:
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=16, stream=True
+        )
+        async for chunk in stream:
+            if first is None:
+                first = time.monotonic() - t0
+            chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
     print(f"\ntime to first token through the neuron: {first:.3f} s")
     assert chunks >= 1
     assert finish in ("length", "stop")
@@ -200,7 +199,8 @@ async def test_runner_sigkill_mid_stream_ends_stream_with_error_and_recovers(
     m = await asyncio.to_thread(wait_until, replaced, 120, "a new runner, ready")
     # Ready again, and /models still says why the runner was restarted.
     assert m["error"].startswith("recovered from: runner exited with code -9"), m["error"]
-    r2 = await client(neuron).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+    async with client(neuron) as c:
+        r2 = await c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
     assert r2.choices
 
 
@@ -221,7 +221,8 @@ async def test_silent_runner_gets_heartbeats_not_a_timeout(neuron: NeuronProcess
         more = await read_until(r, b"data: {")
         assert b"error" not in more
     # Closing the stream above gave its admission slot back: a new request runs.
-    r2 = await client(neuron).completions.create(model=MODEL, prompt="x", max_tokens=2)
+    async with client(neuron) as c:
+        r2 = await c.completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert r2.choices
 
 
