@@ -182,7 +182,6 @@ def _services(*, background: bool) -> Any:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await reconciler.close()
             await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()

@@ -38,7 +38,6 @@ class Attempt:
 
     async def open(self, pending: Awaitable[T]) -> T:
         """Await the node's answer headers unless the node is lost first."""
-        self.check()
         task = asyncio.ensure_future(pending)
         self._opening = task  # type: ignore[assignment]
         try:
@@ -57,10 +56,6 @@ class Attempt:
         self._response = response
         if self.reason is not None:
             response.content.set_exception(NodeLost(self.reason))
-
-    def check(self) -> None:
-        if self.reason is not None:
-            raise NodeLost(self.reason)
 
     def end(self, reason: str) -> None:
         if self.reason is not None:
@@ -90,9 +85,6 @@ class InFlight:
                 held.discard(a)
                 if not held:
                     del self._by_node[node]
-
-    def count(self, node: str) -> int:
-        return len(self._by_node.get(node, ()))
 
     def node_changed(self, node: NodeState) -> None:
         """Poller listener: a node that is not healthy keeps no attempt waiting on it."""

@@ -351,14 +351,13 @@ class Proxy:
         chunk, tail = first, b""
         try:
             while chunk:
-                seen = tail + chunk
-                if not relayed_error and _ERROR_FRAME in seen:
+                if not relayed_error and _holds(_ERROR_FRAME, tail, chunk):
                     # A neuron's own error frame (its runner lost mid-stream): the
                     # stream failed though every byte of it arrived.
                     relayed_error = True
                     self.metrics.stream_errors.labels(label, "upstream_error").inc()
                 await resp.write(chunk)
-                if _DONE in seen:
+                if _holds(_DONE, tail, chunk):
                     # Complete: whatever the link does from here is no failure of it.
                     out.code = STREAM_ERROR if relayed_error else "200"
                     up.close()
@@ -467,6 +466,14 @@ class Proxy:
 _ERROR_FRAME = b'data: {"error"'
 _DONE = b"data: [DONE]"
 _TAIL = 16
+
+
+def _holds(marker: bytes, tail: bytes, chunk: bytes) -> bool:
+    """`marker` in the stream at `chunk`, also when split from the previous chunk's
+    `tail`; without copying the chunk (only its first bytes join the tail)."""
+    return marker in chunk or marker in tail + chunk[: len(marker)]
+
+
 # A neuron's codes for "its runner failed this request" (an error answer, or lost).
 _RUNNER_FAULTS = frozenset({UpstreamError.code, UpstreamUnavailable.code})
 

@@ -88,9 +88,6 @@ class Reconciler:
                 log.exception("reconciler pass failed")
             await asyncio.sleep(self.interval_s)
 
-    async def close(self) -> None:
-        """Nothing of its own to stop: jobs belong to the lifecycle."""
-
     async def step(self) -> None:
         if self.life.snapshot().unheard:
             # After a restart every node starts unseen: until each has answered (or

@@ -61,7 +61,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
     for entry in config.load:
         try:
-            app[STORE].check_source(entry.source)
             await supervisor.load(LoadRequest(model_id=entry.model_id, source=entry.source))
         except ApiError as exc:
             # One bad [[load]] entry must not keep the node from serving the others.

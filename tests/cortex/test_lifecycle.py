@@ -4,6 +4,7 @@ waits instead of errors, idle TTL and keep_alive, admin verbs that say what they
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -248,8 +249,15 @@ def test_ring_ports_never_overlap_a_live_group() -> None:
     blocks = [set(range(a, a + 2)), set(range(b, b + 3)), set(range(c, c + 4))]
     assert not (blocks[0] & blocks[1]) and not (blocks[1] & blocks[2])
     assert not (blocks[0] & blocks[2]) and not blocks[2] & set(range(b + 3, b + 10))
-    ports.free(a)
     assert all(47000 <= p < 47040 for blk in blocks for p in blk)
+    # Round the span again and again: the blocks still held are always skipped.
+    ports.free(a)
+    again = []
+    for _ in range(30):
+        again.append(ports.allocate(2, live=()))
+        ports.free(again[-1])
+    assert any(later < earlier for earlier, later in itertools.pairwise(again))
+    assert not any(set(range(f, f + 2)) & (blocks[1] | blocks[2]) for f in again)
 
 
 # -- idle TTL and keep_alive ----------------------------------------------------------------
@@ -399,12 +407,20 @@ async def test_one_hung_member_does_not_stall_teardowns() -> None:
         target = n1 if model == "x" else n2
         target.add_model(model, group=group.to_json())  # rank 1 is gone: broken
     n1.unload_gate = asyncio.Event()  # never set: n1 hangs
-    async with gateway([n1, n2, n3], unload_timeout_s=0.3) as client:
+    n2.unload_gate = asyncio.Event()  # n2 answers only once n1's unload is under way
+    async with gateway([n1, n2, n3], unload_timeout_s=5.0) as client:
         assert client.app is not None
-        started = time.monotonic()
-        await asyncio.wait_for(client.app[RECONCILER].step(), timeout=10)
-        assert time.monotonic() - started < 5
-        assert n2.unload_requests == ["y"] and n1.unload_requests == ["x"]
+        step = asyncio.ensure_future(client.app[RECONCILER].step())
+        # Both members are asked at once: one after the other, the second would be
+        # asked only after the first's 5 s timeout.
+        for _ in range(60):
+            if n1.unload_requests and n2.unload_requests:
+                break
+            await asyncio.sleep(0.05)
+        assert n1.unload_requests == ["x"] and n2.unload_requests == ["y"]
+        n2.unload_gate.set()
+        await asyncio.wait_for(step, timeout=10)  # n1 ends by its timeout, the pass ends
+        assert "y" not in n2.models
         n1.unload_gate.set()
     await stop_all([n1, n2, n3])
 

@@ -81,7 +81,6 @@ async def test_step_waits_until_every_node_was_heard_from() -> None:
             await rec.step()  # n3 given up on: the second copy goes to n1
             job = app[LIFECYCLE].job("m1")
             assert job is not None and job.nodes == ("n1",)
-            await rec.close()
     finally:
         await stop_all(nodes)
     assert n1.calls["load"] == 1 and n2.calls["load"] == 0
@@ -144,7 +143,6 @@ async def test_one_pass_never_double_books_a_node() -> None:
             jobs = [app[LIFECYCLE].job(s.id) for s in specs]
             assert sum(j is not None for j in jobs) == 1, jobs
             n1.load_gate.set()
-            await rec.close()
     finally:
         await stop_all(nodes)
 

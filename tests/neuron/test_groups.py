@@ -104,6 +104,23 @@ def test_group_connect_deadline_fails_without_restart(
     assert n.post("/models/unload", {"model_id": model_id})[0] == 200
 
 
+async def _freeze_mid_stream(n: NeuronProcess, model_id: str, pid: int) -> tuple[bytes, float]:
+    """SIGSTOP the runner once its stream has begun: the rest of it, and how long it took."""
+    body = {"model": model_id, "prompt": "tick", "stream": True, **LONG_STREAM}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(n.url + "/v1/completions", json=body) as r,
+    ):
+        await read_until(r, b"data: {")
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            rest = await r.content.read()
+        finally:
+            kill_pid(pid, signal.SIGCONT)
+        return rest, time.monotonic() - t0
+
+
 async def test_stall_watchdog_kills_a_stopped_runner(
     neuron_factory: Factory, demo_model: Path
 ) -> None:
@@ -114,17 +131,7 @@ async def test_stall_watchdog_kills_a_stopped_runner(
     )
     n.load_ready(model_id, demo_model)
     [pid] = runner_pids(model_id)
-    body = {"model": model_id, "prompt": "tick", "stream": True, **LONG_STREAM}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(n.url + "/v1/completions", json=body) as r,
-    ):
-        await read_until(r, b"data: {")
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            rest = await r.content.read()
-        finally:
-            kill_pid(pid, signal.SIGCONT)
+    rest, _ = await _freeze_mid_stream(n, model_id, pid)
     events = [e for e in rest.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
     # "exited with code -9" or "closed the stream", whichever the proxy sees first.
@@ -147,19 +154,7 @@ async def test_stopped_runner_costs_a_stream_seconds_with_defaults(
     n = neuron_factory()
     n.load_ready(model_id, demo_model)
     [pid] = runner_pids(model_id)
-    body = {"model": model_id, "prompt": "tick", "stream": True, **LONG_STREAM}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(n.url + "/v1/completions", json=body) as r,
-    ):
-        await read_until(r, b"data: {")
-        os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        try:
-            rest = await r.content.read()
-        finally:
-            kill_pid(pid, signal.SIGCONT)
-        took = time.monotonic() - t0
+    rest, took = await _freeze_mid_stream(n, model_id, pid)
     assert rest.endswith(b"data: [DONE]\n\n")
     assert b"runner stalled" in rest or b"lost" in rest
     # Before: 60 s of silence plus the probe (65 s). Now 15 s plus the probe.
