@@ -25,14 +25,17 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-# Debian tools some tests use (promtool, ip netns); best effort: without them
+# Debian tools some tests and benches use (prometheus + promtool, ip netns,
+# systemd-analyze, nginx, wrk, headless chromium); best effort: without them
 # those tests skip and say why.
+SYSDEPS_CMDS := prometheus promtool ip systemd-analyze nginx wrk chromium
+SYSDEPS_PKGS := prometheus iproute2 systemd nginx wrk chromium
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    { ! command -v promtool >/dev/null || ! command -v ip >/dev/null; }; then \
-	  echo "installing test tools: prometheus (promtool), iproute2"; \
+	@missing=""; for c in $(SYSDEPS_CMDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing test tools (missing:$$missing): $(SYSDEPS_PKGS)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends prometheus iproute2 >/dev/null) || echo "apt-get failed; tests needing them skip"; \
+	    --no-install-recommends $(SYSDEPS_PKGS) >/dev/null) || echo "apt-get failed; tests needing them skip"; \
 	fi
 
 unit: setup sysdeps
