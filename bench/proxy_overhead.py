@@ -165,6 +165,7 @@ def write_configs(
     neuron.write_text(
         f'host = "127.0.0.1"\nport = {neuron_port}\nstore_dir = "{root / "store"}"\n'
         f'node_name = "bench-{model_id[-8:]}"\n'
+        f'model_roots = ["{model_dir.parent}"]\n'
         f"[runner]\ndecode_concurrency = {slots}\nmax_tokens = 512\n"
         f"[admission]\nmax_in_flight = {slots}\nmax_queue = {4 * slots}\n"
     )

@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
-
 from cortex import load_cli
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
@@ -95,6 +93,7 @@ def _load(path: str) -> tuple[CortexConfig, Catalogue]:
 
 def _serve(args: argparse.Namespace) -> int:
     from cortex.app import create_app
+    from shared.serve import run_app
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -106,8 +105,9 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"cortex listening on http://{host}:{port} ({len(config.neurons)} neuron(s))", flush=True)
     # handler_cancellation: a client that disconnects cancels its upstream request.
     try:
-        web.run_app(
+        run_app(
             app,
+            access_log=config.access_log,
             host=host,
             port=port,
             print=None,

@@ -72,6 +72,8 @@ class CortexConfig:
     # On SIGTERM: requests in flight may finish for this long, then streams still
     # running end with an error frame. Service managers must wait longer than this.
     drain_s: float = 30.0
+    # aiohttp's line per request (off: it costs more than routing the request).
+    access_log: bool = False
     # Attempts on distinct replicas for a request that failed before its first byte.
     retry_attempts: int = 3
     # Prefix affinity: stay on the remembered replica unless its load exceeds the

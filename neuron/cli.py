@@ -96,10 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from neuron.app import create_app
     from neuron.config import NeuronConfig
+    from shared.serve import run_app
 
     try:
         config = NeuronConfig.from_file(args.config) if args.config else NeuronConfig()
@@ -120,8 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # handler_cancellation: a client that disconnects cancels its proxied request.
     try:
-        web.run_app(
+        run_app(
             create_app(config),
+            access_log=config.access_log,
             host=config.host,
             port=config.port,
             handler_cancellation=True,

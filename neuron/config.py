@@ -130,6 +130,8 @@ class NeuronConfig:
     # On SIGTERM: requests in flight may finish for this long, then streams still
     # running end with an error frame. Service managers must wait longer than this.
     drain_s: float = 30.0
+    # aiohttp's line per request (off: it costs more than proxying a small one).
+    access_log: bool = False
     # Failed models stay listed (with their error) this long, and at most this many.
     failed_record_ttl_s: float = 600.0
     max_failed_records: int = 16
