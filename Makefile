@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit sysdeps soak bench clean
+.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ test: lint typecheck unit
 # Minutes of mixed hostile traffic through a real fleet (SOAK_S seconds, default 180).
 soak: setup
 	$(BIN)/pytest -q -s -m soak tests/e2e/test_soak.py
+
+# The gateway hot path against nginx and LiteLLM on fake upstreams (a few minutes).
+bench-gateway: setup sysdeps
+	$(BIN)/python -m bench.gateway
+
+# The neuron against mlx_lm.server alone on a ~100M-parameter random model (a few minutes).
+bench-neuron: setup
+	$(BIN)/python -m bench.neuron
 
 clean:
 	rm -rf $(VENV) run
