@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir", type=Path, metavar="DIR", help="directory to write the model into")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--hidden-size", type=int, default=64, help="(default: 64)")
+    demo.add_argument("--intermediate-size", type=int, default=128, help="(default: 128)")
+    demo.add_argument(
+        "--layers", type=int, default=2, help="(default: 2; 768/3072/11 is about 100M params)"
+    )
 
     stage = sub.add_parser(
         "stage",
@@ -136,11 +141,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from neuron.demo_model import NotADemoModel, build_demo_model
+    from neuron.demo_model import NotADemoModel, Shape, build_demo_model
 
     try:
-        path = build_demo_model(args.dir, seed=args.seed)
-    except NotADemoModel as exc:
+        shape = Shape(args.hidden_size, args.intermediate_size, args.layers)
+        path = build_demo_model(args.dir, seed=args.seed, shape=shape)
+    except (NotADemoModel, ValueError) as exc:
         print(f"neuron demo-model: {exc}", file=sys.stderr)
         return 2
     print(f"demo model (noise, not language) written to {path}")

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 SPECIAL_TOKENS = ("<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|pad|>")
 
 CHAT_TEMPLATE = (
@@ -33,16 +35,35 @@ _CORPUS = [
 ]
 
 
-def demo_config(vocab_size: int) -> dict[str, Any]:
+@attrs.frozen
+class Shape:
+    """The model's size; the default is the tiny demo model (about 70k parameters).
+
+    `neuron demo-model --hidden-size 768 --intermediate-size 3072 --layers 11`
+    is about 100M: a CPU-bound model for benches (bench/neuron.py).
+    """
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    layers: int = 2
+
+    def __attrs_post_init__(self) -> None:
+        if self.hidden_size < 4 or self.hidden_size % 4:
+            raise ValueError("hidden size must be a positive multiple of 4 (4 heads)")
+        if self.intermediate_size < 1 or self.layers < 1:
+            raise ValueError("intermediate size and layers must be >= 1")
+
+
+def demo_config(vocab_size: int, shape: Shape = Shape()) -> dict[str, Any]:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 16,
+        "head_dim": shape.hidden_size // 4,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
@@ -102,7 +123,9 @@ def is_demo_model(path: Path) -> bool:
     return readme.is_file() and readme.read_text(errors="replace").startswith(README_MARK)
 
 
-def build_demo_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
+def build_demo_model(
+    path: Path, seed: int = 0, vocab_size: int = 512, shape: Shape = Shape()
+) -> Path:
     """Write the demo model to `path` (replacing an earlier demo model atomically).
 
     Deterministic: the same seed gives byte-identical weights and tokenizer.
@@ -121,7 +144,7 @@ def build_demo_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     tmp.chmod(0o755)
     try:
         vocab = _train_tokenizer(tmp, vocab_size)
-        config = demo_config(vocab)
+        config = demo_config(vocab, shape)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         mx.random.seed(seed)
         model = llama.Model(llama.ModelArgs.from_dict(config))  # type: ignore[no-untyped-call]
