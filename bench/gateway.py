@@ -306,8 +306,18 @@ class Arm:
     auth: str = ""
 
 
-def start_all(root: Path, procs: Procs, litellm: bool, rate: float, frames: int) -> list[Arm]:
+def start_all(
+    root: Path, procs: Procs, litellm: bool, rate: float, frames: int, profile: Path | None
+) -> list[Arm]:
     py = sys.executable
+
+    def python_m(name: str, module: str) -> list[str]:
+        if profile is None:
+            return [py, "-m", module]
+        # pyinstrument writes its text profile when the server exits (SIGTERM).
+        out = profile.resolve() / f"{name}.txt"
+        return [py, "-m", "pyinstrument", "-r", "text", "-o", str(out), "-m", module]
+
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     (root / "nginx-tmp").mkdir()
     fake_port, token_port = free_port(), free_port()
@@ -361,7 +371,10 @@ def start_all(root: Path, procs: Procs, litellm: bool, rate: float, frames: int)
     )
     cortex = procs.start(
         "cortex",
-        pinned(SERVER_CPU, [py, "-m", "cortex.cli", "serve", "-c", str(root / "cortex.toml")]),
+        pinned(
+            SERVER_CPU,
+            [*python_m("cortex", "cortex.cli"), "serve", "-c", str(root / "cortex.toml")],
+        ),
     )
     curl = f"http://127.0.0.1:{cport}"
     _routed(curl, ("bench", "paced"), procs)
@@ -395,7 +408,10 @@ def start_all(root: Path, procs: Procs, litellm: bool, rate: float, frames: int)
     )
     neuron = procs.start(
         "neuron",
-        pinned(SERVER_CPU, [py, "-m", "neuron.cli", "serve", "-c", str(root / "neuron.toml")]),
+        pinned(
+            SERVER_CPU,
+            [*python_m("neuron", "neuron.cli"), "serve", "-c", str(root / "neuron.toml")],
+        ),
     )
     nurl = f"http://127.0.0.1:{nport}"
     wait_http(nurl + "/health", procs, 60)
@@ -530,7 +546,16 @@ def run_wrk(root: Path, arm: Arm, mode: str, conc: int, duration: float) -> Cell
     script = root / f"wrk-{arm.name}-{mode}.lua"
     script.write_text(WRK_LUA.format(body=json.dumps(json.dumps(body)), extra=extra))
     wrk = shutil.which("wrk") or "/usr/bin/wrk"
-    argv = [wrk, "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script)]
+    argv = [
+        wrk,
+        "-t1",
+        f"-c{conc}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+    ]
     before = _cpu(arm.pids)
     out = subprocess.run(
         pinned(CLIENT_CPU, [*argv, arm.url + "/v1/chat/completions"]),
@@ -716,7 +741,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM arm")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    p.add_argument(
+        "--profile", type=Path, metavar="DIR", help="run cortex and neuron under pyinstrument"
+    )
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    p.add_argument("--modes", default="json,sse", help="json, sse or both")
+    p.add_argument("--conc", default=",".join(map(str, CONCURRENCY)), help="wrk connections")
     args = p.parse_args(argv)
+    only = set(args.arms.split(","))
     if args.quick:
         args.duration, args.streams, args.frames = 1.0, 32, 16
     for tool in ("nginx", "wrk"):
@@ -731,11 +763,15 @@ def main(argv: list[str] | None = None) -> int:
     with workdir(args.keep) as root:
         procs = Procs(root)
         try:
-            arms = start_all(root, procs, not args.no_litellm, args.rate, args.frames)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            want_litellm = not args.no_litellm and "litellm" in only
+            arms = start_all(root, procs, want_litellm, args.rate, args.frames, args.profile)
+            arms = [a for a in arms if a.name in only or a.name == "direct"]
             print(f"arms up: {', '.join(a.name for a in arms)}", flush=True)
             cells: list[Cell] = []
-            for mode in ("json", "sse"):
-                for conc in CONCURRENCY:
+            for mode in args.modes.split(","):
+                for conc in (int(c) for c in args.conc.split(",")):
                     for arm in arms:
                         cells.append(run_wrk(root, arm, mode, conc, args.duration))
                         c = cells[-1]
@@ -757,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report(cells, paced, SSE_FRAMES)
     print()
     print(table)
-    if not args.no_write and not args.quick:
+    if not args.no_write and not args.quick and only == set(ARMS):
         note = (
             "Servers pinned to CPU 0, wrk and the stream client to CPU 1; the fakes"
             " (nginx, bench.token_server) share CPU 0 with the proxy under test."

@@ -41,6 +41,8 @@ from bench.proxy_overhead import (
 )
 from shared.blocking_http import request_json
 
+# Requests per batch at least (c=1 gets a few samples per round).
+MIN_BATCH = 3
 SHAPE_100M = ("--hidden-size", "768", "--intermediate-size", "3072", "--layers", "11")
 
 
@@ -99,7 +101,8 @@ async def measure(
             order = targets if r % 2 == 0 else list(reversed(targets))
             for t in order:
                 before = cpu_seconds(neuron_pid)
-                samples, wall = await batch(t, conc * per_stream, conc, max_tokens, f"r{r}c{conc}")
+                n = max(conc * per_stream, MIN_BATCH)
+                samples, wall = await batch(t, n, conc, max_tokens, f"r{r}c{conc}")
                 tally = tallies[(t.name, conc)]
                 tally.samples += samples
                 tally.wall_s += wall
@@ -206,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: make bench-neuron   (or: python -m bench.neuron --quick)",
     )
-    p.add_argument("--rounds", type=int, default=3, help="rounds (target order alternates)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds (target order alternates)")
     p.add_argument("--concurrency", default="1,8", help="comma-separated stream counts")
     p.add_argument(
-        "--requests-per-stream", type=int, default=2, help="requests per stream per round"
+        "--requests-per-stream", type=int, default=1, help="requests per stream per round"
     )
-    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
     p.add_argument("--quick", action="store_true", help="a smoke run on the tiny demo model")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = p.parse_args(argv)

@@ -43,6 +43,7 @@ from shared.errors import (
     UpstreamUnavailable,
     sse_error_frame,
 )
+from shared.quiet import QuietReads
 from shared.retry import proxy_attempts
 from shared.sse import HOP_HEADERS
 
@@ -348,7 +349,10 @@ class Proxy:
         await resp.prepare(request)
         mark_streaming(request, resp)
         relayed_error = False
-        chunk, tail = first, b""
+        chunk: bytes | None = first
+        tail = b""
+        # One idle timer per stream, not one `asyncio.timeout` per chunk.
+        reads = QuietReads(up, self.config.idle_read_timeout_s)
         try:
             while chunk:
                 if not relayed_error and _holds(_ERROR_FRAME, tail, chunk):
@@ -363,7 +367,9 @@ class Proxy:
                     up.close()
                     break
                 tail = chunk[-_TAIL:]
-                chunk = await self._read(up)
+                chunk = await reads.read()
+                if chunk is None:
+                    raise TimeoutError(f"silent for {self.config.idle_read_timeout_s:g} s")
             else:
                 # The neuron ended the body without [DONE]: the client's stream is cut.
                 out.code = STREAM_ERROR
@@ -392,6 +398,8 @@ class Proxy:
                 await resp.write(sse_error_frame(f"replica {r.node} {what} mid-stream"))
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 return resp
+        finally:
+            reads.close()
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
             # A client that closes right after [DONE] is no failure.
             await resp.write_eof()
