@@ -587,7 +587,7 @@ class Paced:
 
 
 async def _paced(
-    url: str, model: str, streams: int, auth: str
+    url: str, model: str, streams: int, auth: str, frames_s: float
 ) -> tuple[int, float, list[float], int]:
     body = {
         "model": model,
@@ -595,7 +595,8 @@ async def _paced(
         "stream": True,
     }
     connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=300)
+    # A stream not done in twice its paced length (plus slack) counts as failed.
+    timeout = aiohttp.ClientTimeout(total=2 * frames_s + 20)
     frames, ttfts, errors = 0, [], 0
     headers = {"Authorization": f"Bearer {auth}"} if auth else {}
     async with aiohttp.ClientSession(
@@ -625,12 +626,12 @@ async def _paced(
         return frames, time.perf_counter() - start, ttfts, errors
 
 
-def run_paced(arm: Arm, streams: int) -> Paced:
+def run_paced(arm: Arm, streams: int, frames_s: float) -> Paced:
     before = _cpu(arm.pids)
     loop = new_event_loop()
     try:
         frames, wall, ttfts, errors = loop.run_until_complete(
-            _paced(arm.paced_url, arm.paced_model, streams, arm.auth)
+            _paced(arm.paced_url, arm.paced_model, streams, arm.auth, frames_s)
         )
     finally:
         loop.close()
@@ -733,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: make bench-gateway   (or: python -m bench.gateway --quick)",
     )
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per wrk run")
     p.add_argument("--streams", type=int, default=256, help="concurrent paced streams")
     p.add_argument("--rate", type=float, default=20.0, help="paced tokens/s per stream")
     p.add_argument("--frames", type=int, default=64, help="paced frames per stream")
@@ -783,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
             paced = []
             for arm in arms:
-                paced.append(run_paced(arm, args.streams))
+                paced.append(run_paced(arm, args.streams, args.frames / args.rate))
                 x = paced[-1]
                 print(f"  paced {arm.name:8} {x.tok_s:9,.0f} tok/s  errors {x.errors}", flush=True)
         except KeyboardInterrupt:
