@@ -47,6 +47,8 @@ from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
 
 # Prompts up to this many characters are counted on the event loop (tens of µs).
 INLINE_COUNT_CHARS = 512
+# Every request to a runner carries these (built once, not per request).
+_RUNNER_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
 class _Lost(Exception):
@@ -194,7 +196,7 @@ class Proxy:
         return await self.supervisor.session.post(
             runner.base_url + path,
             data=json.dumps(checked.body).encode(),
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            headers=_RUNNER_HEADERS,
         )
 
     async def _unary(
