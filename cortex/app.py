@@ -31,7 +31,7 @@ from cortex.keys import (
     STARTED,
     Started,
 )
-from cortex.lifecycle import Lifecycle
+from cortex.lifecycle import Lifecycle, replica_counts
 from cortex.loader import Loader
 from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, STREAM_ERROR, Metrics
 from cortex.placement import candidates
@@ -101,6 +101,7 @@ def create_app(
     app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
     app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
     app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config)
+    app[METRICS].watch_replicas(lambda: replica_counts(cat, app[LIFECYCLE].snapshot()))
     app.cleanup_ctx.append(_services(background=background))
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)

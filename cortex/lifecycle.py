@@ -219,6 +219,11 @@ def replicas(snap: FleetSnapshot, model_id: str) -> int:
     return count
 
 
+def replica_counts(catalogue: Catalogue, snap: FleetSnapshot) -> list[tuple[str, int, int]]:
+    """(model id, wanted, present) for every catalogue model: the metrics' view."""
+    return [(s.id, wanted_replicas(s), replicas(snap, s.id)) for s in catalogue.models]
+
+
 def load_failure(spec: ModelSpec, exc: BaseException) -> tuple[str, bool, dict[str, Any] | None]:
     """(reason, needs_operator, details) of a failed load, the reason said once."""
     if isinstance(exc, ApiError):

@@ -194,7 +194,12 @@ class Proxy:
             )
 
         # Loads a cold model (once, however many ask) or waits for one loading.
-        return await self.loader.life.routed(spec.id if spec else model, decide)
+        waited = time.monotonic()
+        try:
+            return await self.loader.life.routed(spec.id if spec else model, decide)
+        finally:
+            label = self.metrics.model(spec.id if spec else None)
+            self.metrics.queue_wait.labels(label).observe(time.monotonic() - waited)
 
     async def _forward(
         self,

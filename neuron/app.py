@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from neuron.auth import fleet_token_middleware
 from neuron.config import NeuronConfig
-from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes
-from neuron.metrics import NeuronMetrics
+from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes, memory_bytes
+from neuron.metrics import NeuronMetrics, NodeFigures
 from neuron.proxy import Proxy
 from neuron.staging import PLAN_WAIT_S, Stager
 from neuron.store import COPY_NAME, Store, copy_name, is_local_source
@@ -98,6 +98,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     supervisor = Supervisor(config=config, store=store, metrics=metrics, stager=stager)
     app[STAGER] = stager
     metrics.watch(supervisor.health)
+    metrics.watch_node(NodeFigures(config.store_path, memory_bytes))
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STORE] = store
@@ -206,7 +207,10 @@ async def post_unload(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    if metrics.node is not None:
+        await asyncio.to_thread(metrics.node.refresh)
+    data = generate_latest(metrics.registry)
     resp = web.Response(body=data)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

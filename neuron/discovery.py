@@ -77,6 +77,11 @@ def discover(
     )
 
 
+def memory_bytes() -> tuple[int, int]:
+    """(total, available): the machine's, bounded by its cgroup."""
+    return _memory()
+
+
 def memory_available_bytes() -> int:
     """Memory a new runner could take now; cheap enough for every /health."""
     if sys.platform == "darwin":

@@ -186,7 +186,9 @@ class Proxy:
             self._check_state(m, model_id)
             assert m is not None
             checked = await self._check(m, body, kind)
+            queued_at = time.monotonic()
             async with m.admission.slot():
+                metrics.queue_wait.labels(m.model_id).observe(time.monotonic() - queued_at)
                 runner = self._check_state(m, model_id)
                 reached_runner = True
                 m.stats.last_used = time.time()
