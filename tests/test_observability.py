@@ -51,7 +51,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
         b = NeuronProcess.start(root / "b", settings)
         started.append(b)
         a.load_ready("demo", demo_model)
-        models = [
+        models: list[dict[str, Any]] = [
             {"id": "demo", "source": str(demo_model), "keep_loaded": True, "replicas": 1},
             {"id": "cold", "source": str(demo_model)},
         ]
@@ -211,7 +211,7 @@ def test_prometheus_scrapes_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
                 raise AssertionError((tmp_path / "prometheus.log").read_text())
             try:
                 with urllib.request.urlopen(base + "/-/ready", timeout=2) as resp:
-                    return resp.status == 200
+                    return bool(resp.status == 200)
             except OSError:
                 return False
 
