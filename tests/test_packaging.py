@@ -175,6 +175,36 @@ def _dashboard_exprs() -> list[str]:
     return [t["expr"] for p in _dashboard()["panels"] for t in p.get("targets", ())]
 
 
+def _template_queries() -> list[str]:
+    """The dashboard's variable queries (label_values(...)): names they read count too."""
+    out = []
+    for var in _dashboard()["templating"]["list"]:
+        query = var.get("query")
+        if isinstance(query, dict):
+            out.append(str(query["query"]))
+    return out
+
+
+# What the dashboard must show (issue 11), by the series it reads.
+DASHBOARD_NEEDS = {
+    "latency percentiles": "cortex_request_duration_seconds_bucket",
+    "TTFT percentiles": "neuron_time_to_first_token_seconds_bucket",
+    "tokens/s": "neuron_tokens_total",
+    "in flight (cortex)": "cortex_requests_in_flight",
+    "in flight (neuron)": "neuron_model_in_flight_requests",
+    "queue wait (cortex)": "cortex_queue_wait_seconds_bucket",
+    "queue wait (neuron)": "neuron_queue_wait_seconds_bucket",
+    "memory per node": "neuron_memory_available_bytes",
+    "disk per node": "neuron_disk_free_bytes",
+    "runner crashes": "neuron_runner_crashes_total",
+    "cold loads": "cortex_cold_loads_total",
+    "errors by class": "cortex_stream_errors_total",
+    "replicas wanted": "cortex_model_replicas_wanted",
+    "replicas present": "cortex_model_replicas_present",
+    "versions": "neuron_build_info",
+}
+
+
 def test_grafana_dashboard() -> None:
     """A dashboard with a uid, panels with queries, on the fleet's metric families."""
     dash = _dashboard()
@@ -184,6 +214,20 @@ def test_grafana_dashboard() -> None:
     assert all(p.get("targets") for p in dash["panels"])
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     assert all(metric in " ".join(exprs) for metric in METRICS)
+
+
+def test_grafana_dashboard_covers_the_fleet() -> None:
+    """Every panel reads at least one of our series; the panels the issue asks for are
+    there; every percentile is a histogram_quantile over a `_bucket` rate."""
+    for panel in _dashboard()["panels"]:
+        names = {m for t in panel["targets"] for m in _names(t["expr"])}
+        assert names, f"panel {panel['title']!r} reads none of our metrics"
+    used = {m for e in _dashboard_exprs() for m in _names(e)}
+    missing = {what: name for what, name in DASHBOARD_NEEDS.items() if name not in used}
+    assert missing == {}
+    for expr in _dashboard_exprs():
+        if "histogram_quantile" in expr:
+            assert re.search(r"rate\(\w+_bucket\{", expr), expr
 
 
 @needs_promtool
@@ -276,13 +320,28 @@ def test_example_configs_cover_every_key() -> None:
         assert keys - set(shown) == set(), name
 
 
-# A name in PromQL: not a function, keyword or label (those are followed by `(` or `=`).
-_NAME = re.compile(r"\b((?:cortex|neuron)_[a-zA-Z0-9_]*)\b(?!\s*[(=])")
+# A name in PromQL: not a function (followed by `(`); label matchers are blanked first
+# (`{...}`), so a name compared with `==` still counts.
+_NAME = re.compile(r"\b((?:cortex|neuron)_[a-zA-Z0-9_]*)\b(?!\s*\()")
+
+
+def _names(expr: str) -> list[str]:
+    return _NAME.findall(re.sub(r"\{[^}]*\}", "{}", expr))
+
+
+def test_metric_names_found_in_promql() -> None:
+    """The name finder the live check relies on: comparisons count, matchers do not."""
+    assert _names("cortex_build_info == 1") == ["cortex_build_info"]
+    assert _names('sum by (le) (rate(neuron_x_bucket{model=~"cortex_y"}[5m]))') == [
+        "neuron_x_bucket"
+    ]
+    assert _names("label_values(cortex_requests_total, model)") == ["cortex_requests_total"]
 
 
 def _used_names() -> set[str]:
     rules = [r["expr"] for g in _yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]]
-    return {m for e in [*rules, *_dashboard_exprs()] for m in _NAME.findall(e)}
+    queries = [*rules, *_dashboard_exprs(), *_template_queries()]
+    return {m for e in queries for m in _names(e)}
 
 
 def _exported(text: str) -> set[str]:
@@ -311,6 +370,7 @@ def test_alerts_and_dashboard_use_only_names_live_services_export(
     metric name the alert rules and the dashboard query is in their live /metrics."""
     used = _used_names()
     assert {"neuron_rejected_requests_total", "cortex_requests_total"} <= used
+    assert set(DASHBOARD_NEEDS.values()) <= used
     neuron = NeuronProcess.start(tmp_path / "neuron")
     cortex: CortexProcess | None = None
     try:
