@@ -6,8 +6,10 @@ import configparser
 import json
 import plistlib
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -74,20 +76,181 @@ def test_systemd_unit(unit: str, config: str) -> None:
     assert exec_start[1:] == ["serve", "-c", f"/etc/cortex-neuron/{config}.toml"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    """systemd itself finds no unknown key or bad value in the units."""
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian: systemd)"
+)
+SYSUSERS = PKG / "systemd" / "cortex-neuron.sysusers"
+
+
+def _runnable_units(tmp_path: Path) -> list[Path]:
+    """Copies of the units whose ExecStart exists here (the real path is only there
+    once installed, and verify insists on it)."""
     units = []
     for src in sorted((PKG / "systemd").glob("*.service")):
-        # verify insists ExecStart exists; the real path is only there once installed.
         text = re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", src.read_text(), flags=re.M)
         (tmp_path / src.name).write_text(text)
         units.append(tmp_path / src.name)
+    return units
 
-    done = _run("systemd-analyze", "verify", *units)
+
+def test_systemd_units_own_state_and_sysusers_user() -> None:
+    """Each unit has its own StateDirectory (its working directory); both run as the
+    user the sysusers.d file makes, whose home is the neuron's state directory."""
+    cortex, neuron = _unit("cortex.service")["Service"], _unit("neuron.service")["Service"]
+    [line] = [ln for ln in SYSUSERS.read_text().splitlines() if ln and not ln.startswith("#")]
+    kind, name, _, _, home, shell = shlex.split(line)
+
+    assert cortex["StateDirectory"] != neuron["StateDirectory"]
+    for service in (cortex, neuron):
+        assert service["WorkingDirectory"] == f"/var/lib/{service['StateDirectory']}"
+        assert service["User"] == service["Group"] == name
+    assert (kind, home, shell) == ("u", f"/var/lib/{neuron['StateDirectory']}", "/usr/sbin/nologin")
+    # The example config keeps the store in the neuron's state directory (writable there).
+    store = tomllib.loads((PKG / "examples" / "neuron.toml").read_text())["store_dir"]
+    assert Path(store).is_relative_to(neuron["WorkingDirectory"])
+    assert neuron["Environment"].startswith(f"HF_HOME={neuron['WorkingDirectory']}/")
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_creates_the_service_user(tmp_path: Path) -> None:
+    """systemd-sysusers, on an empty root, makes the system user and its group."""
+    (tmp_path / "etc").mkdir()
+
+    done = _run("systemd-sysusers", f"--root={tmp_path}", SYSUSERS)
+
+    assert done.returncode == 0, done.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text().split(":")
+    assert passwd[0] == "cortex-neuron" and passwd[5:] == [
+        "/var/lib/cortex-neuron",
+        "/usr/sbin/nologin\n",
+    ]
+    assert int(passwd[2]) < 1000  # a system user
+    assert (tmp_path / "etc" / "group").read_text().startswith("cortex-neuron:")
+
+
+@needs_systemd_analyze
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd itself finds no unknown key or bad value in the units."""
+    units = _runnable_units(tmp_path)
+
+    done = _run(SYSTEMD_ANALYZE or "systemd-analyze", "verify", *units)
 
     complaints = [line for line in done.stderr.splitlines() if str(tmp_path) in line]
     assert complaints == []
+    assert done.returncode == 0, done.stderr
+
+
+def _exposure(unit: Path) -> float:
+    done = _run(SYSTEMD_ANALYZE or "systemd-analyze", "security", "--offline=yes", unit)
+    assert done.returncode == 0, done.stderr
+    m = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d)", done.stdout)
+    assert m, done.stdout
+    return float(m[1])
+
+
+# systemd-analyze security (0 = locked down, 10 = exposed) of the units before
+# hardening (issue 11) was cortex 7.9 and neuron 8.7; now about 1.1 and 1.3.
+@needs_systemd_analyze
+@pytest.mark.parametrize(("unit", "below"), [("cortex.service", 4.0), ("neuron.service", 4.0)])
+def test_systemd_security_exposure(tmp_path: Path, unit: str, below: float) -> None:
+    """The sandbox as systemd scores it, offline on the unit file."""
+    [path] = [u for u in _runnable_units(tmp_path) if u.name == unit]
+
+    assert _exposure(path) < below
+
+
+def _sandbox(service: configparser.SectionProxy) -> dict[str, str]:
+    # What restricts the service, as opposed to how it is run (devices are compared
+    # by the comment above DevicePolicy, as PrivateDevices).
+    return {k: v for k, v in service.items() if k not in _NOT_SANDBOX}
+
+
+_NOT_SANDBOX = {
+    "Type", "User", "Group", "ExecStart", "StateDirectory", "WorkingDirectory",
+    "Environment", "EnvironmentFile", "Restart", "RestartSec", "KillMode", "KillSignal",
+    "TimeoutStopSec", "LimitNOFILE", "LimitMEMLOCK", "DeviceAllow", "DevicePolicy",
+}  # fmt: skip
+
+
+def test_neuron_says_why_for_each_relaxation() -> None:
+    """Every sandbox setting the neuron has weaker than cortex (or lacks) is explained
+    by a comment naming it, on the lines just above."""
+    cortex = _sandbox(_unit("cortex.service")["Service"])
+    neuron = _sandbox(_unit("neuron.service")["Service"])
+    lines = (PKG / "systemd" / "neuron.service").read_text().splitlines()
+    relaxed = sorted(k for k, v in cortex.items() if neuron.get(k) != v)
+
+    assert {"PrivateDevices", "ProcSubset", "RestrictAddressFamilies"} <= set(relaxed)
+    for key in relaxed:
+        if key not in neuron:
+            reasons = [ln for ln in lines if ln.startswith("# Relaxed") and key in ln]
+            assert reasons, f"{key}: dropped with no reason given"
+            continue
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(f"{key}="))
+        comments = " ".join(ln for ln in lines[max(0, at - 6) : at] if ln.startswith("#"))
+        assert "Relaxed" in comments, f"{key}={neuron[key]}: no reason given above it"
+
+
+needs_mdwe = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="PR_SET_MDWE is Linux's"
+)
+MDWE = ROOT / "tests" / "support" / "mdwe.py"
+
+
+def _under_mdwe(argv: list[str]) -> list[str]:
+    return [sys.executable, str(MDWE), *argv]
+
+
+@needs_mdwe
+def test_mdwe_wrapper_refuses_writable_executable_memory() -> None:
+    """The wrapper really applies W^X (else the test below proves nothing), and MLX's
+    CPU JIT (mx.compile: g++ then dlopen) still works under it."""
+    wx = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)"
+    jit = (
+        "import mlx.core as mx\n"
+        "f = mx.compile(lambda x: mx.exp(x) * x + mx.sin(x))\n"
+        "print(f(mx.arange(64, dtype=mx.float32)).sum().item())"
+    )
+
+    refused = _run(*_under_mdwe([sys.executable, "-c", wx]))
+    if refused.returncode == 3:
+        pytest.skip(f"this kernel has no PR_SET_MDWE: {refused.stderr.strip()}")
+    compiled = _run(*_under_mdwe([sys.executable, "-c", jit]))
+
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    assert _run(sys.executable, "-c", wx).returncode == 0
+    assert compiled.returncode == 0, compiled.stderr
+    assert float(compiled.stdout) > 0
+
+
+@needs_mdwe
+def test_fleet_serves_under_memory_deny_write_execute(tmp_path: Path, demo_model: Path) -> None:
+    """A real neuron, its runner and cortex all under W^X (MemoryDenyWriteExecute=yes in
+    both units) load the demo model and answer a chat request."""
+    neuron = NeuronProcess.start(tmp_path / "neuron", wrap=_under_mdwe)
+    cortex = CortexProcess.write(
+        tmp_path / "cortex", [("a", neuron)], [{"id": "demo", "source": str(demo_model)}]
+    )
+    try:
+        neuron.load_ready("demo", demo_model)
+        log = (cortex.dir / "cortex.log").open("ab")
+        argv = [sys.executable, "-m", "cortex.cli", "serve", "-c", str(cortex.dir / "cortex.toml")]
+        cortex.process = subprocess.Popen(
+            _under_mdwe(argv), stdout=log, stderr=subprocess.STDOUT, cwd=cortex.dir
+        )
+        log.close()
+        wait_until(cortex._up, 60, "cortex under W^X")
+
+        def served() -> bool:
+            body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+            status, _ = http_json(cortex.url + "/v1/chat/completions", {**body, "max_tokens": 4})
+            return status == 200
+
+        wait_until(served, 60, "a chat answer through cortex and the neuron under W^X")
+    finally:
+        cortex.stop()
+        neuron.stop()
 
 
 @pytest.mark.parametrize("name", ["neuron", "cortex"])
