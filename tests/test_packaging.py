@@ -253,6 +253,21 @@ def test_fleet_serves_under_memory_deny_write_execute(tmp_path: Path, demo_model
         neuron.stop()
 
 
+def test_launchd_cortex_is_a_daemon_and_neuron_has_hf_home() -> None:
+    """cortex runs at boot as its own user (a LaunchDaemon); the neuron (a LaunchAgent,
+    for Metal) keeps hub downloads beside its store."""
+    cortex_path = PKG / "launchd" / "org.cortex-neuron.cortex.plist"
+    cortex = plistlib.loads(cortex_path.read_bytes())
+    neuron = plistlib.loads((PKG / "launchd" / "org.cortex-neuron.neuron.plist").read_bytes())
+
+    assert cortex["UserName"] == cortex["GroupName"] == "_cortexneuron"
+    assert cortex["Umask"] == 0o077
+    assert "/Library/LaunchDaemons/" in cortex_path.read_text()
+    assert "launchctl bootstrap system " in cortex_path.read_text()
+    assert "UserName" not in neuron
+    assert neuron["EnvironmentVariables"]["HF_HOME"].startswith("/Users/Shared/cortex-neuron/")
+
+
 @pytest.mark.parametrize("name", ["neuron", "cortex"])
 def test_launchd_plist(name: str) -> None:
     """A valid plist that keeps the service alive, logs to files and reads /etc config."""
@@ -267,6 +282,9 @@ def test_launchd_plist(name: str) -> None:
     assert plist["StandardOutPath"].endswith(".log")
     assert plist["StandardErrorPath"].endswith(".log")
     assert plist["ExitTimeOut"] > DRAIN_S
+    # A crash loop (a config error) is bounded: launchd itself never gives up.
+    assert plist["ThrottleInterval"] >= 30
+    assert plist["KeepAlive"] == {"SuccessfulExit": False, "Crashed": True}
     if shutil.which("plutil"):
         assert _run("plutil", "-lint", path).returncode == 0
 
