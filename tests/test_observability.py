@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import NeuronProcess, free_port, http_json, wait_until
 from tests.e2e.conftest import CortexProcess
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus")
 TOKEN = "f" * 40
 
@@ -167,8 +169,11 @@ def test_replicas_wanted_and_present(fleet: Fleet) -> None:
 
 def _query(base: str, promql: str) -> list[dict[str, Any]]:
     url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        body = json.load(resp)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{promql}: {exc.read().decode()}") from exc
     assert body["status"] == "success", body
     return list(body["data"]["result"])
 
@@ -238,6 +243,20 @@ def test_prometheus_scrapes_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
         assert len(_query(base, "neuron_memory_available_bytes > 0")) == 2
         tokens = _query(base, 'sum(neuron_tokens_total{kind="completion"}) > 0')
         assert tokens
+
+        def p50() -> list[dict[str, Any]] | None:
+            rate = "rate(cortex_request_duration_seconds_bucket[1m])"
+            expr = f"histogram_quantile(0.5, sum by (le) ({rate}))"
+            got = [r for r in _query(base, expr) if r["value"][1] != "NaN"]
+            return got or None
+
+        wait_until(p50, 30, "a latency percentile from the served requests")
+        # Every dashboard query runs on this server (Grafana's variables filled in).
+        dashboard = json.loads((ROOT / "packaging" / "grafana" / "cortex-neuron.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "1m").replace("$model", ".*")
+                _query(base, expr)
     finally:
         proc.terminate()
         try:
