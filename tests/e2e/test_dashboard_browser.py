@@ -217,11 +217,9 @@ async def test_dashboard_events_and_the_trace_of_a_clicked_request(
         ) as r:
             assert r.status == 200
             await r.read()
-        trace_row = "#traces tr[data-trace]"
         tid = await b.wait_js(
-            f"[...document.querySelectorAll('{trace_row}')].map((tr) => tr.dataset.trace)"
-            f'.find((id) => document.querySelector(`#traces tr[data-trace="${{id}}"]`)'
-            f".textContent.includes({json.dumps(model_id)}))",
+            "[...document.querySelectorAll('#traces tr[data-trace]')]"
+            f".find((tr) => tr.textContent.includes({json.dumps(model_id)}))?.dataset.trace",
             within_s=60,
             what="the request in the traces table",
         )
