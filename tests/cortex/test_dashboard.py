@@ -151,3 +151,48 @@ async def test_the_page_in_chromium_escapes_and_shows_every_figure(
         assert HOSTILE_ERROR in errors and HOSTILE_MODEL in errors
         problems = list(b.problems)
     assert problems == [], problems
+
+
+@pytest.mark.skipif(chromium.missing() is not None, reason=str(chromium.missing()))
+async def test_a_kept_model_unloads_from_the_page_only_by_force_and_is_held() -> None:
+    """Unload of a keep_loaded model: refused (409, said on the page); with "force" it
+    goes and the row shows the operator's hold; load from the page releases it."""
+    (node,) = await fleet("n1")
+    node.add_model("m2")
+    try:
+        async with (
+            gateway([node], CAT, admin_token="admin-secret") as client,
+            Browser.open() as b,
+        ):
+            await b.goto(str(client.make_url("/dashboard")))
+            await b.type_into("#token", "admin-secret")
+            await b.click("#token-save")
+            row = "tr[data-model='m2']"
+            places = f'document.querySelector("{row} td:nth-child(3)")?.dataset.state'
+            await b.wait_js(f"{places} === 'ready'", what="m2 ready on the page")
+
+            await b.click(f"{row} button[data-action='unload']")
+            await b.wait_js("document.querySelector('#result').dataset.outcome === 'failed'")
+            assert "keep_loaded" in await b.js("document.querySelector('#result').textContent")
+            assert await b.js(places) == "ready"
+
+            await b.click("#force")
+            await b.click(f"{row} button[data-action='unload']")
+            await b.wait_js(f"{places} === 'nowhere'", what="m2 unloaded on the page")
+            await b.wait_js(f"document.querySelector(\"{row} [data-hold='yes']\") !== null")
+            assert "forced unload" in await b.js(f'document.querySelector("{row}").textContent')
+            state = await (
+                await client.get("/admin/state", headers={"Authorization": "Bearer admin-secret"})
+            ).json()
+            (m2,) = [m for m in state["models"] if m["id"] == "m2"]
+            assert m2["life"]["hold"]["reason"] == "forced unload" and m2["placements"] == []
+
+            await b.click("#force")  # a plain load releases the hold
+            await b.click(f"{row} button[data-action='load']")
+            await b.wait_js(f"{places} === 'ready'", what="m2 loaded again")
+            await b.wait_js(f"document.querySelector(\"{row} [data-hold='yes']\") === null")
+            problems = list(b.problems)
+    finally:
+        await stop_all([node])
+    # The one refusal is the browser's own log line for a 409 answer, nothing else.
+    assert len(problems) == 1 and "409" in problems[0] and "log (network)" in problems[0], problems
