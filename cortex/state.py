@@ -16,7 +16,15 @@ from typing import Any
 import attrs
 
 from shared.progress import StageProgress
-from shared.wire import Discovery, GroupSpec, ModelHealth, ModelState, ModelStatus, NodeHealth
+from shared.wire import (
+    Discovery,
+    GroupSpec,
+    ModelHealth,
+    ModelState,
+    ModelStatus,
+    NodeHealth,
+    Phase,
+)
 
 SERVING_STATES: frozenset[str] = frozenset({"ready"})
 LOADING_STATES: frozenset[str] = frozenset({"loading", "warming", "recovering"})
@@ -37,6 +45,10 @@ class NodeModel:
     decode_tps: float | None = None
     # A stage of the model's weights under way (or just failed) on this node.
     staging: StageProgress | None = None
+    # From /health: what the runner is doing now, and its completion-token counter
+    # (the dashboard's tok/s is the counter's rate between two polls).
+    phase: Phase = "idle"
+    completion_tokens: int = 0
 
     @property
     def load(self) -> int:
@@ -59,6 +71,8 @@ class NodeModel:
             "error": self.error,
             "decode_tps": self.decode_tps,
             "staging": None if self.staging is None else self.staging.to_json(),
+            "phase": self.phase,
+            "completion_tokens": self.completion_tokens,
         }
 
     @classmethod
@@ -82,6 +96,8 @@ class NodeModel:
             error=status.error if status is not None else None,
             decode_tps=health.decode_tps if health is not None else None,
             staging=StageProgress.from_json(status.staging) if status is not None else None,
+            phase=health.phase if health is not None else "idle",
+            completion_tokens=health.completion_tokens if health is not None else 0,
         )
 
 
@@ -372,6 +388,8 @@ def _refresh_load(
                     queue_depth=h.queue_depth,
                     last_used=max(m.last_used, h.last_used),
                     decode_tps=h.decode_tps,
+                    phase=h.phase,
+                    completion_tokens=h.completion_tokens,
                 )
             )
     if states:

@@ -30,6 +30,7 @@ class ModelStats:
     decoding: int = 0
     ttft_s: float | None = None
     decode_tps: float | None = None
+    completion_tokens: int = 0
     last_used: float = attrs.Factory(time.time)
     # time.monotonic() of the last byte from the runner (or of a request's start);
     # the supervisor's stall watchdog reads it.

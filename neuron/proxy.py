@@ -462,6 +462,7 @@ class Proxy:
         if not isinstance(completion, int) or completion < 0:
             return
         metrics.tokens.labels(m.model_id, "completion").inc(completion)
+        m.stats.completion_tokens += completion
         # Decode speed: the tokens after the first, over the time since the first.
         if tally is not None and completion > 1 and tally.first_at and tally.last_at:
             span = tally.last_at - tally.first_at

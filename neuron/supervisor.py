@@ -179,6 +179,7 @@ class ModelSupervisor:
             decode_tps=self.stats.decode_tps,
             ttft_s=self.stats.ttft_s,
             last_used=self.stats.last_used,
+            completion_tokens=self.stats.completion_tokens,
         )
 
     def _memory_bytes(self) -> int:

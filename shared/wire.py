@@ -361,6 +361,9 @@ class ModelHealth:
     decode_tps: float | None
     ttft_s: float | None
     last_used: float
+    # Completion tokens since the runner's model was loaded here: a counter, so a
+    # reader derives tok/s from two reads (decode_tps is the last request's figure).
+    completion_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -376,6 +379,7 @@ class ModelHealth:
             decode_tps=d.get("decode_tps"),
             ttft_s=d.get("ttft_s"),
             last_used=float(d.get("last_used", 0.0)),
+            completion_tokens=int(d.get("completion_tokens", 0)),
         )
 
 

@@ -58,6 +58,9 @@ class FakeModel:
     group: dict[str, Any] | None = None
     # A stage job's JSON (neuron.staging StageJob.to_json), as /models carries it.
     staging: dict[str, Any] | None = None
+    # What /health says the runner is doing, and its completion-token counter.
+    phase: str = "idle"
+    completion_tokens: int = 0
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -78,10 +81,11 @@ class FakeModel:
             "state": self.state,
             "in_flight": self.in_flight,
             "queue_depth": self.queue_depth,
-            "phase": "idle",
+            "phase": self.phase,
             "decode_tps": None,
             "ttft_s": None,
             "last_used": self.last_used,
+            "completion_tokens": self.completion_tokens,
         }
 
 

@@ -198,6 +198,35 @@ async def test_usage_frame_only_for_clients_that_ask(neuron: NeuronProcess) -> N
     assert counted - tokens_before >= 2
 
 
+async def test_health_counts_completion_tokens_as_usage_reports_them(
+    neuron: NeuronProcess,
+) -> None:
+    """/health's completion_tokens (the counter cortex's dashboard turns into tok/s) grows
+    by what each answer's usage says, streamed or not, in step with neuron_tokens_total."""
+
+    def counter() -> int:
+        _, health = neuron.get("/health")
+        (m,) = [m for m in health["models"] if m["model_id"] == MODEL]
+        return int(m["completion_tokens"])
+
+    before = counter()
+    metric_before = metric(neuron, "neuron_tokens_total", model=MODEL, kind="completion")
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 5}
+    status, answer = await post(neuron, "/v1/completions", body)
+    assert status == 200, answer
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(neuron.url + "/v1/completions", json=streamed) as r,
+    ):
+        events = list(data_events(await r.read()))
+    used = answer["usage"]["completion_tokens"] + events[-1]["usage"]["completion_tokens"]
+    assert used >= 2
+    assert counter() - before == used
+    counted = metric(neuron, "neuron_tokens_total", model=MODEL, kind="completion")
+    assert counted - metric_before == used
+
+
 async def test_generation_thread_died_restarts_the_runner(neuron: NeuronProcess) -> None:
     """A runner whose generation thread died answers 502 once, and is replaced."""
     old = runner_pids(MODEL)
