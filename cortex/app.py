@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cortex import doctor
 from cortex.auth import REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
@@ -112,6 +113,7 @@ def create_app(
     app.router.add_post("/admin/models/{model_id}/load", _admin_load)
     app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
     app.router.add_post("/admin/store/purge", _admin_store_purge)
+    app.router.add_get("/admin/doctor", _admin_doctor)
     app.router.add_get("/dashboard", dashboard)
     return app
 
@@ -391,6 +393,7 @@ async def _admin_state(request: web.Request) -> web.Response:
     for n in snap.nodes:
         d = n.to_json()
         d["outstanding"] = snap.node_outstanding(n.name)
+        d.update(doctor.node_extras(n))
         nodes.append(d)
     models = []
     for spec in cat.models:
@@ -597,3 +600,19 @@ async def _admin_store_purge(request: web.Request) -> web.Response:
         {"nodes": results, "freed_bytes": freed, "failed": failed},
         status=200 if not failed else 502,
     )
+
+
+async def _admin_doctor(request: web.Request) -> web.Response:
+    """The morning checklist (cortex.doctor): every check's verdict and the fix to try."""
+    app = request.app
+    cfg = app[CONFIG]
+    snap = app[LIFECYCLE].snapshot()
+    limits = doctor.Limits(
+        probe_slow_s=cfg.doctor_probe_slow_s,
+        probe_timeout_s=cfg.doctor_probe_timeout_s,
+        restart_window_s=cfg.doctor_restart_window_s,
+    )
+    checks = await doctor.run(
+        app[LOADER].session, snap, unserved_models(snap, app[CATALOGUE]), limits, cfg.poll_timeout_s
+    )
+    return web.json_response(doctor.report(checks))

@@ -37,6 +37,9 @@ class NodeModel:
     decode_tps: float | None = None
     # A stage of the model's weights under way (or just failed) on this node.
     staging: StageProgress | None = None
+    # Runner restarts the neuron made since this load, and when the last one was.
+    restarts: int = 0
+    restarted_at: float | None = None
 
     @property
     def load(self) -> int:
@@ -59,6 +62,8 @@ class NodeModel:
             "error": self.error,
             "decode_tps": self.decode_tps,
             "staging": None if self.staging is None else self.staging.to_json(),
+            "restarts": self.restarts,
+            "restarted_at": self.restarted_at,
         }
 
     @classmethod
@@ -82,6 +87,8 @@ class NodeModel:
             error=status.error if status is not None else None,
             decode_tps=health.decode_tps if health is not None else None,
             staging=StageProgress.from_json(status.staging) if status is not None else None,
+            restarts=status.restarts if status is not None else 0,
+            restarted_at=status.restarted_at if status is not None else None,
         )
 
 
