@@ -203,8 +203,7 @@ def render_status(state: dict[str, Any], target: Target | None = None) -> str:
             [
                 str(m.get("id")),
                 model_state(m),
-                f"{life.get('present', len([p for p in places if p.get('state') == 'ready']))}"
-                f"/{wish.get('replicas', m.get('replicas', '-'))}",
+                _replicas(life, places),
                 ", ".join(f"{p['node']}:{p.get('state')}" for p in places) or "-",
                 f"{sum(tps):.1f}" if tps else "-",
                 f"{busy}/{queued}",
@@ -221,13 +220,20 @@ def render_status(state: dict[str, Any], target: Target | None = None) -> str:
     return "\n".join(lines)
 
 
+def _replicas(life: dict[str, Any], places: list[dict[str, Any]]) -> str:
+    """present/wanted; a model nobody keeps loaded is wanted only on demand."""
+    present = life.get("present", sum(p.get("state") == "ready" for p in places))
+    wanted = (life.get("wish") or {}).get("replicas")
+    return f"{present}/{wanted}" if wanted else f"{present} (on demand)"
+
+
 def _disk(n: dict[str, Any]) -> str:
     free, total = n.get("disk_free_bytes"), n.get("disk_total_bytes")
     if not isinstance(free, int):
         return "-"
     text = f"{free / 1e9:.1f}GB"
     if isinstance(total, int) and total > 0:
-        text += f" ({free / total:.0%})"
+        text += f" ({1 - free / total:.0%} used)"
     floor = n.get("min_free_bytes")
     if isinstance(floor, int) and free < floor:
         text += " UNDER FLOOR"
