@@ -58,7 +58,7 @@ async def _failed(session: aiohttp.ClientSession, base: str, model_id: str) -> d
             async with session.get(f"{base}/models") as r:
                 models = {m["model_id"]: m for m in (await r.json())["models"]}
             if models.get(model_id, {}).get("state") == "failed":
-                return models[model_id]
+                return dict(models[model_id])
             await asyncio.sleep(0.1)
 
 
