@@ -229,3 +229,20 @@ def test_rdma_ports_down_fail_and_slow_probes_warn() -> None:
         "warn",
         "fail",
     ]
+
+
+def test_failed_runners_fail_and_recent_restarts_warn() -> None:
+    from cortex.state import FleetSnapshot, NodeModel, NodeState
+
+    now = 10_000.0
+    models = (
+        NodeModel("crashed", "failed", error="3 runner failures within 300 s; last: oom\ntail"),
+        NodeModel("flaky", "ready", restarts=2, restarted_at=now - 60, error="recovered from: x"),
+        NodeModel("old", "ready", restarts=1, restarted_at=now - 7200),
+        NodeModel("steady", "ready"),
+    )
+    snap = FleetSnapshot(nodes=(NodeState(name="a", url="http://a", models=models),))
+    checks = doctor.runner_checks(snap, now, Limits(restart_window_s=3600))
+    assert [(c.model, c.verdict) for c in checks] == [("crashed", "fail"), ("flaky", "warn")]
+    assert checks[0].detail == "crashed on a failed: 3 runner failures within 300 s; last: oom"
+    assert checks[1].detail == "flaky on a: 2 restart(s), last 60 s ago: recovered from: x"

@@ -127,3 +127,18 @@ def test_status_models_preview_load_doctor_unload_against_a_real_fleet(
     assert "DOWN" in unhealthy.stdout
     unreachable = _run(tmp_path, "cortex.cli", "status", "--url", "http://127.0.0.1:9")
     assert unreachable.returncode == 2 and "cannot reach cortex" in unreachable.stderr
+
+
+def test_doctor_fails_a_real_store_under_its_floor(
+    neuron_factory: Any, cortex_factory: Any, tmp_path: Path
+) -> None:
+    """A real neuron whose floor is above its disk's free space: doctor fails `store floor`."""
+    a: NeuronProcess = neuron_factory(name="a")
+    b: NeuronProcess = neuron_factory({"min_free_gb": 1e9}, name="b")
+    c: CortexProcess = cortex_factory([("a", a), ("b", b)], [])
+    wait_until(lambda: c.get("/health")[1]["nodes"]["healthy"] == 2, 30, "both nodes healthy")
+    done = _run(tmp_path, "cortex.cli", "doctor", "--json", "--url", c.url)
+    assert done.returncode == 1, done.stdout
+    fails = [x for x in json.loads(done.stdout)["checks"] if x["verdict"] == "fail"]
+    assert [(x["name"], x["node"]) for x in fails] == [("store floor", "b")]
+    assert "floor 1000000000.0 GB: stages are refused" in fails[0]["detail"]
