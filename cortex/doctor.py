@@ -17,7 +17,7 @@ import aiohttp
 import attrs
 
 from cortex.state import FleetSnapshot, NodeModel, NodeState
-from shared.wire import Discovery, NodeHealth
+from shared.wire import PROBE_HEADER, Discovery, NodeHealth
 
 Verdict = Literal["pass", "warn", "fail"]
 ORDER: dict[str, int] = {"pass": 0, "warn": 1, "fail": 2}
@@ -474,6 +474,7 @@ async def probe(
         async with session.post(
             url.rstrip("/") + "/v1/completions",
             json=body,
+            headers={PROBE_HEADER: "doctor"},
             timeout=aiohttp.ClientTimeout(total=limits.probe_timeout_s),
         ) as r:
             text = await r.text()

@@ -17,6 +17,9 @@ Backend = Literal["ring", "jaccl"]
 Sharding = Literal["tensor", "pipeline"]
 
 MODEL_STATES: tuple[str, ...] = ("loading", "warming", "ready", "recovering", "failed", "unloading")
+# Marks doctor's 2-token probe: the neuron serves it but does not count it as a use,
+# so probing never keeps an idle model from its idle unload.
+PROBE_HEADER = "X-Cortex-Probe"
 
 
 @attrs.frozen
