@@ -204,7 +204,7 @@ def render_status(state: dict[str, Any], target: Target | None = None) -> str:
                 str(m.get("id")),
                 model_state(m),
                 _replicas(life, places),
-                ", ".join(f"{p['node']}:{p.get('state')}" for p in places) or "-",
+                where(places),
                 f"{sum(tps):.1f}" if tps else "-",
                 f"{busy}/{queued}",
                 f"{'never' if ttl is None else f'{ttl:g}s'} / {idle}",
@@ -218,6 +218,17 @@ def render_status(state: dict[str, Any], target: Target | None = None) -> str:
         )
     )
     return "\n".join(lines)
+
+
+def where(places: list[dict[str, Any]]) -> str:
+    """`a:ready, b:recovering (2 restarts)`: each copy's node and state."""
+    out = []
+    for p in places:
+        text = f"{p['node']}:{p.get('state')}"
+        if p.get("restarts"):
+            text += f" ({p['restarts']} restarts)"
+        out.append(text)
+    return ", ".join(out) or "-"
 
 
 def _replicas(life: dict[str, Any], places: list[dict[str, Any]]) -> str:
@@ -280,7 +291,7 @@ def models_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     str(m.get("id")),
                     ",".join(m.get("aliases", [])) or "-",
                     model_state(m),
-                    ", ".join(f"{p['node']}:{p.get('state')}" for p in places) or "-",
+                    where(places),
                     " ".join(wish),
                     str(m.get("why", ""))[:70],
                 ]
