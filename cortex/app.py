@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cortex import doctor
 from cortex.auth import REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
@@ -113,6 +114,7 @@ def create_app(
     app.router.add_post("/admin/models/{model_id}/load", _admin_load)
     app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
     app.router.add_post("/admin/store/purge", _admin_store_purge)
+    app.router.add_get("/admin/doctor", _admin_doctor)
     app.router.add_get("/dashboard", dashboard)
     return app
 
@@ -392,6 +394,7 @@ async def _admin_state(request: web.Request) -> web.Response:
     for n in snap.nodes:
         d = n.to_json()
         d["outstanding"] = snap.node_outstanding(n.name)
+        d.update(doctor.node_extras(n))
         nodes.append(d)
     models = []
     for spec in cat.models:
@@ -520,24 +523,33 @@ def _names(body: dict[str, Any], field: str) -> list[str]:
 
 
 async def _admin_unload(request: web.Request) -> web.Response:
-    """Remove a model everywhere. A keep_loaded or pinned one needs {"force": true},
-    and then stays unloaded (the reconciler leaves it) until the next admin load."""
+    """Remove a model everywhere, or only from {"nodes": [...]} (with their groups' other
+    ranks). A keep_loaded or pinned one needs {"force": true}, and then stays unloaded
+    (the reconciler leaves it) until the next admin load."""
     app = request.app
     model_id = request.match_info["model_id"]
     body = await read_json_object(request) if request.can_read_body else {}
-    unknown = sorted(set(body) - {"force"})
+    unknown = sorted(set(body) - {"force", "nodes"})
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false", param="force")
+    only = _names(body, "nodes")
     spec = app[CATALOGUE].resolve(model_id)
     mid = spec.id if spec is not None else model_id
     did: list[str] = []
     snap = app[LIFECYCLE].snapshot()
-    nodes = [n.name for n, _ in snap.locations(mid)]
+    locs = snap.locations(mid)
+    nodes = [n.name for n, _ in locs if not only or n.name in only]
+    # A group's ranks go together: one rank alone can never serve.
+    groups = {m.group.group_id for n, m in locs if n.name in nodes and m.group is not None}
+    nodes += [
+        n.name for n, m in locs if n.name not in nodes and m.group and m.group.group_id in groups
+    ]
     if not nodes:
-        raise ModelNotFound(f"model {mid!r} is loaded nowhere", param="model_id")
+        where = f" on {', '.join(only)}" if only else ""
+        raise ModelNotFound(f"model {mid!r} is loaded nowhere{where}", param="model_id")
     if spec is not None and (spec.keep_loaded or spec.pinned_on):
         if not force:
             why = "keep_loaded" if spec.keep_loaded else f"pinned_on {list(spec.pinned_on)}"
@@ -598,3 +610,19 @@ async def _admin_store_purge(request: web.Request) -> web.Response:
         {"nodes": results, "freed_bytes": freed, "failed": failed},
         status=200 if not failed else 502,
     )
+
+
+async def _admin_doctor(request: web.Request) -> web.Response:
+    """The morning checklist (cortex.doctor): every check's verdict and the fix to try."""
+    app = request.app
+    cfg = app[CONFIG]
+    snap = app[LIFECYCLE].snapshot()
+    limits = doctor.Limits(
+        probe_slow_s=cfg.doctor_probe_slow_s,
+        probe_timeout_s=cfg.doctor_probe_timeout_s,
+        restart_window_s=cfg.doctor_restart_window_s,
+    )
+    checks = await doctor.run(
+        app[LOADER].session, snap, unserved_models(snap, app[CATALOGUE]), limits, cfg.poll_timeout_s
+    )
+    return web.json_response(doctor.report(checks))

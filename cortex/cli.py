@@ -11,10 +11,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cortex import load_cli
+from cortex import load_cli, ops_cli
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
+from shared.versions import version_text
 
 DESCRIPTION = """\
 cortex: an OpenAI-compatible gateway in front of a fleet of neurons.
@@ -31,6 +32,8 @@ examples:
   cortex check -c cortex.toml           validate the config and the catalogue
   cortex fleet --dir run                start a local demo fleet (cortex + neurons)
   cortex load demo                      place a model on a running cortex, follow it to ready
+  cortex status                         the fleet at a glance (models, preview, unload too)
+  cortex doctor                         the morning checklist, pass / warn / fail
 
 a minimal cortex.toml:
   port = 9400
@@ -49,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("cortex"))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -76,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     load_cli.add_parser(sub)
+    ops_cli.add_parsers(sub)
 
     fleet = sub.add_parser(
         "fleet",

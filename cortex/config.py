@@ -108,6 +108,12 @@ class CortexConfig:
     max_keep_alive_s: float = 24 * 3600.0
     # One unload POST (teardowns, idle unloads): a hung node must not stall the others.
     unload_timeout_s: float = 10.0
+    # -- doctor (GET /admin/doctor, `cortex doctor`) --
+    # A replica's 2-token probe: slower than this warns, none within the timeout fails.
+    doctor_probe_slow_s: float = 2.0
+    doctor_probe_timeout_s: float = 10.0
+    # A runner restart this recent is reported (warn).
+    doctor_restart_window_s: float = 3600.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -144,7 +150,14 @@ class CortexConfig:
             check_token(self.fleet_token)
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
-        for name in ("load_backoff_s", "max_keep_alive_s", "unload_timeout_s"):
+        for name in (
+            "load_backoff_s",
+            "max_keep_alive_s",
+            "unload_timeout_s",
+            "doctor_probe_slow_s",
+            "doctor_probe_timeout_s",
+            "doctor_restart_window_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
 

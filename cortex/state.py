@@ -49,6 +49,9 @@ class NodeModel:
     # (the dashboard's tok/s is the counter's rate between two polls).
     phase: Phase = "idle"
     completion_tokens: int = 0
+    # Runner restarts the neuron made since this load, and when the last one was.
+    restarts: int = 0
+    restarted_at: float | None = None
 
     @property
     def load(self) -> int:
@@ -73,6 +76,8 @@ class NodeModel:
             "staging": None if self.staging is None else self.staging.to_json(),
             "phase": self.phase,
             "completion_tokens": self.completion_tokens,
+            "restarts": self.restarts,
+            "restarted_at": self.restarted_at,
         }
 
     @classmethod
@@ -98,6 +103,8 @@ class NodeModel:
             staging=StageProgress.from_json(status.staging) if status is not None else None,
             phase=health.phase if health is not None else "idle",
             completion_tokens=health.completion_tokens if health is not None else 0,
+            restarts=status.restarts if status is not None else 0,
+            restarted_at=status.restarted_at if status is not None else None,
         )
 
 

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -158,8 +160,26 @@ async def get_health(request: web.Request) -> web.Response:
         # A subprocess on macOS (vm_stat): never on the event loop.
         memory_available_bytes=await asyncio.to_thread(memory_available_bytes),
         models=models,
+        **_health_extras(app),
     )
     return web.json_response(health.to_json())
+
+
+def _health_extras(app: web.Application) -> dict[str, Any]:
+    """Disk (a statvfs: cheap), the store's floor and the jaccl reload count, for doctor."""
+    config = app[CONFIG]
+    free: int | None = None
+    total: int | None = None
+    with contextlib.suppress(OSError):
+        disk = shutil.disk_usage(config.store_path)
+        free, total = disk.free, disk.total
+    return {
+        "disk_free_bytes": free,
+        "disk_total_bytes": total,
+        "min_free_bytes": int(config.min_free_gb * 1e9),
+        "jaccl_loads": app[SUPERVISOR].jaccl_loads,
+        "jaccl_reload_budget": config.jaccl_reload_budget,
+    }
 
 
 async def get_models(request: web.Request) -> web.Response:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import attrs
 
+from neuron import discover_cli
 from neuron.stage_cli import HELP as STAGE_HELP
 from neuron.stage_cli import run as run_stage
 from shared.config import ConfigError
+from shared.versions import version_text
 
 DESCRIPTION = """\
 neuron: the node agent of a cortex fleet. It reports what this machine is
@@ -26,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("neuron"))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -92,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a neuron that holds the copy, to copy it from (repeatable; tried in order)",
     )
+    discover_cli.add_parser(sub)
     return p
 
 
@@ -149,6 +153,9 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "func"):
+        rc: int = args.func(args)
+        return rc
     if args.command == "serve":
         return _serve(args)
     if args.command == "stage":

@@ -153,6 +153,9 @@ class NeuronConfig:
     stage_read_timeout_s: float = 30.0
     # The model hub's base URL (a mirror); None: huggingface_hub's (HF_ENDPOINT).
     hub_endpoint: str | None = None
+    # Loads of jaccl-group ranks since the neuron started past which doctor and the
+    # dashboard advise a reboot (RDMA queue pairs degrade over many load cycles).
+    jaccl_reload_budget: int = 20
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -175,6 +178,8 @@ class NeuronConfig:
             raise ValueError("stage_read_timeout_s must be > 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
+        if self.jaccl_reload_budget < 1:
+            raise ValueError("jaccl_reload_budget must be >= 1")
         if self.fleet_token is not None:
             check_token(self.fleet_token)
         ids = [e.model_id for e in self.load]

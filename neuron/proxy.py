@@ -43,6 +43,7 @@ from shared.errors import (
     sse_error_frame,
 )
 from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
+from shared.wire import PROBE_HEADER
 
 
 class _Lost(Exception):
@@ -191,12 +192,16 @@ class Proxy:
                 metrics.queue_wait.labels(m.model_id).observe(time.monotonic() - queued_at)
                 runner = self._check_state(m, model_id)
                 reached_runner = True
-                m.stats.last_used = time.time()
+                # A probe (doctor) is no use: it must not hold off the idle unload.
+                use = PROBE_HEADER not in request.headers
+                if use:
+                    m.stats.last_used = time.time()
                 if checked.runner_stream:
                     resp = await self._relay(request, m, runner, path, checked)
                 else:
                     resp = await self._unary(m, runner, path, checked)
-                m.stats.last_used = time.time()
+                if use:
+                    m.stats.last_used = time.time()
                 return resp
         except ApiError as exc:
             if not reached_runner:

@@ -38,6 +38,7 @@ import attrs
 from neuron.admission import Admission
 from neuron.config import NeuronConfig
 from neuron.metrics import ModelStats, NeuronMetrics
+from neuron.rdma_quirk import classify as classify_rdma
 from neuron.request_check import ModelInfo
 from neuron.runner import RunnerProcess
 from neuron.staging import StageJob, Stager
@@ -112,6 +113,8 @@ class ModelSupervisor:
     info: ModelInfo = attrs.Factory(ModelInfo)
     # time.monotonic() of turning failed: the record is dropped some time later.
     failed_at: float | None = None
+    # Wall time of the last runner restart (doctor warns of recent ones).
+    restarted_at: float | None = None
     _broken: str | None = None
     _failures: int = 0
     _starts: int = 0
@@ -167,6 +170,8 @@ class ModelSupervisor:
             last_used=self.stats.last_used,
             error=self.error,
             staging=None if self.stage is None or not self.stage.active else self.stage.to_json(),
+            restarts=max(0, self._starts - 1),
+            restarted_at=self.restarted_at,
         )
 
     def health(self) -> ModelHealth:
@@ -231,6 +236,8 @@ class ModelSupervisor:
 
     async def _run_once(self) -> None:
         self.state = "loading" if self._starts == 0 else "recovering"
+        if self._starts:
+            self.restarted_at = time.time()
         self._starts += 1
         assert self.model_dir is not None
         t0 = time.monotonic()
@@ -395,6 +402,8 @@ class ModelSupervisor:
                 f"not restarted alone: {reason}"
             )
         tail = runner.tail()
+        if g is not None and (advice := classify_rdma(g.backend, g.rank, tail)):
+            reason = f"{advice}; {reason}"
         self.error = f"{reason}; runner output tail:\n{tail}" if tail else reason
         log.warning("model %s: %s", self.model_id, reason)
         if self.in_group:
@@ -456,6 +465,8 @@ class Supervisor:
     )
     _session: aiohttp.ClientSession | None = None
     _lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    # Loads of jaccl-group ranks since this neuron started (the reload budget).
+    jaccl_loads: int = 0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -494,6 +505,8 @@ class Supervisor:
                 req, self.config, self.store, self.metrics, self.session, self.stager
             )
             self.models[req.model_id] = m
+            if req.group is not None and req.group.backend == "jaccl":
+                self.jaccl_loads += 1
             self.metrics.model_added(m.model_id)
             m.start()
             self._prune_failed()
