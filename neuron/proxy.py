@@ -26,7 +26,15 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
-from neuron.request_check import Checked, Kind, check_size, count_prompt, finish, validate
+from neuron.request_check import (
+    RUNNER_MODEL_NAME,
+    Checked,
+    Kind,
+    check_size,
+    count_prompt,
+    finish,
+    validate,
+)
 from neuron.runner import RunnerProcess
 from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
 from shared.assemble import assemble, is_usage_frame
@@ -43,6 +51,21 @@ from shared.errors import (
     sse_error_frame,
 )
 from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
+
+# mlx_lm.server echoes the model name it was sent (RUNNER_MODEL_NAME) in every
+# answer and chunk, spelt by json.dumps' default separators; clients must see the
+# id they asked for, so that one value is replaced in the bytes, frames untouched.
+_RUNNER_MODEL_FIELD = b'"model": ' + json.dumps(RUNNER_MODEL_NAME).encode()
+
+
+def renamed(raw: bytes, model_field: bytes) -> bytes:
+    """The runner's bytes with its model name replaced by `model_field` (see model_field)."""
+    return raw.replace(_RUNNER_MODEL_FIELD, model_field)
+
+
+def model_field(model_id: str) -> bytes:
+    # A JSON string never holds a bare `"` (it is escaped), so only the key can match.
+    return b'"model": ' + json.dumps(model_id).encode()
 
 
 class _Lost(Exception):
@@ -278,7 +301,7 @@ class Proxy:
                 self._count_tokens(m, answer["usage"])
         metrics.requests.labels(m.model_id, "ok").inc()
         return web.Response(
-            body=raw,
+            body=renamed(raw, model_field(m.model_id)),
             status=upstream.status,
             content_type=upstream.content_type or "application/json",
         )
@@ -307,6 +330,7 @@ class Proxy:
         reads: _QuietReads | None = None
         events = _Events()
         tally = _Tally()
+        wanted = model_field(m.model_id)
         phase = "prefill"
         _start_work(m)
         outcome = "ok"
@@ -373,7 +397,7 @@ class Proxy:
                     out = self._take(events.feed(chunk), tally, checked, now)
                     if streaming and out:
                         assert response is not None
-                        await response.write(out)
+                        await response.write(renamed(out, wanted))
                     if tally.frames and phase == "prefill":
                         phase = "decode"
                         m.stats.prefilling -= 1
@@ -385,7 +409,7 @@ class Proxy:
             if streaming:
                 assert response is not None
                 return response
-            return web.json_response(assemble(tally.chunks))
+            return web.json_response({**assemble(tally.chunks), "model": m.model_id})
         except _Lost as exc:
             outcome = "upstream_lost"
             message = f"runner of {m.model_id!r} lost: {describe(exc)}"

@@ -112,6 +112,8 @@ class ModelSupervisor:
     info: ModelInfo = attrs.Factory(ModelInfo)
     # time.monotonic() of turning failed: the record is dropped some time later.
     failed_at: float | None = None
+    # Wall clock (s) this load began: OpenAI's `created` for the model.
+    created: int = attrs.Factory(lambda: int(time.time()))
     _broken: str | None = None
     _failures: int = 0
     _starts: int = 0

@@ -99,7 +99,7 @@ def _start_litellm(dir: Path, api_base: str) -> tuple[subprocess.Popen[bytes], s
             raise AssertionError(f"litellm exited early:\n{log_path.read_text(errors='replace')}")
         try:
             with urllib.request.urlopen(url + "/health/liveliness", timeout=2) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except OSError:
             return False
 
