@@ -50,7 +50,7 @@ from shared.errors import (
     read_json_object,
     sse_error_frame,
 )
-from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
+from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 
 # mlx_lm.server echoes the model name it was sent (RUNNER_MODEL_NAME) in every
 # answer and chunk, spelt by json.dumps' default separators; clients must see the
@@ -213,10 +213,12 @@ class Proxy:
                 runner = self._check_state(m, model_id)
                 reached_runner = True
                 m.stats.last_used = time.time()
+                # The name the answer carries: the id asked for (or cortex's alias of it).
+                name = request.headers.get(ANSWER_MODEL_HEADER) or model_id
                 if checked.runner_stream:
-                    resp = await self._relay(request, m, runner, path, checked)
+                    resp = await self._relay(request, m, runner, path, checked, name)
                 else:
-                    resp = await self._unary(m, runner, path, checked)
+                    resp = await self._unary(m, runner, path, checked, name)
                 m.stats.last_used = time.time()
                 return resp
         except ApiError as exc:
@@ -266,7 +268,7 @@ class Proxy:
         )
 
     async def _unary(
-        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked
+        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked, name: str
     ) -> web.Response:
         """Logprobs unstreamed: only the runner's unstreamed answer carries them.
 
@@ -301,7 +303,7 @@ class Proxy:
                 self._count_tokens(m, answer["usage"])
         metrics.requests.labels(m.model_id, "ok").inc()
         return web.Response(
-            body=renamed(raw, model_field(m.model_id)),
+            body=renamed(raw, model_field(name)),
             status=upstream.status,
             content_type=upstream.content_type or "application/json",
         )
@@ -313,6 +315,7 @@ class Proxy:
         runner: RunnerProcess,
         path: str,
         checked: Checked,
+        name: str,
     ) -> web.StreamResponse:
         """Stream from the runner; to the client as a stream, or assembled at the end.
 
@@ -330,7 +333,7 @@ class Proxy:
         reads: _QuietReads | None = None
         events = _Events()
         tally = _Tally()
-        wanted = model_field(m.model_id)
+        wanted = model_field(name)
         phase = "prefill"
         _start_work(m)
         outcome = "ok"
@@ -409,7 +412,7 @@ class Proxy:
             if streaming:
                 assert response is not None
                 return response
-            return web.json_response({**assemble(tally.chunks), "model": m.model_id})
+            return web.json_response({**assemble(tally.chunks), "model": name})
         except _Lost as exc:
             outcome = "upstream_lost"
             message = f"runner of {m.model_id!r} lost: {describe(exc)}"

@@ -45,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     cortex = CortexProcess.write(
         root / "cortex",
         [("a", neuron)],
-        [{"id": model, "source": str(demo_model), "keep_loaded": True}],
+        [{"id": model, "source": str(demo_model), "keep_loaded": True, "aliases": [model + "-a"]}],
     )
     try:
         cortex.start()
@@ -101,6 +101,19 @@ def test_answers_and_chunks_carry_the_asked_id_and_no_host(stack: Stack) -> None
         )
         assert lp.model == stack.model
         _no_host(lp.system_fingerprint)
+
+
+def test_an_alias_comes_back_as_asked(stack: Stack) -> None:
+    """Asked by a catalogue alias, the answer and every chunk name the alias."""
+    alias = stack.model + "-a"
+    with stack.client() as client:
+        chat = client.chat.completions.create(model=alias, messages=MESSAGES, max_tokens=2)
+        assert chat.model == alias
+        with client.chat.completions.create(
+            model=alias, messages=MESSAGES, max_tokens=2, stream=True
+        ) as stream:
+            assert {c.model for c in stream} == {alias}
+        assert client.models.retrieve(alias).id == stack.model  # the entry is the model's
 
 
 def test_models_retrieve_on_cortex_and_neuron(stack: Stack) -> None:
