@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 
+from neuron import init_cli
 from neuron.stage_cli import HELP as STAGE_HELP
 from neuron.stage_cli import run as run_stage
 from shared.config import ConfigError
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a neuron that holds the copy, to copy it from (repeatable; tried in order)",
     )
+    init_cli.add_parsers(sub)
     return p
 
 
@@ -149,6 +151,8 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "func"):  # subcommands in their own modules
+        return int(args.func(args))
     if args.command == "serve":
         return _serve(args)
     if args.command == "stage":
