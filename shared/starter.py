@@ -39,7 +39,7 @@ def config_keys(cls: type, prefix: str = "") -> Iterator[Key]:
         name = prefix + f.name
         default = f.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()  # type: ignore[attr-defined]
+            default = default.factory()
         elif default is attrs.NOTHING:
             default = None
         args = typing.get_args(f.type)
