@@ -98,7 +98,8 @@ def render_starter(neurons: list[dict[str, str]]) -> str:
     return render(CortexConfig, values, header=header, notes=notes, tables=tables)
 
 
-def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     try:
         text = render_starter(_neurons(args.neuron))
     except ValueError as exc:

@@ -111,7 +111,8 @@ def render_starter(store_dir: str) -> str:
     return render(NeuronConfig, values, header=header, notes=notes, tables=tables)
 
 
-def init_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def init_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     text = render_starter(args.store_dir)
     try:
         write_new(args.output, text, force=args.force)
@@ -125,7 +126,8 @@ def init_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return EXIT_OK
 
 
-def check_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def check_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     try:
         config = NeuronConfig.from_file(args.config)
     except (ConfigError, ValueError) as exc:
