@@ -238,6 +238,33 @@ def test_a_full_queue_is_retried_after_retry_after(stack: Stack) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def test_a_queue_full_to_the_end_is_passed_on_after_the_retries(stack: Stack) -> None:
+    """Still full after config.yaml's 5 retries: 6 tries at cortex, then a RateLimitError.
+
+    LiteLLM honours Retry-After itself rather than passing it through.
+    """
+    before = _requests(stack.cortex, stack.model).get("429", 0.0)
+    direct = openai.OpenAI(base_url=stack.cortex.url + "/v1", api_key="x", max_retries=0)
+    hold = direct.chat.completions.create(
+        model=stack.model, messages=MESSAGES, stream=True, extra_body=LONG_STREAM
+    )
+    try:
+        next(iter(hold))
+        with stack.client() as client, pytest.raises(openai.RateLimitError) as exc:
+            client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4)
+    finally:
+        hold.close()
+        direct.close()
+    assert _requests(stack.cortex, stack.model).get("429", 0.0) - before == 6
+    # LiteLLM answers its client with the 429 and cortex's message...
+    assert "queue" in str(exc.value) or "capacity" in str(exc.value), str(exc.value)
+    # ...and cortex's Retry-After only renamed (LiteLLM prefixes every upstream
+    # header): an OpenAI SDK client of LiteLLM does not see it as one.
+    headers = exc.value.response.headers
+    assert headers.get("llm_provider-retry-after") == "1", dict(headers)
+    assert "retry-after" not in headers, dict(headers)
+
+
 def test_a_runner_lost_mid_stream_is_an_error_not_a_short_success(stack: Stack) -> None:
     """SIGKILL the runner mid-stream: the SDK raises; it never sees a clean finish."""
     with stack.client() as client:
