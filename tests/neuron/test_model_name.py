@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from neuron.proxy import model_field, renamed
 from neuron.request_check import RUNNER_MODEL_NAME
 
 
-def _frame(obj: dict[str, object]) -> bytes:
+def _frame(obj: Any) -> bytes:
     # mlx_lm.server's own encoding: json.dumps with its default separators.
     return f"data: {json.dumps(obj)}\n\n".encode()
 
