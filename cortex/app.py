@@ -95,6 +95,7 @@ def create_app(
     app[CONFIG] = config
     app[STARTED] = Started(monotonic=time.monotonic(), wall=time.time())
     app[CATALOGUE] = cat
+    app[FIRST_SEEN] = {}
     app[AUTH] = auth
     app[FLEET] = Fleet.of(
         ((n.name, n.base_url) for n in config.neurons), threshold=config.failure_threshold
@@ -107,6 +108,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/state", _admin_state)
@@ -253,6 +255,7 @@ def _model_entry(
     snap: FleetSnapshot,
     life: Lifecycle,
     *,
+    created: int,
     owned_by: str,
     aliases: tuple[str, ...] = (),
     feasible_on: list[list[str]] | None = None,
@@ -264,7 +267,7 @@ def _model_entry(
     return {
         "id": model_id,
         "object": "model",
-        "created": 0,
+        "created": created,
         "owned_by": owned_by,
         "aliases": list(aliases),
         "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
@@ -285,7 +288,26 @@ def _model_entry(
     }
 
 
+# Wall clock (s) cortex first saw each model a neuron serves outside the catalogue.
+FIRST_SEEN = web.AppKey("first_seen", dict[str, int])
+
+
 async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _model_list(request)})
+
+
+async def _model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (an id or an alias): what `client.models.retrieve(id)` reads."""
+    asked = request.match_info["model_id"]
+    spec = request.app[CATALOGUE].resolve(asked)
+    model_id = spec.id if spec is not None else asked
+    for entry in _model_list(request):
+        if entry["id"] == model_id:
+            return web.json_response(entry)
+    raise ModelNotFound(f"model {asked!r} is not in the catalogue nor loaded", param="model")
+
+
+def _model_list(request: web.Request) -> list[dict[str, Any]]:
     app = request.app
     life = app[LIFECYCLE]
     snap = life.snapshot()
@@ -303,6 +325,8 @@ async def _models(request: web.Request) -> web.Response:
                 spec.id,
                 snap,
                 life,
+                # Catalogued when cortex read its catalogue, at start.
+                created=int(app[STARTED].wall),
                 owned_by="cortex",
                 aliases=spec.aliases,
                 feasible_on=feasible,
@@ -313,12 +337,14 @@ async def _models(request: web.Request) -> web.Response:
     extra = sorted(
         {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
     )
+    seen = app[FIRST_SEEN]
+    now = int(time.time())
     data.extend(
-        _model_entry(mid, snap, life, owned_by="neuron")
+        _model_entry(mid, snap, life, created=seen.setdefault(mid, now), owned_by="neuron")
         for mid in extra
         if Auth.allowed(key, mid, cat)
     )
-    return web.json_response({"object": "list", "data": data})
+    return data
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -44,7 +44,7 @@ from shared.errors import (
     sse_error_frame,
 )
 from shared.retry import proxy_attempts
-from shared.sse import HOP_HEADERS
+from shared.sse import ANSWER_MODEL_HEADER, HOP_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,8 @@ class Proxy:
             payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
         keys = prefix_keys({**body, "model": spec.id if spec else model})
         headers = upstream_headers(request, rid)
+        if spec is not None and model != spec.id and model.isascii():
+            headers[ANSWER_MODEL_HEADER] = model  # an alias: the answer says it, not the id
         stream = bool(body.get("stream"))
         tries = _Tries()
         out = outcome if outcome is not None else Outcome()

@@ -28,12 +28,20 @@ from shared.drain import Drain
 from shared.errors import (
     ApiError,
     InvalidRequest,
+    ModelNotFound,
     NotFound,
     error_middleware,
     quiet_bad_requests,
     read_json_object,
 )
-from shared.wire import FieldError, LoadRequest, NodeHealth, NodeStatus, StageRequest
+from shared.wire import (
+    FieldError,
+    LoadRequest,
+    ModelStatus,
+    NodeHealth,
+    NodeStatus,
+    StageRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +121,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_get("/v1/models", openai_models)
+    app.router.add_get("/v1/models/{model_id:.+}", openai_model)
     app.router.add_get("/discovery", get_discovery)
     app.router.add_get("/health", get_health)
     app.router.add_get("/models", get_models)
@@ -187,18 +196,32 @@ async def get_models(request: web.Request) -> web.Response:
     return web.json_response({"models": [s.to_json() for s in statuses]})
 
 
+def _openai_model(sup: Supervisor, s: ModelStatus) -> dict[str, Any]:
+    m = sup.get(s.model_id)
+    return {
+        "id": s.model_id,
+        "object": "model",
+        # When this node began loading it.
+        "created": m.created if m is not None else int(s.last_used),
+        "owned_by": "neuron",
+        "state": s.state,
+    }
+
+
 async def openai_models(request: web.Request) -> web.Response:
-    data = [
-        {
-            "id": s.model_id,
-            "object": "model",
-            "created": int(s.last_used),
-            "owned_by": "neuron",
-            "state": s.state,
-        }
-        for s in request.app[SUPERVISOR].statuses()
-    ]
+    sup = request.app[SUPERVISOR]
+    data = [_openai_model(sup, s) for s in sup.statuses()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def openai_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: what `client.models.retrieve(id)` reads."""
+    model_id = request.match_info["model_id"]
+    sup = request.app[SUPERVISOR]
+    for s in sup.statuses():
+        if s.model_id == model_id:
+            return web.json_response(_openai_model(sup, s))
+    raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model")
 
 
 async def post_load(request: web.Request) -> web.Response:

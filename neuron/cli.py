@@ -9,7 +9,7 @@ from pathlib import Path
 
 import attrs
 
-from neuron import discover_cli
+from neuron import discover_cli, init_cli
 from neuron.stage_cli import HELP as STAGE_HELP
 from neuron.stage_cli import run as run_stage
 from shared.config import ConfigError
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a neuron that holds the copy, to copy it from (repeatable; tried in order)",
     )
     discover_cli.add_parser(sub)
+    init_cli.add_parsers(sub)
     return p
 
 
@@ -153,9 +154,8 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if hasattr(args, "func"):
-        rc: int = args.func(args)
-        return rc
+    if hasattr(args, "func"):  # subcommands in their own modules
+        return int(args.func(args))
     if args.command == "serve":
         return _serve(args)
     if args.command == "stage":

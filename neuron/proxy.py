@@ -26,7 +26,15 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
-from neuron.request_check import Checked, Kind, check_size, count_prompt, finish, validate
+from neuron.request_check import (
+    RUNNER_MODEL_NAME,
+    Checked,
+    Kind,
+    check_size,
+    count_prompt,
+    finish,
+    validate,
+)
 from neuron.runner import RunnerProcess
 from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
 from shared.assemble import assemble, is_usage_frame
@@ -42,8 +50,23 @@ from shared.errors import (
     read_json_object,
     sse_error_frame,
 )
-from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
+from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 from shared.wire import PROBE_HEADER
+
+# mlx_lm.server echoes the model name it was sent (RUNNER_MODEL_NAME) in every
+# answer and chunk, spelt by json.dumps' default separators; clients must see the
+# id they asked for, so that one value is replaced in the bytes, frames untouched.
+_RUNNER_MODEL_FIELD = b'"model": ' + json.dumps(RUNNER_MODEL_NAME).encode()
+
+
+def renamed(raw: bytes, model_field: bytes) -> bytes:
+    """The runner's bytes with its model name replaced by `model_field` (see model_field)."""
+    return raw.replace(_RUNNER_MODEL_FIELD, model_field)
+
+
+def model_field(model_id: str) -> bytes:
+    # A JSON string never holds a bare `"` (it is escaped), so only the key can match.
+    return b'"model": ' + json.dumps(model_id).encode()
 
 
 class _Lost(Exception):
@@ -196,10 +219,12 @@ class Proxy:
                 use = PROBE_HEADER not in request.headers
                 if use:
                     m.stats.last_used = time.time()
+                # The name the answer carries: the id asked for (or cortex's alias of it).
+                name = request.headers.get(ANSWER_MODEL_HEADER) or model_id
                 if checked.runner_stream:
-                    resp = await self._relay(request, m, runner, path, checked)
+                    resp = await self._relay(request, m, runner, path, checked, name)
                 else:
-                    resp = await self._unary(m, runner, path, checked)
+                    resp = await self._unary(m, runner, path, checked, name)
                 if use:
                     m.stats.last_used = time.time()
                 return resp
@@ -250,7 +275,7 @@ class Proxy:
         )
 
     async def _unary(
-        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked
+        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked, name: str
     ) -> web.Response:
         """Logprobs unstreamed: only the runner's unstreamed answer carries them.
 
@@ -285,7 +310,7 @@ class Proxy:
                 self._count_tokens(m, answer["usage"])
         metrics.requests.labels(m.model_id, "ok").inc()
         return web.Response(
-            body=raw,
+            body=renamed(raw, model_field(name)),
             status=upstream.status,
             content_type=upstream.content_type or "application/json",
         )
@@ -297,6 +322,7 @@ class Proxy:
         runner: RunnerProcess,
         path: str,
         checked: Checked,
+        name: str,
     ) -> web.StreamResponse:
         """Stream from the runner; to the client as a stream, or assembled at the end.
 
@@ -314,6 +340,7 @@ class Proxy:
         reads: _QuietReads | None = None
         events = _Events()
         tally = _Tally()
+        wanted = model_field(name)
         phase = "prefill"
         _start_work(m)
         outcome = "ok"
@@ -380,7 +407,7 @@ class Proxy:
                     out = self._take(events.feed(chunk), tally, checked, now)
                     if streaming and out:
                         assert response is not None
-                        await response.write(out)
+                        await response.write(renamed(out, wanted))
                     if tally.frames and phase == "prefill":
                         phase = "decode"
                         m.stats.prefilling -= 1
@@ -392,7 +419,7 @@ class Proxy:
             if streaming:
                 assert response is not None
                 return response
-            return web.json_response(assemble(tally.chunks))
+            return web.json_response({**assemble(tally.chunks), "model": name})
         except _Lost as exc:
             outcome = "upstream_lost"
             message = f"runner of {m.model_id!r} lost: {describe(exc)}"

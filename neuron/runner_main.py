@@ -96,12 +96,24 @@ def apply_pipeline_split(raw: str | None) -> None:
     PipelineMixin.pipeline = pipeline  # type: ignore[method-assign]
 
 
+def fingerprint() -> str:
+    """`system_fingerprint` for every answer: the software, never the host.
+
+    mlx_lm's own puts `platform.platform()` (kernel version, distribution) in
+    every answer to every client.
+    """
+    import mlx_lm
+
+    return f"mlx_lm-{mlx_lm.__version__}"
+
+
 def main() -> None:
     _set_parent_death_signal()
     _start_watchdog()
     apply_pipeline_split(os.environ.get(SPLIT_ENV))
     from mlx_lm import server
 
+    server.get_system_fingerprint = fingerprint
     sys.argv = ["mlx_lm.server", *strip_marker(sys.argv[1:])]
     server.main()  # type: ignore[no-untyped-call]
 

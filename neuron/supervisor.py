@@ -115,6 +115,8 @@ class ModelSupervisor:
     failed_at: float | None = None
     # Wall time of the last runner restart (doctor warns of recent ones).
     restarted_at: float | None = None
+    # Wall clock (s) this load began: OpenAI's `created` for the model.
+    created: int = attrs.Factory(lambda: int(time.time()))
     _broken: str | None = None
     _failures: int = 0
     _starts: int = 0
