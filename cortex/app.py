@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from cortex import linktest
 from cortex.auth import REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
@@ -113,6 +114,7 @@ def create_app(
     app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
     app.router.add_post("/admin/store/purge", _admin_store_purge)
     app.router.add_get("/dashboard", dashboard)
+    linktest.setup(app)
     return app
 
 
