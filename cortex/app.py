@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cortex import linktest
+from cortex import linktest, recycle
 from cortex.auth import REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
@@ -115,6 +115,7 @@ def create_app(
     app.router.add_post("/admin/store/purge", _admin_store_purge)
     app.router.add_get("/dashboard", dashboard)
     linktest.setup(app)
+    recycle.setup(app)
     return app
 
 

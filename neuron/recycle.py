@@ -1,0 +1,83 @@
+"""POST /admin/restart: drain, stop the runners, and re-execute this neuron in place.
+
+The restart takes the path a SIGTERM takes (aiohttp stops listening, the
+drain lets requests in flight finish for up to `drain_s`, cleanup stops every
+runner), and only then does `neuron serve` exec itself with its own command
+line (`reexec`): same PID, same config, same persisted node_id, a new
+`started_at`, so cortex sees a restarted process and its reconciler brings
+the wished models back. Nothing of the old process crosses the exec: every
+descriptor above stderr is closed first (the listening socket, the runners'
+watchdog pipes), so a runner that somehow survived the stop still sees its
+watchdog's EOF and dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import attrs
+from aiohttp import web
+
+from neuron.config import NeuronConfig
+
+log = logging.getLogger(__name__)
+# Long enough for the 202 to be written before the shutdown begins.
+SIGNAL_DELAY_S = 0.2
+
+
+@attrs.define
+class Restart:
+    requested: bool = False
+    reason: str | None = None
+
+
+RESTART = web.AppKey("restart", Restart)
+
+
+async def post_restart(request: web.Request) -> web.Response:
+    app = request.app
+    restart = app[RESTART]
+    body = await request.json() if request.can_read_body else {}
+    reason = body.get("reason") if isinstance(body, dict) else None
+    already = restart.requested
+    restart.requested = True
+    restart.reason = reason if isinstance(reason, str) else "admin restart"
+    if not already:
+        log.warning("restart requested (%s): draining, then re-executing", restart.reason)
+        # The way SIGTERM stops us, so the drain and the runners' stop are the same code.
+        asyncio.get_running_loop().call_later(SIGNAL_DELAY_S, os.kill, os.getpid(), signal.SIGTERM)
+    return web.json_response(
+        {"restarting": True, "already": already, "drain_s": app[CONFIG_KEY].drain_s},
+        status=202,
+    )
+
+
+CONFIG_KEY = web.AppKey("recycle_config", NeuronConfig)
+
+
+def setup(app: web.Application, config: NeuronConfig) -> None:
+    app[RESTART] = Restart()
+    app[CONFIG_KEY] = config
+    app.router.add_post("/admin/restart", post_restart)
+
+
+def requested(app: web.Application) -> bool:
+    return app[RESTART].requested
+
+
+def reexec() -> None:
+    """Replace this process with a fresh `neuron serve` of the same command line."""
+    argv = list(sys.orig_argv)
+    log.warning("re-executing: %s", " ".join(argv))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Only stdin/stdout/stderr cross the exec (PEP 446 makes ours non-inheritable
+    # already; this holds even for a descriptor a library made inheritable).
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+    os.execv(sys.executable, argv)

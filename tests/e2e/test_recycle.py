@@ -1,0 +1,128 @@
+"""Recycle: `cortex restart NODE --wait` over real neurons, runners and cortex."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import NeuronProcess, http_json, runner_pids, wait_until
+from tests.e2e.conftest import CortexProcess
+
+TOKEN = "recycle-admin-token"
+
+
+def _restart(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cortex.cli", "restart", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CORTEX_ADMIN_TOKEN": TOKEN},
+    )
+
+
+def _stream(url: str, model_id: str) -> tuple[int, str]:
+    body = (
+        b'{"model": "%s", "stream": true, "max_tokens": 8, '
+        b'"messages": [{"role": "user", "content": "hi"}]}' % model_id.encode()
+    )
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def test_restart_brings_the_model_back_and_no_client_sees_an_error(
+    neuron_factory: Any, cortex_factory: Any, demo_model: Path, model_id: str
+) -> None:
+    """Both nodes serve the model; `cortex restart a --wait` returns once a serves it
+    again, as the same process and node id but a new start; every request sent through
+    cortex meanwhile (plain and streamed) is a 200 with no error frame; no runner is
+    left without its neuron."""
+    a: NeuronProcess = neuron_factory(name="a", settings={"drain_s": 10.0})
+    b: NeuronProcess = neuron_factory(name="b")
+    c: CortexProcess = cortex_factory(
+        [("a", a), ("b", b)],
+        [{"id": model_id, "source": str(demo_model), "keep_loaded": True, "replicas": 2}],
+        admin_token=TOKEN,
+    )
+    a.wait_state(model_id, "ready")
+    b.wait_state(model_id, "ready")
+    wait_until(lambda: len(c.model(model_id)["locations"]) == 2, 30, "two replicas in cortex")
+    node_id = a.get("/discovery")[1]["node_id"]
+    started_at = http_json(a.url + "/health")[1]["started_at"]
+    old_runner = runner_pids(model_id, parent=a.process.pid)
+    assert len(old_runner) == 1
+
+    results: list[tuple[str, int, str]] = []
+    stop = threading.Event()
+
+    ask = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+
+    def plain() -> None:
+        while not stop.is_set():
+            status, body = http_json(c.url + "/v1/chat/completions", ask, timeout=60)
+            results.append(("plain", status, str(body)[:300]))
+
+    def streamed() -> None:
+        while not stop.is_set():
+            status, text = _stream(c.url, model_id)
+            results.append(("stream", status, text[-300:]))
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(results) >= 4, 60, "requests flowing")
+        done = _restart("a", "--url", c.url, "--wait", "--timeout", "240")
+        print(done.stdout, done.stderr)
+        assert done.returncode == 0, done.stdout + done.stderr
+        # A few more after the node is back (it may take requests again).
+        seen = len(results)
+        wait_until(lambda: len(results) >= seen + 4, 60, "requests after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+
+    assert "a: restarting" in done.stdout
+    assert f"{model_id}: ready on a again" in done.stdout
+    assert done.stdout.rstrip().endswith("a: restarted and serving")
+    bad = [r for r in results if r[1] != 200 or '"error"' in r[2]]
+    assert not bad, bad
+    # The same process (exec keeps the PID) and node id, a new start.
+    assert a.process.poll() is None
+    assert a.get("/discovery")[1]["node_id"] == node_id
+    assert http_json(a.url + "/health")[1]["started_at"] != started_at
+    assert a.model(model_id)["state"] == "ready"  # type: ignore[index]
+    # One runner per neuron, each the child of its neuron: the old one is gone.
+    new_runner = runner_pids(model_id, parent=a.process.pid)
+    assert len(new_runner) == 1 and new_runner != old_runner
+    assert sorted(runner_pids(model_id)) == sorted(
+        new_runner + runner_pids(model_id, parent=b.process.pid)
+    )
+    assert "re-executing" in a.log()
+
+
+def test_restart_of_an_unknown_node_is_a_404_and_exit_2(
+    neuron_factory: Any, cortex_factory: Any, demo_model: Path, model_id: str
+) -> None:
+    a: NeuronProcess = neuron_factory(name="a")
+    c: CortexProcess = cortex_factory(
+        [("a", a)], [{"id": model_id, "source": str(demo_model)}], admin_token=TOKEN
+    )
+    done = _restart("nosuch", "--url", c.url)
+    assert done.returncode == 2 and "404" in done.stderr and "no node 'nosuch'" in done.stderr
+    # Only with the admin token.
+    status, _ = http_json(c.url + "/admin/nodes/a/restart", {})
+    assert status == 401
+    assert a.process.poll() is None
