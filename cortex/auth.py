@@ -5,7 +5,8 @@ Auth is off when no key is configured (a laptop fleet). With keys, every
 allow-list names, by id or alias (403 model_not_allowed). /admin/* and
 /dashboard need the admin token, as a bearer token or, so a browser can open
 the dashboard, as the password of HTTP Basic auth; /health and /metrics are
-always open (probes and Prometheus).
+always open (probes and Prometheus). A /v1 request pinned to a node
+(X-Cortex-Node) needs the admin token in place of an API key.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The key a request authenticated with (None when auth is off).
 REQUEST_KEY = web.RequestKey("api_key", ApiKey)
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+# Pins an inference request to one node's replica (benchmarks, probes): operators
+# only, so a request carrying it needs the admin token instead of an API key.
+NODE_HEADER = "X-Cortex-Node"
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -110,6 +114,8 @@ class Auth:
                     resp = exc.to_response()
                     resp.headers["WWW-Authenticate"] = 'Basic realm="cortex admin"'
                     return resp
+            elif path.startswith("/v1") and NODE_HEADER in request.headers:
+                self.admin(request)
             elif path.startswith("/v1"):
                 key = self.client(request)
                 if key is not None:

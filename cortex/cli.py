@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cortex import linktest_cli, load_cli, restart_cli
+from cortex import bench_cli, linktest_cli, load_cli, restart_cli
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     load_cli.add_parser(sub)
     linktest_cli.add_parser(sub)
     restart_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",
