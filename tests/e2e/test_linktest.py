@@ -13,7 +13,7 @@ import pytest
 
 from cortex.linktest import LinkTestPlan, summarize
 from cortex.linktest_cli import parse_sizes
-from tests.conftest import NeuronProcess, wait_until
+from tests.conftest import NeuronProcess, free_port, wait_until
 from tests.e2e.conftest import CortexProcess
 
 TOKEN = "linktest-admin-token"
@@ -138,3 +138,29 @@ def test_summary_takes_the_slowest_rank_and_names_a_failed_round() -> None:
     assert not r1["ok"] and r1["error"] == "b: wrong sum"
     assert not report["ok"]
     assert report["failures"] == [{"size": 1000, "round": 1, "error": "b: wrong sum"}]
+
+
+def test_a_rank_whose_peer_never_joins_is_killed_at_its_deadline(
+    neuron_factory: Any,
+) -> None:
+    """Alone in a two-rank ring, the rank waits for a peer that never comes: the neuron
+    ends it at timeout_s, says so, and leaves no process behind; a bad request is a 400."""
+    a: NeuronProcess = neuron_factory(name="a")
+    hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    group = {
+        "group_id": "lt",
+        "rank": 0,
+        "world_size": 2,
+        "backend": "ring",
+        "sharding": "tensor",
+        "hosts": hosts,
+    }
+    body = {"test_id": "alone", "group": group, "sizes": [1024], "rounds": 2, "timeout_s": 3}
+    status, answer = a.post("/linktest", body)
+    assert status == 200, answer
+    assert not answer["ok"] and answer["rounds"] == []
+    assert answer["error"] == "rank 0 stopped before every rank joined: timed out after 3 s"
+    assert answer["elapsed_s"] < 60  # bounded by the deadline, generously
+    assert _linktest_pids() == []
+    status, bad = a.post("/linktest", {**body, "sizes": [0]})
+    assert status == 400 and bad["error"]["param"] == "sizes"
