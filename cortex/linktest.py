@@ -36,6 +36,9 @@ FORMULA = "algbw = size_bytes / max_rank_seconds; busbw = algbw * 2(n-1)/n"
 DEFAULT_SIZES = (1024, 1 << 20, 16 << 20)
 # Beyond the ranks' own deadline: time for their answers to arrive.
 ANSWER_GRACE_S = 10.0
+# MLX's ring says this when a rank cannot listen on its port (errno 98, in use).
+BIND_ERROR = "Couldn't bind socket"
+BIND_ATTEMPTS = 3
 
 
 @attrs.frozen
@@ -105,7 +108,7 @@ def link_groups(
 
 
 def _pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence (p50s are medians)."""
     s = sorted(values)
     return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
 
@@ -141,6 +144,7 @@ def summarize(plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]) -> di
         for r in range(plan.rounds):
             seen: list[float] = []
             errors: list[str] = []
+            bad_result = False
             for node, a in zip(plan.nodes, answers, strict=True):
                 if isinstance(a, str):
                     errors.append(f"{node}: no answer")
@@ -151,6 +155,7 @@ def summarize(plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]) -> di
                     continue
                 seen.append(float(got[0]["seconds"]))
                 if not got[0].get("ok"):
+                    bad_result = True
                     errors.append(f"{node}: {got[0].get('error')}")
             ok = not errors and len(seen) == n
             entry: dict[str, Any] = {"round": r, "ok": ok}
@@ -160,7 +165,9 @@ def summarize(plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]) -> di
                 entry.update(seconds=secs, algbw_Bps=algbw, busbw_Bps=algbw * 2 * (n - 1) / n)
             else:
                 entry["error"] = "; ".join(errors)
-                failures.append({"size": size, "round": r, "error": entry["error"]})
+                # A rank that failed as a whole is said once (above), not again per round.
+                if not any(f.get("rank") is not None for f in failures) or bad_result:
+                    failures.append({"size": size, "round": r, "error": entry["error"]})
             rounds.append(entry)
         good = [x["seconds"] for x in rounds if x["ok"]]
         summary: dict[str, Any] = {"size_bytes": size, "rounds": rounds, "ok": len(good)}
@@ -169,20 +176,19 @@ def summarize(plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]) -> di
             summary.update(
                 latency_s={
                     "min": min(good),
-                    "p50": _pct(good, 50),
+                    "p50": statistics.median(good),
                     "p99": _pct(good, 99),
                     "max": max(good),
                     "mean": statistics.fmean(good),
                 },
-                algbw_Bps={"p50": _pct(bw, 50), "max": max(bw)},
-                busbw_Bps={"p50": _pct(bw, 50) * 2 * (n - 1) / n},
+                algbw_Bps={"p50": statistics.median(bw), "max": max(bw)},
+                busbw_Bps={"p50": statistics.median(bw) * 2 * (n - 1) / n},
                 jitter_s={
                     "stdev": statistics.pstdev(good),
-                    "p99_minus_p50": _pct(good, 99) - _pct(good, 50),
+                    "p99_minus_p50": _pct(good, 99) - statistics.median(good),
                 },
             )
         sizes.append(summary)
-    # A round that failed on every rank is said once per rank, not again per round.
     ok = not failures and all(r["ok"] for r in ranks)
     return {
         "ok": ok,
@@ -215,17 +221,34 @@ async def run(app: web.Application, plan: LinkTestPlan) -> dict[str, Any]:
                 param="backend",
             )
         discs.append(d)
-    test_id = secrets.token_hex(6)
-    first = life.ports.allocate(len(plan.nodes), live_ring_ports(life.snapshot()))
+    blocks: list[int] = []
+    retried: list[str] = []
     try:
-        groups = link_groups(discs, plan.backend, first, test_id)
-        answers = await _gather(app, session, plan, groups, test_id)
+        while True:
+            test_id = secrets.token_hex(6)
+            first = life.ports.allocate(len(plan.nodes), live_ring_ports(life.snapshot()))
+            blocks.append(first)
+            groups = link_groups(discs, plan.backend, first, test_id)
+            answers = await _gather(app, session, plan, groups, test_id)
+            # A port still in TIME_WAIT (a group that just ended, before a cortex
+            # restart) or taken by another program: the next block may be free.
+            if len(blocks) >= BIND_ATTEMPTS or not any(_bind_failed(a) for a in answers):
+                break
+            retried.append(f"ports {first}..{first + len(plan.nodes) - 1} could not be bound")
     finally:
-        life.ports.free(first)
+        for b in blocks:
+            life.ports.free(b)
     report = summarize(plan, answers)
     report["test_id"] = test_id
     report["base_port"] = first
+    report["retried"] = retried
     return report
+
+
+def _bind_failed(answer: dict[str, Any] | str) -> bool:
+    if isinstance(answer, str):
+        return False
+    return any(BIND_ERROR in line for line in answer.get("stderr_tail", []))
 
 
 async def _gather(

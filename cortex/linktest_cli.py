@@ -129,6 +129,8 @@ def render(report: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     print(f"  {report.get('formula')}", file=out)
+    for line in report.get("retried", []):
+        print(f"  retried: {line}", file=out)
     cols = ("size", "ok", "p50 lat", "p99 lat", "stdev", "p99-p50", "algbw p50", "busbw p50")
     rows = [cols]
     details = []
@@ -172,6 +174,11 @@ def render(report: dict[str, Any], out: TextIO) -> None:
                 else f"{f.get('node')} (rank {f.get('rank')})"
             )
             print(f"  {where}: {f.get('error')}", file=out)
+        for r in report.get("ranks", []):
+            if not r.get("ok") and r.get("stderr_tail"):
+                print(f"  {r['node']} (rank {r['rank']}) stderr, last lines:", file=out)
+                for line in r["stderr_tail"]:
+                    print(f"    {line}", file=out)
     print("ok" if report.get("ok") else "FAILED", file=out)
 
 
