@@ -27,6 +27,11 @@ async def post_restart(request: web.Request) -> web.Response:
         raise NotFound(f"no node {name!r} in this fleet", param="name")
     before = fleet.node(name)
     models = [m.model_id for m in before.models if m.serves_http]
+    if before.recycling:
+        # Draining already (its port is closed): asking again must not undo the mark.
+        return web.json_response(
+            {"node": name, "recycling": True, "already": True, "models": models}, status=202
+        )
     fleet.begin_recycle(name, app[CONFIG].recycle_timeout_s)
     url = before.url.rstrip("/") + "/admin/restart"
     timeout = aiohttp.ClientTimeout(total=10.0, sock_connect=app[CONFIG].connect_timeout_s)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from cortex.state import Fleet
+from cortex.inflight import InFlight
+from cortex.lifecycle import replicas
+from cortex.state import Fleet, NodeModel
 from shared.wire import NodeHealth
 
 
@@ -39,3 +41,30 @@ def test_recycling_ends_at_its_deadline_even_without_a_restart() -> None:
     fleet.begin_recycle("a", timeout_s=0)
     fleet.poll_succeeded("a", _health(100.0), started=time.monotonic())
     assert fleet.node("a").healthy and not fleet.node("a").recycling
+
+
+def test_a_recycling_nodes_copy_still_counts_as_a_replica() -> None:
+    """No replacement is loaded elsewhere while a node restarts; a down node's copy is gone."""
+    fleet = Fleet.of([("a", "http://a"), ("b", "http://b")], threshold=1)
+    for name in ("a", "b"):
+        fleet.poll_succeeded(name, _health(100.0), started=time.monotonic())
+        fleet.set_model(name, NodeModel(model_id="m", state="ready"))
+    assert replicas(fleet.snapshot(), "m") == 2
+    fleet.begin_recycle("a", timeout_s=600)
+    assert replicas(fleet.snapshot(), "m") == 2
+    fleet.poll_failed("b", "down")
+    assert replicas(fleet.snapshot(), "m") == 1
+
+
+def test_a_recycling_node_keeps_its_streams_an_unhealthy_one_does_not() -> None:
+    """The drain finishes what the node holds; only a node lost for real ends them."""
+    fleet = Fleet.of([("a", "http://a")], threshold=1)
+    fleet.poll_succeeded("a", _health(100.0), started=time.monotonic())
+    inflight = InFlight()
+    with inflight.attempt("a") as attempt:
+        inflight.node_changed(fleet.begin_recycle("a", timeout_s=600))
+        inflight.node_changed(fleet.poll_failed("a", "connection refused"))
+        assert attempt.reason is None
+        fleet.end_recycle("a")
+        inflight.node_changed(fleet.poll_failed("a", "connection refused"))
+        assert attempt.reason == "node a was marked unhealthy (connection refused)"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import NeuronProcess, http_json, runner_pids, wait_until
+from tests.conftest import LONG_STREAM, NeuronProcess, http_json, runner_pids, wait_until
 from tests.e2e.conftest import CortexProcess
 
 TOKEN = "recycle-admin-token"
@@ -48,7 +51,7 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
     again, as the same process and node id but a new start; every request sent through
     cortex meanwhile (plain and streamed) is a 200 with no error frame; no runner is
     left without its neuron."""
-    a: NeuronProcess = neuron_factory(name="a", settings={"drain_s": 10.0})
+    a: NeuronProcess = neuron_factory(name="a", settings={"drain_s": 60.0})
     b: NeuronProcess = neuron_factory(name="b")
     c: CortexProcess = cortex_factory(
         [("a", a), ("b", b)],
@@ -78,11 +81,51 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
             status, text = _stream(c.url, model_id)
             results.append(("stream", status, text[-300:]))
 
-    threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    # One long stream on a itself when the restart begins: a's drain must let it end.
+    long_body = {
+        "model": model_id,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "go on"}],
+        **LONG_STREAM,
+        "max_tokens": 3000,
+    }
+    long_started = threading.Event()
+    long_result: list[str] = []
+    long_ended: list[float] = []
+
+    def long_stream() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", c.port, timeout=120)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(long_body),
+            {
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {TOKEN}",
+                "X-Cortex-Node": "a",
+            },
+        )
+        resp = conn.getresponse()
+        text = []
+        for line in resp:
+            long_started.set()
+            text.append(line.decode(errors="replace"))
+        long_result.append(f"{resp.status}\n" + "".join(text))
+        long_ended.append(time.monotonic())
+        conn.close()
+
+    threads = [
+        threading.Thread(target=plain),
+        threading.Thread(target=streamed),
+        threading.Thread(target=long_stream),
+    ]
     for t in threads:
         t.start()
     try:
         wait_until(lambda: len(results) >= 4, 60, "requests flowing")
+        wait_until(long_started.is_set, 60, "the long stream on a begun")
+        restart_began = time.monotonic()
         done = _restart("a", "--url", c.url, "--wait", "--timeout", "240")
         print(done.stdout, done.stderr)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -99,6 +142,11 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
     assert done.stdout.rstrip().endswith("a: restarted and serving")
     bad = [r for r in results if r[1] != 200 or '"error"' in r[2]]
     assert not bad, bad
+    (long_text,) = long_result
+    assert long_text.startswith("200\n") and '"error"' not in long_text, long_text[-500:]
+    assert '"completion_tokens": 3000' in long_text and long_text.rstrip().endswith("[DONE]")
+    # It was still streaming when the restart began (else this proves nothing).
+    assert long_ended[0] > restart_began
     # The same process (exec keeps the PID) and node id, a new start.
     assert a.process.poll() is None
     assert a.get("/discovery")[1]["node_id"] == node_id
