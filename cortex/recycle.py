@@ -26,7 +26,8 @@ async def post_restart(request: web.Request) -> web.Response:
     if name not in fleet.names:
         raise NotFound(f"no node {name!r} in this fleet", param="name")
     before = fleet.node(name)
-    models = [m.model_id for m in before.models if m.serves_http]
+    # What it serves now: what `cortex restart --wait` expects back.
+    models = [m.model_id for m in before.models if m.serves_http and m.state == "ready"]
     if before.recycling:
         # Draining already (its port is closed): asking again must not undo the mark.
         return web.json_response(

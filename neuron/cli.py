@@ -121,6 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # handler_cancellation: a client that disconnects cancels its proxied request.
     app = create_app(config)
+    recycle.enable(app)
     try:
         web.run_app(
             app,
@@ -135,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"neuron: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2
     if recycle.requested(app):  # POST /admin/restart: drained and stopped, now start again
-        recycle.reexec()
+        return recycle.reexec()
     return 0
 
 

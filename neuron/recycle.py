@@ -23,14 +23,26 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
+from shared.errors import ApiError, read_json_object
 
 log = logging.getLogger(__name__)
 # Long enough for the 202 to be written before the shutdown begins.
 SIGNAL_DELAY_S = 0.2
 
 
+class RestartUnsupported(ApiError):
+    """Only `neuron serve` can exec itself again; an app embedded elsewhere cannot."""
+
+    status = 501
+    code = "restart_unsupported"
+    type = "server_error"
+
+
 @attrs.define
 class Restart:
+    # Set by `neuron serve`: an in-process app (tests, embedding) must not SIGTERM
+    # its host process.
+    supported: bool = False
     requested: bool = False
     reason: str | None = None
 
@@ -41,8 +53,10 @@ RESTART = web.AppKey("restart", Restart)
 async def post_restart(request: web.Request) -> web.Response:
     app = request.app
     restart = app[RESTART]
-    body = await request.json() if request.can_read_body else {}
-    reason = body.get("reason") if isinstance(body, dict) else None
+    if not restart.supported:
+        raise RestartUnsupported("this neuron was not started by `neuron serve`: it cannot restart")
+    body = await read_json_object(request) if request.can_read_body else {}
+    reason = body.get("reason")
     already = restart.requested
     restart.requested = True
     restart.reason = reason if isinstance(reason, str) else "admin restart"
@@ -65,12 +79,20 @@ def setup(app: web.Application, config: NeuronConfig) -> None:
     app.router.add_post("/admin/restart", post_restart)
 
 
+def enable(app: web.Application) -> None:
+    """`neuron serve` runs this app as its process: POST /admin/restart may exec it again."""
+    app[RESTART].supported = True
+
+
 def requested(app: web.Application) -> bool:
     return app[RESTART].requested
 
 
-def reexec() -> None:
-    """Replace this process with a fresh `neuron serve` of the same command line."""
+def reexec() -> int:
+    """Replace this process with a fresh `neuron serve` of the same command line.
+
+    Returns (1) only if the exec itself failed: a service manager restarts us then.
+    """
     argv = list(sys.orig_argv)
     log.warning("re-executing: %s", " ".join(argv))
     for handler in logging.getLogger().handlers:
@@ -80,4 +102,8 @@ def reexec() -> None:
     # Only stdin/stdout/stderr cross the exec (PEP 446 makes ours non-inheritable
     # already; this holds even for a descriptor a library made inheritable).
     os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
-    os.execv(sys.executable, argv)
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as exc:
+        print(f"neuron: restart failed, cannot exec {sys.executable}: {exc}", file=sys.stderr)
+    return 1
