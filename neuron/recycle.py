@@ -40,6 +40,7 @@ class RestartUnsupported(ApiError):
 
 @attrs.define
 class Restart:
+    drain_s: float
     # Set by `neuron serve`: an in-process app (tests, embedding) must not SIGTERM
     # its host process.
     supported: bool = False
@@ -59,23 +60,19 @@ async def post_restart(request: web.Request) -> web.Response:
     reason = body.get("reason")
     already = restart.requested
     restart.requested = True
-    restart.reason = reason if isinstance(reason, str) else "admin restart"
+    restart.reason = reason[:200] if isinstance(reason, str) else "admin restart"
     if not already:
         log.warning("restart requested (%s): draining, then re-executing", restart.reason)
         # The way SIGTERM stops us, so the drain and the runners' stop are the same code.
         asyncio.get_running_loop().call_later(SIGNAL_DELAY_S, os.kill, os.getpid(), signal.SIGTERM)
     return web.json_response(
-        {"restarting": True, "already": already, "drain_s": app[CONFIG_KEY].drain_s},
+        {"restarting": True, "already": already, "drain_s": restart.drain_s},
         status=202,
     )
 
 
-CONFIG_KEY = web.AppKey("recycle_config", NeuronConfig)
-
-
 def setup(app: web.Application, config: NeuronConfig) -> None:
-    app[RESTART] = Restart()
-    app[CONFIG_KEY] = config
+    app[RESTART] = Restart(drain_s=config.drain_s)
     app.router.add_post("/admin/restart", post_restart)
 
 
