@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cortex import doctor
-from cortex.auth import REQUEST_KEY, Auth
+from cortex import doctor, linktest, recycle
+from cortex.auth import NODE_HEADER, REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
 from cortex.keys import (
@@ -118,6 +118,8 @@ def create_app(
     app.router.add_post("/admin/store/purge", _admin_store_purge)
     app.router.add_get("/admin/doctor", _admin_doctor)
     app.router.add_get("/dashboard", dashboard)
+    linktest.setup(app)
+    recycle.setup(app)
     return app
 
 
@@ -226,7 +228,9 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
             raise InvalidRequest("'messages' must be a non-empty array", param="messages")
         key: ApiKey | None = request.get(REQUEST_KEY)
         app[AUTH].check_model(key, model, app[CATALOGUE])
-        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome)
+        # X-Cortex-Node (admin token checked by the auth middleware): that replica only.
+        node = request.headers.get(NODE_HEADER) or None
+        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome, node=node)
         # A stream's outcome is what it sent (set by the proxy as it went).
         outcome.code = outcome.code or str(resp.status)
         return resp

@@ -8,6 +8,8 @@ admin token (as a bearer token, or the password of HTTP Basic auth); /health and
 without data that asks the operator for the token and sends it to /admin/*.
 It no longer prompts for Basic auth, so a browser holds no credential it would
 attach by itself to a cross-site POST.
+A /v1 request pinned to a node (X-Cortex-Node) needs the admin token in
+place of an API key.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The key a request authenticated with (None when auth is off).
 REQUEST_KEY = web.RequestKey("api_key", ApiKey)
 OPEN_PATHS = frozenset({"/health", "/metrics", "/dashboard"})
+# Pins an inference request to one node's replica (benchmarks, probes): operators
+# only, so a request carrying it needs the admin token instead of an API key.
+NODE_HEADER = "X-Cortex-Node"
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -103,6 +108,8 @@ class Auth:
             if path in OPEN_PATHS:
                 pass
             elif path.startswith("/admin"):
+                self.admin(request)
+            elif path.startswith("/v1") and NODE_HEADER in request.headers:
                 self.admin(request)
             elif path.startswith("/v1"):
                 key = self.client(request)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cortex import init_cli, load_cli, ops_cli
+from cortex import bench_cli, init_cli, linktest_cli, load_cli, ops_cli, restart_cli
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     load_cli.add_parser(sub)
     ops_cli.add_parsers(sub)
     init_cli.add_parser(sub)
+    linktest_cli.add_parser(sub)
+    restart_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",

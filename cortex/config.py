@@ -96,6 +96,9 @@ class CortexConfig:
     discovery_wait_s: float = 5.0
     # First TCP port for multi-node ring groups (rank i of a group uses base + offset + i).
     ring_base_port: int = 47000
+    # A node restarted by an operator (POST /admin/nodes/{name}/restart) is kept out of
+    # routing until it answers as a new process, or at most this long.
+    recycle_timeout_s: float = 600.0
     # -- a model's life (cortex.lifecycle) --
     # Requests that may wait for one model's load at once; beyond, 503 at once.
     max_waiting: int = 256

@@ -209,10 +209,14 @@ def wanted_replicas(spec: ModelSpec) -> int:
 
 
 def replicas(snap: FleetSnapshot, model_id: str) -> int:
-    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0."""
+    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0.
+
+    A recycling node's copies count: it comes back in moments, and a copy loaded
+    elsewhere meanwhile (maybe evicting another model) would be one too many.
+    """
     count = 0
     for node, m in snap.locations(model_id):
-        if not node.healthy or m.state not in SERVING_STATES | LOADING_STATES:
+        if not (node.healthy or node.recycling) or m.state not in SERVING_STATES | LOADING_STATES:
             continue
         if m.group is None or m.group.world_size == 1 or m.group.rank == 0:
             count += 1

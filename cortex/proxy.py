@@ -135,8 +135,11 @@ class Proxy:
         raw: bytes,
         rid: str,
         outcome: Outcome | None = None,
+        node: str | None = None,
     ) -> web.StreamResponse:
-        """Serve one inference request; raises the typed error when it cannot."""
+        """Serve one inference request; raises the typed error when it cannot.
+
+        `node` pins it to that node's replica (X-Cortex-Node, admin only)."""
         model = str(body["model"])
         spec = self.catalogue.resolve(model)
         payload = raw
@@ -156,7 +159,7 @@ class Proxy:
             async for attempt in proxy_attempts(self.config.retry_attempts, _TryAnother):
                 with attempt:
                     try:
-                        r = await self._route(model, keys, tries)
+                        r = await self._route(model, keys, tries, node)
                     except (UpstreamUnavailable, QueueFull):
                         # No replica left to try: the last one's own answer (its code,
                         # its Retry-After) says more than the router's generic one.
@@ -178,7 +181,9 @@ class Proxy:
             raise exc.error from exc
         raise AssertionError("unreachable: the retry policy returns or raises")
 
-    async def _route(self, model: str, keys: tuple[str, ...], tries: _Tries) -> Route:
+    async def _route(
+        self, model: str, keys: tuple[str, ...], tries: _Tries, node: str | None = None
+    ) -> Route:
         spec = self.catalogue.resolve(model)
 
         def decide(snap: FleetSnapshot) -> Route | ColdLoad:
@@ -193,6 +198,7 @@ class Proxy:
                 full=tries.full,
                 margin=self.config.affinity_margin,
                 rotation=next(self._turns),
+                node=node,
             )
 
         # Loads a cold model (once, however many ask) or waits for one loading.

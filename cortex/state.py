@@ -137,6 +137,13 @@ class NodeState:
     # Monotonic time cortex last wrote `models` itself (a load or unload it made);
     # a poll that started before then must not overwrite the fresher record.
     models_at: float = 0.0
+    # An operator's restart under way (POST /admin/nodes/{name}/restart): not routed
+    # to until the node answers as a new process, or this monotonic deadline passes.
+    recycling_until: float | None = None
+
+    @property
+    def recycling(self) -> bool:
+        return self.recycling_until is not None
 
     def model(self, model_id: str) -> NodeModel | None:
         for m in self.models:
@@ -174,6 +181,7 @@ class NodeState:
             "staged": sorted(self.staged),
             "last_ok": self.last_ok,
             "last_error": self.last_error,
+            "recycling": self.recycling,
         }
 
 
@@ -297,9 +305,14 @@ class Fleet:
         else:
             # Cortex wrote fresher model states during this poll: take only the load.
             models = _refresh_load(old.models, health, states=False)
+        # A recycling node answering as its old self is still draining: not routed to.
+        recycling = old.recycling_until
+        if recycling is not None and (restarted or time.monotonic() >= recycling):
+            recycling = None
         new = attrs.evolve(
             old,
-            healthy=True,
+            healthy=recycling is None,
+            recycling_until=recycling,
             failures=0,
             seen=True,
             health=health,
@@ -336,6 +349,22 @@ class Fleet:
         )
         self._nodes[name] = new
         return new
+
+    def begin_recycle(self, name: str, timeout_s: float) -> NodeState:
+        """An operator restarts the node: out of routing at once, until it is back."""
+        old = self._nodes[name]
+        new = attrs.evolve(
+            old,
+            healthy=False,
+            recycling_until=time.monotonic() + timeout_s,
+            last_error="recycling (restart requested)",
+        )
+        self._nodes[name] = new
+        return new
+
+    def end_recycle(self, name: str) -> None:
+        """The restart did not happen (the node refused it): the next poll judges."""
+        self._nodes[name] = attrs.evolve(self._nodes[name], recycling_until=None)
 
     # -- models cortex changed itself (recorded at once, not at the next poll) --
 

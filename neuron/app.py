@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from neuron import linktest, recycle
 from neuron.auth import fleet_token_middleware
 from neuron.config import NeuronConfig
 from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes, memory_bytes
@@ -134,6 +135,8 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_post("/store/cancel", post_cancel)
     app.router.add_get("/store/models/{name}/manifest", get_manifest)
     app.router.add_get("/store/models/{name}/files/{path:.+}", get_file)
+    linktest.setup(app, config, store)
+    recycle.setup(app, config)
     return app
 
 

@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from neuron import recycle
     from neuron.app import create_app
     from neuron.config import NeuronConfig
 
@@ -124,9 +125,11 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # handler_cancellation: a client that disconnects cancels its proxied request.
+    app = create_app(config)
+    recycle.enable(app)
     try:
         web.run_app(
-            create_app(config),
+            app,
             host=config.host,
             port=config.port,
             handler_cancellation=True,
@@ -137,6 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"neuron: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2
+    if recycle.requested(app):  # POST /admin/restart: drained and stopped, now start again
+        return recycle.reexec()
     return 0
 
 
