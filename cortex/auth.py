@@ -107,9 +107,9 @@ class Auth:
             path = request.path
             if path in OPEN_PATHS:
                 pass
-            elif path.startswith("/admin"):
-                self.admin(request)
-            elif path.startswith("/v1") and NODE_HEADER in request.headers:
+            elif path.startswith("/admin") or (
+                path.startswith("/v1") and NODE_HEADER in request.headers
+            ):
                 self.admin(request)
             elif path.startswith("/v1"):
                 key = self.client(request)
