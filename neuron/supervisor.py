@@ -43,6 +43,7 @@ from neuron.runner import RunnerProcess
 from neuron.staging import StageJob, Stager
 from neuron.store import Store, copy_name, is_local_source
 from shared.errors import ModelNotFound
+from shared.journal import Event, Journal
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
 
@@ -118,6 +119,8 @@ class ModelSupervisor:
     _crashes: collections.deque[float] = attrs.Factory(collections.deque)
     _task: asyncio.Task[None] | None = None
     _stop_task: asyncio.Task[None] | None = None
+    # The node's event log (GET /events): this model's runner starts, crashes, stops.
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     @classmethod
     def create(
@@ -128,6 +131,7 @@ class ModelSupervisor:
         metrics: NeuronMetrics,
         session: aiohttp.ClientSession,
         stager: Stager,
+        journal: Journal[Event] | None = None,
     ) -> ModelSupervisor:
         a = config.admission
         return cls(
@@ -143,6 +147,7 @@ class ModelSupervisor:
             context_limit=req.context_limit,
             stager=stager,
             peers=req.peers,
+            journal=journal if journal is not None else Journal[Event](),
         )
 
     # --- views ------------------------------------------------------------
@@ -207,7 +212,15 @@ class ModelSupervisor:
             else:
                 # Every load of a hub source stages first (from peers, else the hub).
                 self.stage = self.stager.stage(self.model_id, self.source, self.peers)
-                self.model_dir = await self.stager.wait(self.stage)
+                self.event(
+                    "stage start", f"{self.source} (peers: {', '.join(self.peers) or 'none'})"
+                )
+                try:
+                    self.model_dir = await self.stager.wait(self.stage)
+                except Exception as exc:
+                    self.event("stage failed", describe(exc))
+                    raise
+                self.event("stage done", str(self.model_dir))
             self.store.touch(self.model_dir)
             # A tokenizer takes a moment to read: off the event loop.
             self.info = await asyncio.to_thread(ModelInfo.load, self.model_dir, self.context_limit)
@@ -227,6 +240,7 @@ class ModelSupervisor:
             self.state = "failed"
             self.error = describe(exc)
             self.failed_at = time.monotonic()
+            self.event("failed", self.error)
 
     async def _run_once(self) -> None:
         self.state = "loading" if self._starts == 0 else "recovering"
@@ -241,6 +255,7 @@ class ModelSupervisor:
             group=self.group,
         )
         self.runner = runner
+        self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state})")
         try:
             async with asyncio.timeout(self.warmup_deadline_s):
                 await self._bring_up(runner)
@@ -258,6 +273,7 @@ class ModelSupervisor:
         log.info(
             "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
         )
+        self.event("ready", f"in {self.load_seconds:.2f} s, pid {runner.pid} port {runner.port}")
         self._crashed(runner, await self._watch(runner))
 
     async def _watch(self, runner: RunnerProcess) -> str:
@@ -396,6 +412,7 @@ class ModelSupervisor:
         tail = runner.tail()
         self.error = f"{reason}; runner output tail:\n{tail}" if tail else reason
         log.warning("model %s: %s", self.model_id, reason)
+        self.event("crash", self.error)
         if self.in_group:
             raise _GiveUp(self.error)
         if len(self._crashes) >= self.config.restart.max_crashes:
@@ -404,6 +421,11 @@ class ModelSupervisor:
             )
         self.state = "recovering"
         raise _RunnerLost(reason)
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self.journal.append(
+            Event(kind=kind, model=self.model_id, node=self.config.node_name, detail=detail)
+        )
 
     def stop(self) -> asyncio.Task[None]:
         """Unload: stop supervising, SIGTERM then SIGKILL the runner (idempotent).
@@ -417,6 +439,7 @@ class ModelSupervisor:
 
     async def _stop(self) -> None:
         self.state = "unloading"
+        self.event("stop", "" if self.runner is None else f"pid {self.runner.pid}")
         try:
             if self.stage is not None:
                 # An unload of a model being staged cancels its stage (resumable later).
@@ -427,7 +450,8 @@ class ModelSupervisor:
         finally:
             if self.runner is not None:
                 try:
-                    await self.runner.stop(self.config.runner.stop_grace_s)
+                    code = await self.runner.stop(self.config.runner.stop_grace_s)
+                    self.event("stopped", f"pid {self.runner.pid} exited with code {code}")
                 except BaseException:
                     self.runner.kill_now()  # interrupted: no grace left
                     raise
@@ -455,6 +479,7 @@ class Supervisor:
     )
     _session: aiohttp.ClientSession | None = None
     _lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -490,7 +515,7 @@ class Supervisor:
             if current is not None:
                 await asyncio.shield(current.stop())
             m = ModelSupervisor.create(
-                req, self.config, self.store, self.metrics, self.session, self.stager
+                req, self.config, self.store, self.metrics, self.session, self.stager, self.journal
             )
             self.models[req.model_id] = m
             self.metrics.model_added(m.model_id)
