@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cortex import load_cli
+from cortex import load_cli, trace_cli
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     load_cli.add_parser(sub)
+    trace_cli.add_trace_parser(sub)
+    trace_cli.add_events_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",
