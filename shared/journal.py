@@ -179,15 +179,22 @@ class JournalFile:
         if self.counting_only:
             log.warning("journal %s: free space back above the floor: writing again", s.path)
             self.counting_only = False
-        data = "".join(line + "\n" for line in batch).encode()
         if file is None:
             file = s.path.open("ab")
-        # Rotate before a write that would pass the size (an empty file takes any line).
-        if file.tell() and file.tell() + len(data) > s.max_bytes:
-            file.close()
-            _rotate(s.path, s.keep)
-            file = s.path.open("ab")
-        file.write(data)
+        size = file.tell()
+        pending: list[bytes] = []
+        for line in batch:
+            data = (line + "\n").encode()
+            # Rotate before a line that would pass the size (an empty file takes any line).
+            if size and size + len(data) > s.max_bytes:
+                file.write(b"".join(pending))
+                file.close()
+                _rotate(s.path, s.keep)
+                file = s.path.open("ab")
+                size, pending = 0, []
+            pending.append(data)
+            size += len(data)
+        file.write(b"".join(pending))
         file.flush()
         with self._lock:
             self.written += len(batch)
