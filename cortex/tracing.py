@@ -8,6 +8,7 @@ request's outcome. The neuron keeps its own trace under the same X-Request-Id
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from shared.journal import Event, FileSettings, Journal
 
 # The neuron's admission wait for this request, in seconds, on its answer.
 QUEUE_WAIT_HEADER = "X-Queue-Wait-S"
+# The neuron's token counts at a stream's end when the client asked for no usage frame.
+USAGE_COMMENT = b": usage "
 
 
 @attrs.frozen
@@ -72,6 +75,7 @@ class TraceDraft:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    _carry: bytes = b""
 
     def usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -83,9 +87,25 @@ class TraceDraft:
             self.completion_tokens = c
 
     def scan(self, chunk: bytes) -> None:
-        """Count a relayed chunk's content events; take a usage frame's counts."""
+        """Count a relayed chunk's content events; take a usage frame's (or the neuron's
+        usage comment's) counts."""
         self.frames += chunk.count(b"data: {")
         self.last_at = time.monotonic()
+        # The neuron's `: usage {...}` comment, also when split across two reads.
+        # At a line's start only (a JSON string holds no raw newline).
+        marker = b"\n" + USAGE_COMMENT
+        joined = self._carry + chunk
+        at = joined.find(marker)
+        if at >= 0:
+            end = joined.find(b"\n", at + 1)
+            if end < 0:
+                self._carry = joined[at:][-512:]
+            else:
+                with contextlib.suppress(ValueError):
+                    self.usage(json.loads(joined[at + len(marker) : end]))
+                self._carry = b""
+        else:
+            self._carry = joined[-len(marker) :]
         # Quotes inside JSON strings are escaped: this finds only a usage key.
         if b'"usage":' in chunk:
             for line in chunk.split(b"\n"):

@@ -29,7 +29,7 @@ from neuron.config import NeuronConfig
 from neuron.request_check import Checked, Kind, check_size, count_prompt, finish, validate
 from neuron.runner import RunnerProcess
 from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
-from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id
+from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usage_comment
 from shared.assemble import assemble, is_usage_frame
 from shared.drain import mark_streaming
 from shared.errors import (
@@ -486,6 +486,9 @@ class Proxy:
                     tally.chunks.append(chunk)
                 elif checked.include_usage:
                     out.append(event)
+                else:
+                    # An SSE comment (clients skip it): cortex's trace reads the counts.
+                    out.append(usage_comment(chunk["usage"]))
                 continue
             tally.frames += 1
             if tally.first_at is None:

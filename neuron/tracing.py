@@ -7,6 +7,7 @@ frozen `Trace` when the handler ends. GET /traces and /traces/{id} read the ring
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -26,6 +27,13 @@ QUEUE_WAIT_HEADER = "X-Queue-Wait-S"
 def request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def usage_comment(usage: dict[str, Any]) -> bytes:
+    """The runner's token counts as an SSE comment, for a stream that did not ask for
+    the usage frame: clients skip comments, cortex's trace reads it (USAGE_COMMENT)."""
+    counts = {k: v for k, v in usage.items() if k in ("prompt_tokens", "completion_tokens")}
+    return b": usage " + json.dumps(counts, separators=(",", ":")).encode() + b"\n\n"
 
 
 @attrs.frozen

@@ -110,7 +110,11 @@ def test_trace_joined_events_rotation_floor_and_clis(
     nt = joined["neuron"]
     assert nt["id"] == RID and nt["model"] == model_id and nt["status"] == "200"
     assert nt["prompt_tokens"] is not None and nt["prompt_tokens"] > 0  # its tokenizer
-    assert nt["completion_tokens"] == ct["completion_tokens"] or ct["tokens_from"] == "frames"
+    # Cortex's counts are the neuron's (its usage comment: the client asked no usage).
+    assert ct["tokens_from"] == "usage"
+    assert ct["completion_tokens"] == nt["completion_tokens"]
+    assert ct["prompt_tokens"] == nt["runner_prompt_tokens"] > 0
+    assert ct["tok_s"] is not None and ct["tok_s"] > 0
     assert nt["ttft_s"] is not None and nt["runner"].startswith("pid ")
     assert joined["nodes"]["a"] == nt
     # The id is in the runner's log, so its output can be matched with the trace.
