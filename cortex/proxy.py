@@ -482,12 +482,11 @@ class Proxy:
         raise _TryAnother(err)
 
 
-_TRACE = "cortex.trace"
+_TRACE = web.RequestKey("cortex.trace", TraceDraft)
 
 
 def _trace(request: web.Request) -> TraceDraft | None:
-    t = request.get(_TRACE)
-    return t if isinstance(t, TraceDraft) else None
+    return request.get(_TRACE)
 
 
 def _traced_answer(

@@ -164,12 +164,11 @@ class _QuietReads:
             self._timer = None
 
 
-_TRACE = "neuron.trace"
+_TRACE = web.RequestKey("neuron.trace", TraceDraft)
 
 
 def _trace(request: web.Request) -> TraceDraft | None:
-    t = request.get(_TRACE)
-    return t if isinstance(t, TraceDraft) else None
+    return request.get(_TRACE)
 
 
 def _queue_wait(request: web.Request) -> dict[str, str]:

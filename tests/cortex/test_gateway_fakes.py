@@ -438,6 +438,8 @@ async def test_health_degraded_when_a_node_is_down(two: list[FakeNeuron]) -> Non
             "status": "degraded",
             "nodes": {"healthy": 1, "total": 2},
             "models_without_replica": [],
+            "journal": "memory only",
+            "journal_files": {"events": "memory only", "traces": "memory only"},
         }
 
 
