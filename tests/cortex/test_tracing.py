@@ -53,8 +53,8 @@ def test_a_usage_frame_gives_the_counts_and_is_no_token() -> None:
 CHAT = "/v1/chat/completions"
 
 
-def _chat(stream: bool = False) -> dict[str, Any]:
-    return {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+def _chat(stream: bool = False, text: str = "hi") -> dict[str, Any]:
+    return {"model": "m1", "messages": [{"role": "user", "content": text}], "stream": stream}
 
 
 async def test_a_retried_request_names_every_node_tried_and_asks_each() -> None:
@@ -68,9 +68,9 @@ async def test_a_retried_request_names_every_node_tried_and_asks_each() -> None:
         a.chat_error = (503, "shutting_down")
         async with gateway([a, b]) as client:
             for i in range(4):
-                r = await client.post(
-                    CHAT, json=_chat(stream=i % 2 == 0), headers={"X-Request-Id": f"t{i}"}
-                )
+                # A prompt each: prefix affinity must not pin them all to one node.
+                body = _chat(stream=i % 2 == 0, text=f"prompt number {i} " * 8)
+                r = await client.post(CHAT, json=body, headers={"X-Request-Id": f"t{i}"})
                 assert r.status == 200 and r.headers["X-Request-Id"] == f"t{i}"
                 await r.read()
             listed = (await (await client.get("/admin/traces")).json())["traces"]
