@@ -100,8 +100,8 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
-    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint)
     events, traces = journals(config)
+    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint, journal=events)
     supervisor = Supervisor(
         config=config, store=store, metrics=metrics, stager=stager, journal=events
     )

@@ -212,15 +212,7 @@ class ModelSupervisor:
             else:
                 # Every load of a hub source stages first (from peers, else the hub).
                 self.stage = self.stager.stage(self.model_id, self.source, self.peers)
-                self.event(
-                    "stage start", f"{self.source} (peers: {', '.join(self.peers) or 'none'})"
-                )
-                try:
-                    self.model_dir = await self.stager.wait(self.stage)
-                except Exception as exc:
-                    self.event("stage failed", describe(exc))
-                    raise
-                self.event("stage done", str(self.model_dir))
+                self.model_dir = await self.stager.wait(self.stage)
             self.store.touch(self.model_dir)
             # A tokenizer takes a moment to read: off the event loop.
             self.info = await asyncio.to_thread(ModelInfo.load, self.model_dir, self.context_limit)
