@@ -2,9 +2,10 @@
 
 Both services keep two (events and traces). The ring answers the HTTP views and
 never waits on a disk. The file, when configured, is written by one writer
-thread fed through a bounded queue: `append` only enqueues a line, so a slow or
-full disk (write, rename, statvfs) never stalls the event loop; a queue that
-fills up (a disk far slower than the records) drops lines and counts them.
+thread fed through a bounded queue: `append` only enqueues the (frozen) record,
+which the thread serializes, so a slow or full disk (write, rename, statvfs)
+never stalls the event loop. A queue that fills up (a disk far slower than the
+records) drops lines and counts them rather than make the loop wait.
 
 The file rotates by size (`events.jsonl` -> `events.jsonl.1` ... `.keep`, the
 oldest deleted), and below a free-space floor it only counts: lines are
@@ -107,16 +108,17 @@ class JournalFile:
         self.counting_only = False
         self.free_bytes: int | None = None
         self.error: str | None = None
-        self._queue: queue.Queue[str | None] = queue.Queue(QUEUE_LINES)
+        # Records, not lines: they are frozen, so the thread serializes them, not the loop.
+        self._queue: queue.Queue[_Record | None] = queue.Queue(QUEUE_LINES)
         self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name=f"journal {settings.path.name}", daemon=True
         )
         self._thread.start()
 
-    def put(self, line: str) -> None:
+    def put(self, record: _Record) -> None:
         try:
-            self._queue.put_nowait(line)
+            self._queue.put_nowait(record)
         except queue.Full:
             with self._lock:
                 self.dropped += 1
@@ -141,7 +143,7 @@ class JournalFile:
                     while len(lines) < 1000:
                         lines.append(self._queue.get_nowait())
                 stop = None in lines
-                batch = [x for x in lines if x is not None]
+                batch = [_line(x) for x in lines if x is not None]
                 try:
                     if batch:
                         file = self._write(file, batch)
@@ -210,6 +212,10 @@ class JournalFile:
                 self.error = error
 
 
+def _line(record: _Record) -> str:
+    return json.dumps(record.to_json(), separators=(",", ":"), default=str)
+
+
 def _rotate(path: Path, keep: int) -> None:
     """`path` becomes `path.1`, `.1` becomes `.2` ..., beyond `.keep` is deleted."""
     with contextlib.suppress(FileNotFoundError):
@@ -238,7 +244,7 @@ class Journal(Generic[R]):
         rec: R = attrs.evolve(record, seq=self._seq)  # type: ignore[misc]
         self._ring.append(rec)
         if self.file is not None:
-            self.file.put(json.dumps(rec.to_json(), separators=(",", ":"), default=str))
+            self.file.put(rec)
         return rec
 
     def __iter__(self) -> Iterator[R]:
