@@ -173,4 +173,5 @@ class CortexConfig:
         token = read_token(
             file=cfg.fleet_token_file, env=cfg.fleet_token_env, base=base, config=str(path)
         )
-        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token)
+        journal = None if cfg.journal_dir is None else str(base / cfg.journal_dir)
+        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal)

@@ -220,4 +220,5 @@ class NeuronConfig:
             load=loads,
             model_roots=roots,
             fleet_token=token,
+            journal_dir=None if cfg.journal_dir is None else str(base / cfg.journal_dir),
         )

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from cortex.config import CortexConfig
+from neuron.config import NeuronConfig
 from shared.journal import MB, Event, FileSettings, Journal, journal_health
 
 
@@ -91,3 +93,14 @@ def test_back_above_the_floor_it_writes_again(tmp_path: Path) -> None:
     assert not j.file.counting_only and j.file.dropped == 1
     assert j.status() == f"writing {path}, 1 dropped"
     j.close()
+
+
+def test_a_relative_journal_dir_is_taken_from_the_config_files_folder(tmp_path: Path) -> None:
+    (tmp_path / "models.toml").write_text("models = []\n")
+    (tmp_path / "cortex.toml").write_text('journal_dir = "j"\njournal_keep = 2\n')
+    (tmp_path / "neuron.toml").write_text('journal_dir = "nj"\nstore_dir = "s"\n')
+    cortex = CortexConfig.from_file(tmp_path / "cortex.toml")
+    neuron = NeuronConfig.from_file(tmp_path / "neuron.toml")
+    assert cortex.journal_dir == str(tmp_path.resolve() / "j") and cortex.journal_keep == 2
+    assert neuron.journal_dir == str(tmp_path.resolve() / "nj")
+    assert CortexConfig().journal_dir is None and NeuronConfig().journal_dir is None
