@@ -30,6 +30,7 @@ from cortex.keys import (
     PROXY,
     RECONCILER,
     STARTED,
+    TRACES,
     Started,
 )
 from cortex.lifecycle import Lifecycle, replica_counts
@@ -41,6 +42,8 @@ from cortex.proxy import Outcome, Proxy, request_id
 from cortex.reconciler import Reconciler
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
+from cortex.trace_api import add_trace_routes
+from cortex.tracing import TraceDraft, journals
 from shared.catalogue import Catalogue, ModelSpec
 from shared.drain import SSE_RESPONSE, Drain
 from shared.errors import (
@@ -51,6 +54,7 @@ from shared.errors import (
     quiet_bad_requests,
     read_json_object,
 )
+from shared.journal import journal_health
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,8 @@ def create_app(
     )
     app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
     app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
-    app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config)
+    events, app[TRACES] = journals(config)
+    app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config, journal=events)
     app[METRICS].watch_replicas(lambda: replica_counts(cat, app[LIFECYCLE].snapshot()))
     app.cleanup_ctx.append(_services(background=background))
     app.router.add_post("/v1/chat/completions", _chat)
@@ -120,6 +125,7 @@ def create_app(
     app.router.add_get("/dashboard", dashboard)
     linktest.setup(app)
     recycle.setup(app)
+    add_trace_routes(app)
     return app
 
 
@@ -142,7 +148,7 @@ def _services(*, background: bool) -> Any:
             session=poll_session,
             interval_s=cfg.poll_interval_s,
             timeout_s=cfg.poll_timeout_s,
-            listeners=[metrics.observe_node, app[LIFECYCLE].polled],
+            listeners=[metrics.observe_node, app[LIFECYCLE].polled, app[LIFECYCLE].transitions],
         )
         for name in app[FLEET].names:
             metrics.observe_node(app[FLEET].node(name))
@@ -192,6 +198,9 @@ def _services(*, background: bool) -> Any:
             await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()
+            # The writer threads write what is queued, off the loop.
+            await asyncio.to_thread(app[LIFECYCLE].journal.close)
+            await asyncio.to_thread(app[TRACES].close)
 
     return services
 
@@ -214,6 +223,8 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
     label = "other"
     outcome = Outcome()
     rid = request_id(request)
+    trace = TraceDraft(rid)
+    error: str | None = None
     try:
         body = await read_json_object(request)
         raw = await request.read()
@@ -227,15 +238,18 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
         if field == "messages" and (not isinstance(body["messages"], list) or not body[field]):
             raise InvalidRequest("'messages' must be a non-empty array", param="messages")
         key: ApiKey | None = request.get(REQUEST_KEY)
+        trace.model, trace.stream = spec.id if spec is not None else model, bool(body.get("stream"))
+        trace.key = None if key is None else key.label
         app[AUTH].check_model(key, model, app[CATALOGUE])
         # X-Cortex-Node (admin token checked by the auth middleware): that replica only.
         node = request.headers.get(NODE_HEADER) or None
-        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome, node=node)
+        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome, trace, node=node)
         # A stream's outcome is what it sent (set by the proxy as it went).
         outcome.code = outcome.code or str(resp.status)
         return resp
     except ApiError as exc:
         outcome.code = outcome.code or str(exc.status)
+        error = exc.message
         raise
     except asyncio.CancelledError:
         if app[DRAIN].closing and outcome.code is None:
@@ -249,6 +263,7 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
     finally:
         metrics.requests.labels(label, outcome.code or "500").inc()
         metrics.request_duration.labels(label).observe(time.monotonic() - started)
+        app[TRACES].append(trace.done(outcome.code or "500", error))
 
 
 # -- models, health, metrics ----------------------------------------------------------
@@ -362,6 +377,10 @@ async def _health(request: web.Request) -> web.Response:
             "status": status,
             "nodes": {"healthy": healthy, "total": total},
             "models_without_replica": broken,
+            # Informational: a journal that only counts serves every request all the same.
+            **journal_health(
+                {"events": request.app[LIFECYCLE].journal, "traces": request.app[TRACES]}
+            ),
         }
     )
 

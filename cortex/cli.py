@@ -11,7 +11,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cortex import bench_cli, init_cli, linktest_cli, load_cli, ops_cli, restart_cli
+from cortex import (
+    bench_cli,
+    init_cli,
+    linktest_cli,
+    load_cli,
+    ops_cli,
+    restart_cli,
+    trace_cli,
+)
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
@@ -85,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     linktest_cli.add_parser(sub)
     restart_cli.add_parser(sub)
     bench_cli.add_parser(sub)
+    trace_cli.add_trace_parser(sub)
+    trace_cli.add_events_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",

@@ -117,6 +117,16 @@ class CortexConfig:
     doctor_probe_timeout_s: float = 10.0
     # A runner restart this recent is reported (warn).
     doctor_restart_window_s: float = 3600.0
+    # -- traces and the event log (shared.journal) --
+    # JSONL files here (events.jsonl, traces.jsonl) beside the rings; None: memory only.
+    journal_dir: str | None = None
+    # Each file rotates past this size, keeping this many rotated ones.
+    journal_max_mb: float = 16.0
+    journal_keep: int = 4
+    # Below this much free disk the files only count the lines they drop.
+    journal_min_free_mb: float = 512.0
+    journal_events_kept: int = 2000
+    journal_traces_kept: int = 1000
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -153,6 +163,10 @@ class CortexConfig:
             check_token(self.fleet_token)
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:
+            raise ValueError("journal_max_mb must be > 0, journal_keep >= 1, min_free_mb >= 0")
+        if self.journal_events_kept < 1 or self.journal_traces_kept < 1:
+            raise ValueError("journal_events_kept and journal_traces_kept must be >= 1")
         for name in (
             "load_backoff_s",
             "max_keep_alive_s",
@@ -175,4 +189,5 @@ class CortexConfig:
         token = read_token(
             file=cfg.fleet_token_file, env=cfg.fleet_token_env, base=base, config=str(path)
         )
-        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token)
+        journal = None if cfg.journal_dir is None else str(base / cfg.journal_dir)
+        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal)

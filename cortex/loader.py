@@ -229,6 +229,7 @@ class Loader:
         log.info("evicting idle %s from %s to make room", model_id, node)
         await self.unload(node, model_id)
         self.metrics.evictions.labels(self.metrics.model(model_id)).inc()
+        self.life.event(model_id, "evicted", f"from {node}, idle, to make room", node)
 
     async def unload(self, node: str, model_id: str) -> None:
         """POST /models/unload on `node` (a short timeout: one hung node must not stall

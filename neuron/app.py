@@ -25,6 +25,8 @@ from neuron.proxy import Proxy
 from neuron.staging import PLAN_WAIT_S, Stager
 from neuron.store import COPY_NAME, Store, copy_name, is_local_source
 from neuron.supervisor import Supervisor
+from neuron.trace_api import EVENTS, TRACES, add_trace_routes
+from neuron.tracing import journals
 from shared.drain import Drain
 from shared.errors import (
     ApiError,
@@ -35,6 +37,7 @@ from shared.errors import (
     quiet_bad_requests,
     read_json_object,
 )
+from shared.journal import journal_health
 from shared.wire import (
     FieldError,
     LoadRequest,
@@ -81,6 +84,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         # Runners never outlive the neuron: stop them all before the loop ends.
         await supervisor.close()
+        # The journals' writer threads write what is queued, off the loop.
+        await asyncio.to_thread(supervisor.journal.close)
+        await asyncio.to_thread(app[TRACES].close)
 
 
 async def _drain(app: web.Application) -> None:
@@ -105,8 +111,12 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
-    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint)
-    supervisor = Supervisor(config=config, store=store, metrics=metrics, stager=stager)
+    events, traces = journals(config)
+    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint, journal=events)
+    supervisor = Supervisor(
+        config=config, store=store, metrics=metrics, stager=stager, journal=events
+    )
+    app[TRACES], app[EVENTS] = traces, events
     app[STAGER] = stager
     metrics.watch(supervisor.health)
     metrics.watch_node(NodeFigures(config.store_path, memory_bytes))
@@ -118,7 +128,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
 
-    proxy = Proxy(config=config, supervisor=supervisor)
+    proxy = Proxy(config=config, supervisor=supervisor, traces=traces)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_get("/v1/models", openai_models)
@@ -137,6 +147,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_get("/store/models/{name}/files/{path:.+}", get_file)
     linktest.setup(app, config, store)
     recycle.setup(app, config)
+    add_trace_routes(app)
     return app
 
 
@@ -174,7 +185,10 @@ async def get_health(request: web.Request) -> web.Response:
         models=models,
         **_health_extras(app),
     )
-    return web.json_response(health.to_json())
+    body = health.to_json()
+    # Informational, outside the verdict: a journal that only counts serves all the same.
+    body.update(journal_health({"events": app[SUPERVISOR].journal, "traces": app[TRACES]}))
+    return web.json_response(body)
 
 
 def _health_extras(app: web.Application) -> dict[str, Any]:

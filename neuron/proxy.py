@@ -37,6 +37,7 @@ from neuron.request_check import (
 )
 from neuron.runner import RunnerProcess
 from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
+from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usage_comment
 from shared.assemble import assemble, is_usage_frame
 from shared.drain import mark_streaming
 from shared.errors import (
@@ -50,6 +51,7 @@ from shared.errors import (
     read_json_object,
     sse_error_frame,
 )
+from shared.journal import Journal
 from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 from shared.wire import PROBE_HEADER
 
@@ -186,10 +188,25 @@ class _QuietReads:
             self._timer = None
 
 
+_TRACE = web.RequestKey("neuron.trace", TraceDraft)
+
+
+def _trace(request: web.Request) -> TraceDraft | None:
+    return request.get(_TRACE)
+
+
+def _queue_wait(request: web.Request) -> dict[str, str]:
+    t = _trace(request)
+    if t is None or t.admission_wait_s is None:
+        return {}
+    return {QUEUE_WAIT_HEADER: f"{t.admission_wait_s:.6f}"}
+
+
 @attrs.define
 class Proxy:
     config: NeuronConfig
     supervisor: Supervisor
+    traces: Journal[Trace] = attrs.Factory(Journal[Trace])
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, "/v1/chat/completions", "chat")
@@ -204,17 +221,25 @@ class Proxy:
             raise InvalidRequest("missing `model` (a non-empty string)", param="model")
         m = self.supervisor.get(model_id)
         metrics = self.supervisor.metrics
+        trace = TraceDraft(request_id(request), model_id, stream=body.get("stream") is True)
+        request[_TRACE] = trace
+        status, error = "500", None
         # Errors once the runner is reached count in `requests` by outcome instead.
         reached_runner = False
         try:
             self._check_state(m, model_id)
             assert m is not None
             checked = await self._check(m, body, kind)
+            trace.prompt_tokens = checked.prompt_tokens
             queued_at = time.monotonic()
             async with m.admission.slot():
-                metrics.queue_wait.labels(m.model_id).observe(time.monotonic() - queued_at)
+                waited = time.monotonic() - queued_at
+                metrics.queue_wait.labels(m.model_id).observe(waited)
+                trace.admission_wait_s = round(waited, 6)
                 runner = self._check_state(m, model_id)
                 reached_runner = True
+                trace.runner = f"pid {runner.pid} port {runner.port}"
+                runner.note(f"request {trace.id} {path}")
                 # A probe (doctor) is no use: it must not hold off the idle unload.
                 use = PROBE_HEADER not in request.headers
                 if use:
@@ -227,11 +252,20 @@ class Proxy:
                     resp = await self._unary(m, runner, path, checked, name)
                 if use:
                     m.stats.last_used = time.time()
+                status = str(resp.status)
+                if not resp.prepared:  # an unstreamed answer: its headers are still ours
+                    resp.headers.update(_queue_wait(request))
                 return resp
         except ApiError as exc:
+            status, error = str(exc.status), exc.message
             if not reached_runner:
                 metrics.rejected.labels(model_id if m is not None else "", exc.code).inc()
             raise
+        except asyncio.CancelledError:
+            status = "client_gone"
+            raise
+        finally:
+            self.traces.append(trace.done(status, error))
 
     async def _check(self, m: ModelSupervisor, body: dict[str, Any], kind: Kind) -> Checked:
         """The runner's body from the allow-list; the prompt counted off the event loop."""
@@ -346,8 +380,10 @@ class Proxy:
         outcome = "ok"
         opening = asyncio.ensure_future(self._open(runner, path, checked))
 
+        trace = _trace(request)
+
         async def begin() -> web.StreamResponse:
-            r = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            r = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_queue_wait(request)})
             await r.prepare(request)
             mark_streaming(request, r)
             return r
@@ -414,6 +450,8 @@ class Proxy:
                         m.stats.decoding += 1
                         ttft = (tally.first_at or now) - started
                         m.stats.ttft_s = ttft
+                        if trace is not None:
+                            trace.ttft_s = round(ttft, 6)
                         metrics.ttft.labels(m.model_id).observe(ttft)
             m.runner_answered(runner)
             if streaming:
@@ -423,6 +461,8 @@ class Proxy:
         except _Lost as exc:
             outcome = "upstream_lost"
             message = f"runner of {m.model_id!r} lost: {describe(exc)}"
+            if trace is not None:
+                trace.error = message
             if response is None:
                 raise UpstreamUnavailable(message) from exc
             # Counted only where a client really gets the error frame.
@@ -450,6 +490,11 @@ class Proxy:
                 m.stats.decoding -= 1
             if tally.usage is not None:
                 self._count_tokens(m, tally.usage, tally)
+                if trace is not None:
+                    trace.usage(tally.usage)
+                    trace.tok_s = _tok_s(tally)
+            if trace is not None and outcome != "ok":
+                trace.status = outcome
             metrics.requests.labels(m.model_id, outcome).inc()
 
     def _take(self, batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> bytes:
@@ -474,6 +519,9 @@ class Proxy:
                     tally.chunks.append(chunk)
                 elif checked.include_usage:
                     out.append(event)
+                else:
+                    # An SSE comment (clients skip it): cortex's trace reads the counts.
+                    out.append(usage_comment(chunk["usage"]))
                 continue
             tally.frames += 1
             if tally.first_at is None:
@@ -529,6 +577,15 @@ class Proxy:
 class RunnerBroken(UpstreamError):
     """502 upstream_error from a runner that is being restarted (no code of its own:
     cortex and clients know upstream_error)."""
+
+
+def _tok_s(tally: _Tally) -> float | None:
+    """Decode speed as the metrics count it: tokens after the first over their span."""
+    c = (tally.usage or {}).get("completion_tokens")
+    if not isinstance(c, int) or c < 2 or not tally.first_at or not tally.last_at:
+        return None
+    span = tally.last_at - tally.first_at
+    return round((c - 1) / span, 2) if span > 0 else None
 
 
 def _error_outcome(err: ApiError) -> str:

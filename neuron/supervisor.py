@@ -44,6 +44,7 @@ from neuron.runner import RunnerProcess
 from neuron.staging import StageJob, Stager
 from neuron.store import Store, copy_name, is_local_source
 from shared.errors import ModelNotFound
+from shared.journal import Event, Journal
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
 
@@ -123,6 +124,8 @@ class ModelSupervisor:
     _crashes: collections.deque[float] = attrs.Factory(collections.deque)
     _task: asyncio.Task[None] | None = None
     _stop_task: asyncio.Task[None] | None = None
+    # The node's event log (GET /events): this model's runner starts, crashes, stops.
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     @classmethod
     def create(
@@ -133,6 +136,7 @@ class ModelSupervisor:
         metrics: NeuronMetrics,
         session: aiohttp.ClientSession,
         stager: Stager,
+        journal: Journal[Event] | None = None,
     ) -> ModelSupervisor:
         a = config.admission
         return cls(
@@ -148,6 +152,7 @@ class ModelSupervisor:
             context_limit=req.context_limit,
             stager=stager,
             peers=req.peers,
+            journal=journal if journal is not None else Journal[Event](),
         )
 
     # --- views ------------------------------------------------------------
@@ -235,6 +240,7 @@ class ModelSupervisor:
             self.state = "failed"
             self.error = describe(exc)
             self.failed_at = time.monotonic()
+            self.event("failed", self.error)
 
     async def _run_once(self) -> None:
         self.state = "loading" if self._starts == 0 else "recovering"
@@ -251,6 +257,7 @@ class ModelSupervisor:
             group=self.group,
         )
         self.runner = runner
+        self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state})")
         try:
             async with asyncio.timeout(self.warmup_deadline_s):
                 await self._bring_up(runner)
@@ -268,6 +275,7 @@ class ModelSupervisor:
         log.info(
             "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
         )
+        self.event("ready", f"in {self.load_seconds:.2f} s, pid {runner.pid} port {runner.port}")
         self._crashed(runner, await self._watch(runner))
 
     async def _watch(self, runner: RunnerProcess) -> str:
@@ -408,6 +416,7 @@ class ModelSupervisor:
             reason = f"{advice}; {reason}"
         self.error = f"{reason}; runner output tail:\n{tail}" if tail else reason
         log.warning("model %s: %s", self.model_id, reason)
+        self.event("crash", self.error)
         if self.in_group:
             raise _GiveUp(self.error)
         if len(self._crashes) >= self.config.restart.max_crashes:
@@ -416,6 +425,11 @@ class ModelSupervisor:
             )
         self.state = "recovering"
         raise _RunnerLost(reason)
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self.journal.append(
+            Event(kind=kind, model=self.model_id, node=self.config.node_name, detail=detail)
+        )
 
     def stop(self) -> asyncio.Task[None]:
         """Unload: stop supervising, SIGTERM then SIGKILL the runner (idempotent).
@@ -429,6 +443,7 @@ class ModelSupervisor:
 
     async def _stop(self) -> None:
         self.state = "unloading"
+        self.event("stop", "" if self.runner is None else f"pid {self.runner.pid}")
         try:
             if self.stage is not None:
                 # An unload of a model being staged cancels its stage (resumable later).
@@ -439,7 +454,8 @@ class ModelSupervisor:
         finally:
             if self.runner is not None:
                 try:
-                    await self.runner.stop(self.config.runner.stop_grace_s)
+                    code = await self.runner.stop(self.config.runner.stop_grace_s)
+                    self.event("stopped", f"pid {self.runner.pid} exited with code {code}")
                 except BaseException:
                     self.runner.kill_now()  # interrupted: no grace left
                     raise
@@ -469,6 +485,7 @@ class Supervisor:
     _lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
     # Loads of jaccl-group ranks since this neuron started (the reload budget).
     jaccl_loads: int = 0
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -504,7 +521,7 @@ class Supervisor:
             if current is not None:
                 await asyncio.shield(current.stop())
             m = ModelSupervisor.create(
-                req, self.config, self.store, self.metrics, self.session, self.stager
+                req, self.config, self.store, self.metrics, self.session, self.stager, self.journal
             )
             self.models[req.model_id] = m
             if req.group is not None and req.group.backend == "jaccl":
