@@ -18,9 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cortex.app import create_app
-from cortex.config import CortexConfig
-from shared.catalogue import Catalogue
 from tests.conftest import NeuronProcess, wait_until
 from tests.e2e.conftest import CortexProcess
 from tests.support import chromium
@@ -32,13 +29,6 @@ TOKEN = "dash-admin-token-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LEAD_COPY = Path("/work/dash-screenshot.png")
 READY_S = 120.0
-
-
-def _has_routes(*paths: str) -> bool:
-    """Whether this cortex serves these paths (the events and traces endpoints)."""
-    app = create_app(CortexConfig(), catalogue=Catalogue(models=()), background=False)
-    have = {r.canonical for r in app.router.resources()}
-    return all(p in have for p in paths)
 
 
 @pytest.fixture
@@ -188,9 +178,6 @@ async def test_dashboard_live_data_actions_and_no_console_errors(
     assert problems == [], problems
 
 
-EVENTS_AND_TRACES = ("/admin/events", "/admin/traces")
-
-
 async def test_dashboard_events_and_the_trace_of_a_clicked_request(
     neuron_factory: Any,
     cortex_factory: Any,
@@ -198,8 +185,6 @@ async def test_dashboard_events_and_the_trace_of_a_clicked_request(
     model_id: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    if not _has_routes(*EVENTS_AND_TRACES):
-        pytest.skip("this cortex has no /admin/events and /admin/traces yet (built in parallel)")
     c = _fleet(neuron_factory, cortex_factory, demo_model, model_id)
     async with http.post(c.url + f"/admin/models/{model_id}/load") as r:
         assert r.status in (200, 202), await r.text()
