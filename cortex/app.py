@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cortex.auth import REQUEST_KEY, Auth
+from cortex import doctor, linktest, recycle
+from cortex.auth import NODE_HEADER, REQUEST_KEY, Auth
 from cortex.config import ApiKey, CortexConfig
 from cortex.dashboard import dashboard
 from cortex.keys import (
@@ -29,9 +30,10 @@ from cortex.keys import (
     PROXY,
     RECONCILER,
     STARTED,
+    TRACES,
     Started,
 )
-from cortex.lifecycle import Lifecycle
+from cortex.lifecycle import Lifecycle, replica_counts
 from cortex.loader import Loader
 from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, STREAM_ERROR, Metrics
 from cortex.placement import candidates
@@ -40,6 +42,8 @@ from cortex.proxy import Outcome, Proxy, request_id
 from cortex.reconciler import Reconciler
 from cortex.router import node_infos
 from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
+from cortex.trace_api import add_trace_routes
+from cortex.tracing import TraceDraft, journals
 from shared.catalogue import Catalogue, ModelSpec
 from shared.drain import SSE_RESPONSE, Drain
 from shared.errors import (
@@ -50,6 +54,7 @@ from shared.errors import (
     quiet_bad_requests,
     read_json_object,
 )
+from shared.journal import journal_health
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +99,21 @@ def create_app(
     app[CONFIG] = config
     app[STARTED] = Started(monotonic=time.monotonic(), wall=time.time())
     app[CATALOGUE] = cat
+    app[FIRST_SEEN] = {}
     app[AUTH] = auth
     app[FLEET] = Fleet.of(
         ((n.name, n.base_url) for n in config.neurons), threshold=config.failure_threshold
     )
     app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
     app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
-    app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config)
+    events, app[TRACES] = journals(config)
+    app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config, journal=events)
+    app[METRICS].watch_replicas(lambda: replica_counts(cat, app[LIFECYCLE].snapshot()))
     app.cleanup_ctx.append(_services(background=background))
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/state", _admin_state)
@@ -112,7 +121,11 @@ def create_app(
     app.router.add_post("/admin/models/{model_id}/load", _admin_load)
     app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
     app.router.add_post("/admin/store/purge", _admin_store_purge)
+    app.router.add_get("/admin/doctor", _admin_doctor)
     app.router.add_get("/dashboard", dashboard)
+    linktest.setup(app)
+    recycle.setup(app)
+    add_trace_routes(app)
     return app
 
 
@@ -135,7 +148,7 @@ def _services(*, background: bool) -> Any:
             session=poll_session,
             interval_s=cfg.poll_interval_s,
             timeout_s=cfg.poll_timeout_s,
-            listeners=[metrics.observe_node, app[LIFECYCLE].polled],
+            listeners=[metrics.observe_node, app[LIFECYCLE].polled, app[LIFECYCLE].transitions],
         )
         for name in app[FLEET].names:
             metrics.observe_node(app[FLEET].node(name))
@@ -185,6 +198,9 @@ def _services(*, background: bool) -> Any:
             await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()
+            # The writer threads write what is queued, off the loop.
+            await asyncio.to_thread(app[LIFECYCLE].journal.close)
+            await asyncio.to_thread(app[TRACES].close)
 
     return services
 
@@ -207,6 +223,8 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
     label = "other"
     outcome = Outcome()
     rid = request_id(request)
+    trace = TraceDraft(rid)
+    error: str | None = None
     try:
         body = await read_json_object(request)
         raw = await request.read()
@@ -220,13 +238,18 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
         if field == "messages" and (not isinstance(body["messages"], list) or not body[field]):
             raise InvalidRequest("'messages' must be a non-empty array", param="messages")
         key: ApiKey | None = request.get(REQUEST_KEY)
+        trace.model, trace.stream = spec.id if spec is not None else model, bool(body.get("stream"))
+        trace.key = None if key is None else key.label
         app[AUTH].check_model(key, model, app[CATALOGUE])
-        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome)
+        # X-Cortex-Node (admin token checked by the auth middleware): that replica only.
+        node = request.headers.get(NODE_HEADER) or None
+        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome, trace, node=node)
         # A stream's outcome is what it sent (set by the proxy as it went).
         outcome.code = outcome.code or str(resp.status)
         return resp
     except ApiError as exc:
         outcome.code = outcome.code or str(exc.status)
+        error = exc.message
         raise
     except asyncio.CancelledError:
         if app[DRAIN].closing and outcome.code is None:
@@ -240,6 +263,7 @@ async def _inference(request: web.Request, path: str, field: str) -> web.StreamR
     finally:
         metrics.requests.labels(label, outcome.code or "500").inc()
         metrics.request_duration.labels(label).observe(time.monotonic() - started)
+        app[TRACES].append(trace.done(outcome.code or "500", error))
 
 
 # -- models, health, metrics ----------------------------------------------------------
@@ -250,6 +274,7 @@ def _model_entry(
     snap: FleetSnapshot,
     life: Lifecycle,
     *,
+    created: int,
     owned_by: str,
     aliases: tuple[str, ...] = (),
     feasible_on: list[list[str]] | None = None,
@@ -261,7 +286,7 @@ def _model_entry(
     return {
         "id": model_id,
         "object": "model",
-        "created": 0,
+        "created": created,
         "owned_by": owned_by,
         "aliases": list(aliases),
         "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
@@ -282,7 +307,26 @@ def _model_entry(
     }
 
 
+# Wall clock (s) cortex first saw each model a neuron serves outside the catalogue.
+FIRST_SEEN = web.AppKey("first_seen", dict[str, int])
+
+
 async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _model_list(request)})
+
+
+async def _model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (an id or an alias): what `client.models.retrieve(id)` reads."""
+    asked = request.match_info["model_id"]
+    spec = request.app[CATALOGUE].resolve(asked)
+    model_id = spec.id if spec is not None else asked
+    for entry in _model_list(request):
+        if entry["id"] == model_id:
+            return web.json_response(entry)
+    raise ModelNotFound(f"model {asked!r} is not in the catalogue nor loaded", param="model")
+
+
+def _model_list(request: web.Request) -> list[dict[str, Any]]:
     app = request.app
     life = app[LIFECYCLE]
     snap = life.snapshot()
@@ -300,6 +344,8 @@ async def _models(request: web.Request) -> web.Response:
                 spec.id,
                 snap,
                 life,
+                # Catalogued when cortex read its catalogue, at start.
+                created=int(app[STARTED].wall),
                 owned_by="cortex",
                 aliases=spec.aliases,
                 feasible_on=feasible,
@@ -310,12 +356,14 @@ async def _models(request: web.Request) -> web.Response:
     extra = sorted(
         {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
     )
+    seen = app[FIRST_SEEN]
+    now = int(time.time())
     data.extend(
-        _model_entry(mid, snap, life, owned_by="neuron")
+        _model_entry(mid, snap, life, created=seen.setdefault(mid, now), owned_by="neuron")
         for mid in extra
         if Auth.allowed(key, mid, cat)
     )
-    return web.json_response({"object": "list", "data": data})
+    return data
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -329,6 +377,10 @@ async def _health(request: web.Request) -> web.Response:
             "status": status,
             "nodes": {"healthy": healthy, "total": total},
             "models_without_replica": broken,
+            # Informational: a journal that only counts serves every request all the same.
+            **journal_health(
+                {"events": request.app[LIFECYCLE].journal, "traces": request.app[TRACES]}
+            ),
         }
     )
 
@@ -391,6 +443,7 @@ async def _admin_state(request: web.Request) -> web.Response:
     for n in snap.nodes:
         d = n.to_json()
         d["outstanding"] = snap.node_outstanding(n.name)
+        d.update(doctor.node_extras(n))
         nodes.append(d)
     models = []
     for spec in cat.models:
@@ -519,24 +572,33 @@ def _names(body: dict[str, Any], field: str) -> list[str]:
 
 
 async def _admin_unload(request: web.Request) -> web.Response:
-    """Remove a model everywhere. A keep_loaded or pinned one needs {"force": true},
-    and then stays unloaded (the reconciler leaves it) until the next admin load."""
+    """Remove a model everywhere, or only from {"nodes": [...]} (with their groups' other
+    ranks). A keep_loaded or pinned one needs {"force": true}, and then stays unloaded
+    (the reconciler leaves it) until the next admin load."""
     app = request.app
     model_id = request.match_info["model_id"]
     body = await read_json_object(request) if request.can_read_body else {}
-    unknown = sorted(set(body) - {"force"})
+    unknown = sorted(set(body) - {"force", "nodes"})
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false", param="force")
+    only = _names(body, "nodes")
     spec = app[CATALOGUE].resolve(model_id)
     mid = spec.id if spec is not None else model_id
     did: list[str] = []
     snap = app[LIFECYCLE].snapshot()
-    nodes = [n.name for n, _ in snap.locations(mid)]
+    locs = snap.locations(mid)
+    nodes = [n.name for n, _ in locs if not only or n.name in only]
+    # A group's ranks go together: one rank alone can never serve.
+    groups = {m.group.group_id for n, m in locs if n.name in nodes and m.group is not None}
+    nodes += [
+        n.name for n, m in locs if n.name not in nodes and m.group and m.group.group_id in groups
+    ]
     if not nodes:
-        raise ModelNotFound(f"model {mid!r} is loaded nowhere", param="model_id")
+        where = f" on {', '.join(only)}" if only else ""
+        raise ModelNotFound(f"model {mid!r} is loaded nowhere{where}", param="model_id")
     if spec is not None and (spec.keep_loaded or spec.pinned_on):
         if not force:
             why = "keep_loaded" if spec.keep_loaded else f"pinned_on {list(spec.pinned_on)}"
@@ -597,3 +659,19 @@ async def _admin_store_purge(request: web.Request) -> web.Response:
         {"nodes": results, "freed_bytes": freed, "failed": failed},
         status=200 if not failed else 502,
     )
+
+
+async def _admin_doctor(request: web.Request) -> web.Response:
+    """The morning checklist (cortex.doctor): every check's verdict and the fix to try."""
+    app = request.app
+    cfg = app[CONFIG]
+    snap = app[LIFECYCLE].snapshot()
+    limits = doctor.Limits(
+        probe_slow_s=cfg.doctor_probe_slow_s,
+        probe_timeout_s=cfg.doctor_probe_timeout_s,
+        restart_window_s=cfg.doctor_restart_window_s,
+    )
+    checks = await doctor.run(
+        app[LOADER].session, snap, unserved_models(snap, app[CATALOGUE]), limits, cfg.poll_timeout_s
+    )
+    return web.json_response(doctor.report(checks))

@@ -2,10 +2,14 @@
 
 Auth is off when no key is configured (a laptop fleet). With keys, every
 /v1/* call needs one (401 invalid_api_key) and may use only the models its
-allow-list names, by id or alias (403 model_not_allowed). /admin/* and
-/dashboard need the admin token, as a bearer token or, so a browser can open
-the dashboard, as the password of HTTP Basic auth; /health and /metrics are
-always open (probes and Prometheus).
+allow-list names, by id or alias (403 model_not_allowed). /admin/* needs the
+admin token (as a bearer token, or the password of HTTP Basic auth); /health and
+/metrics are always open (probes and Prometheus), and so is /dashboard: a page
+without data that asks the operator for the token and sends it to /admin/*.
+It no longer prompts for Basic auth, so a browser holds no credential it would
+attach by itself to a cross-site POST.
+A /v1 request pinned to a node (X-Cortex-Node) needs the admin token in
+place of an API key.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from shared.errors import InvalidApiKey, ModelNotAllowed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The key a request authenticated with (None when auth is off).
 REQUEST_KEY = web.RequestKey("api_key", ApiKey)
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/dashboard"})
+# Pins an inference request to one node's replica (benchmarks, probes): operators
+# only, so a request carrying it needs the admin token instead of an API key.
+NODE_HEADER = "X-Cortex-Node"
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -100,16 +107,10 @@ class Auth:
             path = request.path
             if path in OPEN_PATHS:
                 pass
-            elif path.startswith("/admin"):
+            elif path.startswith("/admin") or (
+                path.startswith("/v1") and NODE_HEADER in request.headers
+            ):
                 self.admin(request)
-            elif path == "/dashboard":
-                try:
-                    self.admin(request)
-                except InvalidApiKey as exc:
-                    # Lets a browser ask for the token (any user name, token as password).
-                    resp = exc.to_response()
-                    resp.headers["WWW-Authenticate"] = 'Basic realm="cortex admin"'
-                    return resp
             elif path.startswith("/v1"):
                 key = self.client(request)
                 if key is not None:

@@ -9,10 +9,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cortex import load_cli
+from cortex import (
+    bench_cli,
+    init_cli,
+    linktest_cli,
+    load_cli,
+    ops_cli,
+    restart_cli,
+    trace_cli,
+)
 from cortex.config import CortexConfig
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
+from shared.versions import version_text
 
 DESCRIPTION = """\
 cortex: an OpenAI-compatible gateway in front of a fleet of neurons.
@@ -29,6 +38,8 @@ examples:
   cortex check -c cortex.toml           validate the config and the catalogue
   cortex fleet --dir run                start a local demo fleet (cortex + neurons)
   cortex load demo                      place a model on a running cortex, follow it to ready
+  cortex status                         the fleet at a glance (models, preview, unload too)
+  cortex doctor                         the morning checklist, pass / warn / fail
 
 a minimal cortex.toml:
   port = 9400
@@ -47,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("cortex"))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -74,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     load_cli.add_parser(sub)
+    ops_cli.add_parsers(sub)
+    init_cli.add_parser(sub)
+    linktest_cli.add_parser(sub)
+    restart_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
+    trace_cli.add_trace_parser(sub)
+    trace_cli.add_events_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",

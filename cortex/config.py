@@ -98,6 +98,9 @@ class CortexConfig:
     discovery_wait_s: float = 5.0
     # First TCP port for multi-node ring groups (rank i of a group uses base + offset + i).
     ring_base_port: int = 47000
+    # A node restarted by an operator (POST /admin/nodes/{name}/restart) is kept out of
+    # routing until it answers as a new process, or at most this long.
+    recycle_timeout_s: float = 600.0
     # -- a model's life (cortex.lifecycle) --
     # Requests that may wait for one model's load at once; beyond, 503 at once.
     max_waiting: int = 256
@@ -110,6 +113,22 @@ class CortexConfig:
     max_keep_alive_s: float = 24 * 3600.0
     # One unload POST (teardowns, idle unloads): a hung node must not stall the others.
     unload_timeout_s: float = 10.0
+    # -- doctor (GET /admin/doctor, `cortex doctor`) --
+    # A replica's 2-token probe: slower than this warns, none within the timeout fails.
+    doctor_probe_slow_s: float = 2.0
+    doctor_probe_timeout_s: float = 10.0
+    # A runner restart this recent is reported (warn).
+    doctor_restart_window_s: float = 3600.0
+    # -- traces and the event log (shared.journal) --
+    # JSONL files here (events.jsonl, traces.jsonl) beside the rings; None: memory only.
+    journal_dir: str | None = None
+    # Each file rotates past this size, keeping this many rotated ones.
+    journal_max_mb: float = 16.0
+    journal_keep: int = 4
+    # Below this much free disk the files only count the lines they drop.
+    journal_min_free_mb: float = 512.0
+    journal_events_kept: int = 2000
+    journal_traces_kept: int = 1000
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -146,7 +165,18 @@ class CortexConfig:
             check_token(self.fleet_token)
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
-        for name in ("load_backoff_s", "max_keep_alive_s", "unload_timeout_s"):
+        if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:
+            raise ValueError("journal_max_mb must be > 0, journal_keep >= 1, min_free_mb >= 0")
+        if self.journal_events_kept < 1 or self.journal_traces_kept < 1:
+            raise ValueError("journal_events_kept and journal_traces_kept must be >= 1")
+        for name in (
+            "load_backoff_s",
+            "max_keep_alive_s",
+            "unload_timeout_s",
+            "doctor_probe_slow_s",
+            "doctor_probe_timeout_s",
+            "doctor_restart_window_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
 
@@ -161,4 +191,5 @@ class CortexConfig:
         token = read_token(
             file=cfg.fleet_token_file, env=cfg.fleet_token_env, base=base, config=str(path)
         )
-        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token)
+        journal = None if cfg.journal_dir is None else str(base / cfg.journal_dir)
+        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal)

@@ -87,8 +87,12 @@ class InFlight:
                     del self._by_node[node]
 
     def node_changed(self, node: NodeState) -> None:
-        """Poller listener: a node that is not healthy keeps no attempt waiting on it."""
-        if node.healthy or node.name not in self._by_node:
+        """Poller listener: a node that is not healthy keeps no attempt waiting on it.
+
+        A recycling node is out of routing but drains what it holds: its streams go on
+        (a lost connection or the stream's idle timeout still ends them).
+        """
+        if node.healthy or node.recycling or node.name not in self._by_node:
             return
         why = f"node {node.name} was marked unhealthy ({node.last_error or 'no answer'})"
         for a in list(self._by_node[node.name]):

@@ -14,8 +14,10 @@ from cortex.poller import Poller
 from cortex.proxy import Proxy
 from cortex.reconciler import Reconciler
 from cortex.state import AffinityTable, Fleet
+from cortex.tracing import Trace
 from shared.catalogue import Catalogue
 from shared.drain import Drain
+from shared.journal import Journal
 
 
 @attrs.frozen
@@ -40,3 +42,5 @@ LOADER = web.AppKey("loader", Loader)
 PROXY = web.AppKey("proxy", Proxy)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# Finished requests' traces (the events journal is the lifecycle's).
+TRACES = web.AppKey("traces", Journal[Trace])

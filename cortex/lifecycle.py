@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
@@ -40,12 +40,12 @@ from cortex.state import (
 )
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import ApiError, ColdLoadFailed, InvalidRequest, ModelLoading
+from shared.journal import Event, Journal
 from shared.retry import LOAD_RETRY_WAIT, backoff_s
 
 log = logging.getLogger(__name__)
 
 JobKind = Literal["load", "unload", "teardown"]
-EVENTS_KEPT = 500
 # A prefetch asked of a node is asked again (if its copy is still missing) after this.
 PREFETCH_AGAIN_S = 300.0
 OPERATOR_WAIT_FACTOR = 6
@@ -88,17 +88,6 @@ class Failure:
             "at": self.at,
             "next_try_in_s": round(self.left_s(now), 1),
         }
-
-
-@attrs.frozen
-class Event:
-    at: float  # wall clock
-    model_id: str
-    what: str
-    detail: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"at": self.at, "model_id": self.model_id, "what": self.what, "detail": self.detail}
 
 
 @attrs.define(eq=False)
@@ -209,14 +198,23 @@ def wanted_replicas(spec: ModelSpec) -> int:
 
 
 def replicas(snap: FleetSnapshot, model_id: str) -> int:
-    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0."""
+    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0.
+
+    A recycling node's copies count: it comes back in moments, and a copy loaded
+    elsewhere meanwhile (maybe evicting another model) would be one too many.
+    """
     count = 0
     for node, m in snap.locations(model_id):
-        if not node.healthy or m.state not in SERVING_STATES | LOADING_STATES:
+        if not (node.healthy or node.recycling) or m.state not in SERVING_STATES | LOADING_STATES:
             continue
         if m.group is None or m.group.world_size == 1 or m.group.rank == 0:
             count += 1
     return count
+
+
+def replica_counts(catalogue: Catalogue, snap: FleetSnapshot) -> list[tuple[str, int, int]]:
+    """(model id, wanted, present) for every catalogue model: the metrics' view."""
+    return [(s.id, wanted_replicas(s), replicas(snap, s.id)) for s in catalogue.models]
 
 
 def load_failure(spec: ModelSpec, exc: BaseException) -> tuple[str, bool, dict[str, Any] | None]:
@@ -256,7 +254,11 @@ class Lifecycle:
     # Per (node, model): when cortex last saw it answer (wall) and its keep_alive.
     _touched: dict[tuple[str, str], float] = attrs.Factory(dict)
     _keep: dict[tuple[str, str], float] = attrs.Factory(dict)
-    _events: deque[Event] = attrs.Factory(lambda: deque(maxlen=EVENTS_KEPT))
+    # The event log (GET /admin/events, the dashboard's recent events): this owner's
+    # journal, and the nodes' model state transitions the poller brings.
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
+    # (node, model) -> the state last polled, to journal each transition once.
+    _seen: dict[tuple[str, str], str] = attrs.Factory(dict)
     _started_wall: float = attrs.Factory(time.time)
     ports: RingPorts = attrs.Factory(
         lambda self: RingPorts(self.config.ring_base_port), takes_self=True
@@ -354,25 +356,63 @@ class Lifecycle:
             if now - self._prefetched.get(key, -math.inf) < PREFETCH_AGAIN_S:
                 continue
             self._prefetched[key] = now
-            self.event(spec.id, "prefetch", f"staging its files on {node}")
+            self.event(spec.id, "prefetch", f"staging its files on {node}", node)
 
             async def one(node: str = node) -> None:
                 try:
                     await run(node, spec)
                 except Exception as exc:  # the next pass after PREFETCH_AGAIN_S tries again
                     why = getattr(exc, "message", None) or repr(exc)
-                    self.event(spec.id, "prefetch failed", f"on {node}: {why}")
+                    self.event(spec.id, "prefetch failed", f"on {node}: {why}", node)
 
             task = asyncio.get_running_loop().create_task(one(), name=f"prefetch {spec.id}")
             self._prefetching.add(task)
             task.add_done_callback(self._prefetching.discard)
 
-    def event(self, model_id: str, what: str, detail: str = "") -> None:
-        self._events.append(Event(time.time(), model_id, what, detail))
+    def event(
+        self, model_id: str | None, what: str, detail: str = "", node: str | None = None
+    ) -> None:
+        self.journal.append(Event(kind=what, model=model_id, node=node, detail=detail))
 
-    def events(self, model_id: str | None = None, limit: int = 50) -> list[Event]:
-        found = [e for e in self._events if model_id is None or e.model_id == model_id]
-        return found[-limit:]
+    def events(
+        self,
+        model_id: str | None = None,
+        limit: int = 50,
+        *,
+        node: str | None = None,
+        since: int = 0,
+    ) -> list[Event]:
+        """Oldest first, the last `limit` matching; `node` matches one of a list ("a,b")."""
+        found = [
+            e
+            for e in self.journal.since(since)
+            if (model_id is None or e.model == model_id)
+            and (node is None or node in (e.node or "").split(","))
+        ]
+        return found[-limit:] if limit > 0 else []
+
+    def transitions(self, node: NodeState) -> None:
+        """Poller listener: journal each model state change a node reports (with its
+        error: a crash's carries the runner's output tail), and a node going up or down."""
+        if node.health is None:
+            return
+        key = (node.name, "")
+        health = "healthy" if node.healthy else "unhealthy"
+        if self._seen.get(key, "healthy") != health:
+            self.event(None, f"node {health}", node.last_error or "", node=node.name)
+        self._seen[key] = health
+        if not node.healthy:
+            return
+        present = set()
+        for m in node.models:
+            present.add(m.model_id)
+            old = self._seen.get((node.name, m.model_id))
+            if old != m.state:
+                detail = f"{old or 'absent'} -> {m.state}" + (f": {m.error}" if m.error else "")
+                self.event(m.model_id, m.state, detail, node=node.name)
+                self._seen[(node.name, m.model_id)] = m.state
+        for k in [k for k in self._seen if k[0] == node.name and k[1] and k[1] not in present]:
+            self.event(k[1], "gone", f"{self._seen.pop(k)} -> absent", node=node.name)
 
     def job(self, model_id: str) -> Job | None:
         return self._jobs.get(model_id)
@@ -424,7 +464,9 @@ class Lifecycle:
         self._jobs[spec.id] = job
         job.task = loop.create_task(self._run_load(spec, cand, job), name=f"load {spec.id}")
         job.task.add_done_callback(_retrieve)
-        self.event(spec.id, "load started", f"on {', '.join(cand.nodes)} ({why})")
+        self.event(
+            spec.id, "load started", f"on {', '.join(cand.nodes)} ({why})", ",".join(cand.nodes)
+        )
         log.info("loading %s on %s (%s)", spec.id, ", ".join(cand.nodes), why)
         return job
 
@@ -468,7 +510,7 @@ class Lifecycle:
                 cap = self.clock() + 3 * self.config.poll_interval_s + self.config.poll_timeout_s
                 for node, nbytes in job.reserved.items():
                     self._settling[(node, spec.id)] = _Settling(nbytes, 2, cap)
-                self.event(spec.id, "ready", f"on {', '.join(cand.nodes)}")
+                self.event(spec.id, "ready", f"on {', '.join(cand.nodes)}", ",".join(cand.nodes))
             job.reserved = {}
 
     async def wait_job(self, job: Job, limit_s: float) -> None:
@@ -477,7 +519,10 @@ class Lifecycle:
         await asyncio.wait_for(asyncio.shield(job.task), timeout=limit_s)
 
     async def routed(
-        self, model_id: str, decide: Callable[[FleetSnapshot], Route | ColdLoad]
+        self,
+        model_id: str,
+        decide: Callable[[FleetSnapshot], Route | ColdLoad],
+        on_wait: Callable[[], None] | None = None,
     ) -> Route:
         """Route a request, loading or waiting for the model up to load_wait_s.
 
@@ -509,6 +554,8 @@ class Lifecycle:
                         )
                     self._waiting[model_id] += 1
                     waiting = True
+                    if on_wait is not None:
+                        on_wait()  # the request's trace: this is a cold-load wait
                 if job is not None and job.task is not None:
                     try:
                         await self.wait_job(job, left)
@@ -546,7 +593,7 @@ class Lifecycle:
         if self.run_unload is None:
             raise RuntimeError("lifecycle has no loader")
         run = self.run_unload
-        self.event(model_id, "unload", f"from {', '.join(nodes)} ({why})")
+        self.event(model_id, "unload", f"from {', '.join(nodes)} ({why})", ",".join(nodes))
         results = await asyncio.gather(*(run(n, model_id) for n in nodes), return_exceptions=True)
         failed: dict[str, str] = {}
         for n, r in zip(nodes, results, strict=True):
@@ -578,7 +625,7 @@ class Lifecycle:
                     self.fleet.drop_model(node, model_id)
                 done = [n for n in job.nodes if n not in failed]
                 if done:
-                    self.event(model_id, "unloaded", f"from {', '.join(done)}")
+                    self.event(model_id, "unloaded", f"from {', '.join(done)}", ",".join(done))
                 if failed:
                     self.event(
                         model_id, "unload failed", "; ".join(f"{n}: {r}" for n, r in failed.items())

@@ -7,11 +7,11 @@ Blocking stdlib HTTP: one request at a time, and a Ctrl-C lands between polls
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, TextIO
 
+from cortex.remote import CONNECTION_HELP, Unreachable, add_connection_args, resolve
 from shared.blocking_http import request_json
 from shared.progress import StageProgress
 
@@ -19,10 +19,8 @@ POLL_S = 0.5
 PLAIN_EVERY_S = 5.0
 MAX_POLL_FAILURES = 10
 EXIT_READY, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# With no --url: the local fleet `make run` starts.
-DEFAULT_URL = "http://127.0.0.1:9400"
 
-HELP = """\
+HELP = f"""\
 Ask a running cortex to place MODEL (POST /admin/models/MODEL/load), then follow
 it until a copy is ready: each node's state and, while the neuron stages the
 model's files, a progress line (bytes done / total, percent, rate, ETA). On a
@@ -32,7 +30,7 @@ Without --nodes the call is idempotent (a loaded model stays as it is); with
 --nodes a,b one more copy is placed exactly there. Ctrl-C stops following; the
 load goes on in cortex.
 
-The admin token comes from --token, else $CORTEX_ADMIN_TOKEN.
+{CONNECTION_HELP}
 
 exit status: 0 ready, 1 the load failed or was refused (the reason is printed),
              2 usage error or cortex unreachable, 130 Ctrl-C
@@ -49,17 +47,19 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="catalogue id or alias")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"cortex base URL (default {DEFAULT_URL})")
-    p.add_argument("--token", help="admin token (default: $CORTEX_ADMIN_TOKEN)")
+    add_connection_args(p)
     p.add_argument("--nodes", help="comma-separated node names: one more copy, exactly there")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after this many s")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    token = args.token or os.environ.get("CORTEX_ADMIN_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    base = args.url.rstrip("/")
+    try:
+        target = resolve(args)
+    except Unreachable as exc:
+        print(f"cortex load: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    headers, base = target.headers, target.url
     body: dict[str, Any] = {}
     if args.nodes:
         body["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]

@@ -229,6 +229,7 @@ class Loader:
         log.info("evicting idle %s from %s to make room", model_id, node)
         await self.unload(node, model_id)
         self.metrics.evictions.labels(self.metrics.model(model_id)).inc()
+        self.life.event(model_id, "evicted", f"from {node}, idle, to make room", node)
 
     async def unload(self, node: str, model_id: str) -> None:
         """POST /models/unload on `node` (a short timeout: one hung node must not stall
@@ -372,28 +373,19 @@ def group_specs(
     spec: ModelSpec, cand: Candidate, discs: Sequence[Discovery], *, base_port: int
 ) -> list[GroupSpec]:
     """One GroupSpec per member, in rank order (candidate order); rank i on base_port + i."""
-    n = len(cand.nodes)
     group_id = f"{spec.id}-{secrets.token_hex(4)}"
     port = base_port
     backend: Backend = "jaccl" if cand.backend == "jaccl" else "ring"
     sharding: Sharding = "pipeline" if cand.sharding == "pipeline" else "tensor"
     hosts = tuple(f"{d.ring_host}:{port + i}" for i, d in enumerate(discs))
-    ibv: tuple[tuple[str | None, ...], ...] = ()
-    if backend == "jaccl":
-        # Discovery does not say which port reaches which peer: the k-th active
-        # port of each member is taken to reach its k-th peer.
-        rows = []
-        for i, d in enumerate(discs):
-            active = iter(p.device for p in d.rdma_ports if p.active)
-            rows.append(tuple(None if j == i else next(active, None) for j in range(n)))
-        ibv = tuple(rows)
+    ibv = ibv_rows(discs) if backend == "jaccl" else ()
     out = []
     for rank in range(len(discs)):
         out.append(
             GroupSpec(
                 group_id=group_id,
                 rank=rank,
-                world_size=n,
+                world_size=len(discs),
                 backend=backend,
                 sharding=sharding,
                 hosts=hosts if backend == "ring" else (),
@@ -403,3 +395,17 @@ def group_specs(
             )
         )
     return out
+
+
+def ibv_rows(discs: Sequence[Discovery]) -> tuple[tuple[str | None, ...], ...]:
+    """The jaccl device matrix: row i, column j names rank i's device reaching rank j.
+
+    Discovery does not say which port reaches which peer: the k-th active
+    port of each member is taken to reach its k-th peer.
+    """
+    n = len(discs)
+    rows = []
+    for i, d in enumerate(discs):
+        active = iter(p.device for p in d.rdma_ports if p.active)
+        rows.append(tuple(None if j == i else next(active, None) for j in range(n)))
+    return tuple(rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 from prometheus_client import (
@@ -13,9 +13,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from cortex.state import NodeState
+from shared.build_info import BUILD_LABELS, build_labels
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -54,6 +57,32 @@ RETRY_REASONS = (
     "upstream_5xx",
 )
 COLD_LOAD_RESULTS = ("ok", "failed")
+# A cold load can hold a request this long (load_wait_s, default 300 s).
+_QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# (model id, replicas wanted, replicas present) of every catalogue model, at each scrape.
+ReplicaCounts = Callable[[], Iterable[tuple[str, int, int]]]
+
+
+class _ReplicaCollector(Collector):
+    def __init__(self, counts: ReplicaCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        wanted = GaugeMetricFamily(
+            "cortex_model_replicas_wanted",
+            "Replicas the catalogue keeps loaded without requests (keep_loaded, pinned_on)",
+            labels=["model"],
+        )
+        present = GaugeMetricFamily(
+            "cortex_model_replicas_present",
+            "Replicas loaded or loading on healthy nodes (a group counts once)",
+            labels=["model"],
+        )
+        for model, want, have in self._counts():
+            wanted.add_metric([model], want)
+            present.add_metric([model], have)
+        yield from (wanted, present)
 
 
 @attrs.define
@@ -71,6 +100,9 @@ class Metrics:
     cold_loads: Counter
     cold_load_duration: Histogram
     evictions: Counter
+    queue_wait: Histogram
+    node_memory: Gauge
+    build_info: Gauge
     # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
     models: frozenset[str] = frozenset()
 
@@ -155,8 +187,30 @@ class Metrics:
                 ["model"],
                 registry=r,
             ),
+            queue_wait=Histogram(
+                "cortex_queue_wait_seconds",
+                "Time a request waited in cortex for a replica to route to (a cold load,"
+                " a model loading), per attempt; 0 when one was ready",
+                ["model"],
+                buckets=_QUEUE_WAIT_BUCKETS,
+                registry=r,
+            ),
+            node_memory=Gauge(
+                "cortex_node_memory_available_bytes",
+                "Memory routing counts free on the node: its last poll less loads under way"
+                " (the neuron's own neuron_memory_available_bytes is the machine's figure)",
+                ["node"],
+                registry=r,
+            ),
+            build_info=Gauge(
+                "cortex_build_info",
+                "1, labelled with the versions this cortex runs",
+                list(BUILD_LABELS),
+                registry=r,
+            ),
             models=frozenset(models),
         )
+        out.build_info.labels(*build_labels()).set(1)
         out._preinitialise(tuple(nodes))
         return out
 
@@ -173,12 +227,14 @@ class Metrics:
             self.first_byte.labels(model)
             self.in_flight.labels(model)
             self.cold_load_duration.labels(model)
+            self.queue_wait.labels(model)
         for reason in RETRY_REASONS:
             self.upstream_retries.labels(reason)
         for node in nodes:
             self.passive_failures.labels(node)
             self.node_healthy.labels(node)
             self.node_failures.labels(node)
+            self.node_memory.labels(node)
 
     def model(self, name: str | None) -> str:
         return name if name is not None and name in self.models else "other"
@@ -186,6 +242,10 @@ class Metrics:
     def observe_node(self, node: NodeState) -> None:
         self.node_healthy.labels(node.name).set(1 if node.healthy else 0)
         self.node_failures.labels(node.name).set(node.failures)
+        self.node_memory.labels(node.name).set(node.memory_available_bytes)
+
+    def watch_replicas(self, counts: ReplicaCounts) -> None:
+        self.registry.register(_ReplicaCollector(counts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -33,6 +33,7 @@ from cortex.metrics import CLIENT_CLOSED, STREAM_ERROR, Metrics
 from cortex.poller import Poller
 from cortex.router import ColdLoad, Route, prefix_keys, route
 from cortex.state import AffinityTable, Fleet, FleetSnapshot
+from cortex.tracing import QUEUE_WAIT_HEADER, TraceDraft
 from shared.catalogue import Catalogue
 from shared.drain import mark_streaming
 from shared.errors import (
@@ -45,7 +46,7 @@ from shared.errors import (
 )
 from shared.quiet import QuietReads
 from shared.retry import proxy_attempts
-from shared.sse import HOP_HEADERS
+from shared.sse import ANSWER_MODEL_HEADER, HOP_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,14 @@ class Proxy:
         raw: bytes,
         rid: str,
         outcome: Outcome | None = None,
+        trace: TraceDraft | None = None,
+        node: str | None = None,
     ) -> web.StreamResponse:
-        """Serve one inference request; raises the typed error when it cannot."""
+        """Serve one inference request; raises the typed error when it cannot.
+
+        `node` pins it to that node's replica (X-Cortex-Node, admin only)."""
+        trace = trace if trace is not None else TraceDraft(rid)
+        request[_TRACE] = trace
         model = str(body["model"])
         spec = self.catalogue.resolve(model)
         payload = raw
@@ -148,20 +155,28 @@ class Proxy:
             payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
         keys = prefix_keys({**body, "model": spec.id if spec else model})
         headers = upstream_headers(request, rid)
+        if spec is not None and model != spec.id and model.isascii():
+            headers[ANSWER_MODEL_HEADER] = model  # an alias: the answer says it, not the id
         stream = bool(body.get("stream"))
         tries = _Tries()
         out = outcome if outcome is not None else Outcome()
         try:
             async for attempt in proxy_attempts(self.config.retry_attempts, _TryAnother):
                 with attempt:
+                    t_route = time.monotonic()
                     try:
-                        r = await self._route(model, keys, tries)
+                        r = await self._route(model, keys, tries, trace, node)
                     except (UpstreamUnavailable, QueueFull):
                         # No replica left to try: the last one's own answer (its code,
                         # its Retry-After) says more than the router's generic one.
                         if tries.last is None:
                             raise
                         raise tries.last.error from None
+                    finally:
+                        trace.routing_s += time.monotonic() - t_route
+                        if trace.cold_load_s == 0.0:  # waited for a load: all of it
+                            trace.cold_load_s = time.monotonic() - t_route
+                    trace.nodes.append(r.node)
                     if tries.last is not None:
                         log.info("%s: retrying on %s", rid, r.node)
                     try:
@@ -177,7 +192,14 @@ class Proxy:
             raise exc.error from exc
         raise AssertionError("unreachable: the retry policy returns or raises")
 
-    async def _route(self, model: str, keys: tuple[str, ...], tries: _Tries) -> Route:
+    async def _route(
+        self,
+        model: str,
+        keys: tuple[str, ...],
+        tries: _Tries,
+        trace: TraceDraft,
+        node: str | None = None,
+    ) -> Route:
         spec = self.catalogue.resolve(model)
 
         def decide(snap: FleetSnapshot) -> Route | ColdLoad:
@@ -192,10 +214,19 @@ class Proxy:
                 full=tries.full,
                 margin=self.config.affinity_margin,
                 rotation=next(self._turns),
+                node=node,
             )
 
         # Loads a cold model (once, however many ask) or waits for one loading.
-        return await self.loader.life.routed(spec.id if spec else model, decide)
+        def waiting() -> None:
+            trace.cold_load_s = 0.0  # set to the wait once routed
+
+        waited = time.monotonic()
+        try:
+            return await self.loader.life.routed(spec.id if spec else model, decide, waiting)
+        finally:
+            label = self.metrics.model(spec.id if spec else None)
+            self.metrics.queue_wait.labels(label).observe(time.monotonic() - waited)
 
     async def _forward(
         self,
@@ -319,6 +350,7 @@ class Proxy:
                 UpstreamUnavailable(f"replica {r.node} failed before answering: {exc!r}")
             ) from exc
         self.metrics.first_byte.labels(label).observe(time.monotonic() - started)
+        _traced_answer(request, up, r, first, is_sse)
         if up.status >= 400:
             self._upstream_error(up, first, r, tries)
         elif is_sse:
@@ -349,6 +381,7 @@ class Proxy:
         await resp.prepare(request)
         mark_streaming(request, resp)
         relayed_error = False
+        trace = _trace(request)
         chunk: bytes | None = first
         tail = b""
         # One idle timer per stream, not one `asyncio.timeout` per chunk.
@@ -361,6 +394,8 @@ class Proxy:
                     relayed_error = True
                     self.metrics.stream_errors.labels(label, "upstream_error").inc()
                 await resp.write(chunk)
+                if trace is not None:
+                    trace.scan(chunk)
                 if _holds(_DONE, tail, chunk):
                     # Complete: whatever the link does from here is no failure of it.
                     out.code = STREAM_ERROR if relayed_error else "200"
@@ -392,6 +427,8 @@ class Proxy:
             else:
                 reason, what = "lost", "was lost"
             out.code = STREAM_ERROR
+            if trace is not None:
+                trace.error = f"replica {r.node} {what} mid-stream"
             self.metrics.stream_errors.labels(label, reason).inc()
             log.warning("%s: stream from %s broke after its first byte: %r", rid, r.node, exc)
             try:
@@ -467,6 +504,34 @@ class Proxy:
             )
         self._retry(r, tries, "runner_fault")
         raise _TryAnother(err)
+
+
+_TRACE = web.RequestKey("cortex.trace", TraceDraft)
+
+
+def _trace(request: web.Request) -> TraceDraft | None:
+    return request.get(_TRACE)
+
+
+def _traced_answer(
+    request: web.Request, up: aiohttp.ClientResponse, r: Route, first: bytes, is_sse: bool
+) -> None:
+    """The trace learns who answered, how long the neuron queued it, and when."""
+    trace = _trace(request)
+    if trace is None:
+        return
+    trace.node = r.node
+    with contextlib.suppress(ValueError):
+        trace.queue_wait_s = float(up.headers.get(QUEUE_WAIT_HEADER, ""))
+    now = time.monotonic()
+    if up.status >= 400:
+        return
+    trace.first_at = now
+    if is_sse:
+        return  # the relay scans every chunk, the first included
+    with contextlib.suppress(ValueError, AttributeError):
+        trace.usage(json.loads(first).get("usage"))
+    trace.last_at = now
 
 
 # A neuron's error frame, and a stream's last one; `_TAIL` bytes of the previous chunk

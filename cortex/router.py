@@ -35,11 +35,13 @@ from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import (
     ColdLoadFailed,
     FeasibleNodeUnhealthy,
+    InvalidRequest,
     ModelLoading,
     ModelNotFound,
     NoFeasibleNode,
     NoHealthyNodes,
     QueueFull,
+    ServiceUnavailable,
     UpstreamUnavailable,
 )
 
@@ -57,7 +59,7 @@ class Route:
     model_id: str
     node: str
     url: str
-    reason: Literal["affinity", "least_loaded"]
+    reason: Literal["affinity", "least_loaded", "pinned"]
     load: int
 
 
@@ -81,6 +83,7 @@ def route(
     full: Collection[str] = (),
     margin: int = 4,
     rotation: int = 0,
+    node: str | None = None,
 ) -> Route | ColdLoad:
     """Where a request for `model` goes now, or the typed reason it cannot.
 
@@ -89,6 +92,8 @@ def route(
     this request before its first byte, `full` those that answered queue_full.
     `rotation` spreads ties: equally loaded replicas take turns as it changes
     (the proxy passes a counter), and a fixed value keeps tests deterministic.
+    `node` pins the request to that node's replica (an operator's X-Cortex-Node):
+    no other replica, no cold load.
     """
     spec = catalogue.resolve(model)
     model_id = spec.id if spec is not None else model
@@ -99,6 +104,8 @@ def route(
             raise NoHealthyNodes(f"no healthy node to serve model {model!r} (none answered yet)")
         _wait_for_unheard(snap, model)
         raise ModelNotFound(f"model {model!r} is not in the catalogue and loaded nowhere")
+    if node is not None:
+        return _pinned(snap, model_id, node, locs, exclude, full)
 
     # A node this request already tried may have just been marked down (passive
     # health); it still counts as a replica that failed, not as no replica at all.
@@ -123,6 +130,36 @@ def route(
     # A node not heard from yet may hold a copy: no second one loaded beside it.
     _wait_for_unheard(snap, model_id)
     return _cold_load(snap, catalogue, spec, facts(spec))
+
+
+def _pinned(
+    snap: FleetSnapshot,
+    model_id: str,
+    node: str,
+    locs: Sequence[tuple[NodeState, NodeModel]],
+    exclude: Collection[str],
+    full: Collection[str],
+) -> Route:
+    """The replica on `node`, or why it cannot take the request now."""
+    if snap.node(node) is None:
+        raise InvalidRequest(
+            f"X-Cortex-Node: no node {node!r} in this fleet", param="X-Cortex-Node"
+        )
+    here = [(n, m) for n, m in locs if n.name == node and m.serves_http]
+    if not here:
+        raise ServiceUnavailable(f"model {model_id!r} is not loaded on node {node}")
+    n, m = here[0]
+    if not n.healthy and node not in exclude:
+        raise ServiceUnavailable(f"node {node} is not healthy ({n.last_error or 'not heard from'})")
+    if m.state in LOADING_STATES:
+        raise ModelLoading(f"model {model_id!r} is {m.state} on node {node}; retry shortly")
+    if m.state != "ready":
+        raise ServiceUnavailable(f"model {model_id!r} is {m.state} on node {node}")
+    if node in full:
+        raise QueueFull(f"the replica of model {model_id!r} on {node} has a full queue")
+    if node in exclude:
+        raise UpstreamUnavailable(f"node {node} failed before answering")
+    return Route(model_id, node, n.url, "pinned", max(m.load, snap.outstanding_on(node, model_id)))
 
 
 def load_failed(model_id: str, failure: LoadFailure, now: float) -> ColdLoadFailed:

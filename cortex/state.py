@@ -16,7 +16,15 @@ from typing import Any
 import attrs
 
 from shared.progress import StageProgress
-from shared.wire import Discovery, GroupSpec, ModelHealth, ModelState, ModelStatus, NodeHealth
+from shared.wire import (
+    Discovery,
+    GroupSpec,
+    ModelHealth,
+    ModelState,
+    ModelStatus,
+    NodeHealth,
+    Phase,
+)
 
 SERVING_STATES: frozenset[str] = frozenset({"ready"})
 LOADING_STATES: frozenset[str] = frozenset({"loading", "warming", "recovering"})
@@ -37,6 +45,13 @@ class NodeModel:
     decode_tps: float | None = None
     # A stage of the model's weights under way (or just failed) on this node.
     staging: StageProgress | None = None
+    # From /health: what the runner is doing now, and its completion-token counter
+    # (the dashboard's tok/s is the counter's rate between two polls).
+    phase: Phase = "idle"
+    completion_tokens: int = 0
+    # Runner restarts the neuron made since this load, and when the last one was.
+    restarts: int = 0
+    restarted_at: float | None = None
 
     @property
     def load(self) -> int:
@@ -59,6 +74,10 @@ class NodeModel:
             "error": self.error,
             "decode_tps": self.decode_tps,
             "staging": None if self.staging is None else self.staging.to_json(),
+            "phase": self.phase,
+            "completion_tokens": self.completion_tokens,
+            "restarts": self.restarts,
+            "restarted_at": self.restarted_at,
         }
 
     @classmethod
@@ -82,6 +101,10 @@ class NodeModel:
             error=status.error if status is not None else None,
             decode_tps=health.decode_tps if health is not None else None,
             staging=StageProgress.from_json(status.staging) if status is not None else None,
+            phase=health.phase if health is not None else "idle",
+            completion_tokens=health.completion_tokens if health is not None else 0,
+            restarts=status.restarts if status is not None else 0,
+            restarted_at=status.restarted_at if status is not None else None,
         )
 
 
@@ -114,6 +137,13 @@ class NodeState:
     # Monotonic time cortex last wrote `models` itself (a load or unload it made);
     # a poll that started before then must not overwrite the fresher record.
     models_at: float = 0.0
+    # An operator's restart under way (POST /admin/nodes/{name}/restart): not routed
+    # to until the node answers as a new process, or this monotonic deadline passes.
+    recycling_until: float | None = None
+
+    @property
+    def recycling(self) -> bool:
+        return self.recycling_until is not None
 
     def model(self, model_id: str) -> NodeModel | None:
         for m in self.models:
@@ -151,6 +181,7 @@ class NodeState:
             "staged": sorted(self.staged),
             "last_ok": self.last_ok,
             "last_error": self.last_error,
+            "recycling": self.recycling,
         }
 
 
@@ -274,9 +305,14 @@ class Fleet:
         else:
             # Cortex wrote fresher model states during this poll: take only the load.
             models = _refresh_load(old.models, health, states=False)
+        # A recycling node answering as its old self is still draining: not routed to.
+        recycling = old.recycling_until
+        if recycling is not None and (restarted or time.monotonic() >= recycling):
+            recycling = None
         new = attrs.evolve(
             old,
-            healthy=True,
+            healthy=recycling is None,
+            recycling_until=recycling,
             failures=0,
             seen=True,
             health=health,
@@ -313,6 +349,22 @@ class Fleet:
         )
         self._nodes[name] = new
         return new
+
+    def begin_recycle(self, name: str, timeout_s: float) -> NodeState:
+        """An operator restarts the node: out of routing at once, until it is back."""
+        old = self._nodes[name]
+        new = attrs.evolve(
+            old,
+            healthy=False,
+            recycling_until=time.monotonic() + timeout_s,
+            last_error="recycling (restart requested)",
+        )
+        self._nodes[name] = new
+        return new
+
+    def end_recycle(self, name: str) -> None:
+        """The restart did not happen (the node refused it): the next poll judges."""
+        self._nodes[name] = attrs.evolve(self._nodes[name], recycling_until=None)
 
     # -- models cortex changed itself (recorded at once, not at the next poll) --
 
@@ -372,6 +424,8 @@ def _refresh_load(
                     queue_depth=h.queue_depth,
                     last_used=max(m.last_used, h.last_used),
                     decode_tps=h.decode_tps,
+                    phase=h.phase,
+                    completion_tokens=h.completion_tokens,
                 )
             )
     if states:

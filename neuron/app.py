@@ -6,32 +6,46 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from neuron import linktest, recycle
 from neuron.auth import fleet_token_middleware
 from neuron.config import NeuronConfig
-from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes
-from neuron.metrics import NeuronMetrics
+from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes, memory_bytes
+from neuron.metrics import NeuronMetrics, NodeFigures
 from neuron.proxy import Proxy
 from neuron.staging import PLAN_WAIT_S, Stager
 from neuron.store import COPY_NAME, Store, copy_name, is_local_source
 from neuron.supervisor import Supervisor
+from neuron.trace_api import EVENTS, TRACES, add_trace_routes
+from neuron.tracing import journals
 from shared.drain import Drain
 from shared.errors import (
     ApiError,
     InvalidRequest,
+    ModelNotFound,
     NotFound,
     error_middleware,
     quiet_bad_requests,
     read_json_object,
 )
-from shared.wire import FieldError, LoadRequest, NodeHealth, NodeStatus, StageRequest
+from shared.journal import journal_health
+from shared.wire import (
+    FieldError,
+    LoadRequest,
+    ModelStatus,
+    NodeHealth,
+    NodeStatus,
+    StageRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +84,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         # Runners never outlive the neuron: stop them all before the loop ends.
         await supervisor.close()
+        # The journals' writer threads write what is queued, off the loop.
+        await asyncio.to_thread(supervisor.journal.close)
+        await asyncio.to_thread(app[TRACES].close)
 
 
 async def _drain(app: web.Application) -> None:
@@ -94,10 +111,15 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
-    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint)
-    supervisor = Supervisor(config=config, store=store, metrics=metrics, stager=stager)
+    events, traces = journals(config)
+    stager = Stager(store=store, config=config, hub_endpoint=config.hub_endpoint, journal=events)
+    supervisor = Supervisor(
+        config=config, store=store, metrics=metrics, stager=stager, journal=events
+    )
+    app[TRACES], app[EVENTS] = traces, events
     app[STAGER] = stager
     metrics.watch(supervisor.health)
+    metrics.watch_node(NodeFigures(config.store_path, memory_bytes))
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STORE] = store
@@ -106,10 +128,11 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
 
-    proxy = Proxy(config=config, supervisor=supervisor)
+    proxy = Proxy(config=config, supervisor=supervisor, traces=traces)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_get("/v1/models", openai_models)
+    app.router.add_get("/v1/models/{model_id:.+}", openai_model)
     app.router.add_get("/discovery", get_discovery)
     app.router.add_get("/health", get_health)
     app.router.add_get("/models", get_models)
@@ -122,6 +145,9 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_post("/store/cancel", post_cancel)
     app.router.add_get("/store/models/{name}/manifest", get_manifest)
     app.router.add_get("/store/models/{name}/files/{path:.+}", get_file)
+    linktest.setup(app, config, store)
+    recycle.setup(app, config)
+    add_trace_routes(app)
     return app
 
 
@@ -157,8 +183,29 @@ async def get_health(request: web.Request) -> web.Response:
         # A subprocess on macOS (vm_stat): never on the event loop.
         memory_available_bytes=await asyncio.to_thread(memory_available_bytes),
         models=models,
+        **_health_extras(app),
     )
-    return web.json_response(health.to_json())
+    body = health.to_json()
+    # Informational, outside the verdict: a journal that only counts serves all the same.
+    body.update(journal_health({"events": app[SUPERVISOR].journal, "traces": app[TRACES]}))
+    return web.json_response(body)
+
+
+def _health_extras(app: web.Application) -> dict[str, Any]:
+    """Disk (a statvfs: cheap), the store's floor and the jaccl reload count, for doctor."""
+    config = app[CONFIG]
+    free: int | None = None
+    total: int | None = None
+    with contextlib.suppress(OSError):
+        disk = shutil.disk_usage(config.store_path)
+        free, total = disk.free, disk.total
+    return {
+        "disk_free_bytes": free,
+        "disk_total_bytes": total,
+        "min_free_bytes": int(config.min_free_gb * 1e9),
+        "jaccl_loads": app[SUPERVISOR].jaccl_loads,
+        "jaccl_reload_budget": config.jaccl_reload_budget,
+    }
 
 
 async def get_models(request: web.Request) -> web.Response:
@@ -166,18 +213,32 @@ async def get_models(request: web.Request) -> web.Response:
     return web.json_response({"models": [s.to_json() for s in statuses]})
 
 
+def _openai_model(sup: Supervisor, s: ModelStatus) -> dict[str, Any]:
+    m = sup.get(s.model_id)
+    return {
+        "id": s.model_id,
+        "object": "model",
+        # When this node began loading it.
+        "created": m.created if m is not None else int(s.last_used),
+        "owned_by": "neuron",
+        "state": s.state,
+    }
+
+
 async def openai_models(request: web.Request) -> web.Response:
-    data = [
-        {
-            "id": s.model_id,
-            "object": "model",
-            "created": int(s.last_used),
-            "owned_by": "neuron",
-            "state": s.state,
-        }
-        for s in request.app[SUPERVISOR].statuses()
-    ]
+    sup = request.app[SUPERVISOR]
+    data = [_openai_model(sup, s) for s in sup.statuses()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def openai_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: what `client.models.retrieve(id)` reads."""
+    model_id = request.match_info["model_id"]
+    sup = request.app[SUPERVISOR]
+    for s in sup.statuses():
+        if s.model_id == model_id:
+            return web.json_response(_openai_model(sup, s))
+    raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model")
 
 
 async def post_load(request: web.Request) -> web.Response:
@@ -206,7 +267,10 @@ async def post_unload(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    if metrics.node is not None:
+        await asyncio.to_thread(metrics.node.refresh)
+    data = generate_latest(metrics.registry)
     resp = web.Response(body=data)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

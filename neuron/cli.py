@@ -9,9 +9,11 @@ from pathlib import Path
 
 import attrs
 
+from neuron import discover_cli, init_cli
 from neuron.stage_cli import HELP as STAGE_HELP
 from neuron.stage_cli import run as run_stage
 from shared.config import ConfigError
+from shared.versions import version_text
 
 DESCRIPTION = """\
 neuron: the node agent of a cortex fleet. It reports what this machine is
@@ -26,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("neuron"))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -97,10 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a neuron that holds the copy, to copy it from (repeatable; tried in order)",
     )
+    discover_cli.add_parser(sub)
+    init_cli.add_parsers(sub)
     return p
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from neuron import recycle
     from neuron.app import create_app
     from neuron.config import NeuronConfig
     from shared.serve import run_app
@@ -123,9 +129,11 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # handler_cancellation: a client that disconnects cancels its proxied request.
+    app = create_app(config)
+    recycle.enable(app)
     try:
         run_app(
-            create_app(config),
+            app,
             access_log=config.access_log,
             host=config.host,
             port=config.port,
@@ -137,6 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"neuron: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2
+    if recycle.requested(app):  # POST /admin/restart: drained and stopped, now start again
+        return recycle.reexec()
     return 0
 
 
@@ -155,6 +165,8 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "func"):  # subcommands in their own modules
+        return int(args.func(args))
     if args.command == "serve":
         return _serve(args)
     if args.command == "stage":

@@ -155,6 +155,18 @@ class NeuronConfig:
     stage_read_timeout_s: float = 30.0
     # The model hub's base URL (a mirror); None: huggingface_hub's (HF_ENDPOINT).
     hub_endpoint: str | None = None
+    # Loads of jaccl-group ranks since the neuron started past which doctor and the
+    # dashboard advise a reboot (RDMA queue pairs degrade over many load cycles).
+    jaccl_reload_budget: int = 20
+    # Traces and the event log (shared.journal): JSONL files in journal_dir beside the
+    # rings (None: memory only), rotated past journal_max_mb keeping journal_keep of
+    # them; below journal_min_free_mb free they only count the lines they drop.
+    journal_dir: str | None = None
+    journal_max_mb: float = 16.0
+    journal_keep: int = 4
+    journal_min_free_mb: float = 512.0
+    journal_events_kept: int = 2000
+    journal_traces_kept: int = 1000
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -165,6 +177,10 @@ class NeuronConfig:
             raise ValueError(f"port {self.port} outside 0..65535")
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be > 0")
+        if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:
+            raise ValueError("journal_max_mb must be > 0, journal_keep >= 1, min_free_mb >= 0")
+        if self.journal_events_kept < 1 or self.journal_traces_kept < 1:
+            raise ValueError("journal_events_kept and journal_traces_kept must be >= 1")
         if self.idle_read_timeout_s <= 0:
             raise ValueError("idle_read_timeout_s must be > 0")
         if self.drain_s < 0:
@@ -177,6 +193,8 @@ class NeuronConfig:
             raise ValueError("stage_read_timeout_s must be > 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
+        if self.jaccl_reload_budget < 1:
+            raise ValueError("jaccl_reload_budget must be >= 1")
         if self.fleet_token is not None:
             check_token(self.fleet_token)
         ids = [e.model_id for e in self.load]
@@ -209,4 +227,5 @@ class NeuronConfig:
             load=loads,
             model_roots=roots,
             fleet_token=token,
+            journal_dir=None if cfg.journal_dir is None else str(base / cfg.journal_dir),
         )

@@ -54,6 +54,7 @@ def discover(
     node_id = load_or_create_node_id(store_dir)
     total, available = _memory()
     mlx_version, mlx_device, working_set, backends = _probe_mlx()
+    disk = shutil.disk_usage(store_dir)
     return Discovery(
         node_id=node_id,
         hostname=platform.node() or socket.gethostname(),
@@ -70,11 +71,19 @@ def discover(
         recommended_working_set_bytes=working_set,
         backends=backends,
         rdma_ports=_rdma_ports(),
-        disk_free_bytes=shutil.disk_usage(store_dir).free,
+        disk_free_bytes=disk.free,
         store_dir=str(store_dir.resolve()),
         ring_host=ring_host,
         started_at=time.time() if started_at is None else started_at,
+        mlx_lm_version=_dist_version("mlx-lm"),
+        python_version=platform.python_version(),
+        disk_total_bytes=disk.total,
     )
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(total, available): the machine's, bounded by its cgroup."""
+    return _memory()
 
 
 def memory_available_bytes() -> int:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.build_info import BUILD_LABELS, build_labels
 from shared.wire import MODEL_STATES, ModelHealth, Phase
 
 
@@ -21,6 +30,7 @@ class ModelStats:
     decoding: int = 0
     ttft_s: float | None = None
     decode_tps: float | None = None
+    completion_tokens: int = 0
     last_used: float = attrs.Factory(time.time)
     # time.monotonic() of the last byte from the runner (or of a request's start);
     # the supervisor's stall watchdog reads it.
@@ -50,6 +60,51 @@ Snapshot = Callable[[], Iterable[ModelHealth]]
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPS_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+# Admission waits are bounded by queue_timeout_s (default 30 s).
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@attrs.define
+class NodeFigures:
+    """This machine's memory and the store's disk, read by `refresh` before each scrape.
+
+    `refresh` blocks (on macOS it runs vm_stat): the scrape calls it off the loop.
+    """
+
+    store_dir: Path
+    memory: Callable[[], tuple[int, int]]
+    memory_total: int = 0
+    memory_available: int = 0
+    disk_total: int = 0
+    disk_free: int = 0
+
+    def refresh(self) -> None:
+        self.memory_total, self.memory_available = self.memory()
+        try:
+            usage = shutil.disk_usage(self.store_dir)
+        except OSError:
+            # The store not made yet (or gone): leave the last figures.
+            return
+        self.disk_total, self.disk_free = usage.total, usage.free
+
+
+class _NodeCollector(Collector):
+    def __init__(self, node: NodeFigures) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        n = self._node
+        for name, doc, value in (
+            ("neuron_memory_total_bytes", "Memory of the machine (or its cgroup)", n.memory_total),
+            (
+                "neuron_memory_available_bytes",
+                "Memory a new runner could take now",
+                n.memory_available,
+            ),
+            ("neuron_disk_total_bytes", "Size of the model store's filesystem", n.disk_total),
+            ("neuron_disk_free_bytes", "Free space on the model store's filesystem", n.disk_free),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
 
 
 class _LiveCollector(Collector):
@@ -92,11 +147,14 @@ class NeuronMetrics:
     runner_crashes: Counter
     stream_errors: Counter
     tokens: Counter
+    queue_wait: Histogram
+    build_info: Gauge
+    node: NodeFigures | None = None
 
     @classmethod
     def create(cls) -> NeuronMetrics:
         r = CollectorRegistry(auto_describe=True)
-        return cls(
+        out = cls(
             registry=r,
             requests=Counter(
                 "neuron_requests", "Proxied requests by outcome", ["model", "outcome"], registry=r
@@ -143,7 +201,23 @@ class NeuronMetrics:
                 ["model", "kind"],
                 registry=r,
             ),
+            queue_wait=Histogram(
+                "neuron_queue_wait_seconds",
+                "Time an admitted request waited for a runner slot (0 when one was free);"
+                " those that timed out count in neuron_rejected_requests_total{code=queue_full}",
+                ["model"],
+                buckets=QUEUE_WAIT_BUCKETS,
+                registry=r,
+            ),
+            build_info=Gauge(
+                "neuron_build_info",
+                "1, labelled with the versions this neuron runs",
+                list(BUILD_LABELS),
+                registry=r,
+            ),
         )
+        out.build_info.labels(*build_labels()).set(1)
+        return out
 
     def _by_first_label(self) -> list[tuple[Counter | Histogram, tuple[tuple[str, ...], ...]]]:
         return [
@@ -155,6 +229,7 @@ class NeuronMetrics:
             (self.ttft, ((),)),
             (self.decode_tps, ((),)),
             (self.load_seconds, ((),)),
+            (self.queue_wait, ((),)),
         ]
 
     def model_added(self, model_id: str) -> None:
@@ -174,3 +249,7 @@ class NeuronMetrics:
 
     def watch(self, snapshot: Snapshot) -> None:
         self.registry.register(_LiveCollector(snapshot))
+
+    def watch_node(self, node: NodeFigures) -> None:
+        self.node = node
+        self.registry.register(_NodeCollector(node))

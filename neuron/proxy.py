@@ -26,9 +26,18 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
-from neuron.request_check import Checked, Kind, check_size, count_prompt, finish, validate
+from neuron.request_check import (
+    RUNNER_MODEL_NAME,
+    Checked,
+    Kind,
+    check_size,
+    count_prompt,
+    finish,
+    validate,
+)
 from neuron.runner import RunnerProcess
 from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
+from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usage_comment
 from shared.assemble import assemble, is_usage_frame
 from shared.drain import mark_streaming
 from shared.errors import (
@@ -42,8 +51,26 @@ from shared.errors import (
     read_json_object,
     sse_error_frame,
 )
+from shared.journal import Journal
 from shared.quiet import QuietReads as _QuietReads
-from shared.sse import DONE, HEARTBEAT, SSE_HEADERS
+from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
+from shared.wire import PROBE_HEADER
+
+# mlx_lm.server echoes the model name it was sent (RUNNER_MODEL_NAME) in every
+# answer and chunk, spelt by json.dumps' default separators; clients must see the
+# id they asked for, so that one value is replaced in the bytes, frames untouched.
+_RUNNER_MODEL_FIELD = b'"model": ' + json.dumps(RUNNER_MODEL_NAME).encode()
+
+
+def renamed(raw: bytes, model_field: bytes) -> bytes:
+    """The runner's bytes with its model name replaced by `model_field` (see model_field)."""
+    return raw.replace(_RUNNER_MODEL_FIELD, model_field)
+
+
+def model_field(model_id: str) -> bytes:
+    # A JSON string never holds a bare `"` (it is escaped), so only the key can match.
+    return b'"model": ' + json.dumps(model_id).encode()
+
 
 # Prompts up to this many characters are counted on the event loop (tens of µs).
 INLINE_COUNT_CHARS = 512
@@ -115,10 +142,25 @@ class _LostOnExit:
             raise _Lost(f"runner exited with code {self._runner.exited.result()}") from exc
 
 
+_TRACE = web.RequestKey("neuron.trace", TraceDraft)
+
+
+def _trace(request: web.Request) -> TraceDraft | None:
+    return request.get(_TRACE)
+
+
+def _queue_wait(request: web.Request) -> dict[str, str]:
+    t = _trace(request)
+    if t is None or t.admission_wait_s is None:
+        return {}
+    return {QUEUE_WAIT_HEADER: f"{t.admission_wait_s:.6f}"}
+
+
 @attrs.define
 class Proxy:
     config: NeuronConfig
     supervisor: Supervisor
+    traces: Journal[Trace] = attrs.Factory(Journal[Trace])
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, "/v1/chat/completions", "chat")
@@ -133,26 +175,51 @@ class Proxy:
             raise InvalidRequest("missing `model` (a non-empty string)", param="model")
         m = self.supervisor.get(model_id)
         metrics = self.supervisor.metrics
+        trace = TraceDraft(request_id(request), model_id, stream=body.get("stream") is True)
+        request[_TRACE] = trace
+        status, error = "500", None
         # Errors once the runner is reached count in `requests` by outcome instead.
         reached_runner = False
         try:
             self._check_state(m, model_id)
             assert m is not None
             checked = await self._check(m, body, kind)
+            trace.prompt_tokens = checked.prompt_tokens
+            queued_at = time.monotonic()
             async with m.admission.slot():
+                waited = time.monotonic() - queued_at
+                metrics.queue_wait.labels(m.model_id).observe(waited)
+                trace.admission_wait_s = round(waited, 6)
                 runner = self._check_state(m, model_id)
                 reached_runner = True
-                m.stats.last_used = time.time()
+                trace.runner = f"pid {runner.pid} port {runner.port}"
+                runner.note(f"request {trace.id} {path}")
+                # A probe (doctor) is no use: it must not hold off the idle unload.
+                use = PROBE_HEADER not in request.headers
+                if use:
+                    m.stats.last_used = time.time()
+                # The name the answer carries: the id asked for (or cortex's alias of it).
+                name = request.headers.get(ANSWER_MODEL_HEADER) or model_id
                 if checked.runner_stream:
-                    resp = await self._relay(request, m, runner, path, checked)
+                    resp = await self._relay(request, m, runner, path, checked, name)
                 else:
-                    resp = await self._unary(m, runner, path, checked)
-                m.stats.last_used = time.time()
+                    resp = await self._unary(m, runner, path, checked, name)
+                if use:
+                    m.stats.last_used = time.time()
+                status = str(resp.status)
+                if not resp.prepared:  # an unstreamed answer: its headers are still ours
+                    resp.headers.update(_queue_wait(request))
                 return resp
         except ApiError as exc:
+            status, error = str(exc.status), exc.message
             if not reached_runner:
                 metrics.rejected.labels(model_id if m is not None else "", exc.code).inc()
             raise
+        except asyncio.CancelledError:
+            status = "client_gone"
+            raise
+        finally:
+            self.traces.append(trace.done(status, error))
 
     async def _check(self, m: ModelSupervisor, body: dict[str, Any], kind: Kind) -> Checked:
         """The runner's body from the allow-list; the prompt counted off the event loop."""
@@ -200,7 +267,7 @@ class Proxy:
         )
 
     async def _unary(
-        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked
+        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked, name: str
     ) -> web.Response:
         """Logprobs unstreamed: only the runner's unstreamed answer carries them.
 
@@ -235,7 +302,7 @@ class Proxy:
                 self._count_tokens(m, answer["usage"])
         metrics.requests.labels(m.model_id, "ok").inc()
         return web.Response(
-            body=raw,
+            body=renamed(raw, model_field(name)),
             status=upstream.status,
             content_type=upstream.content_type or "application/json",
         )
@@ -247,6 +314,7 @@ class Proxy:
         runner: RunnerProcess,
         path: str,
         checked: Checked,
+        name: str,
     ) -> web.StreamResponse:
         """Stream from the runner; to the client as a stream, or assembled at the end.
 
@@ -264,13 +332,16 @@ class Proxy:
         reads: _QuietReads | None = None
         events = _Events()
         tally = _Tally()
+        wanted = model_field(name)
         phase = "prefill"
         _start_work(m)
         outcome = "ok"
         opening = asyncio.ensure_future(self._open(runner, path, checked))
 
+        trace = _trace(request)
+
         async def begin() -> web.StreamResponse:
-            r = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            r = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_queue_wait(request)})
             await r.prepare(request)
             mark_streaming(request, r)
             return r
@@ -330,22 +401,26 @@ class Proxy:
                     out = self._take(events.feed(chunk), tally, checked, now)
                     if streaming and out:
                         assert response is not None
-                        await response.write(out)
+                        await response.write(renamed(out, wanted))
                     if tally.frames and phase == "prefill":
                         phase = "decode"
                         m.stats.prefilling -= 1
                         m.stats.decoding += 1
                         ttft = (tally.first_at or now) - started
                         m.stats.ttft_s = ttft
+                        if trace is not None:
+                            trace.ttft_s = round(ttft, 6)
                         metrics.ttft.labels(m.model_id).observe(ttft)
             m.runner_answered(runner)
             if streaming:
                 assert response is not None
                 return response
-            return web.json_response(assemble(tally.chunks))
+            return web.json_response({**assemble(tally.chunks), "model": name})
         except _Lost as exc:
             outcome = "upstream_lost"
             message = f"runner of {m.model_id!r} lost: {describe(exc)}"
+            if trace is not None:
+                trace.error = message
             if response is None:
                 raise UpstreamUnavailable(message) from exc
             # Counted only where a client really gets the error frame.
@@ -373,6 +448,11 @@ class Proxy:
                 m.stats.decoding -= 1
             if tally.usage is not None:
                 self._count_tokens(m, tally.usage, tally)
+                if trace is not None:
+                    trace.usage(tally.usage)
+                    trace.tok_s = _tok_s(tally)
+            if trace is not None and outcome != "ok":
+                trace.status = outcome
             metrics.requests.labels(m.model_id, outcome).inc()
 
     def _take(self, batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> bytes:
@@ -397,6 +477,9 @@ class Proxy:
                     tally.chunks.append(chunk)
                 elif checked.include_usage:
                     out.append(event)
+                else:
+                    # An SSE comment (clients skip it): cortex's trace reads the counts.
+                    out.append(usage_comment(chunk["usage"]))
                 continue
             tally.frames += 1
             if tally.first_at is None:
@@ -417,6 +500,7 @@ class Proxy:
         if not isinstance(completion, int) or completion < 0:
             return
         metrics.tokens.labels(m.model_id, "completion").inc(completion)
+        m.stats.completion_tokens += completion
         # Decode speed: the tokens after the first, over the time since the first.
         if tally is not None and completion > 1 and tally.first_at and tally.last_at:
             span = tally.last_at - tally.first_at
@@ -451,6 +535,15 @@ class Proxy:
 class RunnerBroken(UpstreamError):
     """502 upstream_error from a runner that is being restarted (no code of its own:
     cortex and clients know upstream_error)."""
+
+
+def _tok_s(tally: _Tally) -> float | None:
+    """Decode speed as the metrics count it: tokens after the first over their span."""
+    c = (tally.usage or {}).get("completion_tokens")
+    if not isinstance(c, int) or c < 2 or not tally.first_at or not tally.last_at:
+        return None
+    span = tally.last_at - tally.first_at
+    return round((c - 1) / span, 2) if span > 0 else None
 
 
 def _error_outcome(err: ApiError) -> str:

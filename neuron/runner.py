@@ -126,6 +126,10 @@ class RunnerProcess:
     _watchdog_w: int | None
     _pump: asyncio.Task[None] | None = None
     _waiter: asyncio.Task[None] | None = None
+    # The open log file while the pump writes it, for `note()`; whether its last
+    # byte ended a line.
+    _log: IO[bytes] | None = None
+    _line_start: bool = True
 
     @classmethod
     async def start(
@@ -193,6 +197,18 @@ class RunnerProcess:
     def tail(self) -> str:
         return "\n".join(self._tail)
 
+    def note(self, text: str) -> None:
+        """A line of ours in the runner's log (a request id as its call starts), so a
+        line of runner output can be matched with a trace."""
+        if self._log is None:
+            return
+        try:
+            self._log.write(("" if self._line_start else "\n").encode() + f"--- {text}\n".encode())
+            self._log.flush()
+            self._line_start = True
+        except OSError:
+            pass  # the pump finds out and stops writing
+
     async def _read_output(self) -> None:
         """Drain the runner's output into the log file and the tail, to its end.
 
@@ -207,6 +223,7 @@ class RunnerProcess:
             file.write(f"--- runner start pid={self.pid} port={self.port}\n".encode())
         except OSError:
             file = None
+        self._log = file
         partial = b""  # the unfinished last line
         try:
             while chunk := await stream.read(LINE_LIMIT):
@@ -214,17 +231,19 @@ class RunnerProcess:
                     try:
                         file.write(chunk)
                         file.flush()
+                        self._line_start = chunk.endswith(b"\n")
                     except OSError as exc:  # a full disk must not stop the draining
                         log.warning("runner log %s: %s; no longer written", self.log_path, exc)
                         with contextlib.suppress(OSError):
                             file.close()
-                        file = None
+                        file = self._log = None
                 *lines, partial = (partial + chunk).split(b"\n")
                 partial = partial[-LINE_LIMIT:]
                 self._tail.extend(_text(line) for line in lines)
             if partial:
                 self._tail.append(_text(partial))
         finally:
+            self._log = None
             if file is not None:
                 with contextlib.suppress(OSError):
                     file.close()

@@ -123,6 +123,17 @@ def admit_promptly(server: Any, every_s: float = ADMIT_EVERY_S) -> None:
     server.TimeBudget = PromptBudget
 
 
+def fingerprint() -> str:
+    """`system_fingerprint` for every answer: the software, never the host.
+
+    mlx_lm's own puts `platform.platform()` (kernel version, distribution) in
+    every answer to every client.
+    """
+    import mlx_lm
+
+    return f"mlx_lm-{mlx_lm.__version__}"
+
+
 def main() -> None:
     _set_parent_death_signal()
     _start_watchdog()
@@ -131,6 +142,7 @@ def main() -> None:
 
     admit_promptly(server)
 
+    server.get_system_fingerprint = fingerprint
     sys.argv = ["mlx_lm.server", *strip_marker(sys.argv[1:])]
     server.main()  # type: ignore[no-untyped-call]
 

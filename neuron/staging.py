@@ -47,6 +47,7 @@ from neuron.store import (
     safe_relpath,
 )
 from shared.errors import InsufficientStorage
+from shared.journal import Event, Journal
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,8 @@ class Stager:
     jobs: dict[str, StageJob] = attrs.Factory(dict)
     _session: aiohttp.ClientSession | None = None
     _background: set[asyncio.Task[Any]] = attrs.Factory(set)
+    # The node's event log: each stage's start and end (a load's or POST /store/stage's).
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     async def open(self) -> None:
         read_s = self.config.stage_read_timeout_s
@@ -269,7 +272,19 @@ class Stager:
         job = StageJob(model_id=model_id, name=name, source=source, peers=tuple(peers))
         self.jobs[name] = job
         job.task = asyncio.create_task(self._run(job), name=f"stage {name}")
+        self._event(job, "stage start", f"{source} (peers: {', '.join(job.peers) or 'none'})")
+        job.task.add_done_callback(lambda _: self._ended(job))
         return job
+
+    def _event(self, job: StageJob, kind: str, detail: str) -> None:
+        node = self.config.node_name
+        self.journal.append(Event(kind=kind, model=job.model_id, node=node, detail=detail))
+
+    def _ended(self, job: StageJob) -> None:
+        if job.state == "staged":
+            self._event(job, "stage done", str(job.path))
+        else:
+            self._event(job, "stage failed", job.error or f"ended {job.state}")
 
     async def wait(self, job: StageJob) -> Path:
         """The staged directory once `job` ends, or StageFailed with its error."""

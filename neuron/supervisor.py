@@ -38,11 +38,13 @@ import attrs
 from neuron.admission import Admission
 from neuron.config import NeuronConfig
 from neuron.metrics import ModelStats, NeuronMetrics
+from neuron.rdma_quirk import classify as classify_rdma
 from neuron.request_check import ModelInfo
 from neuron.runner import RunnerProcess
 from neuron.staging import StageJob, Stager
 from neuron.store import Store, copy_name, is_local_source
 from shared.errors import ModelNotFound
+from shared.journal import Event, Journal
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
 
@@ -112,12 +114,18 @@ class ModelSupervisor:
     info: ModelInfo = attrs.Factory(ModelInfo)
     # time.monotonic() of turning failed: the record is dropped some time later.
     failed_at: float | None = None
+    # Wall time of the last runner restart (doctor warns of recent ones).
+    restarted_at: float | None = None
+    # Wall clock (s) this load began: OpenAI's `created` for the model.
+    created: int = attrs.Factory(lambda: int(time.time()))
     _broken: str | None = None
     _failures: int = 0
     _starts: int = 0
     _crashes: collections.deque[float] = attrs.Factory(collections.deque)
     _task: asyncio.Task[None] | None = None
     _stop_task: asyncio.Task[None] | None = None
+    # The node's event log (GET /events): this model's runner starts, crashes, stops.
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     @classmethod
     def create(
@@ -128,6 +136,7 @@ class ModelSupervisor:
         metrics: NeuronMetrics,
         session: aiohttp.ClientSession,
         stager: Stager,
+        journal: Journal[Event] | None = None,
     ) -> ModelSupervisor:
         a = config.admission
         return cls(
@@ -143,6 +152,7 @@ class ModelSupervisor:
             context_limit=req.context_limit,
             stager=stager,
             peers=req.peers,
+            journal=journal if journal is not None else Journal[Event](),
         )
 
     # --- views ------------------------------------------------------------
@@ -167,6 +177,8 @@ class ModelSupervisor:
             last_used=self.stats.last_used,
             error=self.error,
             staging=None if self.stage is None or not self.stage.active else self.stage.to_json(),
+            restarts=max(0, self._starts - 1),
+            restarted_at=self.restarted_at,
         )
 
     def health(self) -> ModelHealth:
@@ -179,6 +191,7 @@ class ModelSupervisor:
             decode_tps=self.stats.decode_tps,
             ttft_s=self.stats.ttft_s,
             last_used=self.stats.last_used,
+            completion_tokens=self.stats.completion_tokens,
         )
 
     def _memory_bytes(self) -> int:
@@ -227,9 +240,12 @@ class ModelSupervisor:
             self.state = "failed"
             self.error = describe(exc)
             self.failed_at = time.monotonic()
+            self.event("failed", self.error)
 
     async def _run_once(self) -> None:
         self.state = "loading" if self._starts == 0 else "recovering"
+        if self._starts:
+            self.restarted_at = time.time()
         self._starts += 1
         assert self.model_dir is not None
         t0 = time.monotonic()
@@ -241,6 +257,7 @@ class ModelSupervisor:
             group=self.group,
         )
         self.runner = runner
+        self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state})")
         try:
             async with asyncio.timeout(self.warmup_deadline_s):
                 await self._bring_up(runner)
@@ -258,6 +275,7 @@ class ModelSupervisor:
         log.info(
             "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
         )
+        self.event("ready", f"in {self.load_seconds:.2f} s, pid {runner.pid} port {runner.port}")
         self._crashed(runner, await self._watch(runner))
 
     async def _watch(self, runner: RunnerProcess) -> str:
@@ -394,8 +412,11 @@ class ModelSupervisor:
                 f"not restarted alone: {reason}"
             )
         tail = runner.tail()
+        if g is not None and (advice := classify_rdma(g.backend, g.rank, tail)):
+            reason = f"{advice}; {reason}"
         self.error = f"{reason}; runner output tail:\n{tail}" if tail else reason
         log.warning("model %s: %s", self.model_id, reason)
+        self.event("crash", self.error)
         if self.in_group:
             raise _GiveUp(self.error)
         if len(self._crashes) >= self.config.restart.max_crashes:
@@ -404,6 +425,11 @@ class ModelSupervisor:
             )
         self.state = "recovering"
         raise _RunnerLost(reason)
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self.journal.append(
+            Event(kind=kind, model=self.model_id, node=self.config.node_name, detail=detail)
+        )
 
     def stop(self) -> asyncio.Task[None]:
         """Unload: stop supervising, SIGTERM then SIGKILL the runner (idempotent).
@@ -417,6 +443,7 @@ class ModelSupervisor:
 
     async def _stop(self) -> None:
         self.state = "unloading"
+        self.event("stop", "" if self.runner is None else f"pid {self.runner.pid}")
         try:
             if self.stage is not None:
                 # An unload of a model being staged cancels its stage (resumable later).
@@ -427,7 +454,8 @@ class ModelSupervisor:
         finally:
             if self.runner is not None:
                 try:
-                    await self.runner.stop(self.config.runner.stop_grace_s)
+                    code = await self.runner.stop(self.config.runner.stop_grace_s)
+                    self.event("stopped", f"pid {self.runner.pid} exited with code {code}")
                 except BaseException:
                     self.runner.kill_now()  # interrupted: no grace left
                     raise
@@ -455,6 +483,9 @@ class Supervisor:
     )
     _session: aiohttp.ClientSession | None = None
     _lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    # Loads of jaccl-group ranks since this neuron started (the reload budget).
+    jaccl_loads: int = 0
+    journal: Journal[Event] = attrs.Factory(Journal[Event])
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -490,9 +521,11 @@ class Supervisor:
             if current is not None:
                 await asyncio.shield(current.stop())
             m = ModelSupervisor.create(
-                req, self.config, self.store, self.metrics, self.session, self.stager
+                req, self.config, self.store, self.metrics, self.session, self.stager, self.journal
             )
             self.models[req.model_id] = m
+            if req.group is not None and req.group.backend == "jaccl":
+                self.jaccl_loads += 1
             self.metrics.model_added(m.model_id)
             m.start()
             self._prune_failed()

@@ -11,6 +11,10 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
+# Cortex to neuron: the model name the client asked for (an alias of the id cortex
+# sends), which the answer must carry. Never copied from a client.
+ANSWER_MODEL_HEADER = "X-Answer-Model"
+
 # Hop-by-hop and identity headers never copied between client and upstream.
 HOP_HEADERS = frozenset(
     h.lower()
@@ -34,5 +38,6 @@ HOP_HEADERS = frozenset(
         "X-Real-IP",
         "X-Request-Id",
         "X-Api-Key",
+        ANSWER_MODEL_HEADER,
     )
 )

@@ -17,6 +17,9 @@ Backend = Literal["ring", "jaccl"]
 Sharding = Literal["tensor", "pipeline"]
 
 MODEL_STATES: tuple[str, ...] = ("loading", "warming", "ready", "recovering", "failed", "unloading")
+# Marks doctor's 2-token probe: the neuron serves it but does not count it as a use,
+# so probing never keeps an idle model from its idle unload.
+PROBE_HEADER = "X-Cortex-Probe"
 
 
 @attrs.frozen
@@ -61,6 +64,10 @@ class Discovery:
     # Address peers use to reach this node's ranks over TCP (ring backend).
     ring_host: str
     started_at: float
+    # For doctor's alignment check and disk percentages (absent from older neurons).
+    mlx_lm_version: str = ""
+    python_version: str = ""
+    disk_total_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
@@ -319,6 +326,9 @@ class ModelStatus:
     error: str | None = None
     # While the load stages its files: the stage job (state, bytes, rate, ETA).
     staging: dict[str, Any] | None = None
+    # Runner restarts since this load began, and the wall time of the last one.
+    restarts: int = 0
+    restarted_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -331,6 +341,8 @@ class ModelStatus:
             "last_used": self.last_used,
             "error": self.error,
             "staging": self.staging,
+            "restarts": self.restarts,
+            "restarted_at": self.restarted_at,
         }
 
     @classmethod
@@ -346,6 +358,8 @@ class ModelStatus:
             last_used=float(d.get("last_used", 0.0)),
             error=d.get("error"),
             staging=d.get("staging") if isinstance(d.get("staging"), dict) else None,
+            restarts=int(d.get("restarts", 0) or 0),
+            restarted_at=_opt_float(d.get("restarted_at")),
         )
 
 
@@ -361,6 +375,9 @@ class ModelHealth:
     decode_tps: float | None
     ttft_s: float | None
     last_used: float
+    # Completion tokens since the runner's model was loaded here: a counter, so a
+    # reader derives tok/s from two reads (decode_tps is the last request's figure).
+    completion_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -376,6 +393,7 @@ class ModelHealth:
             decode_tps=d.get("decode_tps"),
             ttft_s=d.get("ttft_s"),
             last_used=float(d.get("last_used", 0.0)),
+            completion_tokens=int(d.get("completion_tokens", 0)),
         )
 
 
@@ -389,6 +407,14 @@ class NodeHealth:
     uptime_s: float
     memory_available_bytes: int
     models: tuple[ModelHealth, ...]
+    # Fresh each read (discovery's figure is only as new as the last restart).
+    disk_free_bytes: int | None = None
+    disk_total_bytes: int | None = None
+    # The store's free-space floor (min_free_gb) in bytes.
+    min_free_bytes: int | None = None
+    # Loads of jaccl-backend group ranks since the neuron started, against its budget.
+    jaccl_loads: int = 0
+    jaccl_reload_budget: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -398,6 +424,11 @@ class NodeHealth:
             "uptime_s": self.uptime_s,
             "memory_available_bytes": self.memory_available_bytes,
             "models": [m.to_json() for m in self.models],
+            "disk_free_bytes": self.disk_free_bytes,
+            "disk_total_bytes": self.disk_total_bytes,
+            "min_free_bytes": self.min_free_bytes,
+            "jaccl_loads": self.jaccl_loads,
+            "jaccl_reload_budget": self.jaccl_reload_budget,
         }
 
     @classmethod
@@ -409,4 +440,17 @@ class NodeHealth:
             uptime_s=float(d.get("uptime_s", 0.0)),
             memory_available_bytes=int(d.get("memory_available_bytes", 0)),
             models=tuple(ModelHealth.from_json(m) for m in d.get("models", ())),
+            disk_free_bytes=_opt_int(d.get("disk_free_bytes")),
+            disk_total_bytes=_opt_int(d.get("disk_total_bytes")),
+            min_free_bytes=_opt_int(d.get("min_free_bytes")),
+            jaccl_loads=int(d.get("jaccl_loads", 0) or 0),
+            jaccl_reload_budget=_opt_int(d.get("jaccl_reload_budget")),
         )
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -6,8 +6,10 @@ import configparser
 import json
 import plistlib
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -74,20 +76,196 @@ def test_systemd_unit(unit: str, config: str) -> None:
     assert exec_start[1:] == ["serve", "-c", f"/etc/cortex-neuron/{config}.toml"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    """systemd itself finds no unknown key or bad value in the units."""
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian: systemd)"
+)
+SYSUSERS = PKG / "systemd" / "cortex-neuron.sysusers"
+
+
+def _runnable_units(tmp_path: Path) -> list[Path]:
+    """Copies of the units whose ExecStart exists here (the real path is only there
+    once installed, and verify insists on it)."""
     units = []
     for src in sorted((PKG / "systemd").glob("*.service")):
-        # verify insists ExecStart exists; the real path is only there once installed.
         text = re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", src.read_text(), flags=re.M)
         (tmp_path / src.name).write_text(text)
         units.append(tmp_path / src.name)
+    return units
 
-    done = _run("systemd-analyze", "verify", *units)
+
+def test_systemd_units_own_state_and_sysusers_user() -> None:
+    """Each unit has its own StateDirectory (its working directory); both run as the
+    user the sysusers.d file makes, whose home is the neuron's state directory."""
+    cortex, neuron = _unit("cortex.service")["Service"], _unit("neuron.service")["Service"]
+    [line] = [ln for ln in SYSUSERS.read_text().splitlines() if ln and not ln.startswith("#")]
+    kind, name, _, _, home, shell = shlex.split(line)
+
+    assert cortex["StateDirectory"] != neuron["StateDirectory"]
+    for service in (cortex, neuron):
+        assert service["WorkingDirectory"] == f"/var/lib/{service['StateDirectory']}"
+        assert service["User"] == service["Group"] == name
+    assert (kind, home, shell) == ("u", f"/var/lib/{neuron['StateDirectory']}", "/usr/sbin/nologin")
+    # The example config keeps the store in the neuron's state directory (writable there).
+    store = tomllib.loads((PKG / "examples" / "neuron.toml").read_text())["store_dir"]
+    assert Path(store).is_relative_to(neuron["WorkingDirectory"])
+    assert neuron["Environment"].startswith(f"HF_HOME={neuron['WorkingDirectory']}/")
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_creates_the_service_user(tmp_path: Path) -> None:
+    """systemd-sysusers, on an empty root, makes the system user and its group."""
+    (tmp_path / "etc").mkdir()
+
+    done = _run("systemd-sysusers", f"--root={tmp_path}", SYSUSERS)
+
+    assert done.returncode == 0, done.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text().split(":")
+    assert passwd[0] == "cortex-neuron" and passwd[5:] == [
+        "/var/lib/cortex-neuron",
+        "/usr/sbin/nologin\n",
+    ]
+    assert int(passwd[2]) < 1000  # a system user
+    assert (tmp_path / "etc" / "group").read_text().startswith("cortex-neuron:")
+
+
+@needs_systemd_analyze
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd itself finds no unknown key or bad value in the units."""
+    units = _runnable_units(tmp_path)
+
+    done = _run(SYSTEMD_ANALYZE or "systemd-analyze", "verify", *units)
 
     complaints = [line for line in done.stderr.splitlines() if str(tmp_path) in line]
     assert complaints == []
+    assert done.returncode == 0, done.stderr
+
+
+def _exposure(unit: Path) -> float:
+    done = _run(SYSTEMD_ANALYZE or "systemd-analyze", "security", "--offline=yes", unit)
+    assert done.returncode == 0, done.stderr
+    m = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d)", done.stdout)
+    assert m, done.stdout
+    return float(m[1])
+
+
+# systemd-analyze security (0 = locked down, 10 = exposed) of the units before
+# hardening (issue 11) was cortex 7.9 and neuron 8.7; now about 1.1 and 1.3.
+@needs_systemd_analyze
+@pytest.mark.parametrize(("unit", "below"), [("cortex.service", 4.0), ("neuron.service", 4.0)])
+def test_systemd_security_exposure(tmp_path: Path, unit: str, below: float) -> None:
+    """The sandbox as systemd scores it, offline on the unit file."""
+    [path] = [u for u in _runnable_units(tmp_path) if u.name == unit]
+
+    assert _exposure(path) < below
+
+
+def _sandbox(service: configparser.SectionProxy) -> dict[str, str]:
+    # What restricts the service, as opposed to how it is run (devices are compared
+    # by the comment above DevicePolicy, as PrivateDevices).
+    return {k: v for k, v in service.items() if k not in _NOT_SANDBOX}
+
+
+_NOT_SANDBOX = {
+    "Type", "User", "Group", "ExecStart", "StateDirectory", "WorkingDirectory",
+    "Environment", "EnvironmentFile", "Restart", "RestartSec", "KillMode", "KillSignal",
+    "TimeoutStopSec", "LimitNOFILE", "LimitMEMLOCK", "DeviceAllow", "DevicePolicy",
+}  # fmt: skip
+
+
+def test_neuron_says_why_for_each_relaxation() -> None:
+    """Every sandbox setting the neuron has weaker than cortex (or lacks) is explained
+    by a comment naming it, on the lines just above."""
+    cortex = _sandbox(_unit("cortex.service")["Service"])
+    neuron = _sandbox(_unit("neuron.service")["Service"])
+    lines = (PKG / "systemd" / "neuron.service").read_text().splitlines()
+    relaxed = sorted(k for k, v in cortex.items() if neuron.get(k) != v)
+
+    assert {"PrivateDevices", "ProcSubset", "RestrictAddressFamilies"} <= set(relaxed)
+    for key in relaxed:
+        if key not in neuron:
+            reasons = [ln for ln in lines if ln.startswith("# Relaxed") and key in ln]
+            assert reasons, f"{key}: dropped with no reason given"
+            continue
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(f"{key}="))
+        comments = " ".join(ln for ln in lines[max(0, at - 6) : at] if ln.startswith("#"))
+        assert "Relaxed" in comments, f"{key}={neuron[key]}: no reason given above it"
+
+
+needs_mdwe = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="PR_SET_MDWE is Linux's"
+)
+MDWE = ROOT / "tests" / "support" / "mdwe.py"
+
+
+def _under_mdwe(argv: list[str]) -> list[str]:
+    return [sys.executable, str(MDWE), *argv]
+
+
+@needs_mdwe
+def test_mdwe_wrapper_refuses_writable_executable_memory() -> None:
+    """The wrapper really applies W^X (else the test below proves nothing), and MLX's
+    CPU JIT (mx.compile: g++ then dlopen) still works under it."""
+    wx = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)"
+    jit = (
+        "import mlx.core as mx\n"
+        "f = mx.compile(lambda x: mx.exp(x) * x + mx.sin(x))\n"
+        "print(f(mx.arange(64, dtype=mx.float32)).sum().item())"
+    )
+
+    refused = _run(*_under_mdwe([sys.executable, "-c", wx]))
+    if refused.returncode == 3:
+        pytest.skip(f"this kernel has no PR_SET_MDWE: {refused.stderr.strip()}")
+    compiled = _run(*_under_mdwe([sys.executable, "-c", jit]))
+
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    assert _run(sys.executable, "-c", wx).returncode == 0
+    assert compiled.returncode == 0, compiled.stderr
+    assert float(compiled.stdout) > 0
+
+
+@needs_mdwe
+def test_fleet_serves_under_memory_deny_write_execute(tmp_path: Path, demo_model: Path) -> None:
+    """A real neuron, its runner and cortex all under W^X (MemoryDenyWriteExecute=yes in
+    both units) load the demo model and answer a chat request."""
+    neuron = NeuronProcess.start(tmp_path / "neuron", wrap=_under_mdwe)
+    cortex = CortexProcess.write(
+        tmp_path / "cortex", [("a", neuron)], [{"id": "demo", "source": str(demo_model)}]
+    )
+    try:
+        neuron.load_ready("demo", demo_model)
+        log = (cortex.dir / "cortex.log").open("ab")
+        argv = [sys.executable, "-m", "cortex.cli", "serve", "-c", str(cortex.dir / "cortex.toml")]
+        cortex.process = subprocess.Popen(
+            _under_mdwe(argv), stdout=log, stderr=subprocess.STDOUT, cwd=cortex.dir
+        )
+        log.close()
+        wait_until(cortex._up, 60, "cortex under W^X")
+
+        def served() -> bool:
+            body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+            status, _ = http_json(cortex.url + "/v1/chat/completions", {**body, "max_tokens": 4})
+            return status == 200
+
+        wait_until(served, 60, "a chat answer through cortex and the neuron under W^X")
+    finally:
+        cortex.stop()
+        neuron.stop()
+
+
+def test_launchd_cortex_is_a_daemon_and_neuron_has_hf_home() -> None:
+    """cortex runs at boot as its own user (a LaunchDaemon); the neuron (a LaunchAgent,
+    for Metal) keeps hub downloads beside its store."""
+    cortex_path = PKG / "launchd" / "org.cortex-neuron.cortex.plist"
+    cortex = plistlib.loads(cortex_path.read_bytes())
+    neuron = plistlib.loads((PKG / "launchd" / "org.cortex-neuron.neuron.plist").read_bytes())
+
+    assert cortex["UserName"] == cortex["GroupName"] == "_cortexneuron"
+    assert cortex["Umask"] == 0o077
+    assert "/Library/LaunchDaemons/" in cortex_path.read_text()
+    assert "launchctl bootstrap system " in cortex_path.read_text()
+    assert "UserName" not in neuron
+    assert neuron["EnvironmentVariables"]["HF_HOME"].startswith("/Users/Shared/cortex-neuron/")
 
 
 @pytest.mark.parametrize("name", ["neuron", "cortex"])
@@ -104,6 +282,9 @@ def test_launchd_plist(name: str) -> None:
     assert plist["StandardOutPath"].endswith(".log")
     assert plist["StandardErrorPath"].endswith(".log")
     assert plist["ExitTimeOut"] > DRAIN_S
+    # A crash loop (a config error) is bounded: launchd itself never gives up.
+    assert plist["ThrottleInterval"] >= 30
+    assert plist["KeepAlive"] == {"SuccessfulExit": False, "Crashed": True}
     if shutil.which("plutil"):
         assert _run("plutil", "-lint", path).returncode == 0
 
@@ -175,6 +356,36 @@ def _dashboard_exprs() -> list[str]:
     return [t["expr"] for p in _dashboard()["panels"] for t in p.get("targets", ())]
 
 
+def _template_queries() -> list[str]:
+    """The dashboard's variable queries (label_values(...)): names they read count too."""
+    out = []
+    for var in _dashboard()["templating"]["list"]:
+        query = var.get("query")
+        if isinstance(query, dict):
+            out.append(str(query["query"]))
+    return out
+
+
+# What the dashboard must show (issue 11), by the series it reads.
+DASHBOARD_NEEDS = {
+    "latency percentiles": "cortex_request_duration_seconds_bucket",
+    "TTFT percentiles": "neuron_time_to_first_token_seconds_bucket",
+    "tokens/s": "neuron_tokens_total",
+    "in flight (cortex)": "cortex_requests_in_flight",
+    "in flight (neuron)": "neuron_model_in_flight_requests",
+    "queue wait (cortex)": "cortex_queue_wait_seconds_bucket",
+    "queue wait (neuron)": "neuron_queue_wait_seconds_bucket",
+    "memory per node": "neuron_memory_available_bytes",
+    "disk per node": "neuron_disk_free_bytes",
+    "runner crashes": "neuron_runner_crashes_total",
+    "cold loads": "cortex_cold_loads_total",
+    "errors by class": "cortex_stream_errors_total",
+    "replicas wanted": "cortex_model_replicas_wanted",
+    "replicas present": "cortex_model_replicas_present",
+    "versions": "neuron_build_info",
+}
+
+
 def test_grafana_dashboard() -> None:
     """A dashboard with a uid, panels with queries, on the fleet's metric families."""
     dash = _dashboard()
@@ -184,6 +395,20 @@ def test_grafana_dashboard() -> None:
     assert all(p.get("targets") for p in dash["panels"])
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     assert all(metric in " ".join(exprs) for metric in METRICS)
+
+
+def test_grafana_dashboard_covers_the_fleet() -> None:
+    """Every panel reads at least one of our series; the panels the issue asks for are
+    there; every percentile is a histogram_quantile over a `_bucket` rate."""
+    for panel in _dashboard()["panels"]:
+        names = {m for t in panel["targets"] for m in _names(t["expr"])}
+        assert names, f"panel {panel['title']!r} reads none of our metrics"
+    used = {m for e in _dashboard_exprs() for m in _names(e)}
+    missing = {what: name for what, name in DASHBOARD_NEEDS.items() if name not in used}
+    assert missing == {}
+    for expr in _dashboard_exprs():
+        if "histogram_quantile" in expr:
+            assert re.search(r"rate\(\w+_bucket\{", expr), expr
 
 
 @needs_promtool
@@ -210,19 +435,21 @@ def test_grafana_queries_are_promql(tmp_path: Path) -> None:
 
 
 def test_litellm_config() -> None:
-    """Each LiteLLM model is `openai/<id>` on cortex's /v1, for a model of the catalogue."""
+    """Each LiteLLM model is `openai/<id>` of the catalogue; addresses and keys from the env."""
     config = _yaml(PKG / "litellm" / "config.yaml")
     catalogue = tomllib.loads((ROOT / "models.toml").read_text())
     names = {n for m in catalogue["models"] for n in (m["id"], *m.get("aliases", ()))}
     models = {m["model_name"]: m["litellm_params"] for m in config["model_list"]}
 
     assert models["demo"]["model"] == "openai/demo"
-    assert models["demo"]["api_base"] == "http://127.0.0.1:9400/v1"
     for name, params in models.items():
         provider, _, model = params["model"].partition("/")
         assert provider == "openai"
         assert model in names, f"{name}: {model} is not in models.toml"
-        assert params["api_base"].endswith(":9400/v1")
+        # Where cortex listens, and its keys, come from the environment, never the file.
+        assert params["api_base"] == "os.environ/CORTEX_API_BASE"
+        assert params["api_key"] == "os.environ/CORTEX_API_KEY"
+    assert config["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
 
 
 def test_example_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,13 +503,28 @@ def test_example_configs_cover_every_key() -> None:
         assert keys - set(shown) == set(), name
 
 
-# A name in PromQL: not a function, keyword or label (those are followed by `(` or `=`).
-_NAME = re.compile(r"\b((?:cortex|neuron)_[a-zA-Z0-9_]*)\b(?!\s*[(=])")
+# A name in PromQL: not a function (followed by `(`); label matchers are blanked first
+# (`{...}`), so a name compared with `==` still counts.
+_NAME = re.compile(r"\b((?:cortex|neuron)_[a-zA-Z0-9_]*)\b(?!\s*\()")
+
+
+def _names(expr: str) -> list[str]:
+    return _NAME.findall(re.sub(r"\{[^}]*\}", "{}", expr))
+
+
+def test_metric_names_found_in_promql() -> None:
+    """The name finder the live check relies on: comparisons count, matchers do not."""
+    assert _names("cortex_build_info == 1") == ["cortex_build_info"]
+    assert _names('sum by (le) (rate(neuron_x_bucket{model=~"cortex_y"}[5m]))') == [
+        "neuron_x_bucket"
+    ]
+    assert _names("label_values(cortex_requests_total, model)") == ["cortex_requests_total"]
 
 
 def _used_names() -> set[str]:
     rules = [r["expr"] for g in _yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]]
-    return {m for e in [*rules, *_dashboard_exprs()] for m in _NAME.findall(e)}
+    queries = [*rules, *_dashboard_exprs(), *_template_queries()]
+    return {m for e in queries for m in _names(e)}
 
 
 def _exported(text: str) -> set[str]:
@@ -311,6 +553,7 @@ def test_alerts_and_dashboard_use_only_names_live_services_export(
     metric name the alert rules and the dashboard query is in their live /metrics."""
     used = _used_names()
     assert {"neuron_rejected_requests_total", "cortex_requests_total"} <= used
+    assert set(DASHBOARD_NEEDS.values()) <= used
     neuron = NeuronProcess.start(tmp_path / "neuron")
     cortex: CortexProcess | None = None
     try:

@@ -58,6 +58,9 @@ class FakeModel:
     group: dict[str, Any] | None = None
     # A stage job's JSON (neuron.staging StageJob.to_json), as /models carries it.
     staging: dict[str, Any] | None = None
+    # What /health says the runner is doing, and its completion-token counter.
+    phase: str = "idle"
+    completion_tokens: int = 0
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -78,10 +81,11 @@ class FakeModel:
             "state": self.state,
             "in_flight": self.in_flight,
             "queue_depth": self.queue_depth,
-            "phase": "idle",
+            "phase": self.phase,
             "decode_tps": None,
             "ttft_s": None,
             "last_used": self.last_used,
+            "completion_tokens": self.completion_tokens,
         }
 
 
@@ -126,6 +130,17 @@ class FakeNeuron:
     # Sources it holds a staged copy of (GET /store/storage), and its disk free.
     staged: list[str] = attrs.Factory(list)
     disk_free_bytes: int = 500 * GIB
+    disk_total_bytes: int = 1000 * GIB
+    # The store's free-space floor it reports in /health (min_free_gb).
+    min_free_bytes: int = 5 * 10**9
+    # Versions its discovery reports (doctor's alignment check).
+    version: str = "0.1.0"
+    mlx_version: str = "0.29.0"
+    mlx_lm_version: str = "0.28.0"
+    python_version: str = "3.11.7"
+    # jaccl-group loads since it started, against its jaccl_reload_budget.
+    jaccl_loads: int = 0
+    jaccl_reload_budget: int = 20
     # -- what it saw ----------------------------------------------------------------
     calls: Counter[str] = attrs.Factory(Counter)
     load_requests: list[dict[str, Any]] = attrs.Factory(list)
@@ -152,7 +167,7 @@ class FakeNeuron:
         return Discovery(
             node_id=self.node_id,
             hostname=self.hostname or f"{self.name}.local",
-            version="0.1.0",
+            version=self.version,
             os="Darwin",
             kernel="24.0",
             arch="arm64",
@@ -160,7 +175,7 @@ class FakeNeuron:
             memory_total_bytes=self.memory_total_bytes,
             memory_available_bytes=self.memory_available_bytes,
             unified_memory=True,
-            mlx_version="0.29.0",
+            mlx_version=self.mlx_version,
             mlx_device="metal",
             recommended_working_set_bytes=None,
             backends=("ring",),
@@ -169,6 +184,9 @@ class FakeNeuron:
             store_dir="/tmp/store",
             ring_host="127.0.0.1",
             started_at=self.started_at,
+            mlx_lm_version=self.mlx_lm_version,
+            python_version=self.python_version,
+            disk_total_bytes=self.disk_total_bytes,
         )
 
     def app(self) -> web.Application:
@@ -228,9 +246,15 @@ class FakeNeuron:
                 "status": "idle",
                 "node_id": self.node_id,
                 "started_at": self.started_at,
-                "uptime_s": 1.0,
+                # Its clock's now is started_at + uptime_s (doctor's skew check).
+                "uptime_s": time.time() - self.started_at,
                 "memory_available_bytes": self.memory_available_bytes - used,
                 "models": [m.health_json() for m in self.models.values()],
+                "disk_free_bytes": self.disk_free_bytes,
+                "disk_total_bytes": self.disk_total_bytes,
+                "min_free_bytes": self.min_free_bytes,
+                "jaccl_loads": self.jaccl_loads,
+                "jaccl_reload_budget": self.jaccl_reload_budget,
             }
         )
 

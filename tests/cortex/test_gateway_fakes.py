@@ -322,6 +322,11 @@ async def test_cold_load_evicts_idle_lru_model(two: list[FakeNeuron]) -> None:
     async with gateway([n1], cat, load_wait_s=30.0) as client:
         resp = await client.post(CHAT, json=chat())
         assert resp.status == 200
+        # The event log says which copy went, where, and why.
+        events = (await (await client.get("/admin/events?model=old")).json())["events"]
+        assert [e["node"] for e in events if e["kind"] == "evicted"] == [n1.name]
+        (trace,) = (await (await client.get("/admin/traces")).json())["traces"]
+        assert trace["cold_load_s"] is not None and trace["node"] == n1.name
     assert n1.unload_requests == ["old"]
     assert set(n1.models) == {"newer", "busy", "m1"}
 
@@ -438,6 +443,8 @@ async def test_health_degraded_when_a_node_is_down(two: list[FakeNeuron]) -> Non
             "status": "degraded",
             "nodes": {"healthy": 1, "total": 2},
             "models_without_replica": [],
+            "journal": "memory only",
+            "journal_files": {"events": "memory only", "traces": "memory only"},
         }
 
 

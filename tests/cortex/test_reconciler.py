@@ -163,7 +163,7 @@ async def test_prefetch_stages_on_every_node_that_could_hold_it_once() -> None:
             await asyncio.sleep(0.2)  # the stage requests are posted in the background
             await rec.step()
             await asyncio.sleep(0.2)
-            events = [e.what for e in app[LIFECYCLE].events("m1")]
+            events = [e.kind for e in app[LIFECYCLE].events("m1")]
             await app[LIFECYCLE].close()
     finally:
         await stop_all(nodes)

@@ -488,3 +488,40 @@ def test_only_node_without_discovery_is_placement_info_pending() -> None:
     pending = attrs.evolve(node("a"), discovery=None)
     with pytest.raises(errors.PlacementInfoPending):
         go(snap(pending, node("b", healthy=False)), "m1")
+
+
+# -- X-Cortex-Node: a request pinned to one replica ------------------------------------
+
+
+def test_pinned_request_goes_to_that_replica_even_when_busier() -> None:
+    s = snap(node("a", rm("m1", in_flight=5)), node("b", rm("m1")))
+    r = go(s, "m1", node="a")
+    assert isinstance(r, Route) and r.node == "a" and r.reason == "pinned" and r.load == 5
+    assert isinstance(go(s, "one", node="b"), Route)
+
+
+def test_pinned_request_never_cold_loads_nor_goes_elsewhere() -> None:
+    """Not on the node: 503 naming it (not a load, not another replica)."""
+    s = snap(node("a", rm("m1")), node("b"))
+    with pytest.raises(errors.ServiceUnavailable, match="not loaded on node b"):
+        go(s, "m1", node="b")
+    with pytest.raises(errors.InvalidRequest, match="no node 'c'"):
+        go(s, "m1", node="c")
+
+
+def test_pinned_request_to_an_unhealthy_loading_or_failed_replica_says_so() -> None:
+    unhealthy = snap(node("a", rm("m1"), healthy=False), node("b", rm("m1")))
+    with pytest.raises(errors.ServiceUnavailable, match="node a is not healthy"):
+        go(unhealthy, "m1", node="a")
+    with pytest.raises(errors.ModelLoading, match="warming on node a"):
+        go(snap(node("a", rm("m1", "warming")), node("b", rm("m1"))), "m1", node="a")
+    with pytest.raises(errors.ServiceUnavailable, match="failed on node a"):
+        go(snap(node("a", rm("m1", "failed"))), "m1", node="a")
+
+
+def test_pinned_request_that_failed_there_is_not_retried_elsewhere() -> None:
+    s = snap(node("a", rm("m1")), node("b", rm("m1")))
+    with pytest.raises(errors.UpstreamUnavailable, match="node a failed"):
+        go(s, "m1", node="a", exclude={"a"})
+    with pytest.raises(errors.QueueFull):
+        go(s, "m1", node="a", full={"a"})

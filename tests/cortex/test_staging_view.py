@@ -1,8 +1,8 @@
-"""A stage under way on a node, as cortex shows it: /admin/state and the dashboard."""
+"""A stage under way on a node, as cortex shows it in /admin/state (the dashboard page
+draws it from there: tests/cortex/test_dashboard.py drives it in Chromium)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from tests.cortex.fakes import fleet, gateway, stop_all
@@ -34,14 +34,13 @@ def _job(**kw: Any) -> dict[str, Any]:
     return job
 
 
-async def test_admin_state_and_dashboard_show_a_stage_in_progress() -> None:
+async def test_admin_state_shows_a_stage_in_progress() -> None:
     nodes = await fleet("n1", "n2")
     try:
         nodes[0].add_model("m1", state="loading", staging=_job())
         nodes[1].add_model("m1", state="ready")
         async with gateway(nodes) as client:
             state = await (await client.get("/admin/state")).json()
-            page = await (await client.get("/dashboard")).text()
     finally:
         await stop_all(nodes)
 
@@ -55,31 +54,20 @@ async def test_admin_state_and_dashboard_show_a_stage_in_progress() -> None:
     (n1,) = [n for n in state["nodes"] if n["name"] == "n1"]
     assert n1["models"][0]["staging"]["state"] == "fetching"
 
-    # One bar, on n1's row: 750 MB of 2 GB is 38 %.
-    assert page.count("<progress") == 1
-    bar = re.search(r'<progress max="100" value="(\d+)">', page)
-    assert bar is not None and bar.group(1) == "38"
-    assert "750.0 MB / 2.00 GB" in page and "125.0 MB/s" in page and "ETA 10s" in page
-    assert 'data-stage-state="fetching"' in page
 
-
-async def test_a_failed_stage_shows_its_error_escaped_and_no_bar() -> None:
+async def test_a_failed_stage_keeps_its_error() -> None:
     nodes = await fleet("n1")
     try:
         job = _job(state="failed", error=HOSTILE_ERROR, eta_s=None, rate_bytes_per_s=None)
         nodes[0].add_model("m1", state="failed", staging=job)
         async with gateway(nodes) as client:
             state = await (await client.get("/admin/state")).json()
-            page = await (await client.get("/dashboard")).text()
     finally:
         await stop_all(nodes)
 
     (m1,) = [m for m in state["models"] if m["id"] == "m1"]
     assert m1["placements"][0]["staging"]["error"] == HOSTILE_ERROR
-    assert "<progress" not in page
-    assert "<script" not in page.lower()
-    assert "&lt;script&gt;" in page and "big.safetensors" in page
-    assert 'data-stage-state="failed"' in page
+    assert m1["placements"][0]["staging"]["state"] == "failed"
 
 
 async def test_a_malformed_staging_field_is_dropped_not_fatal() -> None:
@@ -88,8 +76,6 @@ async def test_a_malformed_staging_field_is_dropped_not_fatal() -> None:
         nodes[0].add_model("m1", state="loading", staging={"bytes_done": "lots"})
         async with gateway(nodes) as client:
             state = await (await client.get("/admin/state")).json()
-            resp = await client.get("/dashboard")
-            assert resp.status == 200
     finally:
         await stop_all(nodes)
     (m1,) = [m for m in state["models"] if m["id"] == "m1"]

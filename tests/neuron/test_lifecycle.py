@@ -124,6 +124,12 @@ def test_crash_loop_and_warmup_deadline_end_failed(
     assert "runner output tail" in m["error"]
     assert "load_safetensors" in m["error"]  # the runner's own reason, from its stderr
     assert runner_pids(broken) == []
+    # The event log has each start and crash, with the runner's stderr tail, then the end.
+    events = n.get(f"/events?model={broken}")[1]["events"]
+    kinds = [e["kind"] for e in events]
+    assert kinds == ["runner start", "crash", "runner start", "crash", "failed"], kinds
+    crash = next(e for e in events if e["kind"] == "crash")
+    assert "runner output tail" in crash["detail"] and "load_safetensors" in crash["detail"]
 
     slow = unique("slow")
     n.load(slow, demo_model, warmup_deadline_s=0.05)

@@ -88,7 +88,7 @@ async def test_poison_field_is_400_and_the_runner_stays_ready(
     neuron: NeuronProcess, kind: str, extra: dict[str, Any], param: str
 ) -> None:
     """Each field that broke or crashed a runner: 400 naming it; same runner answers next."""
-    pids = runner_pids(MODEL)
+    pids = runner_pids(MODEL, parent=neuron.process.pid)
     path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     base: dict[str, Any] = {"messages": CHAT} if kind == "chat" else {"prompt": "Once"}
     status, body = await post(neuron, path, {"model": MODEL, "max_tokens": 4, **base, **extra})
@@ -99,7 +99,7 @@ async def test_poison_field_is_400_and_the_runner_stays_ready(
         neuron, "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 2}
     )
     assert status == 200, body
-    assert runner_pids(MODEL) == pids
+    assert runner_pids(MODEL, parent=neuron.process.pid) == pids
     assert neuron.model(MODEL)["state"] == "ready"  # type: ignore[index]
 
 
@@ -198,9 +198,38 @@ async def test_usage_frame_only_for_clients_that_ask(neuron: NeuronProcess) -> N
     assert counted - tokens_before >= 2
 
 
+async def test_health_counts_completion_tokens_as_usage_reports_them(
+    neuron: NeuronProcess,
+) -> None:
+    """/health's completion_tokens (the counter cortex's dashboard turns into tok/s) grows
+    by what each answer's usage says, streamed or not, in step with neuron_tokens_total."""
+
+    def counter() -> int:
+        _, health = neuron.get("/health")
+        (m,) = [m for m in health["models"] if m["model_id"] == MODEL]
+        return int(m["completion_tokens"])
+
+    before = counter()
+    metric_before = metric(neuron, "neuron_tokens_total", model=MODEL, kind="completion")
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 5}
+    status, answer = await post(neuron, "/v1/completions", body)
+    assert status == 200, answer
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(neuron.url + "/v1/completions", json=streamed) as r,
+    ):
+        events = list(data_events(await r.read()))
+    used = answer["usage"]["completion_tokens"] + events[-1]["usage"]["completion_tokens"]
+    assert used >= 2
+    assert counter() - before == used
+    counted = metric(neuron, "neuron_tokens_total", model=MODEL, kind="completion")
+    assert counted - metric_before == used
+
+
 async def test_generation_thread_died_restarts_the_runner(neuron: NeuronProcess) -> None:
     """A runner whose generation thread died answers 502 once, and is replaced."""
-    old = runner_pids(MODEL)
+    old = runner_pids(MODEL, parent=neuron.process.pid)
     port = runner_port(neuron, MODEL)
     # `stop: [123]` sent past the neuron, to the runner itself, kills that thread.
     async with aiohttp.ClientSession() as s:
@@ -221,7 +250,7 @@ async def test_generation_thread_died_restarts_the_runner(neuron: NeuronProcess)
     _, health = neuron.get("/health")
     assert health["status"] == "degraded"
     neuron.wait_state(MODEL, "ready")
-    assert set(runner_pids(MODEL)).isdisjoint(old)
+    assert set(runner_pids(MODEL, parent=neuron.process.pid)).isdisjoint(old)
     status, body = await post(
         neuron, "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 2}
     )

@@ -30,6 +30,9 @@ CLOSED = [
     ("POST", "/models/unload", {"model_id": "m"}),
     ("POST", "/store/purge-staging", {}),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": []}),
+    ("POST", "/linktest", {"test_id": "t"}),
+    ("POST", "/linktest/stop", {"test_id": "t"}),
+    ("POST", "/admin/restart", {}),
     ("GET", "/no/such/path", None),
 ]
 

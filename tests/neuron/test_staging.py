@@ -163,6 +163,11 @@ async def test_corrupted_byte_in_peer_file_fails_naming_it(
     assert job.state == "failed"
     assert job.error is not None and "'tokenizer.json' failed verification" in job.error
     assert "sha256" in job.error
+    assert job.task is not None
+    await asyncio.wait({job.task})
+    _, events = await _get(stager, "/events")
+    assert [e["kind"] for e in events["events"]] == ["stage start", "stage failed"]
+    assert "'tokenizer.json' failed verification" in events["events"][1]["detail"]
     store = _store(stager)
     assert not (store / "models" / NAME).exists()
     assert not (store / "models" / ".staging" / NAME / "tokenizer.json").exists()
@@ -206,6 +211,9 @@ async def test_load_stages_first_with_monotonic_progress(
         await asyncio.sleep(0.2)
     assert m["staging"] is None
     assert m["source"] == REPO
+    _, events = await _get(node, "/events?model=big")
+    kinds = [e["kind"] for e in events["events"]]
+    assert kinds == ["stage start", "stage done", "runner start", "ready"], kinds
 
 
 async def test_purge_during_stage_deletes_nothing_of_it(

@@ -1,0 +1,117 @@
+"""The neuron's trace of one request, under the X-Request-Id cortex (or a client) gave.
+
+The proxy fills a `TraceDraft` as the request goes (admission wait, the runner,
+the prompt as its tokenizer counts it, first token, usage); it is journaled as a
+frozen `Trace` when the handler ends. GET /traces and /traces/{id} read the ring.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from neuron.config import NeuronConfig
+from shared.journal import Event, FileSettings, Journal
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# How long admission held the request, in seconds, on the answer (cortex's trace reads it).
+QUEUE_WAIT_HEADER = "X-Queue-Wait-S"
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def usage_comment(usage: dict[str, Any]) -> bytes:
+    """The runner's token counts as an SSE comment, for a stream that did not ask for
+    the usage frame: clients skip comments, cortex's trace reads it (USAGE_COMMENT)."""
+    counts = {k: v for k, v in usage.items() if k in ("prompt_tokens", "completion_tokens")}
+    return b": usage " + json.dumps(counts, separators=(",", ":")).encode() + b"\n\n"
+
+
+@attrs.frozen
+class Trace:
+    id: str
+    model: str
+    status: str
+    error: str | None
+    admission_wait_s: float | None
+    runner: str | None  # "pid N port P"
+    prompt_tokens: int | None  # the neuron's tokenizer count, before the runner
+    runner_prompt_tokens: int | None  # the runner's usage
+    completion_tokens: int | None
+    ttft_s: float | None
+    tok_s: float | None
+    duration_s: float
+    stream: bool
+    seq: int = 0
+    ts: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class TraceDraft:
+    id: str
+    model: str
+    t0: float = attrs.Factory(time.monotonic)
+    ts: float = attrs.Factory(time.time)
+    status: str | None = None
+    error: str | None = None
+    admission_wait_s: float | None = None
+    runner: str | None = None
+    prompt_tokens: int | None = None
+    runner_prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    tok_s: float | None = None
+    stream: bool = False
+
+    def usage(self, usage: dict[str, Any]) -> None:
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(p, int):
+            self.runner_prompt_tokens = p
+        if isinstance(c, int):
+            self.completion_tokens = c
+
+    def done(self, status: str, error: str | None) -> Trace:
+        return Trace(
+            id=self.id,
+            model=self.model,
+            status=self.status or status,
+            error=self.error or error,
+            admission_wait_s=self.admission_wait_s,
+            runner=self.runner,
+            prompt_tokens=self.prompt_tokens,
+            runner_prompt_tokens=self.runner_prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            ttft_s=self.ttft_s,
+            tok_s=self.tok_s,
+            duration_s=round(time.monotonic() - self.t0, 6),
+            stream=self.stream,
+            ts=self.ts,
+        )
+
+
+def journals(config: NeuronConfig) -> tuple[Journal[Event], Journal[Trace]]:
+    def settings(name: str) -> FileSettings | None:
+        return FileSettings.of(
+            config.journal_dir,
+            name,
+            max_mb=config.journal_max_mb,
+            keep=config.journal_keep,
+            min_free_mb=config.journal_min_free_mb,
+        )
+
+    return (
+        Journal[Event](config.journal_events_kept, settings("events.jsonl")),
+        Journal[Trace](config.journal_traces_kept, settings("traces.jsonl")),
+    )

@@ -1,0 +1,227 @@
+"""The live dashboard in headless Chromium, against a real cortex and a real neuron.
+
+The browser is driven over the DevTools protocol (tests/support/chromium.py):
+the operator types the admin token, the page fills in from /admin/state, a
+click loads and unloads the demo model, and nothing in the page logs an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import NeuronProcess, wait_until
+from tests.e2e.conftest import CortexProcess
+from tests.support import chromium
+from tests.support.chromium import Browser
+
+pytestmark = pytest.mark.skipif(chromium.missing() is not None, reason=str(chromium.missing()))
+
+TOKEN = "dash-admin-token-1"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LEAD_COPY = Path("/work/dash-screenshot.png")
+READY_S = 120.0
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        headers=AUTH, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
+        yield session
+
+
+async def _state(http: aiohttp.ClientSession, c: CortexProcess) -> dict[str, Any]:
+    async with http.get(c.url + "/admin/state") as r:
+        assert r.status == 200, await r.text()
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+def _model(state: dict[str, Any], model_id: str) -> dict[str, Any]:
+    (m,) = [m for m in state["models"] if m["id"] == model_id]
+    return dict(m)
+
+
+def _fleet(
+    neuron_factory: Any, cortex_factory: Any, demo_model: Path, model_id: str
+) -> CortexProcess:
+    a: NeuronProcess = neuron_factory(name="a")
+    c: CortexProcess = cortex_factory(
+        [("a", a)], [{"id": model_id, "source": str(demo_model)}], admin_token=TOKEN
+    )
+    wait_until(lambda: c.get("/health")[1]["nodes"]["healthy"] == 1, 30, "node a healthy")
+    return c
+
+
+async def _sign_in(b: Browser, c: CortexProcess, model_id: str) -> None:
+    """Open the page, which asks for the token and fetches nothing; type it in."""
+    await b.goto(c.url + "/dashboard")
+    banner = await b.wait_js("document.querySelector('#banner.show')?.textContent", what="banner")
+    assert "admin token" in banner
+    assert await b.js("document.querySelectorAll('[data-node]').length") == 0
+    await b.type_into("#token", TOKEN)
+    await b.click("#token-save")
+    await b.wait_js(
+        'document.querySelector(\'.card[data-node="a"][data-healthy="yes"]\') !== null',
+        what="node a's card, healthy",
+    )
+    await b.wait_js(f"document.querySelector('tr[data-model={json.dumps(model_id)}]') !== null")
+    # The token lives in this tab's sessionStorage, never in the page or its URL.
+    assert await b.js("sessionStorage.getItem('cortex-admin-token')") == TOKEN
+    assert TOKEN not in await b.js("document.documentElement.outerHTML + location.href")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return int(width), int(height)
+
+
+async def test_dashboard_live_data_actions_and_no_console_errors(
+    neuron_factory: Any,
+    cortex_factory: Any,
+    demo_model: Path,
+    model_id: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    c = _fleet(neuron_factory, cortex_factory, demo_model, model_id)
+    row = f"tr[data-model={json.dumps(model_id)}]"
+    async with Browser.open() as b:
+        await _sign_in(b, c, model_id)
+        assert await b.js(f"document.querySelector('{row} td:nth-child(3)').dataset.state") == (
+            "nowhere"
+        )
+
+        # Load by a click: the page and /admin/state both see it ready on a.
+        await b.click(f"{row} button[data-action='load']")
+        await b.wait_js(
+            f"document.querySelector('{row} td:nth-child(3)').dataset.state === 'ready'",
+            within_s=READY_S,
+            what="the page to show the model ready",
+        )
+        assert await b.js("document.querySelector('#result').dataset.outcome") == "ok"
+        placements = _model(await _state(http, c), model_id)["placements"]
+        assert [(p["node"], p["state"]) for p in placements] == [("a", "ready")]
+        card = ".card[data-node='a']"
+        assert await b.wait_js(
+            f"document.querySelector(\"{card} li[data-model='{model_id}']\") !== null"
+        )
+
+        # A request through cortex: the neuron's token counter reaches /admin/state
+        # and the page turns its growth into a tok/s sample above zero.
+        async with http.post(
+            c.url + "/v1/chat/completions",
+            json={
+                "model": model_id,
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 24,
+                "logit_bias": {"1": -100},
+            },
+        ) as r:
+            assert r.status == 200, await r.text()
+            completion = (await r.json())["usage"]["completion_tokens"]
+        assert completion > 0
+
+        async def counted() -> bool:
+            node = (await _state(http, c))["nodes"][0]
+            return any(
+                m["model_id"] == model_id and m["completion_tokens"] == completion
+                for m in node["models"]
+            )
+
+        for _ in range(200):
+            if await counted():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the completion-token counter never reached /admin/state")
+        peak = await b.wait_js(
+            f'Number(document.querySelector("{card} svg.spark").dataset.max) > 0'
+            f' && document.querySelector("{card} svg.spark").dataset.max',
+            what="a tok/s sample above zero",
+        )
+        assert float(peak) > 0
+        phase = await b.js(f'document.querySelector("{card} [data-phase]").dataset.phase')
+        assert phase in ("idle", "prefill", "decode")
+        mem = await b.js(f'document.querySelector("{card} .bar.mem > div").style.width')
+        assert mem.endswith("%") and 0 < float(mem[:-1]) <= 100
+
+        shot = await b.screenshot(tmp_path / "dashboard.png")
+        width, height = _png_size(shot)
+        assert (width, height) == (1400, 1100)
+        assert len(shot) > 20_000, "a blank page compresses to almost nothing"
+        shutil.copyfile(tmp_path / "dashboard.png", LEAD_COPY)
+        text = await b.js("document.body.innerText")
+        assert model_id in text and "1/1 nodes healthy" in text
+
+        # Unload by a click: gone from the page and from /admin/state.
+        await b.click(f"{row} button[data-action='unload']")
+        await b.wait_js(
+            f"document.querySelector('{row} td:nth-child(3)').dataset.state === 'nowhere'",
+            within_s=60,
+            what="the page to show the model unloaded",
+        )
+        assert _model(await _state(http, c), model_id)["placements"] == []
+        assert "unloaded from a" in await b.js("document.querySelector('#result').textContent")
+        problems = list(b.problems)
+    assert problems == [], problems
+
+
+async def test_dashboard_events_and_the_trace_of_a_clicked_request(
+    neuron_factory: Any,
+    cortex_factory: Any,
+    demo_model: Path,
+    model_id: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    c = _fleet(neuron_factory, cortex_factory, demo_model, model_id)
+    async with http.post(c.url + f"/admin/models/{model_id}/load") as r:
+        assert r.status in (200, 202), await r.text()
+    async with Browser.open() as b:
+        await _sign_in(b, c, model_id)
+        assert await b.js("document.body.dataset.events") == "1"
+        async with http.post(
+            c.url + "/v1/chat/completions",
+            json={
+                "model": model_id,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "max_tokens": 8,
+            },
+        ) as r:
+            assert r.status == 200
+            await r.read()
+        tid = await b.wait_js(
+            "[...document.querySelectorAll('#traces tr[data-trace]')]"
+            f".find((tr) => tr.textContent.includes({json.dumps(model_id)}))?.dataset.trace",
+            within_s=60,
+            what="the request in the traces table",
+        )
+        await b.click(f'#traces tr[data-trace="{tid}"]')
+        shown = await b.wait_js(
+            f"document.querySelector('#trace').dataset.trace === {json.dumps(tid)}"
+            " && document.querySelector('#trace').textContent",
+            what="the clicked request's trace",
+        )
+        trace = json.loads(shown)
+        assert trace["id"] == tid and "cortex" in trace and "neuron" in trace
+        await b.wait_js(
+            "document.querySelectorAll('#events tr[data-kind]').length > 0",
+            what="an event in the events table",
+        )
+        assert await b.js("document.querySelector('#events-source').textContent") == (
+            "from /admin/events"
+        )
+        problems = list(b.problems)
+    assert problems == [], problems
