@@ -130,12 +130,18 @@ def _services(*, background: bool) -> Any:
         proxy_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers=headers
         )
+        # The poller's own pool, capped: loads and unloads never queue behind polls.
+        status_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.poll_concurrency), headers=headers
+        )
         poller = Poller(
             fleet=app[FLEET],
-            session=poll_session,
+            session=status_session,
             interval_s=cfg.poll_interval_s,
             timeout_s=cfg.poll_timeout_s,
             listeners=[metrics.observe_node, app[LIFECYCLE].polled],
+            concurrency=cfg.poll_concurrency,
+            on_round=metrics.poll_round.set,
         )
         for name in app[FLEET].names:
             metrics.observe_node(app[FLEET].node(name))
@@ -185,6 +191,7 @@ def _services(*, background: bool) -> Any:
             await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()
+            await status_session.close()
 
     return services
 

@@ -71,6 +71,7 @@ class Metrics:
     cold_loads: Counter
     cold_load_duration: Histogram
     evictions: Counter
+    poll_round: Gauge
     # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
     models: frozenset[str] = frozenset()
 
@@ -153,6 +154,11 @@ class Metrics:
                 "cortex_evictions_total",
                 "Idle models unloaded to make room for another",
                 ["model"],
+                registry=r,
+            ),
+            poll_round=Gauge(
+                "cortex_poll_round_seconds",
+                "Wall time of the last poll round over every node",
                 registry=r,
             ),
             models=frozenset(models),

@@ -191,6 +191,7 @@ class Proxy:
                 full=tries.full,
                 margin=self.config.affinity_margin,
                 rotation=next(self._turns),
+                policy=self.config.routing,
             )
 
         # Loads a cold model (once, however many ask) or waits for one loading.

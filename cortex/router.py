@@ -9,7 +9,9 @@ queue_depth from the last poll, or cortex's own count of requests in flight
 there if higher (fresher between polls). Prefix affinity: a request whose
 conversation prefix was seen before goes back to the replica that served it
 (its prompt cache holds the prefix) unless that replica's load exceeds the
-least-loaded one's by more than `margin`.
+least-loaded one's by more than `margin`. `policy` (config `routing`) may turn
+affinity off ("least_loaded") or pick replicas in turn ignoring load
+("round_robin", a baseline for benches).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from shared.errors import (
 )
 
 FactsOf = Callable[[ModelSpec], ModelFacts]
+Policy = Literal["affinity", "least_loaded", "round_robin"]
 
 # Prompt-cache affinity for /v1/completions: prefixes at these character steps.
 PROMPT_BLOCK_CHARS = 256
@@ -57,7 +60,7 @@ class Route:
     model_id: str
     node: str
     url: str
-    reason: Literal["affinity", "least_loaded"]
+    reason: Literal["affinity", "least_loaded", "round_robin"]
     load: int
 
 
@@ -81,6 +84,7 @@ def route(
     full: Collection[str] = (),
     margin: int = 4,
     rotation: int = 0,
+    policy: Policy = "affinity",
 ) -> Route | ColdLoad:
     """Where a request for `model` goes now, or the typed reason it cannot.
 
@@ -105,7 +109,11 @@ def route(
     serving = [(n, m) for n, m in locs if (n.healthy or n.name in exclude) and m.serves_http]
     ready = [(n, m) for n, m in serving if m.state == "ready"]
     if ready:
-        return _pick(snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation)
+        if policy != "affinity":
+            prefix = ()
+        return _pick(
+            snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation, policy
+        )
     if model_id in snap.loading or any(m.state in LOADING_STATES for _, m in serving):
         raise ModelLoading(f"model {model_id!r} is loading; retry shortly")
     failure = snap.failure(model_id)
@@ -162,6 +170,7 @@ def _pick(
     full: Collection[str],
     margin: int,
     rotation: int,
+    policy: Policy = "affinity",
 ) -> Route:
     usable = [(n, m) for n, m in ready if n.name not in exclude and n.name not in full]
     if not usable:
@@ -172,6 +181,9 @@ def _pick(
             f"every replica of model {model_id!r} failed before answering ({names})"
         )
     loads = {n.name: max(m.load, snap.outstanding_on(n.name, model_id)) for n, m in usable}
+    if policy == "round_robin":
+        turn = sorted((n for n, _ in usable), key=lambda n: n.name)[rotation % len(usable)]
+        return Route(model_id, turn.name, turn.url, "round_robin", loads[turn.name])
     least = min(loads.values())
     by_name = {n.name: n for n, _ in usable}
     for key in prefix:

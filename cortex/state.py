@@ -291,6 +291,34 @@ class Fleet:
         self._nodes[name] = new
         return new
 
+    def poll_unchanged(
+        self,
+        name: str,
+        health: NodeHealth,
+        *,
+        started: float,
+        read_at: float,
+        statuses: Iterable[ModelStatus] | None,
+        staged: frozenset[str] | None,
+    ) -> NodeState:
+        """A 304: the node says what it said in the poll started at `read_at`.
+
+        When that answer is still what we hold (healthy, nothing cortex wrote
+        since, no unload credit pending), only last_ok moves: no models rebuilt.
+        """
+        old = self._nodes[name]
+        if (
+            old.healthy
+            and old.failures == 0
+            and old.health is health
+            and old.models_at <= read_at
+            and name not in self._credits
+        ):
+            new = attrs.evolve(old, last_ok=time.time())
+            self._nodes[name] = new
+            return new
+        return self.poll_succeeded(name, health, started=started, statuses=statuses, staged=staged)
+
     def poll_failed(self, name: str, reason: str) -> NodeState:
         """One failed poll; only `threshold` of them in a row take a node out."""
         old = self._nodes[name]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -113,6 +116,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_get("/discovery", get_discovery)
     app.router.add_get("/health", get_health)
     app.router.add_get("/models", get_models)
+    app.router.add_get("/status", get_status)
     app.router.add_post("/models/load", post_load)
     app.router.add_post("/models/unload", post_unload)
     app.router.add_get("/metrics", get_metrics)
@@ -137,8 +141,7 @@ async def get_discovery(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-async def get_health(request: web.Request) -> web.Response:
-    app = request.app
+async def _node_health(app: web.Application) -> NodeHealth:
     models = tuple(app[SUPERVISOR].health())
     status: NodeStatus
     # A model with no working runner (failed, or restarting one) degrades the node.
@@ -149,7 +152,7 @@ async def get_health(request: web.Request) -> web.Response:
     else:
         status = "idle"
     now = time.time()
-    health = NodeHealth(
+    return NodeHealth(
         status=status,
         node_id=app[NODE_ID],
         started_at=app[STARTED],
@@ -158,7 +161,52 @@ async def get_health(request: web.Request) -> web.Response:
         memory_available_bytes=await asyncio.to_thread(memory_available_bytes),
         models=models,
     )
-    return web.json_response(health.to_json())
+
+
+async def get_health(request: web.Request) -> web.Response:
+    return web.json_response((await _node_health(request.app)).to_json())
+
+
+# Free memory moves by pages all the time: the status version counts it in these
+# steps, so an idle node keeps one version (placement has 256 MiB of headroom).
+STATUS_MEMORY_STEP = 64 * 1024 * 1024
+
+
+async def get_status(request: web.Request) -> web.Response:
+    """/health, /models and the complete staged copies in one answer, for the poller.
+
+    Its ETag is a hash of everything but the uptime (and free memory in 64 MiB
+    steps): a poller sending it back in If-None-Match gets 304 and no body while
+    nothing it routes or places by has changed.
+    """
+    app = request.app
+    health = await _node_health(app)
+    copies = await asyncio.to_thread(app[STORE].staged, app[SUPERVISOR].in_use_dirs())
+    body: dict[str, Any] = {
+        "health": health.to_json(),
+        "models": [s.to_json() for s in app[SUPERVISOR].statuses()],
+        "staged": [c.to_json() for c in copies],
+    }
+    etag = _status_etag(body)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag in _if_none_match(request):
+        return web.Response(status=304, headers=headers)
+    return web.json_response(body, headers=headers)
+
+
+def _status_etag(body: dict[str, Any]) -> str:
+    health = dict(body["health"])
+    del health["uptime_s"]
+    health["memory_available_bytes"] //= STATUS_MEMORY_STEP
+    # A copy's last use is touched by every load of it; the poller reads names only.
+    staged = sorted((c["name"], c["path"]) for c in body["staged"])
+    canon = json.dumps([health, body["models"], staged], sort_keys=True, default=str)
+    return '"' + hashlib.blake2b(canon.encode(), digest_size=12).hexdigest() + '"'
+
+
+def _if_none_match(request: web.Request) -> set[str]:
+    raw = request.headers.get("If-None-Match", "")
+    return {t.strip().removeprefix("W/") for t in raw.split(",") if t.strip()}
 
 
 async def get_models(request: web.Request) -> web.Response:

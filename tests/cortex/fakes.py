@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
@@ -97,6 +98,9 @@ class FakeNeuron:
     # -- behaviour ----------------------------------------------------------------
     health_ok: bool = True
     discovery_ok: bool = True
+    # Answer GET /status (health + models + staged in one, with an ETag and 304s)
+    # as a current neuron does; off, it is an older neuron (404 there).
+    serves_status: bool = False
     # (status, code, message): /models/load answers this error envelope.
     load_error: tuple[int, str, str] | None = None
     # A loaded model becomes ready only once this is set (None: ready at once).
@@ -176,6 +180,7 @@ class FakeNeuron:
         app.router.add_get("/discovery", self._discovery)
         app.router.add_get("/health", self._health)
         app.router.add_get("/models", self._models)
+        app.router.add_get("/status", self._status)
         app.router.add_post("/models/load", self._load)
         app.router.add_post("/models/unload", self._unload)
         app.router.add_get("/store/storage", self._storage)
@@ -218,28 +223,51 @@ class FakeNeuron:
             return web.json_response({"error": "down"}, status=500)
         return web.json_response(self.discovery().to_json())
 
+    def _health_json(self) -> dict[str, Any]:
+        used = sum(m.memory_bytes for m in self.models.values())
+        return {
+            "status": "idle",
+            "node_id": self.node_id,
+            "started_at": self.started_at,
+            "uptime_s": 1.0,
+            "memory_available_bytes": self.memory_available_bytes - used,
+            "models": [m.health_json() for m in self.models.values()],
+        }
+
+    def _staged_json(self) -> list[dict[str, Any]]:
+        return [
+            {"name": s.replace("/", "--", 1), "path": f"/tmp/store/models/{s}", "in_use": False}
+            for s in self.staged
+        ]
+
     async def _health(self, request: web.Request) -> web.Response:
         self.calls["health"] += 1
         if not self.health_ok:
             return web.json_response({"error": "down"}, status=500)
-        used = sum(m.memory_bytes for m in self.models.values())
-        return web.json_response(
-            {
-                "status": "idle",
-                "node_id": self.node_id,
-                "started_at": self.started_at,
-                "uptime_s": 1.0,
-                "memory_available_bytes": self.memory_available_bytes - used,
-                "models": [m.health_json() for m in self.models.values()],
-            }
-        )
+        return web.json_response(self._health_json())
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if not self.serves_status:
+            self.calls["status_404"] += 1
+            raise web.HTTPNotFound()
+        self.calls["status"] += 1
+        if not self.health_ok:
+            return web.json_response({"error": "down"}, status=500)
+        models = [m.status_json() for m in self.models.values()]
+        body = {
+            "health": self._health_json(),
+            "models": [*models, *self.models_extra],
+            "staged": self._staged_json(),
+        }
+        raw = json.dumps(body, sort_keys=True).encode()
+        etag = '"' + hashlib.sha256(raw).hexdigest()[:16] + '"'
+        if request.headers.get("If-None-Match") == etag:
+            self.calls["status_304"] += 1
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=raw, content_type="application/json", headers={"ETag": etag})
 
     async def _storage(self, request: web.Request) -> web.Response:
-        copies = [
-            {"name": s.replace("/", "--", 1), "path": f"/tmp/store/models/{s}", "in_use": False}
-            for s in self.staged
-        ]
-        return web.json_response({"staged": copies, "staging": [], "partial": []})
+        return web.json_response({"staged": self._staged_json(), "staging": [], "partial": []})
 
     async def _stage(self, request: web.Request) -> web.Response:
         body = await request.json()
