@@ -180,7 +180,10 @@ def _pick(
         raise UpstreamUnavailable(
             f"every replica of model {model_id!r} failed before answering ({names})"
         )
-    loads = {n.name: max(m.load, snap.outstanding_on(n.name, model_id)) for n, m in usable}
+    out = snap.outstanding.get  # hot: one dict lookup per replica, no method calls
+    loads = {
+        n.name: max(m.in_flight + m.queue_depth, out((n.name, model_id), 0)) for n, m in usable
+    }
     if policy == "round_robin":
         turn = sorted((n for n, _ in usable), key=lambda n: n.name)[rotation % len(usable)]
         return Route(model_id, turn.name, turn.url, "round_robin", loads[turn.name])
@@ -198,11 +201,9 @@ def _pick(
     # Ties go to the node with less work overall (any model, polled or cortex's own
     # count), then take turns: breaking them by name sent every idle-fleet request
     # to one node.
-    def rank(n: NodeState) -> tuple[int, int]:
-        return loads[n.name], max(n.load, snap.node_outstanding(n.name))
-
-    top = min(rank(n) for n, _ in usable)
-    tied = sorted((n for n, _ in usable if rank(n) == top), key=lambda n: n.name)
+    ranks = {n.name: (loads[n.name], max(n.load, snap.node_outstanding(n.name))) for n, _ in usable}
+    top = min(ranks.values())
+    tied = sorted((n for n, _ in usable if ranks[n.name] == top), key=lambda n: n.name)
     n = tied[rotation % len(tied)]
     return Route(model_id, n.name, n.url, "least_loaded", loads[n.name])
 

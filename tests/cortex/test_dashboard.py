@@ -59,7 +59,7 @@ async def test_dashboard_shows_nodes_models_and_catalogue(up_and_down: list[Fake
     assert "Apple M2 Ultra" in nodes["n-up"] and "metal" in nodes["n-up"]
     # 48 GiB available less the 3 GiB m1 holds, of 64 GiB.
     assert "45.0 GiB" in nodes["n-up"] and "64.0 GiB" in nodes["n-up"]
-    assert "/health" in nodes[escaped_node]  # the last poll error is shown
+    assert "/status: " in nodes[escaped_node]  # the last poll error is shown
     assert page.count(">healthy<") == 1 and page.count(">unhealthy<") == 1
 
     # The model on the healthy node, with its state and load.
