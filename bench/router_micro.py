@@ -36,7 +36,7 @@ from shared.wire import ModelHealth, ModelStatus, NodeHealth
 def build(
     nodes: int, per_node: int, seed: int, catalogued: int | None = None
 ) -> tuple[Fleet, FleetSnapshot, Catalogue, list[str]]:
-    """A fleet where node i holds models i..i+per_node-1 (mod the catalogue's size,
+    """A fleet where node i holds models i*per_node.. (per_node of them, mod the catalogue size,
     2*per_node unless `catalogued` says)."""
     rng = random.Random(seed)
     n_models = catalogued or 2 * per_node
@@ -53,7 +53,7 @@ def build(
     )
     for i in range(nodes):
         name = f"node-{i:04d}"
-        held = [ids[(i + k) % n_models] for k in range(per_node)]
+        held = [ids[(i * per_node + k) % n_models] for k in range(per_node)]
         statuses = [
             ModelStatus(
                 model_id=mid,
