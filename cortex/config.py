@@ -83,8 +83,11 @@ class CortexConfig:
     # Attempts on distinct replicas for a request that failed before its first byte.
     retry_attempts: int = 3
     # Prefix affinity: stay on the remembered replica unless its load exceeds the
-    # least-loaded replica's by more than this many requests.
-    affinity_margin: int = 4
+    # least-loaded replica's by more than this many requests. 8, a neuron's default
+    # in-flight cap: below it the replica still serves at once, which beats
+    # prefilling the whole conversation again elsewhere (bench.affinity: at 4, a
+    # burst of 8 conversations over 2 replicas lost a third of its cache hits).
+    affinity_margin: int = 8
     affinity_entries: int = 8192
     api_keys: tuple[ApiKey, ...] = ()
     admin_token: str | None = attrs.field(default=None, repr=False)
