@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit sysdeps soak bench clean
+.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-control bench-affinity clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,16 @@ test: lint typecheck unit
 # Minutes of mixed hostile traffic through a real fleet (SOAK_S seconds, default 180).
 soak: setup
 	$(BIN)/pytest -q -s -m soak tests/e2e/test_soak.py
+
+# Benchmarks: each prints its table with ratios and updates its BENCHMARKS.md section.
+# BENCH_ARGS=--quick for a shorter run.
+# 1,000 nginx fake neurons: poll round, cortex CPU and RSS (/status vs the old calls); routing p99.
+bench-control: setup sysdeps
+	$(BIN)/python -m bench.control $(BENCH_ARGS)
+
+# Two real replicas, multi-turn chats: cached prompt-token share and TTFT per routing.
+bench-affinity: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.affinity $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) run

@@ -48,6 +48,8 @@ from shared.blocking_http import request_json
 
 ARMS = ("round_robin", "least_loaded", "affinity")
 STAGGER_S = 0.01
+# Words per user turn: 6 turns stay well inside the demo model's 2,048-token context.
+USER_WORDS = 30
 WORDS = [
     "river",
     "stone",
@@ -149,7 +151,7 @@ async def run_conversations(
             {
                 "role": "system",
                 "content": f"[{arm} {nonce} conversation {c}] You are a terse assistant. "
-                + user_text(rng, 40),
+                + user_text(rng, 30),
             }
         ]
         for c in range(conversations)
@@ -159,7 +161,7 @@ async def run_conversations(
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for t in range(turns):
             for chat in chats:
-                chat.append({"role": "user", "content": user_text(rng, 60)})
+                chat.append({"role": "user", "content": user_text(rng, USER_WORDS)})
             # Clients do not arrive in a fixed order: a fixed one would pin each
             # conversation to one replica under round-robin (8 per turn, 2 replicas).
             order = rng.sample(range(conversations), conversations)
