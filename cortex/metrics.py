@@ -74,6 +74,7 @@ class Metrics:
     poll_round: Gauge
     # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
     models: frozenset[str] = frozenset()
+    _node_seen: dict[str, tuple[bool, int]] = attrs.field(factory=dict, init=False)
 
     @classmethod
     def create(cls, models: Iterable[str] = (), nodes: Iterable[str] = ()) -> Metrics:
@@ -190,6 +191,11 @@ class Metrics:
         return name if name is not None and name in self.models else "other"
 
     def observe_node(self, node: NodeState) -> None:
+        # Called per node per poll: unchanged figures (nearly all of them) cost a lookup.
+        now = (node.healthy, node.failures)
+        if self._node_seen.get(node.name) == now:
+            return
+        self._node_seen[node.name] = now
         self.node_healthy.labels(node.name).set(1 if node.healthy else 0)
         self.node_failures.labels(node.name).set(node.failures)
 

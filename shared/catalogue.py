@@ -149,7 +149,5 @@ class Catalogue:
         return self._by_name.get(name)
 
     def get(self, model_id: str) -> ModelSpec | None:
-        for m in self.models:
-            if m.id == model_id:
-                return m
-        return None
+        m = self._by_name.get(model_id)
+        return m if m is not None and m.id == model_id else None
