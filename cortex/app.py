@@ -191,6 +191,7 @@ def _services(*, background: bool) -> Any:
             await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()
+            poller.close()
             await status_session.close()
 
     return services
