@@ -106,7 +106,11 @@ def route(
 
     # A node this request already tried may have just been marked down (passive
     # health); it still counts as a replica that failed, not as no replica at all.
-    serving = [(n, m) for n, m in locs if (n.healthy or n.name in exclude) and m.serves_http]
+    serving = [
+        (n, m)
+        for n, m in locs
+        if (n.healthy or n.name in exclude) and (m.group is None or m.group.rank == 0)
+    ]
     ready = [(n, m) for n, m in serving if m.state == "ready"]
     if ready:
         if policy != "affinity":
@@ -172,7 +176,11 @@ def _pick(
     rotation: int,
     policy: Policy = "affinity",
 ) -> Route:
-    usable = [(n, m) for n, m in ready if n.name not in exclude and n.name not in full]
+    usable = (
+        [(n, m) for n, m in ready if n.name not in exclude and n.name not in full]
+        if exclude or full
+        else ready
+    )
     if not usable:
         names = ", ".join(n.name for n, _ in ready)
         if any(n.name in full for n, _ in ready):
@@ -188,13 +196,13 @@ def _pick(
         turn = sorted((n for n, _ in usable), key=lambda n: n.name)[rotation % len(usable)]
         return Route(model_id, turn.name, turn.url, "round_robin", loads[turn.name])
     least = min(loads.values())
-    by_name = {n.name: n for n, _ in usable}
     for key in prefix:
         node = affinity.get(key)
         if node is None:
             continue
         if node in loads and loads[node] <= least + margin:
-            return Route(model_id, node, by_name[node].url, "affinity", loads[node])
+            url = next(n.url for n, _ in usable if n.name == node)
+            return Route(model_id, node, url, "affinity", loads[node])
         # The longest remembered prefix decides; its replica is gone or too busy.
         break
 
