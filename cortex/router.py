@@ -209,9 +209,11 @@ def _pick(
     # Ties go to the node with less work overall (any model, polled or cortex's own
     # count), then take turns: breaking them by name sent every idle-fleet request
     # to one node.
-    ranks = {n.name: (loads[n.name], max(n.load, snap.node_outstanding(n.name))) for n, _ in usable}
-    top = min(ranks.values())
-    tied = sorted((n for n, _ in usable if ranks[n.name] == top), key=lambda n: n.name)
+    # (Overall work summed only for the least loaded: the rest cannot win.)
+    least_nodes = [n for n, _ in usable if loads[n.name] == least]
+    work = {n.name: max(n.load, snap.node_outstanding(n.name)) for n in least_nodes}
+    top = min(work.values())
+    tied = sorted((n for n in least_nodes if work[n.name] == top), key=lambda n: n.name)
     n = tied[rotation % len(tied)]
     return Route(model_id, n.name, n.url, "least_loaded", loads[n.name])
 
