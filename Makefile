@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron clean
+.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron bench-control bench-affinity clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,8 @@ test: lint typecheck unit
 soak: setup
 	$(BIN)/pytest -q -s -m soak tests/e2e/test_soak.py
 
+# Benchmarks: each prints its table with ratios and updates its BENCHMARKS.md section.
+# BENCH_ARGS=--quick for a shorter run.
 # The gateway hot path against nginx and LiteLLM on fake upstreams (a few minutes).
 bench-gateway: setup sysdeps
 	$(BIN)/python -m bench.gateway
@@ -54,6 +56,14 @@ bench-gateway: setup sysdeps
 # The neuron against mlx_lm.server alone on a ~100M-parameter random model (a few minutes).
 bench-neuron: setup
 	$(BIN)/python -m bench.neuron
+
+# 1,000 nginx fake neurons: poll round, cortex CPU and RSS (/status vs the old calls); routing p99.
+bench-control: setup sysdeps
+	$(BIN)/python -m bench.control $(BENCH_ARGS)
+
+# Two real replicas, multi-turn chats: cached prompt-token share and TTFT per routing.
+bench-affinity: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.affinity $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) run

@@ -34,12 +34,13 @@ from shared.wire import ModelHealth, ModelStatus, NodeHealth
 
 
 def build(
-    nodes: int, per_node: int, seed: int
+    nodes: int, per_node: int, seed: int, catalogued: int | None = None
 ) -> tuple[Fleet, FleetSnapshot, Catalogue, list[str]]:
-    """A fleet where node i holds models i..i+per_node-1 (mod 2*per_node)."""
+    """A fleet where node i holds models i*per_node.. (per_node of them, mod the catalogue size,
+    2*per_node unless `catalogued` says)."""
     rng = random.Random(seed)
-    n_models = 2 * per_node
-    ids = [f"model-{j:02d}" for j in range(n_models)]
+    n_models = catalogued or 2 * per_node
+    ids = [f"model-{j:03d}" for j in range(n_models)]
     catalogue = Catalogue(
         models=tuple(
             ModelSpec(id=mid, source=f"org/{mid}", aliases=(f"alias-{mid}",), memory_gb=2.0)
@@ -47,11 +48,12 @@ def build(
         )
     )
     fleet = Fleet.of(
-        ((f"node-{i:02d}", f"http://10.0.0.{i + 1}:9410") for i in range(nodes)), threshold=3
+        ((f"node-{i:04d}", f"http://10.0.{i // 250}.{i % 250 + 1}:9410") for i in range(nodes)),
+        threshold=3,
     )
     for i in range(nodes):
-        name = f"node-{i:02d}"
-        held = [ids[(i + k) % n_models] for k in range(per_node)]
+        name = f"node-{i:04d}"
+        held = [ids[(i * per_node + k) % n_models] for k in range(per_node)]
         statuses = [
             ModelStatus(
                 model_id=mid,
@@ -66,7 +68,7 @@ def build(
         ]
         health = NodeHealth(
             status="busy",
-            node_id=f"id-{i:02d}",
+            node_id=f"id-{i:04d}",
             started_at=0.0,
             uptime_s=100.0,
             memory_available_bytes=64 << 30,
@@ -123,7 +125,7 @@ def affinity_table(
     rng = random.Random(seed + 2)
     table = AffinityTable(capacity=8192)
     for i in range(8192):
-        table.remember([f"filler-{i:05d}"], f"node-{rng.randrange(len(snap.nodes)):02d}")
+        table.remember([f"filler-{i:05d}"], f"node-{rng.randrange(len(snap.nodes)):04d}")
     for name, keys in reqs:
         mid = name.removeprefix("alias-")
         holders = [n.name for n, _ in snap.locations(mid)]

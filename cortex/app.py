@@ -143,12 +143,18 @@ def _services(*, background: bool) -> Any:
         proxy_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers=headers
         )
+        # The poller's own pool, capped: loads and unloads never queue behind polls.
+        status_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.poll_concurrency), headers=headers
+        )
         poller = Poller(
             fleet=app[FLEET],
-            session=poll_session,
+            session=status_session,
             interval_s=cfg.poll_interval_s,
             timeout_s=cfg.poll_timeout_s,
             listeners=[metrics.observe_node, app[LIFECYCLE].polled, app[LIFECYCLE].transitions],
+            concurrency=cfg.poll_concurrency,
+            on_round=metrics.poll_round.set,
         )
         for name in app[FLEET].names:
             metrics.observe_node(app[FLEET].node(name))
@@ -198,6 +204,8 @@ def _services(*, background: bool) -> Any:
             await app[LIFECYCLE].close()
             await proxy_session.close()
             await poll_session.close()
+            poller.close()
+            await status_session.close()
             # The writer threads write what is queued, off the loop.
             await asyncio.to_thread(app[LIFECYCLE].journal.close)
             await asyncio.to_thread(app[TRACES].close)

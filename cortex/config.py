@@ -7,6 +7,7 @@ and the file. Relative paths (the catalogue) are taken from the file's folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
@@ -59,6 +60,13 @@ class CortexConfig:
     poll_interval_s: float = 2.0
     poll_timeout_s: float = 1.5
     failure_threshold: int = 3
+    # Poll requests in flight at once (and the poller's connection pool size); more
+    # nodes wait their turn, each call's timeout starting once it has its slot.
+    poll_concurrency: int = 128
+    # How a ready replica is chosen: "affinity" (least loaded, but a conversation
+    # goes back to the replica whose prompt cache holds its prefix), "least_loaded"
+    # (no affinity), or "round_robin" (replicas in turn, load ignored: a baseline).
+    routing: Literal["affinity", "least_loaded", "round_robin"] = "affinity"
     # Proxy: time to get a connection, and the longest a stream may stay silent
     # once it has begun: a few of the neurons' heartbeats (a `: keepalive` every
     # heartbeat_s = 1 s while busy), so a stalled node costs a client seconds.
@@ -77,8 +85,11 @@ class CortexConfig:
     # Attempts on distinct replicas for a request that failed before its first byte.
     retry_attempts: int = 3
     # Prefix affinity: stay on the remembered replica unless its load exceeds the
-    # least-loaded replica's by more than this many requests.
-    affinity_margin: int = 4
+    # least-loaded replica's by more than this many requests. 8, a neuron's default
+    # in-flight cap: below it the replica still serves at once, which beats
+    # prefilling the whole conversation again elsewhere (bench.affinity: at 4, a
+    # burst of 8 conversations over 2 replicas lost a third of its cache hits).
+    affinity_margin: int = 8
     affinity_entries: int = 8192
     api_keys: tuple[ApiKey, ...] = ()
     admin_token: str | None = attrs.field(default=None, repr=False)
@@ -146,6 +157,8 @@ class CortexConfig:
         for name in ("idle_read_timeout_s", "response_timeout_s", "load_poll_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.poll_concurrency < 1:
+            raise ValueError("poll_concurrency must be >= 1")
         if self.failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
         if self.retry_attempts < 1:

@@ -282,15 +282,22 @@ class Lifecycle:
         per_node = Counter[str]()
         for (node, _), nbytes in reservations.items():
             per_node[node] += nbytes
-        nodes = tuple(
-            attrs.evolve(n, reserved_bytes=n.reserved_bytes + per_node[n.name])
-            if per_node[n.name]
-            else n
-            for n in snap.nodes
+        # Only while memory is reserved somewhere are node records rewritten (and the
+        # fleet's model index, which holds the unreserved ones, set aside).
+        nodes = (
+            tuple(
+                attrs.evolve(n, reserved_bytes=n.reserved_bytes + per_node[n.name])
+                if per_node[n.name]
+                else n
+                for n in snap.nodes
+            )
+            if per_node
+            else snap.nodes
         )
         return attrs.evolve(
             snap,
             nodes=nodes,
+            by_model=None if per_node else snap.by_model,
             loading=frozenset(m for m, j in self._jobs.items() if j.kind == "load"),
             load_failures={
                 m: LoadFailure(

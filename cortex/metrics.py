@@ -103,8 +103,10 @@ class Metrics:
     queue_wait: Histogram
     node_memory: Gauge
     build_info: Gauge
+    poll_round: Gauge
     # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
     models: frozenset[str] = frozenset()
+    _node_seen: dict[str, tuple[bool, int]] = attrs.field(factory=dict, init=False)
 
     @classmethod
     def create(cls, models: Iterable[str] = (), nodes: Iterable[str] = ()) -> Metrics:
@@ -208,6 +210,11 @@ class Metrics:
                 list(BUILD_LABELS),
                 registry=r,
             ),
+            poll_round=Gauge(
+                "cortex_poll_round_seconds",
+                "Wall time of the last poll round over every node",
+                registry=r,
+            ),
             models=frozenset(models),
         )
         out.build_info.labels(*build_labels()).set(1)
@@ -240,6 +247,11 @@ class Metrics:
         return name if name is not None and name in self.models else "other"
 
     def observe_node(self, node: NodeState) -> None:
+        # Called per node per poll: unchanged figures (nearly all of them) cost a lookup.
+        now = (node.healthy, node.failures)
+        if self._node_seen.get(node.name) == now:
+            return
+        self._node_seen[node.name] = now
         self.node_healthy.labels(node.name).set(1 if node.healthy else 0)
         self.node_failures.labels(node.name).set(node.failures)
         self.node_memory.labels(node.name).set(node.memory_available_bytes)

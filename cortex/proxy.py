@@ -215,6 +215,7 @@ class Proxy:
                 margin=self.config.affinity_margin,
                 rotation=next(self._turns),
                 node=node,
+                policy=self.config.routing,
             )
 
         # Loads a cold model (once, however many ask) or waits for one loading.

@@ -9,7 +9,9 @@ queue_depth from the last poll, or cortex's own count of requests in flight
 there if higher (fresher between polls). Prefix affinity: a request whose
 conversation prefix was seen before goes back to the replica that served it
 (its prompt cache holds the prefix) unless that replica's load exceeds the
-least-loaded one's by more than `margin`.
+least-loaded one's by more than `margin`. `policy` (config `routing`) may turn
+affinity off ("least_loaded") or pick replicas in turn ignoring load
+("round_robin", a baseline for benches).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from shared.errors import (
 )
 
 FactsOf = Callable[[ModelSpec], ModelFacts]
+Policy = Literal["affinity", "least_loaded", "round_robin"]
 
 # Prompt-cache affinity for /v1/completions: prefixes at these character steps.
 PROMPT_BLOCK_CHARS = 256
@@ -59,7 +62,7 @@ class Route:
     model_id: str
     node: str
     url: str
-    reason: Literal["affinity", "least_loaded", "pinned"]
+    reason: Literal["affinity", "least_loaded", "round_robin", "pinned"]
     load: int
 
 
@@ -84,6 +87,7 @@ def route(
     margin: int = 4,
     rotation: int = 0,
     node: str | None = None,
+    policy: Policy = "affinity",
 ) -> Route | ColdLoad:
     """Where a request for `model` goes now, or the typed reason it cannot.
 
@@ -109,10 +113,18 @@ def route(
 
     # A node this request already tried may have just been marked down (passive
     # health); it still counts as a replica that failed, not as no replica at all.
-    serving = [(n, m) for n, m in locs if (n.healthy or n.name in exclude) and m.serves_http]
+    serving = [
+        (n, m)
+        for n, m in locs
+        if (n.healthy or n.name in exclude) and (m.group is None or m.group.rank == 0)
+    ]
     ready = [(n, m) for n, m in serving if m.state == "ready"]
     if ready:
-        return _pick(snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation)
+        if policy != "affinity":
+            prefix = ()
+        return _pick(
+            snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation, policy
+        )
     if model_id in snap.loading or any(m.state in LOADING_STATES for _, m in serving):
         raise ModelLoading(f"model {model_id!r} is loading; retry shortly")
     failure = snap.failure(model_id)
@@ -199,8 +211,13 @@ def _pick(
     full: Collection[str],
     margin: int,
     rotation: int,
+    policy: Policy = "affinity",
 ) -> Route:
-    usable = [(n, m) for n, m in ready if n.name not in exclude and n.name not in full]
+    usable = (
+        [(n, m) for n, m in ready if n.name not in exclude and n.name not in full]
+        if exclude or full
+        else ready
+    )
     if not usable:
         names = ", ".join(n.name for n, _ in ready)
         if any(n.name in full for n, _ in ready):
@@ -208,26 +225,32 @@ def _pick(
         raise UpstreamUnavailable(
             f"every replica of model {model_id!r} failed before answering ({names})"
         )
-    loads = {n.name: max(m.load, snap.outstanding_on(n.name, model_id)) for n, m in usable}
+    out = snap.outstanding.get  # hot: one dict lookup per replica, no method calls
+    loads = {
+        n.name: max(m.in_flight + m.queue_depth, out((n.name, model_id), 0)) for n, m in usable
+    }
+    if policy == "round_robin":
+        turn = sorted((n for n, _ in usable), key=lambda n: n.name)[rotation % len(usable)]
+        return Route(model_id, turn.name, turn.url, "round_robin", loads[turn.name])
     least = min(loads.values())
-    by_name = {n.name: n for n, _ in usable}
     for key in prefix:
         node = affinity.get(key)
         if node is None:
             continue
         if node in loads and loads[node] <= least + margin:
-            return Route(model_id, node, by_name[node].url, "affinity", loads[node])
+            url = next(n.url for n, _ in usable if n.name == node)
+            return Route(model_id, node, url, "affinity", loads[node])
         # The longest remembered prefix decides; its replica is gone or too busy.
         break
 
     # Ties go to the node with less work overall (any model, polled or cortex's own
     # count), then take turns: breaking them by name sent every idle-fleet request
     # to one node.
-    def rank(n: NodeState) -> tuple[int, int]:
-        return loads[n.name], max(n.load, snap.node_outstanding(n.name))
-
-    top = min(rank(n) for n, _ in usable)
-    tied = sorted((n for n, _ in usable if rank(n) == top), key=lambda n: n.name)
+    # (Overall work summed only for the least loaded: the rest cannot win.)
+    least_nodes = [n for n, _ in usable if loads[n.name] == least]
+    work = {n.name: max(n.load, snap.node_outstanding(n.name)) for n in least_nodes}
+    top = min(work.values())
+    tied = sorted((n for n in least_nodes if work[n.name] == top), key=lambda n: n.name)
     n = tied[rotation % len(tied)]
     return Route(model_id, n.name, n.url, "least_loaded", loads[n.name])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -199,7 +200,8 @@ class LoadFailure:
 @attrs.frozen
 class FleetSnapshot:
     nodes: tuple[NodeState, ...]
-    # Requests cortex has in flight right now, per (node, model): fresher than a poll.
+    # Requests cortex has in flight right now, per (node, model): fresher than a poll
+    # (Fleet.snapshot gives a live read-only view of its counts).
     outstanding: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
     loading: frozenset[str] = frozenset()
     load_failures: Mapping[str, LoadFailure] = attrs.field(factory=dict)
@@ -208,6 +210,13 @@ class FleetSnapshot:
     taken_at: float = 0.0
     # Failed polls after which a never-seen node is given up on (Fleet.threshold).
     threshold: int = 3
+    # model id -> its (node, model) pairs in node order, kept by Fleet as nodes change
+    # so routing is not a scan of the fleet; None: `locations` scans `nodes`.
+    by_model: Mapping[str, tuple[tuple[NodeState, NodeModel], ...]] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
+    # `outstanding` summed per node (None: summed when asked).
+    per_node: Mapping[str, int] | None = attrs.field(default=None, eq=False, repr=False)
 
     def node(self, name: str) -> NodeState | None:
         for n in self.nodes:
@@ -228,9 +237,13 @@ class FleetSnapshot:
         return self.outstanding.get((node, model_id), 0)
 
     def node_outstanding(self, node: str) -> int:
+        if self.per_node is not None:
+            return self.per_node.get(node, 0)
         return sum(v for (n, _), v in self.outstanding.items() if n == node)
 
     def locations(self, model_id: str) -> tuple[tuple[NodeState, NodeModel], ...]:
+        if self.by_model is not None:
+            return self.by_model.get(model_id, ())
         out = []
         for n in self.nodes:
             m = n.model(model_id)
@@ -250,8 +263,22 @@ class Fleet:
     threshold: int
     _nodes: dict[str, NodeState]
     _outstanding: Counter[tuple[str, str]] = attrs.field(factory=Counter)
+    _per_node: Counter[str] = attrs.field(factory=Counter, init=False)
     # Memory freed by unloads cortex made, per node, until a fresh poll shows it.
     _credits: dict[str, int] = attrs.field(factory=dict)
+    # Snapshots' `by_model`, updated per node write; copied before a write once a
+    # snapshot holds it (snapshots never change under a router).
+    _by_model: dict[str, tuple[tuple[NodeState, NodeModel], ...]] = attrs.field(
+        factory=dict, init=False
+    )
+    _shared: bool = attrs.field(default=False, init=False)
+    _nodes_t: tuple[NodeState, ...] | None = attrs.field(default=None, init=False)
+    _order: dict[str, int] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._order = {name: i for i, name in enumerate(self._nodes)}
+        for node in list(self._nodes.values()):
+            self._put(node.name, node)
 
     @classmethod
     def of(cls, nodes: Iterable[tuple[str, str]], *, threshold: int) -> Fleet:
@@ -260,12 +287,40 @@ class Fleet:
 
     def snapshot(self) -> FleetSnapshot:
         """What nodes say; `Lifecycle.snapshot()` adds loads, failures and reservations."""
+        if self._nodes_t is None:
+            self._nodes_t = tuple(self._nodes.values())
+        self._shared = True
         return FleetSnapshot(
-            nodes=tuple(self._nodes.values()),
-            outstanding={k: v for k, v in self._outstanding.items() if v > 0},
+            nodes=self._nodes_t,
+            # Live, read-only: copying every request in flight per routed request
+            # cost more than the routing (a route never awaits, so it sees one moment).
+            outstanding=MappingProxyType(self._outstanding),
             taken_at=time.monotonic(),
             threshold=self.threshold,
+            by_model=self._by_model,
+            per_node=MappingProxyType(self._per_node),
         )
+
+    def _put(self, name: str, new: NodeState) -> None:
+        """The one write of a node's record: the model index follows it."""
+        old = self._nodes[name]
+        self._nodes[name] = new
+        self._nodes_t = None
+        if self._shared:
+            self._by_model = dict(self._by_model)
+            self._shared = False
+        index = self._by_model
+        order = self._order
+        for mid in {m.model_id for m in old.models} | {m.model_id for m in new.models}:
+            pairs = [p for p in index.get(mid, ()) if p[0].name != name]
+            m = new.model(mid)
+            if m is not None:
+                pairs.append((new, m))
+                pairs.sort(key=lambda p: order[p[0].name])
+            if pairs:
+                index[mid] = tuple(pairs)
+            else:
+                index.pop(mid, None)
 
     def node(self, name: str) -> NodeState:
         return self._nodes[name]
@@ -324,8 +379,36 @@ class Fleet:
             last_ok=time.time(),
             last_error=None,
         )
-        self._nodes[name] = new
+        self._put(name, new)
         return new
+
+    def poll_unchanged(
+        self,
+        name: str,
+        health: NodeHealth,
+        *,
+        started: float,
+        read_at: float,
+        statuses: Iterable[ModelStatus] | None,
+        staged: frozenset[str] | None,
+    ) -> NodeState:
+        """A 304: the node says what it said in the poll started at `read_at`.
+
+        When that answer is still what we hold (healthy, nothing cortex wrote
+        since, no unload credit pending), only last_ok moves: no models rebuilt.
+        """
+        old = self._nodes[name]
+        if (
+            old.healthy
+            and old.failures == 0
+            and old.health is health
+            and old.models_at <= read_at
+            and name not in self._credits
+        ):
+            new = attrs.evolve(old, last_ok=time.time())
+            self._put(name, new)
+            return new
+        return self.poll_succeeded(name, health, started=started, statuses=statuses, staged=staged)
 
     def poll_failed(self, name: str, reason: str) -> NodeState:
         """One failed poll; only `threshold` of them in a row take a node out."""
@@ -333,7 +416,7 @@ class Fleet:
         failures = old.failures + 1
         healthy = old.healthy and failures < self.threshold
         new = attrs.evolve(old, failures=failures, healthy=healthy, last_error=reason)
-        self._nodes[name] = new
+        self._put(name, new)
         return new
 
     def passive_failure(self, name: str, reason: str, *, fatal: bool) -> NodeState:
@@ -347,7 +430,7 @@ class Fleet:
             healthy=False,
             last_error=reason,
         )
-        self._nodes[name] = new
+        self._put(name, new)
         return new
 
     def begin_recycle(self, name: str, timeout_s: float) -> NodeState:
@@ -371,10 +454,13 @@ class Fleet:
     def set_model(self, name: str, model: NodeModel) -> None:
         old = self._nodes[name]
         models = (*(m for m in old.models if m.model_id != model.model_id), model)
-        self._nodes[name] = attrs.evolve(
-            old,
-            models=tuple(sorted(models, key=lambda m: m.model_id)),
-            models_at=time.monotonic(),
+        self._put(
+            name,
+            attrs.evolve(
+                old,
+                models=tuple(sorted(models, key=lambda m: m.model_id)),
+                models_at=time.monotonic(),
+            ),
         )
 
     def drop_model(self, name: str, model_id: str) -> None:
@@ -383,11 +469,14 @@ class Fleet:
         gone = old.model(model_id)
         if gone is not None:
             self._credits[name] = self._credits.get(name, 0) + gone.memory_bytes
-        self._nodes[name] = attrs.evolve(
-            old,
-            models=tuple(m for m in old.models if m.model_id != model_id),
-            reserved_bytes=self._reserved(name),
-            models_at=time.monotonic(),
+        self._put(
+            name,
+            attrs.evolve(
+                old,
+                models=tuple(m for m in old.models if m.model_id != model_id),
+                reserved_bytes=self._reserved(name),
+                models_at=time.monotonic(),
+            ),
         )
 
     def _reserved(self, name: str) -> int:
@@ -398,12 +487,16 @@ class Fleet:
 
     def begin_request(self, node: str, model_id: str) -> None:
         self._outstanding[(node, model_id)] += 1
+        self._per_node[node] += 1
 
     def end_request(self, node: str, model_id: str) -> None:
         key = (node, model_id)
         self._outstanding[key] -= 1
         if self._outstanding[key] <= 0:
             del self._outstanding[key]
+        self._per_node[node] -= 1
+        if self._per_node[node] <= 0:
+            del self._per_node[node]
 
 
 def _refresh_load(

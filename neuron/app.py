@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
+import json
 import logging
 import shutil
 import time
@@ -136,6 +138,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_get("/discovery", get_discovery)
     app.router.add_get("/health", get_health)
     app.router.add_get("/models", get_models)
+    app.router.add_get("/status", get_status)
     app.router.add_post("/models/load", post_load)
     app.router.add_post("/models/unload", post_unload)
     app.router.add_get("/metrics", get_metrics)
@@ -163,8 +166,7 @@ async def get_discovery(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-async def get_health(request: web.Request) -> web.Response:
-    app = request.app
+async def _node_health(app: web.Application) -> NodeHealth:
     models = tuple(app[SUPERVISOR].health())
     status: NodeStatus
     # A model with no working runner (failed, or restarting one) degrades the node.
@@ -175,7 +177,7 @@ async def get_health(request: web.Request) -> web.Response:
     else:
         status = "idle"
     now = time.time()
-    health = NodeHealth(
+    return NodeHealth(
         status=status,
         node_id=app[NODE_ID],
         started_at=app[STARTED],
@@ -185,10 +187,13 @@ async def get_health(request: web.Request) -> web.Response:
         models=models,
         **_health_extras(app),
     )
+
+
+def _health_body(app: web.Application, health: NodeHealth) -> dict[str, Any]:
     body = health.to_json()
     # Informational, outside the verdict: a journal that only counts serves all the same.
     body.update(journal_health({"events": app[SUPERVISOR].journal, "traces": app[TRACES]}))
-    return web.json_response(body)
+    return body
 
 
 def _health_extras(app: web.Application) -> dict[str, Any]:
@@ -206,6 +211,55 @@ def _health_extras(app: web.Application) -> dict[str, Any]:
         "jaccl_loads": app[SUPERVISOR].jaccl_loads,
         "jaccl_reload_budget": config.jaccl_reload_budget,
     }
+
+
+async def get_health(request: web.Request) -> web.Response:
+    app = request.app
+    return web.json_response(_health_body(app, await _node_health(app)))
+
+
+# Free memory moves by pages all the time: the status version counts it in these
+# steps, so an idle node keeps one version (placement has 256 MiB of headroom).
+STATUS_MEMORY_STEP = 64 * 1024 * 1024
+
+
+async def get_status(request: web.Request) -> web.Response:
+    """/health, /models and the complete staged copies in one answer, for the poller.
+
+    Its ETag is a hash of everything but the uptime (and free memory in 64 MiB
+    steps): a poller sending it back in If-None-Match gets 304 and no body while
+    nothing it routes or places by has changed.
+    """
+    app = request.app
+    health = await _node_health(app)
+    copies = await asyncio.to_thread(app[STORE].staged, app[SUPERVISOR].in_use_dirs())
+    body: dict[str, Any] = {
+        "health": _health_body(app, health),
+        "models": [s.to_json() for s in app[SUPERVISOR].statuses()],
+        "staged": [c.to_json() for c in copies],
+    }
+    etag = _status_etag(body)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag in _if_none_match(request):
+        return web.Response(status=304, headers=headers)
+    return web.json_response(body, headers=headers)
+
+
+def _status_etag(body: dict[str, Any]) -> str:
+    health = dict(body["health"])
+    del health["uptime_s"]
+    health["memory_available_bytes"] //= STATUS_MEMORY_STEP
+    if health.get("disk_free_bytes") is not None:  # moves with every log line
+        health["disk_free_bytes"] //= STATUS_MEMORY_STEP
+    # A copy's last use is touched by every load of it; the poller reads names only.
+    staged = sorted((c["name"], c["path"]) for c in body["staged"])
+    canon = json.dumps([health, body["models"], staged], sort_keys=True, default=str)
+    return '"' + hashlib.blake2b(canon.encode(), digest_size=12).hexdigest() + '"'
+
+
+def _if_none_match(request: web.Request) -> set[str]:
+    raw = request.headers.get("If-None-Match", "")
+    return {t.strip().removeprefix("W/") for t in raw.split(",") if t.strip()}
 
 
 async def get_models(request: web.Request) -> web.Response:

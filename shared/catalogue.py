@@ -117,14 +117,17 @@ class _CatalogueFile:
 class Catalogue:
     models: tuple[ModelSpec, ...] = ()
     path: str | None = None
+    # Every id and alias -> its entry: every routed request resolves a name.
+    _by_name: dict[str, ModelSpec] = attrs.field(factory=dict, init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        seen: dict[str, str] = {}
+        seen: dict[str, ModelSpec] = {}
         for m in self.models:
             for name in m.names():
                 if name in seen:
-                    raise ValueError(f"name {name!r} used by both {seen[name]!r} and {m.id!r}")
-                seen[name] = m.id
+                    raise ValueError(f"name {name!r} used by both {seen[name].id!r} and {m.id!r}")
+                seen[name] = m
+        object.__setattr__(self, "_by_name", seen)
 
     @classmethod
     def load(cls, path: str | Path) -> Catalogue:
@@ -143,13 +146,8 @@ class Catalogue:
             raise ConfigError(f"{p}: {exc}") from exc
 
     def resolve(self, name: str) -> ModelSpec | None:
-        for m in self.models:
-            if name in m.names():
-                return m
-        return None
+        return self._by_name.get(name)
 
     def get(self, model_id: str) -> ModelSpec | None:
-        for m in self.models:
-            if m.id == model_id:
-                return m
-        return None
+        m = self._by_name.get(model_id)
+        return m if m is not None and m.id == model_id else None

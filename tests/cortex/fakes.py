@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
@@ -101,6 +102,9 @@ class FakeNeuron:
     # -- behaviour ----------------------------------------------------------------
     health_ok: bool = True
     discovery_ok: bool = True
+    # Answer GET /status (health + models + staged in one, with an ETag and 304s)
+    # as a current neuron does; off, it is an older neuron (404 there).
+    serves_status: bool = False
     # (status, code, message): /models/load answers this error envelope.
     load_error: tuple[int, str, str] | None = None
     # A loaded model becomes ready only once this is set (None: ready at once).
@@ -194,6 +198,7 @@ class FakeNeuron:
         app.router.add_get("/discovery", self._discovery)
         app.router.add_get("/health", self._health)
         app.router.add_get("/models", self._models)
+        app.router.add_get("/status", self._status)
         app.router.add_post("/models/load", self._load)
         app.router.add_post("/models/unload", self._unload)
         app.router.add_get("/store/storage", self._storage)
@@ -236,34 +241,60 @@ class FakeNeuron:
             return web.json_response({"error": "down"}, status=500)
         return web.json_response(self.discovery().to_json())
 
+    def _health_json(self) -> dict[str, Any]:
+        used = sum(m.memory_bytes for m in self.models.values())
+        return {
+            "status": "idle",
+            "node_id": self.node_id,
+            "started_at": self.started_at,
+            # Its clock's now is started_at + uptime_s (doctor's skew check).
+            "uptime_s": time.time() - self.started_at,
+            "memory_available_bytes": self.memory_available_bytes - used,
+            "models": [m.health_json() for m in self.models.values()],
+            "disk_free_bytes": self.disk_free_bytes,
+            "disk_total_bytes": self.disk_total_bytes,
+            "min_free_bytes": self.min_free_bytes,
+            "jaccl_loads": self.jaccl_loads,
+            "jaccl_reload_budget": self.jaccl_reload_budget,
+        }
+
+    def _staged_json(self) -> list[dict[str, Any]]:
+        return [
+            {"name": s.replace("/", "--", 1), "path": f"/tmp/store/models/{s}", "in_use": False}
+            for s in self.staged
+        ]
+
     async def _health(self, request: web.Request) -> web.Response:
         self.calls["health"] += 1
         if not self.health_ok:
             return web.json_response({"error": "down"}, status=500)
-        used = sum(m.memory_bytes for m in self.models.values())
-        return web.json_response(
-            {
-                "status": "idle",
-                "node_id": self.node_id,
-                "started_at": self.started_at,
-                # Its clock's now is started_at + uptime_s (doctor's skew check).
-                "uptime_s": time.time() - self.started_at,
-                "memory_available_bytes": self.memory_available_bytes - used,
-                "models": [m.health_json() for m in self.models.values()],
-                "disk_free_bytes": self.disk_free_bytes,
-                "disk_total_bytes": self.disk_total_bytes,
-                "min_free_bytes": self.min_free_bytes,
-                "jaccl_loads": self.jaccl_loads,
-                "jaccl_reload_budget": self.jaccl_reload_budget,
-            }
-        )
+        return web.json_response(self._health_json())
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if not self.serves_status:
+            self.calls["status_404"] += 1
+            raise web.HTTPNotFound()
+        self.calls["status"] += 1
+        if not self.health_ok:
+            return web.json_response({"error": "down"}, status=500)
+        models = [m.status_json() for m in self.models.values()]
+        body = {
+            "health": self._health_json(),
+            "models": [*models, *self.models_extra],
+            "staged": self._staged_json(),
+        }
+        raw = json.dumps(body, sort_keys=True).encode()
+        # Like the neuron's: the uptime (the clock) is left out of the version.
+        versioned = {**body, "health": {**body["health"], "uptime_s": None}}
+        digest = hashlib.sha256(json.dumps(versioned, sort_keys=True).encode())
+        etag = '"' + digest.hexdigest()[:16] + '"'
+        if request.headers.get("If-None-Match") == etag:
+            self.calls["status_304"] += 1
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=raw, content_type="application/json", headers={"ETag": etag})
 
     async def _storage(self, request: web.Request) -> web.Response:
-        copies = [
-            {"name": s.replace("/", "--", 1), "path": f"/tmp/store/models/{s}", "in_use": False}
-            for s in self.staged
-        ]
-        return web.json_response({"staged": copies, "staging": [], "partial": []})
+        return web.json_response({"staged": self._staged_json(), "staging": [], "partial": []})
 
     async def _stage(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -620,3 +620,39 @@ async def test_completions_endpoint_is_proxied(two: list[FakeNeuron]) -> None:
         bad = await client.post("/v1/completions", json={"model": "m1"})
         assert (await _error(bad))[:2] == (400, "invalid_request")
     assert two[0].chat_bodies[-1]["prompt"] == "hi"
+
+
+def test_routing_key_selects_the_policy(tmp_path: Path) -> None:
+    """`routing` defaults to affinity, takes least_loaded and round_robin, refuses others."""
+    base = 'catalogue = "models.toml"\n'
+    (tmp_path / "models.toml").write_text("")
+    path = tmp_path / "cortex.toml"
+    path.write_text(base)
+    assert CortexConfig.from_file(path).routing == "affinity"
+    for policy in ("least_loaded", "round_robin", "affinity"):
+        path.write_text(base + f'routing = "{policy}"\n')
+        assert CortexConfig.from_file(path).routing == policy
+    path.write_text(base + 'routing = "random"\n')
+    with pytest.raises(ConfigError, match="routing"):
+        CortexConfig.from_file(path)
+
+
+async def test_round_robin_routing_alternates_through_cortex() -> None:
+    """A cortex with routing = "round_robin" sends a conversation's turns to each
+    replica in turn, where the default keeps them on one."""
+    nodes = await fleet("n1", "n2")
+    for n in nodes:
+        n.add_model("m1")
+    body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        for policy, spread in (("round_robin", True), ("affinity", False)):
+            for n in nodes:
+                n.calls.clear()
+            async with gateway(nodes, routing=policy) as client:
+                for _ in range(4):
+                    async with client.post("/v1/chat/completions", json=body) as r:
+                        assert r.status == 200
+            counts = sorted(n.calls["chat"] for n in nodes)
+            assert counts == ([2, 2] if spread else [0, 4]), policy
+    finally:
+        await stop_all(nodes)

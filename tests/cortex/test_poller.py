@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import attrs
 import pytest
 
 from cortex.poller import Poller
@@ -13,9 +14,10 @@ from cortex.state import Fleet, NodeState
 from tests.cortex.fakes import FakeNeuron
 
 
-@pytest.fixture
-async def node() -> AsyncIterator[FakeNeuron]:
-    n = await FakeNeuron(name="n1").start()
+@pytest.fixture(params=["status", "legacy"])
+async def node(request: pytest.FixtureRequest) -> AsyncIterator[FakeNeuron]:
+    """Every test twice: a neuron with GET /status, and an older one polled the old way."""
+    n = await FakeNeuron(name="n1", serves_status=request.param == "status").start()
     n.add_model("m1", memory_bytes=123)
     yield n
     await n.stop()
@@ -157,7 +159,7 @@ async def test_malformed_models_entry_keeps_the_node_and_the_poller(
     task = asyncio.create_task(poller.run())
     try:
         for _ in range(500):
-            if node.calls["health"] >= 3 or task.done():
+            if node.calls["health"] + node.calls["status"] >= 3 or task.done():
                 break
             await asyncio.sleep(0.01)
         assert not task.done()
@@ -182,10 +184,10 @@ async def test_poller_survives_an_exception_in_a_round(
     try:
         for _ in range(500):
             assert not task.done()
-            if node.calls["health"] >= 3:
+            if node.calls["health"] + node.calls["status"] >= 3:
                 break
             await asyncio.sleep(0.01)
-        assert node.calls["health"] >= 3
+        assert node.calls["health"] + node.calls["status"] >= 3
     finally:
         task.cancel()
 
@@ -225,3 +227,117 @@ async def test_non_fatal_passive_failure_counts_as_one_miss(
     poller.record_failure("n1", "read timeout", fatal=False)
     state = poller.fleet.node("n1")
     assert state.healthy and state.failures == 1
+
+
+# -- GET /status: one call per node, 304 when unchanged, the old calls for older neurons --
+
+
+async def test_unchanged_node_answers_304_and_stays_healthy(
+    session: aiohttp.ClientSession,
+) -> None:
+    """One /status per poll; from the second on an unchanged node costs a 304, never
+    the three old calls, and the node stays healthy with its models."""
+    n = await FakeNeuron(name="n1", serves_status=True).start()
+    try:
+        n.add_model("m1", memory_bytes=123)
+        poller = _poller(session, ("n1", n.url))
+        for _ in range(3):
+            await poller.poll_once()
+        assert (n.calls["status"], n.calls["status_304"]) == (3, 2)
+        assert n.calls["health"] == n.calls["models"] == 0
+        state = poller.fleet.node("n1")
+        assert state.healthy and [(m.model_id, m.memory_bytes) for m in state.models] == [
+            ("m1", 123)
+        ]
+        n.add_model("m2")
+        await poller.poll_once()
+        assert n.calls["status_304"] == 2, "a changed node answers 200"
+        assert [m.model_id for m in poller.fleet.node("n1").models] == ["m1", "m2"]
+    finally:
+        await n.stop()
+
+
+async def test_a_304_after_cortex_wrote_models_restores_what_the_node_said(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A 304 means "as before": a model record cortex wrote since that answer is
+    replaced by the node's, as a full answer would (no shortcut skips it)."""
+    n = await FakeNeuron(name="n1", serves_status=True).start()
+    try:
+        n.add_model("m1")
+        poller = _poller(session, ("n1", n.url))
+        await poller.poll_once()
+        m1 = poller.fleet.node("n1").models[0]
+        poller.fleet.set_model("n1", attrs.evolve(m1, model_id="m2", state="loading"))
+        await poller.poll_once()
+        assert n.calls["status_304"] == 1
+        assert [m.model_id for m in poller.fleet.node("n1").models] == ["m1"]
+    finally:
+        await n.stop()
+
+
+async def test_node_without_status_is_polled_the_old_way(
+    node: FakeNeuron, session: aiohttp.ClientSession
+) -> None:
+    """A neuron that answers 404 on /status is asked once, then polled with the old
+    calls; the ones that answer /status beside it keep using it (mixed fleet)."""
+    current = await FakeNeuron(name="n2", serves_status=True).start()
+    try:
+        poller = _poller(session, ("n1", node.url), ("n2", current.url))
+        for _ in range(3):
+            await poller.poll_once()
+        assert all(poller.fleet.node(x).healthy for x in ("n1", "n2"))
+        assert poller.uses_status("n2") and current.calls["health"] == 0
+        if node.serves_status:
+            assert node.calls["health"] == 0 and poller.uses_status("n1")
+        else:
+            assert node.calls["status_404"] == 1 and node.calls["health"] == 3
+            assert not poller.uses_status("n1")
+            assert [m.model_id for m in poller.fleet.node("n1").models] == ["m1"]
+    finally:
+        await current.stop()
+
+
+async def test_an_older_neuron_is_asked_for_status_again_after_a_restart(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A restart may be an upgrade: the poller tries /status again and uses it."""
+    n = await FakeNeuron(name="n1").start()
+    try:
+        poller = _poller(session, ("n1", n.url))
+        await poller.poll_once()
+        assert not poller.uses_status("n1")
+        n.serves_status = True
+        await n.restart()
+        await poller.poll_once()
+        await poller.poll_once()
+        assert poller.uses_status("n1") and n.calls["status"] == 1
+    finally:
+        await n.stop()
+
+
+async def test_a_status_node_that_fails_is_debounced_and_comes_back(
+    session: aiohttp.ClientSession,
+) -> None:
+    """/status answering 500 (then refusing) counts failed polls like /health did;
+    the node's first good answer after that (a 304) restores it."""
+    n = await FakeNeuron(name="n1", serves_status=True).start()
+    try:
+        n.add_model("m1")
+        poller = _poller(session, ("n1", n.url))
+        await poller.poll_once()
+        n.health_ok = False
+        seen = []
+        for _ in range(3):
+            await poller.poll_once()
+            seen.append(poller.fleet.node("n1").healthy)
+        assert seen == [True, True, False]
+        assert poller.uses_status("n1"), "a 500 is not an older neuron"
+        n.health_ok = True
+        before = n.calls["status_304"]
+        await poller.poll_once()
+        state = poller.fleet.node("n1")
+        assert state.healthy and state.failures == 0 and n.calls["status_304"] == before + 1
+        assert [m.model_id for m in state.models] == ["m1"]
+    finally:
+        await n.stop()

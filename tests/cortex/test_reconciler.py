@@ -81,6 +81,11 @@ async def test_step_waits_until_every_node_was_heard_from() -> None:
             await rec.step()  # n3 given up on: the second copy goes to n1
             job = app[LIFECYCLE].job("m1")
             assert job is not None and job.nodes == ("n1",)
+            # The job's POST may still be on its way (a new connection): let it land.
+            for _ in range(500):
+                if n1.calls["load"]:
+                    break
+                await asyncio.sleep(0.01)
     finally:
         await stop_all(nodes)
     assert n1.calls["load"] == 1 and n2.calls["load"] == 0

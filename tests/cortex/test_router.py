@@ -525,3 +525,52 @@ def test_pinned_request_that_failed_there_is_not_retried_elsewhere() -> None:
         go(s, "m1", node="a", exclude={"a"})
     with pytest.raises(errors.QueueFull):
         go(s, "m1", node="a", full={"a"})
+
+
+# -- routing policies (config `routing`) -------------------------------------------------
+
+
+def test_least_loaded_policy_ignores_affinity() -> None:
+    """routing = "least_loaded": a remembered prefix does not pull to a busier replica."""
+    keys = prefix_keys(_conversation(2))
+    s = snap(node("a", rm("m1", in_flight=3)), node("b", rm("m1")))
+    sticky = go(s, "m1", prefix=keys, affinity=dict.fromkeys(keys, "a"))
+    assert isinstance(sticky, Route) and sticky.node == "a"
+    r = go(s, "m1", prefix=keys, affinity=dict.fromkeys(keys, "a"), policy="least_loaded")
+    assert isinstance(r, Route) and (r.node, r.reason) == ("b", "least_loaded")
+
+
+def test_round_robin_policy_takes_turns_whatever_the_load() -> None:
+    """routing = "round_robin": replicas in turn by the rotation, a busy one included."""
+    s = snap(node("a", rm("m1", in_flight=7)), node("b", rm("m1")), node("c", rm("x")))
+    picks = [go(s, "m1", rotation=i, policy="round_robin") for i in range(4)]
+    assert all(isinstance(p, Route) and p.reason == "round_robin" for p in picks)
+    assert [p.node for p in picks if isinstance(p, Route)] == ["a", "b", "a", "b"]
+
+
+def test_round_robin_still_skips_replicas_this_request_failed_on() -> None:
+    """A replica excluded (failed before its first byte) is not taken in its turn."""
+    s = snap(node("a", rm("m1")), node("b", rm("m1")))
+    r = go(s, "m1", rotation=0, policy="round_robin", exclude={"a"})
+    assert isinstance(r, Route) and r.node == "b"
+
+
+def test_fleet_index_follows_every_write() -> None:
+    """Snapshots' model index matches a scan of the nodes after loads, drops, failures,
+    and an earlier snapshot keeps the index it was given (copy on write)."""
+    from cortex.state import Fleet
+
+    fleet = Fleet.of([("a", "http://a"), ("b", "http://b")], threshold=1)
+    fleet.set_model("a", rm("m1"))
+    fleet.set_model("b", rm("m1"))
+    fleet.set_model("b", rm("x"))
+    before = fleet.snapshot()
+    fleet.drop_model("a", "m1")
+    fleet.poll_failed("b", "down")
+    after = fleet.snapshot()
+    for s in (before, after):
+        scanned = attrs.evolve(s, by_model=None)
+        for mid in ("m1", "x", "none"):
+            assert s.locations(mid) == scanned.locations(mid), mid
+    assert [n.name for n, _ in before.locations("m1")] == ["a", "b"]
+    assert [(n.name, n.healthy) for n, _ in after.locations("m1")] == [("b", False)]

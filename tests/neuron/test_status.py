@@ -1,0 +1,96 @@
+"""GET /status of a real neuron: one answer for the poller, with an ETag and 304s."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cortex.poller import Poller
+from cortex.state import Fleet
+from tests.conftest import InProcessFactory
+
+
+async def _status(
+    s: aiohttp.ClientSession, url: str, etag: str | None = None
+) -> tuple[int, str, Any]:
+    headers = {} if etag is None else {"If-None-Match": etag}
+    async with s.get(url, headers=headers) as r:
+        body = await r.read()
+        return r.status, r.headers.get("ETag", ""), body
+
+
+async def _settled(s: aiohttp.ClientSession, url: str) -> str:
+    """The ETag once two reads in a row agree (a 304): the node has settled."""
+    status, etag, _ = await _status(s, url)
+    for _ in range(50):
+        status, new, _ = await _status(s, url, etag)
+        if status == 304:
+            return etag
+        etag = new
+        await asyncio.sleep(0.1)
+    raise AssertionError("GET /status never answered 304 to its own ETag")
+
+
+async def test_status_etag_304_and_a_load_changes_it(
+    neuron_app_factory: InProcessFactory, demo_model: Path
+) -> None:
+    """200 with an ETag and health+models+staged; 304 with no body on that ETag; a load
+    gives a new ETag and body, which settles to 304 again once the model is ready."""
+    server = await neuron_app_factory()
+    url = str(server.make_url("/status"))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            assert r.status == 200
+            etag = r.headers["ETag"]
+            body = await r.json()
+        assert etag.startswith('"') and etag.endswith('"')
+        assert set(body) == {"health", "models", "staged"}
+        assert body["models"] == [] and body["health"]["models"] == []
+        etag = await _settled(s, url)
+        status, again, raw = await _status(s, url, etag)
+        assert (status, again, raw) == (304, etag, b"")
+
+        load = {"model_id": "demo", "source": str(demo_model)}
+        async with s.post(str(server.make_url("/models/load")), json=load) as r:
+            assert r.status == 202, await r.text()
+        status, changed, raw = await _status(s, url, etag)
+        assert status == 200 and changed != etag
+        for _ in range(600):
+            async with s.get(url) as r:
+                body = await r.json()
+            if [m["state"] for m in body["models"]] == ["ready"]:
+                break
+            await asyncio.sleep(0.1)
+        assert [(m["model_id"], m["state"]) for m in body["models"]] == [("demo", "ready")]
+        ready = await _settled(s, url)
+        assert ready not in (etag, changed)
+
+
+async def test_poller_uses_status_on_a_real_neuron(
+    neuron_app_factory: InProcessFactory, demo_model: Path
+) -> None:
+    """Against a current neuron the poller reads /status; an unchanged node's 304
+    keeps the very health record it had, and a load shows at the next poll."""
+    server = await neuron_app_factory()
+    base = str(server.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as s:
+        poller = Poller(fleet=Fleet.of([("n1", base)], threshold=3), session=s, timeout_s=5.0)
+        await _settled(s, base + "/status")
+        await poller.poll_once()
+        first = poller.fleet.node("n1")
+        assert first.healthy and first.discovery is not None and first.models == ()
+        assert poller.uses_status("n1")
+        await _settled(s, base + "/status")
+        await poller.poll_once()
+        second = poller.fleet.node("n1")
+        assert second.healthy and second.health is first.health, "a 304 must reuse the record"
+
+        load = {"model_id": "demo", "source": str(demo_model)}
+        async with s.post(base + "/models/load", json=load) as r:
+            assert r.status == 202
+        await poller.poll_once()
+        assert [m.model_id for m in poller.fleet.node("n1").models] == ["demo"]
+        assert poller.uses_status("n1")
