@@ -132,7 +132,7 @@ async def test_the_page_in_chromium_escapes_and_shows_every_figure(
             "(() => { const c = [...document.querySelectorAll('.card')]"
             ".find((c) => c.dataset.healthy === 'no'); return c && c.textContent; })()"
         )
-        assert down is not None and "never seen" in down and "/health" in down
+        assert down is not None and "never seen" in down and "/status" in down
         up = ".card[data-node='n-up']"
         assert await b.js(f'document.querySelector("{up} [data-phase]").dataset.phase') == (
             "decode"
