@@ -285,7 +285,7 @@ class FakeNeuron:
         }
         raw = json.dumps(body, sort_keys=True).encode()
         # Like the neuron's: the uptime (the clock) is left out of the version.
-        versioned = {**body, "health": {**body["health"], "uptime_s": None}}
+        versioned = {**body, "health": {**self._health_json(), "uptime_s": None}}
         digest = hashlib.sha256(json.dumps(versioned, sort_keys=True).encode())
         etag = '"' + digest.hexdigest()[:16] + '"'
         if request.headers.get("If-None-Match") == etag:
