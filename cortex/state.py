@@ -442,12 +442,12 @@ class Fleet:
             recycling_until=time.monotonic() + timeout_s,
             last_error="recycling (restart requested)",
         )
-        self._nodes[name] = new
+        self._put(name, new)
         return new
 
     def end_recycle(self, name: str) -> None:
         """The restart did not happen (the node refused it): the next poll judges."""
-        self._nodes[name] = attrs.evolve(self._nodes[name], recycling_until=None)
+        self._put(name, attrs.evolve(self._nodes[name], recycling_until=None))
 
     # -- models cortex changed itself (recorded at once, not at the next poll) --
 

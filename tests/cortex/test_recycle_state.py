@@ -26,8 +26,11 @@ def test_recycling_holds_until_a_new_start_then_routes_again() -> None:
     fleet = Fleet.of([("a", "http://a")], threshold=3)
     fleet.poll_succeeded("a", _health(100.0), started=time.monotonic())
     assert fleet.node("a").healthy
+    assert fleet.snapshot().nodes[0].healthy  # the snapshot's node tuple is now cached
     fleet.begin_recycle("a", timeout_s=600)
     assert not fleet.node("a").healthy and fleet.node("a").recycling
+    # What routing and /admin/state read: the mark, not the cached record before it.
+    assert not fleet.snapshot().nodes[0].healthy and fleet.snapshot().nodes[0].recycling
     fleet.poll_succeeded("a", _health(100.0), started=time.monotonic())
     assert not fleet.node("a").healthy and fleet.node("a").to_json()["recycling"] is True
     fleet.poll_succeeded("a", _health(200.0), started=time.monotonic())
