@@ -429,8 +429,14 @@ class Proxy:
                 await response.write(sse_error_frame(message))
             return response
         except (ConnectionError, asyncio.CancelledError):
-            # The client went away: closing the upstream stops the runner's work.
-            outcome = "client_gone"
+            if streaming and tally.done:
+                # [DONE] had reached the client (cortex closes as soon as it reads
+                # it): a complete answer, whichever side closed first after it.
+                if trace is not None:
+                    trace.status = "200"
+            else:
+                # The client went away: closing the upstream stops the runner's work.
+                outcome = "client_gone"
             raise
         finally:
             if reads is not None:
