@@ -51,11 +51,11 @@ soak: setup
 # BENCH_ARGS=--quick for a shorter run.
 # The gateway hot path against nginx and LiteLLM on fake upstreams (a few minutes).
 bench-gateway: setup sysdeps
-	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.gateway $(BENCH_ARGS)
 
 # The neuron against mlx_lm.server alone on a ~100M-parameter random model (a few minutes).
 bench-neuron: setup
-	$(BIN)/python -m bench.neuron
+	$(BIN)/python -m bench.neuron $(BENCH_ARGS)
 
 # 1,000 nginx fake neurons: poll round, cortex CPU and RSS (/status vs the old calls); routing p99.
 bench-control: setup sysdeps
@@ -64,6 +64,10 @@ bench-control: setup sysdeps
 # Two real replicas, multi-turn chats: cached prompt-token share and TTFT per routing.
 bench-affinity: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.affinity $(BENCH_ARGS)
+
+# All four, one after another (never two at once: 2 cores), each writing its
+# BENCHMARKS.md section.
+bench: bench-gateway bench-neuron bench-control bench-affinity
 
 clean:
 	rm -rf $(VENV) run
