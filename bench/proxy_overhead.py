@@ -61,6 +61,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 @attrs.define
 class Procs:
     """Child processes, each in its own session, stopped in reverse start order."""
@@ -70,8 +73,17 @@ class Procs:
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.root / "logs" / f"{name}.log").open("ab")
+        # Children run in the scratch dir: `-m bench.x` must still find this checkout
+        # (bench/ is not an installed package).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(
-            argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=self.root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.procs.append((name, proc))
