@@ -257,8 +257,10 @@ class Lifecycle:
     # The event log (GET /admin/events, the dashboard's recent events): this owner's
     # journal, and the nodes' model state transitions the poller brings.
     journal: Journal[Event] = attrs.Factory(Journal[Event])
-    # (node, model) -> the state last polled, to journal each transition once.
-    _seen: dict[tuple[str, str], str] = attrs.Factory(dict)
+    # What transitions() last saw, per node: its health, and each model's state
+    # (per node so one node's poll costs its own models, not the fleet's).
+    _seen_health: dict[str, str] = attrs.Factory(dict)
+    _seen_models: dict[str, dict[str, str]] = attrs.Factory(dict)
     _started_wall: float = attrs.Factory(time.time)
     ports: RingPorts = attrs.Factory(
         lambda self: RingPorts(self.config.ring_base_port), takes_self=True
@@ -403,23 +405,23 @@ class Lifecycle:
         error: a crash's carries the runner's output tail), and a node going up or down."""
         if node.health is None:
             return
-        key = (node.name, "")
         health = "healthy" if node.healthy else "unhealthy"
-        if self._seen.get(key, "healthy") != health:
+        if self._seen_health.get(node.name, "healthy") != health:
             self.event(None, f"node {health}", node.last_error or "", node=node.name)
-        self._seen[key] = health
+        self._seen_health[node.name] = health
         if not node.healthy:
             return
+        seen = self._seen_models.setdefault(node.name, {})
         present = set()
         for m in node.models:
             present.add(m.model_id)
-            old = self._seen.get((node.name, m.model_id))
+            old = seen.get(m.model_id)
             if old != m.state:
                 detail = f"{old or 'absent'} -> {m.state}" + (f": {m.error}" if m.error else "")
                 self.event(m.model_id, m.state, detail, node=node.name)
-                self._seen[(node.name, m.model_id)] = m.state
-        for k in [k for k in self._seen if k[0] == node.name and k[1] and k[1] not in present]:
-            self.event(k[1], "gone", f"{self._seen.pop(k)} -> absent", node=node.name)
+                seen[m.model_id] = m.state
+        for model_id in [k for k in seen if k not in present]:
+            self.event(model_id, "gone", f"{seen.pop(model_id)} -> absent", node=node.name)
 
     def job(self, model_id: str) -> Job | None:
         return self._jobs.get(model_id)

@@ -47,7 +47,8 @@ class _Conn:
 class StatusClient:
     authorization: str | None = None
     _conns: dict[tuple[str, int], _Conn] = attrs.field(factory=dict)
-    _requests: dict[tuple[str, int, str | None], bytes] = attrs.field(factory=dict)
+    # Per node, the request bytes for its current ETag (rebuilt only when it changes).
+    _requests: dict[tuple[str, int], tuple[str | None, bytes]] = attrs.field(factory=dict)
 
     async def get(self, base: str, etag: str | None, timeout_s: float) -> Answer:
         parts = urlsplit(base)
@@ -115,24 +116,21 @@ class StatusClient:
         return Answer(status, headers.get("etag", ""), body), keep
 
     def _request(self, host: str, port: int, etag: str | None) -> bytes:
-        key = (host, port, etag)
-        req = self._requests.get(key)
-        if req is None:
-            lines = [
-                "GET /status HTTP/1.1",
-                f"Host: {host}:{port}",
-                "Accept: application/json",
-                "User-Agent: cortex-poller",
-            ]
-            if self.authorization is not None:
-                lines.append(f"Authorization: {self.authorization}")
-            if etag is not None:
-                lines.append(f"If-None-Match: {etag}")
-            req = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-            # One entry per node (its current ETag): drop the stale ones as they change.
-            for old in [k for k in self._requests if k[:2] == (host, port)]:
-                del self._requests[old]
-            self._requests[key] = req
+        cached = self._requests.get((host, port))
+        if cached is not None and cached[0] == etag:
+            return cached[1]
+        lines = [
+            "GET /status HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Accept: application/json",
+            "User-Agent: cortex-poller",
+        ]
+        if self.authorization is not None:
+            lines.append(f"Authorization: {self.authorization}")
+        if etag is not None:
+            lines.append(f"If-None-Match: {etag}")
+        req = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self._requests[(host, port)] = (etag, req)
         return req
 
     def close(self) -> None:
