@@ -438,3 +438,38 @@ def test_check_reports_a_missing_source_and_an_unknown_pinned_node(tmp_path: Pat
     problems = cli.catalogue_problems(*cli._load(str(conf)))
     assert any("/nowhere/broken" in p and "does not exist" in p for p in problems)
     assert any("zz" in p and "not configured" in p for p in problems)
+
+
+def test_transitions_journal_each_nodes_changes_once_and_only_its_own() -> None:
+    """The poll listener keeps what it saw per node: a model going from one node is
+    'gone' there only, a state seen again is not journalled twice, a node down once."""
+    from cortex.config import CortexConfig
+    from cortex.lifecycle import Lifecycle
+    from cortex.state import Fleet
+    from shared.catalogue import Catalogue
+    from tests.cortex.test_router import node, rm
+
+    life = Lifecycle(
+        fleet=Fleet.of([("a", "http://a"), ("b", "http://b")], threshold=1),
+        catalogue=Catalogue(models=()),
+        config=CortexConfig(),
+    )
+
+    def seen() -> list[tuple[str | None, str | None, str, str]]:
+        return [(e.node, e.model, e.kind, e.detail) for e in life.journal.since(0)]
+
+    life.transitions(node("a", rm("m1", "loading")))
+    life.transitions(node("b", rm("m1")))
+    life.transitions(node("a", rm("m1")))
+    life.transitions(node("a", rm("m1")))  # unchanged: nothing new
+    life.transitions(node("a"))  # m1 left a; b still has it
+    life.transitions(node("b", rm("m1")))
+    life.transitions(node("b", rm("m1"), healthy=False))
+    life.transitions(node("b", rm("m1"), healthy=False))
+    assert seen() == [
+        ("a", "m1", "loading", "absent -> loading"),
+        ("b", "m1", "ready", "absent -> ready"),
+        ("a", "m1", "ready", "loading -> ready"),
+        ("a", "m1", "gone", "ready -> absent"),
+        ("b", None, "node unhealthy", ""),
+    ]
