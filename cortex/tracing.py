@@ -16,7 +16,8 @@ from typing import Any
 import attrs
 
 from cortex.config import CortexConfig
-from shared.journal import Event, FileSettings, Journal
+from shared.journal import Event, Journal
+from shared.journal import journals as shared_journals
 
 # The neuron's admission wait for this request, in seconds, on its answer.
 QUEUE_WAIT_HEADER = "X-Queue-Wait-S"
@@ -152,20 +153,8 @@ class TraceDraft:
 
 def journals(config: CortexConfig) -> tuple[Journal[Event], Journal[Trace]]:
     """The events and traces journals the `journal_*` keys describe."""
-
-    def settings(name: str) -> FileSettings | None:
-        return FileSettings.of(
-            config.journal_dir,
-            name,
-            max_mb=config.journal_max_mb,
-            keep=config.journal_keep,
-            min_free_mb=config.journal_min_free_mb,
-        )
-
-    return (
-        Journal[Event](config.journal_events_kept, settings("events.jsonl")),
-        Journal[Trace](config.journal_traces_kept, settings("traces.jsonl")),
-    )
+    events, traces = shared_journals(config)
+    return events, traces
 
 
 def select(

@@ -17,7 +17,8 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
-from shared.journal import Event, FileSettings, Journal
+from shared.journal import Event, Journal
+from shared.journal import journals as shared_journals
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # How long admission held the request, in seconds, on the answer (cortex's trace reads it).
@@ -102,16 +103,6 @@ class TraceDraft:
 
 
 def journals(config: NeuronConfig) -> tuple[Journal[Event], Journal[Trace]]:
-    def settings(name: str) -> FileSettings | None:
-        return FileSettings.of(
-            config.journal_dir,
-            name,
-            max_mb=config.journal_max_mb,
-            keep=config.journal_keep,
-            min_free_mb=config.journal_min_free_mb,
-        )
-
-    return (
-        Journal[Event](config.journal_events_kept, settings("events.jsonl")),
-        Journal[Trace](config.journal_traces_kept, settings("traces.jsonl")),
-    )
+    """The events and traces journals the `journal_*` keys describe."""
+    events, traces = shared_journals(config)
+    return events, traces

@@ -290,3 +290,39 @@ def journal_health(journals: dict[str, Journal[Any]]) -> dict[str, Any]:
     else:
         summary = "writing"
     return {"journal": summary, "journal_files": each}
+
+
+class JournalConfig(Protocol):
+    """The `journal_*` keys cortex.toml and neuron.toml share."""
+
+    @property
+    def journal_dir(self) -> str | None: ...
+    @property
+    def journal_max_mb(self) -> float: ...
+    @property
+    def journal_keep(self) -> int: ...
+    @property
+    def journal_min_free_mb(self) -> float: ...
+    @property
+    def journal_events_kept(self) -> int: ...
+    @property
+    def journal_traces_kept(self) -> int: ...
+
+
+def journals(config: JournalConfig) -> tuple[Journal[Event], Journal[Any]]:
+    """A service's events and traces journals, as its `journal_*` keys describe them
+    (the caller types the traces journal with its own record)."""
+
+    def settings(name: str) -> FileSettings | None:
+        return FileSettings.of(
+            config.journal_dir,
+            name,
+            max_mb=config.journal_max_mb,
+            keep=config.journal_keep,
+            min_free_mb=config.journal_min_free_mb,
+        )
+
+    return (
+        Journal[Event](config.journal_events_kept, settings("events.jsonl")),
+        Journal[Any](config.journal_traces_kept, settings("traces.jsonl")),
+    )
