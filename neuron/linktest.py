@@ -27,8 +27,8 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
-from neuron.runner import group_env, write_group_files
-from neuron.runner_main import PARENT_ENV, WATCHDOG_ENV
+from neuron.runner import group_env, spawn_guarded, write_group_files
+from neuron.runner_main import PARENT_ENV
 from neuron.store import Store
 from shared.errors import InvalidRequest, read_json_object
 from shared.wire import FieldError, GroupSpec
@@ -121,12 +121,10 @@ class LinkTests:
             raise InvalidRequest(f"link test {req.test_id!r} is already running here")
         files = self.store.logs_dir / f"linktest-{req.test_id}"
         await asyncio.to_thread(write_group_files, req.group, files)
-        read_fd, write_fd = os.pipe()
         env = {
             **os.environ,
             **group_env(req.group, files),
             PARENT_ENV: str(os.getpid()),
-            WATCHDOG_ENV: str(read_fd),
             "PYTHONUNBUFFERED": "1",
         }
         argv = [
@@ -142,21 +140,7 @@ class LinkTests:
             "--warmup",
             str(req.warmup),
         ]
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                pass_fds=(read_fd,),
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(write_fd)
-            raise
-        finally:
-            os.close(read_fd)
+        process, write_fd = await spawn_guarded(argv, env, stderr=asyncio.subprocess.PIPE)
         rank = RankProcess(process=process, watchdog_w=write_fd)
         self.running[req.test_id] = rank
         early = self._early.pop(req.test_id, None)

@@ -112,6 +112,30 @@ def runner_argv(
     return [*argv, *config.extra_args]
 
 
+async def spawn_guarded(
+    argv: list[str], env: dict[str, str], *, stderr: int
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Start a child that dies with this neuron (runner_main's guards): its own session,
+    and the read end of a watchdog pipe whose write end (returned) we hold."""
+    read_fd, write_fd = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**env, WATCHDOG_ENV: str(read_fd)},
+            pass_fds=(read_fd,),
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    return process, write_fd
+
+
 @attrs.define(eq=False)
 class RunnerProcess:
     """A started runner; `exited` resolves with its return code when it dies."""
@@ -150,23 +174,11 @@ class RunnerProcess:
             PARENT_ENV: str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
         }
-        read_fd, write_fd = os.pipe()
-        env[WATCHDOG_ENV] = str(read_fd)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *runner_argv(config, model_id, model_dir, port, group),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                pass_fds=(read_fd,),
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(write_fd)
-            raise
-        finally:
-            os.close(read_fd)
+        process, write_fd = await spawn_guarded(
+            runner_argv(config, model_id, model_dir, port, group),
+            env,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         loop = asyncio.get_running_loop()
         runner = cls(
             model_id=model_id,
