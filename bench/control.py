@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.benchmarks_md import machine, update
-from bench.proxy_overhead import children
+from bench.proxy_overhead import children, idle_health
 from bench.router_micro import affinity_table, build, requests
 from cortex.router import route
 
@@ -83,19 +83,7 @@ def node_files(i: int, ids: list[str], *, status: bool) -> dict[str, Any]:
         "started_at": STARTED_AT,
         "uptime_s": 100.0,
         "memory_available_bytes": 48 << 30,
-        "models": [
-            {
-                "model_id": m,
-                "state": "ready",
-                "in_flight": 0,
-                "queue_depth": 0,
-                "phase": "idle",
-                "decode_tps": None,
-                "ttft_s": None,
-                "last_used": 0.0,
-            }
-            for m in held
-        ],
+        "models": [idle_health(m) for m in held],
     }
     models = [
         {

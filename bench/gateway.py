@@ -32,11 +32,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import aiohttp
 import attrs
 
 from bench import benchmarks_md
-from bench.proxy_overhead import Procs, cpu_seconds, free_port
+from bench.proxy_overhead import Procs, cpu_seconds, free_port, idle_health, workdir
 from bench.token_server import token_frame
 from shared.blocking_http import request_json
 from shared.serve import new_event_loop
@@ -108,16 +107,7 @@ def poll_answers(model: str, name: str) -> dict[str, Any]:
         ring_host="127.0.0.1",
         started_at=started,
     )
-    health_model = {
-        "model_id": model,
-        "state": "ready",
-        "in_flight": 0,
-        "queue_depth": 0,
-        "phase": "idle",
-        "decode_tps": None,
-        "ttft_s": None,
-        "last_used": 0.0,
-    }
+    health_model = idle_health(model)
     status = {
         "model_id": model,
         "state": "ready",
@@ -714,19 +704,6 @@ def targets(by: dict[tuple[str, str, int], Cell], paced: Sequence[Paced]) -> lis
     return lines
 
 
-@contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    # nginx's workers (user nobody when run as root) read the canned answers here.
-    root.chmod(0o755)
-    (root / "logs").mkdir()
-    try:
-        yield root
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.gateway",
@@ -761,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    with workdir(args.keep) as root:
+    with workdir("bench-gateway-", args.keep) as root:
         procs = Procs(root)
         try:
             if args.profile:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from bench.proxy_overhead import (
     cpu_seconds,
     free_port,
     one_request,
+    workdir,
 )
 from shared.blocking_http import request_json
 
@@ -192,17 +191,6 @@ def start(root: Path, procs: Procs, shape: Sequence[str]) -> tuple[Target, Targe
         time.sleep(0.25)
 
 
-@contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="bench-neuron-"))
-    (root / "logs").mkdir()
-    try:
-        yield root
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.neuron",
@@ -228,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    with workdir(args.keep) as root:
+    with workdir("bench-neuron-", args.keep) as root:
         procs = Procs(root)
         try:
             runner, neuron, pid = start(root, procs, shape)

@@ -41,6 +41,7 @@ import aiohttp
 import attrs
 
 from shared.blocking_http import request_json
+from shared.wire import ModelHealth
 
 # mlx_lm.server serves its own model under this name (see neuron.proxy).
 RUNNER_MODEL_NAME = "default_model"
@@ -59,6 +60,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def workdir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A scratch dir with logs/ (world-readable: nginx's workers read canned answers
+    there), removed afterwards unless `keep`."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    (root / "logs").mkdir()
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def idle_health(model_id: str) -> dict[str, Any]:
+    """A ready, idle model as a neuron's /health lists it (the wire record's JSON)."""
+    return ModelHealth(
+        model_id=model_id,
+        state="ready",
+        in_flight=0,
+        queue_depth=0,
+        phase="idle",
+        decode_tps=None,
+        ttft_s=None,
+        last_used=0.0,
+    ).to_json()
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -526,18 +557,6 @@ def report(rows: Sequence[Row], tallies: dict[str, Tally]) -> str:
 # -- main ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    try:
-        yield root
-    finally:
-        if keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.proxy_overhead",
@@ -559,8 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    with workdir(args.keep) as root:
-        (root / "logs").mkdir()
+    with workdir("bench-proxy-", args.keep) as root:
         procs = Procs(root)
         try:
             return _run(args, root, procs)
