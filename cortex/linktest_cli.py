@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, TextIO
 
-from shared.blocking_http import request_json
+from cortex.remote import (
+    CONNECTION_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ApiFailure,
+    Target,
+    add_connection_args,
+    run,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_URL = "http://127.0.0.1:9400"
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
-HELP = """\
+HELP = f"""\
 Ask a running cortex to run an mx.distributed all-reduce (all_sum of a float32
 array of each size) over fleet nodes as one group, formed the way model groups
 form (cortex gives each member neuron its rank, hostfile and ports; no SSH).
@@ -26,7 +32,7 @@ a member that fails stops the others at once.
 Bandwidth (nccl-tests convention): algbw = bytes / seconds;
 busbw = algbw * 2(n-1)/n, what each link of a ring all-reduce carried.
 
-The admin token comes from --token, else $CORTEX_ADMIN_TOKEN.
+{CONNECTION_HELP}
 
 exit status: 0 every round passed, 1 a round or rank failed,
              2 usage error or cortex unreachable, 130 Ctrl-C
@@ -56,8 +62,7 @@ def add_parser(sub: Any) -> None:
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--url", default=DEFAULT_URL, help=f"cortex base URL (default {DEFAULT_URL})")
-    p.add_argument("--token", help="admin token (default: $CORTEX_ADMIN_TOKEN)")
+    add_connection_args(p)
     p.add_argument("--nodes", help="comma-separated node names (default: every healthy node)")
     p.add_argument("--backend", choices=["ring", "jaccl"], default="ring")
     p.add_argument("--sizes", type=parse_sizes, default=None, help="default 1K,1M,16M")
@@ -69,9 +74,14 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    token = args.token or os.environ.get("CORTEX_ADMIN_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    base = args.url.rstrip("/")
+    try:
+        return run(args, "linktest", lambda target: _linktest(args, target, out))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """POST /admin/linktest's body from the flags (cortex fills in what is left out)."""
     body: dict[str, Any] = {
         "backend": args.backend,
         "rounds": args.rounds,
@@ -82,18 +92,16 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         body["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
     if args.sizes:
         body["sizes"] = args.sizes
-    try:
-        status, report, _ = request_json(
-            "POST", f"{base}/admin/linktest", body, args.timeout + 30, headers
-        )
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        print(f"cortex linktest: cannot reach cortex at {base}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return body
+
+
+def _linktest(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    # Cortex bounds the test by timeout_s; the extra 30 s covers forming the group.
+    status, report = target.call(
+        "POST", "/admin/linktest", request_body(args), timeout=args.timeout + 30
+    )
     if status != 200 or not isinstance(report, dict):
-        print(f"cortex linktest: {status}: {_message(report)}", file=sys.stderr)
-        return EXIT_USAGE if status in (400, 401, 403, 404) else EXIT_FAILED
+        raise ApiFailure.of(status, report)
     if args.json:
         print(json.dumps(report, indent=2), file=out)
     else:
@@ -180,9 +188,3 @@ def render(report: dict[str, Any], out: TextIO) -> None:
                 for line in r["stderr_tail"]:
                     print(f"    {line}", file=out)
     print("ok" if report.get("ok") else "FAILED", file=out)
-
-
-def _message(body: Any) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", body))
-    return str(body)[:500]

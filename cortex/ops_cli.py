@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from cortex.remote import (
     CONNECTION_HELP,
@@ -23,9 +24,9 @@ from cortex.remote import (
     Unreachable,
     add_connection_args,
     dump_json,
-    error_message,
     gib,
     resolve,
+    run,
     table,
 )
 from shared.progress import StageProgress
@@ -80,9 +81,10 @@ def add_parsers(sub: Any) -> None:
     p = parser(
         "preview",
         "where a model would go, with the memory arithmetic",
-        "Every candidate node set from GET /admin/placements: feasible now or not, why, and "
-        "each member's arithmetic (share x overhead + kv + reserve against usable memory). "
-        "Exits 1 when no set can take the model now.",
+        "Every candidate node set from GET /admin/placements: 'here' when it serves the "
+        "model already, else whether one more copy fits now, why not, and each member's "
+        "arithmetic (share x overhead + kv + reserve against usable memory). Exits 1 when "
+        "the model is loaded nowhere and no set can take it now.",
         "cortex preview qwen2.5-72b",
     )
     p.add_argument("model", help="catalogue id or alias")
@@ -101,20 +103,6 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=doctor_main)
 
 
-def _run(args: argparse.Namespace, name: str, body: Any, out: TextIO) -> int:
-    """Resolve the target and run `body(target)`; the errors every command shares."""
-    try:
-        target = resolve(args)
-        rc: int = body(target)
-        return rc
-    except Unreachable as exc:
-        print(f"cortex {name}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ApiFailure as exc:
-        print(f"cortex {name}: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
 # -- status ------------------------------------------------------------------------------
 
 
@@ -128,13 +116,13 @@ def status_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         return status_rc(state)
 
     if not args.watch:
-        return _run(args, "status", once, out)
+        return run(args, "status", once)
     rc = EXIT_OK
     try:
         while True:
             if out.isatty():
                 print("\x1b[H\x1b[2J", end="", file=out)
-            rc = _run(args, "status", once, out)
+            rc = run(args, "status", once)
             print(f"\n(every {args.watch:g} s; Ctrl-C ends)", file=out, flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:
@@ -299,7 +287,7 @@ def models_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(table(["MODEL", "ALIASES", "STATE", "WHERE", "WISH", "WHY"], rows), file=out)
         return EXIT_OK
 
-    return _run(args, "models", body, out)
+    return run(args, "models", body)
 
 
 # -- unload ------------------------------------------------------------------------------
@@ -318,7 +306,7 @@ def unload_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if args.json:
             print(dump_json(answer), file=out)
         if status >= 400 and status != 502:
-            raise ApiFailure(status, error_message(answer))
+            raise ApiFailure.of(status, answer)
         if not args.json:
             for line in answer.get("did", []):
                 print(f"  {line}", file=out)
@@ -332,7 +320,7 @@ def unload_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 )
         return EXIT_FAILED if status == 502 else EXIT_OK
 
-    return _run(args, "unload", body, out)
+    return run(args, "unload", body)
 
 
 # -- preview -----------------------------------------------------------------------------
@@ -340,49 +328,99 @@ def unload_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def preview_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     def body(target: Target) -> int:
-        from urllib.parse import quote
-
         answer = target.get_ok(f"/admin/placements?model_id={quote(args.model)}")
         if args.json:
             print(dump_json(answer), file=out)
         else:
             print(render_preview(answer, show_all=args.all), file=out)
-        return (
-            EXIT_OK if any(c.get("feasible") for c in answer.get("candidates", [])) else EXIT_FAILED
-        )
+        return preview_rc(answer)
 
-    return _run(args, "preview", body, out)
+    return run(args, "preview", body)
+
+
+def is_here(c: dict[str, Any]) -> bool:
+    """The set already serves the model: every member holds a copy (loaded or loading)."""
+    nodes = c.get("nodes") or []
+    return bool(nodes) and set(c.get("holding") or []) == set(nodes)
+
+
+def preview_rc(answer: dict[str, Any]) -> int:
+    """0 when the model is here already or one more copy fits now; 1 when neither."""
+    cands = answer.get("candidates", [])
+    return EXIT_OK if any(c.get("feasible") or is_here(c) for c in cands) else EXIT_FAILED
+
+
+def preview_summary(answer: dict[str, Any]) -> str:
+    """One line: where the model is now, and where one more copy would go."""
+    cands = answer.get("candidates", [])
+    here = [_set_name(c) for c in cands if is_here(c)]
+    fits = [_set_name(c) for c in cands if c.get("feasible")]
+    now = f"on {', '.join(here)} now" if here else "loaded nowhere now"
+    more = "one more copy" if here else "a copy"
+    if fits:
+        return f"{now}; {more} fits on: {', '.join(fits)} (best first)"
+    if cands and len(here) == len(cands):
+        return f"{now}; {more} has no node set left without one"
+    return f"{now}; {more} fits on no node set now (WHY NOT says why)"
+
+
+def _set_name(c: dict[str, Any]) -> str:
+    nodes = c.get("nodes") or []
+    return nodes[0] if len(nodes) == 1 else f"[{','.join(nodes)}]"
+
+
+def _fits_cell(c: dict[str, Any]) -> str:
+    if is_here(c):
+        return "here"
+    return "yes" if c.get("feasible") else "no"
+
+
+def _preview_row(c: dict[str, Any]) -> list[str]:
+    here = is_here(c)
+    how = "-" if c.get("backend") is None else f"{c['backend']}/{c.get('sharding')}"
+    head = c.get("headroom_bytes")
+    # A set that serves the model needs no room for it: its headroom and refusals are
+    # those of a second copy on the same nodes, which placement never makes.
+    return [
+        ",".join(c.get("nodes", [])),
+        _fits_cell(c),
+        how,
+        gib(head) if isinstance(head, int) and not here else "-",
+        "-" if here else "; ".join(c.get("reasons", []))[:90] or "-",
+    ]
+
+
+def _shown(cands: list[dict[str, Any]], show_all: bool) -> list[dict[str, Any]]:
+    """Every set with --all; else the ones that serve it or fit now (else the best 8)."""
+    if show_all:
+        return cands
+    return [c for c in cands if c.get("feasible") or is_here(c)] or cands[:8]
 
 
 def render_preview(answer: dict[str, Any], *, show_all: bool = False) -> str:
     facts = answer.get("facts") or {}
+    shown = _shown(answer.get("candidates", []), show_all)
     lines = [
         f"{answer.get('model_id')}: "
-        + ", ".join(f"{k} {v}" for k, v in facts.items() if v is not None)
+        + ", ".join(f"{k} {v}" for k, v in facts.items() if v is not None),
+        preview_summary(answer),
+        "",
+        "now (FITS: here = a copy is on these nodes, loaded or loading; yes = one more fits):",
+        table(
+            ["NODES", "FITS", "BACKEND", "HEADROOM", "WHY NOT"], [_preview_row(c) for c in shown]
+        ),
+        "",
+        "arithmetic of a new copy (per node, never summed):",
     ]
-    cands = answer.get("candidates", [])
-    shown = cands if show_all else [c for c in cands if c.get("feasible")] or cands[:8]
-    rows = []
-    for c in shown:
-        how = "-" if c.get("backend") is None else f"{c['backend']}/{c.get('sharding')}"
-        head = c.get("headroom_bytes")
-        rows.append(
-            [
-                ",".join(c.get("nodes", [])),
-                "yes" if c.get("feasible") else "no",
-                how,
-                gib(head) if isinstance(head, int) else "-",
-                "; ".join(c.get("reasons", []))[:90] or "-",
-            ]
-        )
-    lines += ["", "now:", table(["NODES", "FITS", "BACKEND", "HEADROOM", "WHY NOT"], rows), ""]
-    lines.append("arithmetic (per node, never summed):")
-    for c in shown:
+    new = [c for c in shown if not is_here(c)]
+    for c in new:
         for f in c.get("fits", []):
             mark = "ok " if f.get("ok") else "NO "
             lines.append(
                 f"  {mark}{','.join(c.get('nodes', []))} / {f.get('node')}: {f.get('arithmetic')}"
             )
+    if not new:
+        lines.append("  (none shown: every set listed serves the model already)")
     ever = answer.get("ever", [])
     if not any(c.get("feasible") for c in ever):
         lines += ["", "never fits (even on empty, healthy nodes):"]
@@ -414,8 +452,9 @@ def doctor_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(dump_json(fail) if args.json else render_doctor(fail), file=out)
         return EXIT_USAGE
     if status != 200:
-        print(f"cortex doctor: {status}: {error_message(answer)}", file=sys.stderr)
-        return ApiFailure(status, "").exit_code
+        failure = ApiFailure.of(status, answer)
+        print(f"cortex doctor: {failure}", file=sys.stderr)
+        return failure.exit_code
     print(dump_json(answer) if args.json else render_doctor(answer, target), file=out)
     return EXIT_FAILED if answer.get("verdict") == "fail" else EXIT_OK
 

@@ -23,7 +23,9 @@ Choices worth knowing:
   therefore never gets sharded because that node is busy or down right now:
   the caller answers 503 and retries, rather than spreading it over the wire.
   Nodes already holding the model do not count towards that first size, so a
-  second replica of a big model may become a multi-node set.
+  second replica of a big model may become a multi-node set; but sizes stop
+  growing once too few nodes without a copy are left to form a bigger set (a
+  model on every node gets no multi-node sets, which could only say "no").
 - `pinned_on` restricts candidates to the pinned nodes (names unknown to the
   fleet are ignored); an empty pin list means every node.
 - jaccl's "full RDMA mesh" is modelled from what discovery tells us: every
@@ -188,6 +190,9 @@ class Candidate:
     pending: tuple[str, ...] = ()  # members whose discovery is missing
     staged: int = 0  # members already holding the files
     pinned: int = 0  # members among the model's pinned_on
+    # Members with a copy loaded (or loading) now: every member for the set that
+    # serves it, so a preview tells "here already" from "does not fit".
+    holding: tuple[str, ...] = ()
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -215,6 +220,7 @@ class Candidate:
             "pending": list(self.pending),
             "staged": self.staged,
             "pinned": self.pinned,
+            "holding": list(self.holding),
             "headroom_bytes": self.headroom_bytes,
             "layer_split": None if self.layer_split is None else list(self.layer_split),
         }
@@ -349,6 +355,7 @@ def _evaluate(
     sharding: str | None = spec.sharding if multi else None
     staged = sum(spec.id in m.staged for m in members)
     pinned = sum(m.name in spec.pinned_on for m in members)
+    holding = tuple(m.name for m in members if spec.id in m.loaded) if now else ()
     reasons: list[str] = []
 
     pending = tuple(m.name for m in members if m.discovery is None)
@@ -366,6 +373,7 @@ def _evaluate(
             pending=pending,
             staged=staged,
             pinned=pinned,
+            holding=holding,
         )
     discs = [m.discovery for m in members if m.discovery is not None]
 
@@ -474,6 +482,7 @@ def _evaluate(
         sharding=sharding,
         staged=staged,
         pinned=pinned,
+        holding=holding,
     )
 
 
@@ -535,22 +544,39 @@ def candidates(
         ]
 
     out: list[Candidate] = []
+    # Only nodes without a copy can form a new one ("ever" ignores what is loaded).
+    free = [n for n in pool if not now or spec.id not in n.loaded]
     for size in range(spec.min_nodes, len(pool) + 1):
-        could = False
-        for combo in itertools.combinations(pool, size):
-            if len(out) >= MAX_SETS:
-                break
-            cand = _evaluate(spec, facts, combo, now=now)
-            out.append(cand)
-            if now:
-                ever = _evaluate(spec, facts, combo, now=False)
-                could = could or (ever.feasible and not any(spec.id in m.loaded for m in combo))
-            else:
-                could = could or cand.feasible
-        if could or len(out) >= MAX_SETS:
+        fits, fits_free = _size_could_fit(spec, facts, pool, size, now, out)
+        # Stop at the first size some set of free nodes could hold it; or once some set
+        # could and too few free nodes are left to make any bigger set a new copy.
+        if fits_free or (fits and len(free) <= size) or len(out) >= MAX_SETS:
             break
     out.sort(key=_sort_key)
     return out
+
+
+def _size_could_fit(
+    spec: ModelSpec,
+    facts: ModelFacts,
+    pool: Sequence[NodeInfo],
+    size: int,
+    now: bool,
+    out: list[Candidate],
+) -> tuple[bool, bool]:
+    """Evaluate every set of `size` into `out` (up to MAX_SETS); say whether some set
+    could ever hold the model, and whether some set of nodes without a copy could."""
+    fits = fits_free = False
+    for combo in itertools.combinations(pool, size):
+        if len(out) >= MAX_SETS:
+            break
+        cand = _evaluate(spec, facts, combo, now=now)
+        out.append(cand)
+        ever = _evaluate(spec, facts, combo, now=False) if now else cand
+        fits = fits or ever.feasible
+        free = not now or not any(spec.id in m.loaded for m in combo)
+        fits_free = fits_free or (ever.feasible and free)
+    return fits, fits_free
 
 
 def best(

@@ -5,7 +5,8 @@ environment (`CORTEX_URL`, `CORTEX_ADMIN_TOKEN`), else a config file
 (`-c cortex.toml`: its host, port and admin_token), else the local fleet that
 `make run` starts (`run/cortex.toml`, written by `cortex fleet --dir run`),
 else http://127.0.0.1:9400. Every command that talks to a running cortex
-(load, unload, status, doctor, trace, events, restart...) uses this module.
+(status, models, preview, load, unload, doctor, bench, linktest, restart, trace,
+events) finds it here, and reports errors through `run`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +48,15 @@ class ApiFailure(Exception):
 
     @property
     def exit_code(self) -> int:
-        # A wrong token or an unknown name is the caller's mistake, like a usage error.
-        return EXIT_USAGE if self.status in (401, 403, 404) else EXIT_FAILED
+        # A wrong token, an unknown name or a malformed ask is the caller's mistake, like a
+        # usage error; a refusal on the merits (a placement that does not fit) is a failure.
+        usage = self.status in (401, 403, 404) or self.code == "invalid_request"
+        return EXIT_USAGE if usage else EXIT_FAILED
+
+    @classmethod
+    def of(cls, status: int, body: Any) -> ApiFailure:
+        """The failure an error answer describes."""
+        return cls(status, error_message(body), error_code(body))
 
 
 @attrs.frozen
@@ -77,13 +87,26 @@ class Target:
         """The body of a 200 answer; ApiFailure for any other status."""
         status, answer = self.call("GET", path, None, timeout)
         if status != 200:
-            raise ApiFailure(status, error_message(answer), error_code(answer))
+            raise ApiFailure.of(status, answer)
         return answer
 
 
+def run(args: argparse.Namespace, name: str, body: Callable[[Target], int]) -> int:
+    """Resolve the target and run `body(target)`, with the errors every command shares:
+    cortex unreachable (or its config unreadable) exits 2, an error answer by its status."""
+    try:
+        return body(resolve(args))
+    except Unreachable as exc:
+        print(f"cortex {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiFailure as exc:
+        print(f"cortex {name}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def add_connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="cortex base URL (default: see 'connection' below)")
-    p.add_argument("--token", help="admin token (default: $CORTEX_ADMIN_TOKEN)")
+    p.add_argument("--url", help="cortex base URL (default: see 'connection' above)")
+    p.add_argument("--token", help="admin token (default: see 'connection' above)")
     p.add_argument("-c", "--config", help="cortex.toml to take the port and admin_token from")
 
 

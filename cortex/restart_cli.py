@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, TextIO
 
-from shared.blocking_http import request_json
+import attrs
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_URL = "http://127.0.0.1:9400"
+from cortex.remote import (
+    CONNECTION_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ApiFailure,
+    Target,
+    Unreachable,
+    add_connection_args,
+    run,
+)
+
 POLL_S = 0.5
 
-HELP = """\
+HELP = f"""\
 Recycle NODE: cortex stops routing to it, the neuron drains (requests in
 flight finish, up to its drain_s), stops its runners and re-executes itself
 (same node_id); cortex routes to it again once it answers as the new process,
@@ -25,7 +34,7 @@ With --wait, follow until the node is healthy and every model it served
 before is ready on it again (models loaded only on demand come back on demand,
 so --wait reports them but does not wait for them).
 
-The admin token comes from --token, else $CORTEX_ADMIN_TOKEN.
+{CONNECTION_HELP}
 
 exit status: 0 restarted (and back, with --wait), 1 failed or not back in time,
              2 usage error, unknown node or cortex unreachable, 130 Ctrl-C
@@ -42,27 +51,20 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("node", help="node name as in cortex.toml")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"cortex base URL (default {DEFAULT_URL})")
-    p.add_argument("--token", help="admin token (default: $CORTEX_ADMIN_TOKEN)")
+    add_connection_args(p)
     p.add_argument("--wait", action="store_true", help="follow until the node serves again")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting after this, s")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    token = args.token or os.environ.get("CORTEX_ADMIN_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    base = args.url.rstrip("/")
-    try:
-        status, answer, _ = request_json(
-            "POST", f"{base}/admin/nodes/{args.node}/restart", None, 30.0, headers
-        )
-    except OSError as exc:
-        print(f"cortex restart: cannot reach cortex at {base}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run(args, "restart", lambda target: _restart(args, target, out))
+
+
+def _restart(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    status, answer = target.call("POST", f"/admin/nodes/{args.node}/restart")
     if status != 202 or not isinstance(answer, dict):
-        print(f"cortex restart: {status}: {_message(answer)}", file=sys.stderr)
-        return EXIT_USAGE if status in (400, 401, 403, 404) else EXIT_FAILED
+        raise ApiFailure.of(status, answer)
     models = [str(m) for m in answer.get("models", [])]
     print(
         f"{args.node}: restarting (drain up to {answer.get('drain_s')} s); "
@@ -73,65 +75,82 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if not args.wait:
         return EXIT_OK
     try:
-        return _follow(base, headers, args.node, models, args.timeout, out)
+        return _follow(target, args.node, models, args.timeout, out)
     except KeyboardInterrupt:
         print("stopped following; the restart goes on", file=out)
         return EXIT_INTERRUPTED
 
 
-def _follow(
-    base: str, headers: dict[str, str], node: str, models: list[str], timeout_s: float, out: TextIO
-) -> int:
-    started = time.monotonic()
-    said: set[str] = set()
+def _state(target: Target) -> dict[str, Any] | None:
+    """/admin/state, or None while cortex does not answer it (a poll to retry)."""
+    try:
+        status, state = target.call("GET", "/admin/state", timeout=10.0)
+    except Unreachable:
+        return None
+    return state if status == 200 and isinstance(state, dict) else None
+
+
+def _kept(state: dict[str, Any], models: list[str]) -> set[str]:
+    """The models of `models` a wish keeps loaded: only those come back by themselves."""
+    kept = {m["id"] for m in state.get("models", []) if m.get("keep_loaded") or m.get("pinned_on")}
+    return {m for m in models if m in kept}
+
+
+def _ready_on(state: dict[str, Any], node: str) -> set[str]:
+    return {
+        m["id"]
+        for m in state.get("models", [])
+        for p in m.get("placements", [])
+        if p.get("node") == node and p.get("state") == "ready" and p.get("healthy")
+    }
+
+
+@attrs.define
+class _Follower:
+    """What `--wait` has said so far, so each line is printed once."""
+
+    node: str
+    models: list[str]
+    out: TextIO
+    started: float = attrs.Factory(time.monotonic)
+    said: set[str] = attrs.Factory(set)
     wanted: set[str] | None = None
-    while time.monotonic() - started < timeout_s:
-        try:
-            status, state, _ = request_json("GET", f"{base}/admin/state", None, 10.0, headers)
-        except OSError:
-            time.sleep(POLL_S)
-            continue
-        if status != 200 or not isinstance(state, dict):
-            time.sleep(POLL_S)
-            continue
-        n = next((x for x in state.get("nodes", []) if x.get("name") == node), None)
+
+    def say(self, key: str, text: str) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            took = time.monotonic() - self.started
+            print(f"{text} ({took:.1f} s)", file=self.out, flush=True)
+
+    def step(self, state: dict[str, Any]) -> int | None:
+        """One poll's worth of following: an exit code once done, else None."""
+        n = next((x for x in state.get("nodes", []) if x.get("name") == self.node), None)
         if n is None:
-            print(f"cortex restart: {node} is gone from cortex's state", file=sys.stderr)
+            print(f"cortex restart: {self.node} is gone from cortex's state", file=sys.stderr)
             return EXIT_FAILED
-        back = bool(n.get("healthy")) and not n.get("recycling")
-        if back and "back" not in said:
-            said.add("back")
-            took = time.monotonic() - started
-            print(f"{node}: back, healthy ({took:.1f} s)", file=out, flush=True)
-        if back:
-            if wanted is None:
-                # Only models a wish keeps loaded come back by themselves.
-                kept = {
-                    m["id"]
-                    for m in state.get("models", [])
-                    if m.get("keep_loaded") or m.get("pinned_on")
-                }
-                wanted = {m for m in models if m in kept}
-                for m in sorted(set(models) - wanted):
-                    print(f"{m}: loaded on demand, comes back on its next request", file=out)
-            ready = set()
-            for m in state.get("models", []):
-                for p in m.get("placements", []):
-                    if p.get("node") == node and p.get("state") == "ready" and p.get("healthy"):
-                        ready.add(m["id"])
-            for m in sorted((wanted & ready) - said):
-                said.add(m)
-                took = time.monotonic() - started
-                print(f"{m}: ready on {node} again ({took:.1f} s)", file=out, flush=True)
-            if wanted <= ready:
-                print(f"{node}: restarted and serving", file=out)
-                return EXIT_OK
+        if not n.get("healthy") or n.get("recycling"):
+            return None
+        self.say("back", f"{self.node}: back, healthy")
+        if self.wanted is None:
+            self.wanted = _kept(state, self.models)
+            for m in sorted(set(self.models) - self.wanted):
+                print(f"{m}: loaded on demand, comes back on its next request", file=self.out)
+        ready = _ready_on(state, self.node)
+        for m in sorted(self.wanted & ready):
+            self.say(m, f"{m}: ready on {self.node} again")
+        if self.wanted <= ready:
+            print(f"{self.node}: restarted and serving", file=self.out)
+            return EXIT_OK
+        return None
+
+
+def _follow(target: Target, node: str, models: list[str], timeout_s: float, out: TextIO) -> int:
+    follower = _Follower(node, models, out)
+    while time.monotonic() - follower.started < timeout_s:
+        state = _state(target)
+        rc = None if state is None else follower.step(state)
+        if rc is not None:
+            return rc
         time.sleep(POLL_S)
     print(f"cortex restart: {node} not back after {timeout_s:g} s", file=sys.stderr)
     return EXIT_FAILED
-
-
-def _message(body: Any) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", body))
-    return str(body)[:500]

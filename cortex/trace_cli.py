@@ -1,44 +1,55 @@
 """`cortex trace ID` and `cortex events [--follow]`: a running cortex's journals.
 
-Blocking stdlib HTTP like the other fleet commands. URL from --url, else
-$CORTEX_URL, else the local fleet; admin token from --token, else
-$CORTEX_ADMIN_TOKEN. (A minimal resolver of our own; the shared one replaces it.)
+Blocking stdlib HTTP like the other fleet commands; cortex is found by
+cortex.remote (flags, environment, config, the local fleet).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode
 
-from shared.blocking_http import request_json
+from cortex.remote import (
+    CONNECTION_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ApiFailure,
+    Target,
+    add_connection_args,
+    run,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_URL = "http://127.0.0.1:9400"
 FOLLOW_POLL_S = 1.0
 
-TRACE_HELP = """\
+TRACE_HELP = f"""\
 Show one request as cortex and the neuron(s) it tried saw it (GET
 /admin/traces/ID): arrival, routing and cold load, the node that answered, its
 queue wait, first token, tokens and speed, status and error; then each neuron's
-own trace under the same id (admission wait, runner, prompt tokens by its
-tokenizer, TTFT, tokens). The id is the X-Request-Id the client sent or cortex
-returned.
+own trace under the same id (admission wait, runner, TTFT, tokens). Every
+token count says who counted it: the runner (its usage, the true count), the
+neuron (an estimate of the prompt made before the runner saw it, to check the
+context), or cortex (content frames, when no usage came back).
+The id is the X-Request-Id the client sent or cortex returned.
+
+{CONNECTION_HELP}
 
 exit status: 0 found, 1 no such trace, 2 usage error or cortex unreachable
 
 example:
   cortex trace 7f3a9c0e --url http://10.0.0.10:9400"""
 
-EVENTS_HELP = """\
+EVENTS_HELP = f"""\
 Print the fleet's event log (GET /admin/events): every model state a node
 reported, loads, unloads, holds, crashes (with the runner's output tail),
 prefetches. --follow keeps polling for new events (Ctrl-C exits 130).
+
+{CONNECTION_HELP}
 
 exit status: 0 ok, 2 usage error or cortex unreachable, 130 Ctrl-C
 
@@ -47,8 +58,7 @@ example:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help=f"cortex base URL (default $CORTEX_URL, else {DEFAULT_URL})")
-    p.add_argument("--token", help="admin token (default: $CORTEX_ADMIN_TOKEN)")
+    add_connection_args(p)
     p.add_argument("--json", action="store_true", help="the raw JSON answer")
 
 
@@ -79,39 +89,19 @@ def add_events_parser(sub: Any) -> None:
     e.set_defaults(func=events_main)
 
 
-def _target(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
-    base = (args.url or os.environ.get("CORTEX_URL") or DEFAULT_URL).rstrip("/")
-    token = args.token or os.environ.get("CORTEX_ADMIN_TOKEN")
-    return base, ({"Authorization": f"Bearer {token}"} if token else {})
-
-
-def _message(answer: Any) -> str:
-    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-        return str(answer["error"].get("message", answer))
-    return str(answer)[:500]
-
-
-def _get(base: str, path: str, headers: dict[str, str], what: str) -> tuple[int, Any] | None:
-    try:
-        status, answer, _ = request_json("GET", base + path, None, 30.0, headers)
-    except OSError as exc:
-        print(f"cortex {what}: cannot reach cortex at {base}: {exc}", file=sys.stderr)
-        return None
-    return status, answer
-
-
 def trace_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    base, headers = _target(args)
-    got = _get(base, f"/admin/traces/{quote(args.id, safe='')}", headers, "trace")
-    if got is None:
-        return EXIT_USAGE
-    status, answer = got
-    if status == 404:
-        print(f"cortex trace: {_message(answer)}", file=sys.stderr)
+    return run(args, "trace", lambda target: _trace(args, target, out))
+
+
+def _trace(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    try:
+        answer = target.get_ok(f"/admin/traces/{quote(args.id, safe='')}")
+    except ApiFailure as exc:
+        if exc.status != 404:
+            raise
+        # Unknown or aged out: the answer to the question, not a usage error.
+        print(f"cortex trace: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
-    if status != 200 or not isinstance(answer, dict):
-        print(f"cortex trace: {status}: {_message(answer)}", file=sys.stderr)
-        return EXIT_USAGE
     if args.json:
         print(json.dumps(answer, indent=2), file=out)
     else:
@@ -130,40 +120,98 @@ def _when(ts: Any) -> str:
 
 
 def timeline(joined: dict[str, Any]) -> str:
-    """The joined trace as lines a person reads, in the order things happened."""
-    c = joined.get("cortex") or {}
-    lines = [f"request {joined.get('id')}  model {c.get('model')}  key {c.get('key') or '-'}"]
-    lines.append(
-        f"  {_when(c.get('ts'))}  arrived at cortex ({'stream' if c.get('stream') else 'unary'})"
-    )
+    """The joined trace as lines a person reads, in the order things happened; every
+    number says whose clock or whose count it is."""
+    lines = _cortex_lines(joined.get("id"), joined.get("cortex") or {})
+    for node, n in (joined.get("nodes") or {}).items():
+        lines += _neuron_lines(node, n)
+    return "\n".join(lines) + "\n"
+
+
+def _cortex_lines(rid: Any, c: dict[str, Any]) -> list[str]:
+    kind = "stream" if c.get("stream") else "unary"
     cold = f", cold load {_s(c.get('cold_load_s'))}" if c.get("cold_load_s") is not None else ""
     tried = ", ".join(c.get("nodes") or []) or "none"
-    lines.append(f"  +{_s(c.get('routing_s'))}  routed (tried: {tried}{cold})")
+    lines = [
+        f"request {rid}  model {c.get('model')}  key {c.get('key') or '-'}",
+        f"  {_when(c.get('ts'))}  arrived at cortex ({kind})",
+        f"  +{_s(c.get('routing_s'))}  routed (tried: {tried}{cold})",
+    ]
     if c.get("node"):
-        lines.append(f"  answered by {c['node']}, queued there {_s(c.get('queue_wait_s'))}")
-    lines.append(f"  +{_s(c.get('ttft_s'))}  first token at cortex")
-    tokens = f"{c.get('prompt_tokens') if c.get('prompt_tokens') is not None else '?'} prompt"
-    tokens += f", {c.get('completion_tokens') if c.get('completion_tokens') is not None else '?'}"
-    tokens += f" completion ({c.get('tokens_from') or '-'}), {c.get('tok_s') or '-'} tok/s"
-    lines.append(f"  +{_s(c.get('duration_s'))}  done: status {c.get('status')}; {tokens}")
+        lines.append(
+            f"  answered by {c['node']}, queued there {_s(c.get('queue_wait_s'))}"
+            " (the neuron's admission wait)"
+        )
+    # A unary answer reaches cortex in one piece: its "first token" is the whole answer.
+    first = "first token at cortex" if c.get("stream") else "answer at cortex (unary: one piece)"
+    lines.append(f"  +{_s(c.get('ttft_s'))}  {first}")
+    lines.append(
+        f"  +{_s(c.get('duration_s'))}  done: status {c.get('status')}; {cortex_tokens(c)}"
+        f", {_rate(c.get('tok_s'), 'relay', 'cortex')}"
+    )
     if c.get("error"):
         lines.append(f"  error: {c['error']}")
-    for node, n in (joined.get("nodes") or {}).items():
-        lines.append(f"neuron {node}:")
-        if not isinstance(n, dict) or ("error" in n and "id" not in n):
-            lines.append(f"  (no trace: {n.get('error') if isinstance(n, dict) else n})")
-            continue
-        lines.append(f"  {_when(n.get('ts'))}  arrived ({n.get('runner') or 'no runner'})")
-        lines.append(f"  +{_s(n.get('admission_wait_s'))}  admitted")
-        lines.append(f"  ttft {_s(n.get('ttft_s'))} (from the runner call)")
-        lines.append(
-            f"  +{_s(n.get('duration_s'))}  done: status {n.get('status')}; prompt"
-            f" {n.get('prompt_tokens')} (tokenizer) / {n.get('runner_prompt_tokens')} (runner),"
-            f" {n.get('completion_tokens')} completion, {n.get('tok_s') or '-'} tok/s"
+    return lines
+
+
+def cortex_tokens(c: dict[str, Any]) -> str:
+    """Cortex's token counts and where they came from (Trace.tokens_from)."""
+    prompt, completion = c.get("prompt_tokens"), c.get("completion_tokens")
+    if c.get("tokens_from") == "usage":
+        # The neuron relays its runner's usage (a usage frame or its `: usage` comment).
+        return (
+            f"prompt {_count(prompt)} tokens, completion {_count(completion)} tokens"
+            " (the runner's usage, relayed by the neuron)"
         )
-        if n.get("error"):
-            lines.append(f"  error: {n['error']}")
-    return "\n".join(lines) + "\n"
+    if c.get("tokens_from") == "frames":
+        return (
+            f"completion {_count(completion)} tokens (cortex counted content frames;"
+            " no usage came back), prompt not counted"
+        )
+    return "no tokens counted (no usage and no content came back)"
+
+
+def _neuron_lines(node: str, n: Any) -> list[str]:
+    lines = [f"neuron {node}:"]
+    if not isinstance(n, dict) or ("error" in n and "id" not in n):
+        why = n.get("error") if isinstance(n, dict) else n
+        return [*lines, f"  (no trace: {why})"]
+    lines += [
+        f"  {_when(n.get('ts'))}  arrived ({n.get('runner') or 'no runner'})",
+        f"  +{_s(n.get('admission_wait_s'))}  admitted",
+        f"  ttft {_s(n.get('ttft_s'))} (the neuron's clock, from its call to the runner)",
+        f"  +{_s(n.get('duration_s'))}  done: status {n.get('status')}; {neuron_prompt(n)},"
+        f" completion {_count(n.get('completion_tokens'))} tokens (runner's count),"
+        f" {_rate(n.get('tok_s'), 'decode', 'the neuron')}",
+    ]
+    if n.get("error"):
+        lines.append(f"  error: {n['error']}")
+    return lines
+
+
+def neuron_prompt(n: dict[str, Any]) -> str:
+    """The prompt's size: the runner's count when it gave one, else the neuron's estimate
+    (its tokenizer over the message texts plus a per-message allowance, made before the
+    runner applied the chat template, to refuse what cannot fit the context)."""
+    runner, estimate = n.get("runner_prompt_tokens"), n.get("prompt_tokens")
+    if runner is not None and estimate is not None:
+        return f"prompt {runner} tokens (runner's count; the neuron estimated {estimate})"
+    if runner is not None:
+        return f"prompt {runner} tokens (runner's count)"
+    if estimate is not None:
+        return f"prompt about {estimate} tokens (the neuron's estimate; the runner gave no count)"
+    return "prompt not counted"
+
+
+def _count(v: Any) -> str:
+    return "?" if v is None else str(v)
+
+
+def _rate(tok_s: Any, what: str, clock: str) -> str:
+    """A rate after the first token, and whose clock timed it."""
+    if tok_s is None:
+        return f"{what} rate not measured"
+    return f"{what} {tok_s} tok/s after the first token ({clock}'s clock)"
 
 
 def event_line(e: dict[str, Any]) -> str:
@@ -178,30 +226,25 @@ def event_line(e: dict[str, Any]) -> str:
 
 
 def events_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    base, headers = _target(args)
+    try:
+        return run(args, "events", lambda target: _events(args, target, out))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _events(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     query: dict[str, Any] = {"limit": max(1, args.limit)}
     if args.model:
         query["model"] = args.model
     if args.node:
         query["node"] = args.node
     since = 0
-    try:
-        while True:
-            got = _get(
-                base, f"/admin/events?{urlencode({**query, 'since': since})}", headers, "events"
-            )
-            if got is None:
-                return EXIT_USAGE
-            status, answer = got
-            if status != 200 or not isinstance(answer, dict):
-                print(f"cortex events: {status}: {_message(answer)}", file=sys.stderr)
-                return EXIT_USAGE
-            for e in answer.get("events", []):
-                print(json.dumps(e) if args.json else event_line(e), file=out, flush=True)
-            since = int(answer.get("last_seq", since))
-            if not args.follow:
-                return EXIT_OK
-            query["limit"] = 1000  # following: every new one
-            time.sleep(FOLLOW_POLL_S)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    while True:
+        answer = target.get_ok(f"/admin/events?{urlencode({**query, 'since': since})}")
+        for e in answer.get("events", []):
+            print(json.dumps(e) if args.json else event_line(e), file=out, flush=True)
+        since = int(answer.get("last_seq", since))
+        if not args.follow:
+            return EXIT_OK
+        query["limit"] = 1000  # following: every new one
+        time.sleep(FOLLOW_POLL_S)

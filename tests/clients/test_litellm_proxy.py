@@ -11,6 +11,7 @@ and drives it with the OpenAI SDK. What cortex saw is read from its /metrics.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,8 +29,10 @@ import pytest
 
 from tests.conftest import (
     LONG_STREAM,
+    TEST_ROOT,
     NeuronProcess,
     free_port,
+    http_json,
     kill_pid,
     runner_pids,
     stop_quietly,
@@ -41,6 +44,7 @@ CONFIG = Path(__file__).parents[2] / "packaging" / "litellm" / "config.yaml"
 LITELLM = Path(sys.executable).parent / "litellm"
 MASTER_KEY = f"sk-test-{uuid.uuid4().hex}"
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello"}]
+REAL = "smollm2-135m"
 
 pytestmark = pytest.mark.skipif(
     not LITELLM.exists(), reason=f"no LiteLLM proxy at {LITELLM} (pip install 'litellm[proxy]')"
@@ -122,17 +126,30 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path, real_model: Path
+) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("litellm-proxy")
     # One request at a time and no queue: a held stream makes cortex answer 429.
+    # A runner SIGSTOPped under a held stream keeps the slot for as long as a test
+    # needs it: the stall watchdog (15 s by default) must not end it meanwhile.
     neuron = NeuronProcess.start(
-        root / "neuron", {"admission": {"max_in_flight": 1, "max_queue": 0}}
+        root / "neuron",
+        {
+            "admission": {"max_in_flight": 1, "max_queue": 0},
+            "runner": {"stall_timeout_s": 600.0},
+            "model_roots": [*map(str, TEST_ROOT), str(real_model.parent)],
+        },
     )
     model = f"llp-{uuid.uuid4().hex[:8]}"  # unique on this machine; `demo` is its alias
     cortex = CortexProcess.write(
         root / "cortex",
         [("a", neuron)],
-        [{"id": model, "source": str(demo_model), "aliases": ["demo"]}],
+        [
+            {"id": model, "source": str(demo_model), "aliases": ["demo"]},
+            # In the shipped config.yaml: the one model here whose answers mean something.
+            {"id": REAL, "source": str(real_model)},
+        ],
     )
     proc = None
     try:
@@ -208,34 +225,75 @@ def test_a_full_queue_is_retried_after_retry_after(stack: Stack) -> None:
     at least 1 s before the next attempt: the call lasts at least that long.
     """
     before = _requests(stack.cortex, stack.model)
-    direct = openai.OpenAI(base_url=stack.cortex.url + "/v1", api_key="x", max_retries=0)
-    hold = direct.chat.completions.create(
-        model=stack.model, messages=MESSAGES, stream=True, extra_body=LONG_STREAM
-    )
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        next(iter(hold))  # the one slot is taken
         with stack.client() as client:
-            started = time.monotonic()
-            future = pool.submit(
-                client.chat.completions.create, model="demo", messages=MESSAGES, max_tokens=4
-            )
+            # The one slot is taken, and stays taken until two 429s were counted.
+            with _slot_held(stack):
+                started = time.monotonic()
+                future = pool.submit(
+                    client.chat.completions.create, model="demo", messages=MESSAGES, max_tokens=4
+                )
 
-            def rejected() -> float:
-                return _requests(stack.cortex, stack.model).get("429", 0.0) - before.get("429", 0)
+                def rejected() -> float:
+                    return _requests(stack.cortex, stack.model).get("429", 0.0) - before.get(
+                        "429", 0
+                    )
 
-            wait_until(lambda: rejected() >= 2, 60, "two 429s at cortex")
-            hold.close()  # frees the slot: a later retry gets through
+                wait_until(lambda: rejected() >= 2, 60, "two 429s at cortex")
+            # The hold closed: the slot is free (within the 3 s or more of Retry-After
+            # waits left), and a later retry gets through.
             resp = future.result(timeout=120)
             elapsed = time.monotonic() - started
         assert resp.choices[0].message.content
         n = rejected()
         assert 2 <= n <= 5, n  # num_retries: 5 in config.yaml
+        # A lower bound (LiteLLM sleeps Retry-After before each retry): a slow machine
+        # only adds to it.
         assert elapsed >= n * 1.0, (elapsed, n)
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_the_real_model_answers_through_the_proxy(stack: Stack) -> None:
+    """smollm2-135m, cold, streamed through LiteLLM and cortex: the answer says Paris."""
+    question: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
+    with stack.client() as client:
+        stream = client.chat.completions.create(
+            model=REAL, messages=question, max_tokens=24, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "Paris" in text, text
+    assert _requests(stack.cortex, REAL) == {"200": 1.0}, "the cold load was invisible"
+
+
+def _slot_free(s: Stack) -> bool:
+    """The neuron's one slot is free: a stream a test closed has ended there too."""
+    status, health = http_json(s.neuron.url + "/health")
+    return status == 200 and all(m["in_flight"] == 0 for m in health["models"])
+
+
+@contextlib.contextmanager
+def _slot_held(s: Stack) -> Iterator[None]:
+    """A stream holds the neuron's only slot, its runner SIGSTOPped so that it never ends.
+
+    A live stream would end by itself after its context's worth of tokens, sooner
+    on a faster machine: then LiteLLM's later retries would get through.
+    """
+    wait_until(lambda: _slot_free(s), 60, "the neuron's slot to be free")
+    direct = openai.OpenAI(base_url=s.cortex.url + "/v1", api_key="x", max_retries=0)
+    hold = direct.chat.completions.create(
+        model=s.model, messages=MESSAGES, stream=True, extra_body=LONG_STREAM
+    )
+    (pid,) = runner_pids(s.model, parent=s.neuron.process.pid)
+    try:
+        next(iter(hold))
+        kill_pid(pid, signal.SIGSTOP)
+        yield
+    finally:
+        kill_pid(pid, signal.SIGCONT)
         hold.close()
         direct.close()
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def test_a_queue_full_to_the_end_is_passed_on_after_the_retries(stack: Stack) -> None:
@@ -244,17 +302,12 @@ def test_a_queue_full_to_the_end_is_passed_on_after_the_retries(stack: Stack) ->
     LiteLLM honours Retry-After itself rather than passing it through.
     """
     before = _requests(stack.cortex, stack.model).get("429", 0.0)
-    direct = openai.OpenAI(base_url=stack.cortex.url + "/v1", api_key="x", max_retries=0)
-    hold = direct.chat.completions.create(
-        model=stack.model, messages=MESSAGES, stream=True, extra_body=LONG_STREAM
-    )
-    try:
-        next(iter(hold))
-        with stack.client() as client, pytest.raises(openai.RateLimitError) as exc:
-            client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4)
-    finally:
-        hold.close()
-        direct.close()
+    with (
+        _slot_held(stack),
+        stack.client() as client,
+        pytest.raises(openai.RateLimitError) as exc,
+    ):
+        client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4)
     assert _requests(stack.cortex, stack.model).get("429", 0.0) - before == 6
     # LiteLLM answers its client with the 429 and cortex's message...
     assert "queue" in str(exc.value) or "capacity" in str(exc.value), str(exc.value)

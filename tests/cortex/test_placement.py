@@ -296,6 +296,27 @@ def test_second_replica_of_big_model_may_go_multi_node() -> None:
     assert c is not None and c.nodes == ("s1", "s2")
 
 
+def test_a_model_on_every_node_gets_no_multi_node_sets() -> None:
+    """Served on both nodes of two: no bigger set is listed (every one would only say no),
+    and each single-node set says which members hold the copy."""
+    f = facts(1, heads=4, kv_heads=2)
+    nodes = [node("a", loaded=("m",)), node("b", loaded=("m",))]
+    cands = candidates(model(), f, nodes)
+    assert sorted(c.nodes for c in cands) == [("a",), ("b",)]
+    assert all(c.holding == c.nodes and not c.feasible for c in cands)
+    assert cands[0].to_json()["holding"] == list(cands[0].nodes)
+    # min_nodes = 2 asks for pairs: the pair serving it is listed, holding on both.
+    (pair,) = candidates(model(min_nodes=2, sharding="tensor"), f, nodes)
+    assert pair.nodes == ("a", "b") and pair.holding == ("a", "b")
+
+
+def test_holding_is_a_now_fact() -> None:
+    """The "ever" view takes every node as empty: nothing is held there."""
+    nodes = [node("a", loaded=("m",)), node("b")]
+    assert all(c.holding == () for c in candidates(model(), facts(1), nodes, now=False))
+    assert [c.holding for c in candidates(model(), facts(1), nodes)] == [(), ("a",)]
+
+
 def test_ordering_staged_then_headroom() -> None:
     """Among single nodes, those holding the files come first, then the most headroom."""
     nodes = [node("small", 32), node("big", 128), node("staged", 32, staged=("m",))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cortex.remote import DEFAULT_URL, resolve, table
+from cortex.remote import DEFAULT_URL, ApiFailure, resolve, table
 
 
 def _args(**kw: str | None) -> argparse.Namespace:
@@ -37,3 +37,20 @@ def test_without_anything_the_local_fleet_of_make_run_then_the_default(tmp_path:
 
 def test_table_pads_columns() -> None:
     assert table(["A", "BB"], [["xyz", "1"]]).splitlines() == ["A    BB", "xyz  1"]
+
+
+def test_an_error_answer_exits_by_whose_mistake_it_is() -> None:
+    """The caller's (a bad token, an unknown name, a malformed ask): 2; a refusal on the
+    merits (a placement that does not fit, a kept model): 1."""
+    bad = {"error": {"message": "'nodes' must be an array", "code": "invalid_request"}}
+    assert ApiFailure.of(400, bad).exit_code == 2
+    assert ApiFailure.of(404, {"error": {"message": "no such model"}}).exit_code == 2
+    assert ApiFailure.of(401, "unauthorized").exit_code == 2
+    refused = {"error": {"message": "cannot place", "code": "placement_refused"}}
+    failure = ApiFailure.of(400, refused)
+    assert (failure.exit_code, failure.code, str(failure)) == (
+        1,
+        "placement_refused",
+        "400: cannot place",
+    )
+    assert ApiFailure.of(409, {"error": {"code": "model_kept_loaded"}}).exit_code == 1

