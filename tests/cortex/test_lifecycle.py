@@ -9,17 +9,18 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
-from cortex import cli
+from cortex import cli, lifecycle
 from cortex.keys import LIFECYCLE, POLLER, RECONCILER
 from cortex.lifecycle import RingPorts, parse_keep_alive
 from shared.catalogue import GIB, ModelSpec
 from shared.errors import InvalidRequest
 from shared.wire import GroupSpec
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
+from tests.support.clock import SkewedTime
 
 CHAT = "/v1/chat/completions"
 MISSING = (400, "invalid_model_path", "model path '/nowhere/broken' does not exist")
@@ -51,8 +52,13 @@ async def test_missing_source_is_one_load_per_backoff_window() -> None:
     the reason is said once, and /v1/models and /admin/state say it needs an operator."""
     (n1,) = await fleet("n1")
     n1.load_error = MISSING
-    # An operator-kind failure waits 6 x load_backoff_s = 1.5 s the first time.
-    async with gateway([n1], load_backoff_s=0.25, load_wait_s=5.0) as client:
+    # An operator-kind failure waits 6 x load_backoff_s = 30 s the first time, on the
+    # lifecycle's clock, which the test moves forward (a real window short enough to
+    # wait out could end while the 20 requests were still being answered).
+    skew = [0.0]
+    async with gateway([n1], load_backoff_s=5.0, load_wait_s=5.0) as client:
+        assert client.app is not None
+        client.app[LIFECYCLE].clock = lambda: time.monotonic() + skew[0]
         resps = await asyncio.gather(*(client.post(CHAT, json=chat()) for _ in range(20)))
         answers = [await _error(r) for r in resps]
         assert {a[:2] for a in answers} == {(503, "cold_load_failed")}
@@ -61,7 +67,7 @@ async def test_missing_source_is_one_load_per_backoff_window() -> None:
         message = answers[0][3]
         assert message.count("failed") == 1 and "does not exist" in message
         assert "needs an operator" in message
-        await asyncio.sleep(1.05)
+        skew[0] += 10.0
         later = await _error(await client.post(CHAT, json=chat()))
         assert later[1] == "cold_load_failed" and int(later[2] or 0) < first
         assert n1.calls["load"] == 1
@@ -78,6 +84,7 @@ async def test_missing_source_is_one_load_per_backoff_window() -> None:
             await client.post(CHAT, json=chat())
             return n1.calls["load"] == 2
 
+        skew[0] += 21.0
         await _until(second_load, tries=500)  # the window ended: exactly one more load
         assert n1.calls["load"] == 2
     await stop_all([n1])
@@ -192,7 +199,7 @@ async def test_reservation_ends_with_the_job_even_if_the_model_vanishes() -> Non
     report (the model may be gone already): nothing stays reserved."""
     (n1,) = await fleet("n1")
     n1.memory_available_bytes = 10 * GIB
-    async with gateway([n1], catalogue(*TWO), load_wait_s=5.0) as client:
+    async with gateway([n1], catalogue(*TWO), load_wait_s=30.0) as client:
         assert client.app is not None
         assert (await client.post(CHAT, json=chat("a"))).status == 200
         n1.models.clear()  # gone some other way (an operator on the node)
@@ -230,7 +237,11 @@ async def test_member_failing_mid_group_load_leaves_nothing_behind() -> None:
         assert (status, code) == (503, "cold_load_failed") and "could not start" in message
         assert life.job("big") is None
         n1.load_post_gate.set()
-        await asyncio.sleep(0.1)
+
+        async def undone() -> bool:  # n1's answer came, and its rank was unloaded again
+            return "big" in n1.unload_requests and "big" not in n1.models
+
+        await _until(undone, tries=6000)
         await client.app[POLLER].poll_once()
         snap = life.snapshot()
         assert snap.locations("big") == ()
@@ -263,14 +274,20 @@ def test_ring_ports_never_overlap_a_live_group() -> None:
 # -- idle TTL and keep_alive ----------------------------------------------------------------
 
 
-async def test_idle_model_unloads_after_its_ttl_and_a_kept_one_never() -> None:
+async def test_idle_model_unloads_after_its_ttl_and_a_kept_one_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A model idle past idle_ttl_s is unloaded by the reconciler; a keep_loaded one with
     a zero TTL stays; /v1/models gives each location its expires_at."""
+    # The TTL passes on the lifecycle's clock, moved forward by the test: a real one
+    # short enough to wait out could pass before the first step on a slow machine.
+    clock = SkewedTime()
+    monkeypatch.setattr(lifecycle, "time", clock)
     n1, n2 = await fleet("n1", "n2")
     n1.add_model("m1", memory_bytes=GIB)
     n2.add_model("m2", memory_bytes=GIB)
     cat = catalogue(
-        ModelSpec(id="m1", source="org/m1", memory_gb=1.0, idle_ttl_s=2.0),
+        ModelSpec(id="m1", source="org/m1", memory_gb=1.0, idle_ttl_s=600.0),
         ModelSpec(id="m2", source="org/m2", memory_gb=1.0, keep_loaded=True, idle_ttl_s=0.0),
     )
     async with gateway([n1, n2], cat) as client:
@@ -280,8 +297,9 @@ async def test_idle_model_unloads_after_its_ttl_and_a_kept_one_never() -> None:
         assert n1.unload_requests == []
         models = {m["id"]: m for m in (await (await client.get("/v1/models")).json())["data"]}
         [loc] = models["m1"]["locations"]
-        assert time.time() < loc["expires_at"] < time.time() + 3
+        assert time.time() < loc["expires_at"] <= time.time() + 600
         assert models["m2"]["locations"][0]["expires_at"] is None
+        clock.skew_s = 601.0
 
         async def unloaded() -> bool:
             await rec.step()
@@ -398,6 +416,34 @@ async def test_forced_load_places_despite_a_refused_fit_with_the_token_only() ->
     await stop_all([n1])
 
 
+class _Hanging(asyncio.Event):
+    """An unload gate that counts the unload answers held at it right now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def wait(self) -> Literal[True]:
+        self.waiting += 1
+        try:
+            return await super().wait()
+        finally:
+            self.waiting -= 1
+
+
+class _Noting(asyncio.Event):
+    """An unload gate that notes, as each answer reaches it, how many `other` holds."""
+
+    def __init__(self, other: _Hanging) -> None:
+        super().__init__()
+        self.other = other
+        self.seen: list[int] = []
+
+    async def wait(self) -> Literal[True]:
+        self.seen.append(self.other.waiting)
+        return await super().wait()
+
+
 async def test_one_hung_member_does_not_stall_teardowns() -> None:
     """Two broken groups, one member's unload hangs: every other member is unloaded and
     the pass ends within the unload timeout."""
@@ -406,20 +452,23 @@ async def test_one_hung_member_does_not_stall_teardowns() -> None:
         group = GroupSpec(gid, 0, 2, "ring", "tensor", ("127.0.0.1:1", "127.0.0.1:2"))
         target = n1 if model == "x" else n2
         target.add_model(model, group=group.to_json())  # rank 1 is gone: broken
-    n1.unload_gate = asyncio.Event()  # never set: n1 hangs
-    n2.unload_gate = asyncio.Event()  # n2 answers only once n1's unload is under way
+    hanging = _Hanging()
+    n1.unload_gate = hanging  # never set: n1 hangs
+    # n2 answers only once set; it notes whether n1 still hung when it was asked.
+    noting = n2.unload_gate = _Noting(hanging)
     async with gateway([n1, n2, n3], unload_timeout_s=5.0) as client:
         assert client.app is not None
         step = asyncio.ensure_future(client.app[RECONCILER].step())
-        # Both members are asked at once: one after the other, the second would be
-        # asked only after the first's 5 s timeout.
-        for _ in range(60):
+        for _ in range(6000):
             if n1.unload_requests and n2.unload_requests:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         assert n1.unload_requests == ["x"] and n2.unload_requests == ["y"]
-        n2.unload_gate.set()
-        await asyncio.wait_for(step, timeout=10)  # n1 ends by its timeout, the pass ends
+        # Both members are asked at once: one after the other, the second would be
+        # asked only after the first's 5 s timeout had ended its wait.
+        assert noting.seen == [1]
+        noting.set()
+        await asyncio.wait_for(step, timeout=60)  # n1 ends by its timeout, the pass ends
         assert "y" not in n2.models
         n1.unload_gate.set()
     await stop_all([n1, n2, n3])

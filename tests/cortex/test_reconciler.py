@@ -165,9 +165,12 @@ async def test_prefetch_stages_on_every_node_that_could_hold_it_once() -> None:
             app = client.app
             rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(spec), loader=app[LOADER])
             await rec.step()
-            await asyncio.sleep(0.2)  # the stage requests are posted in the background
+            for _ in range(6000):  # the stage request is posted in the background
+                if n2.stage_requests:
+                    break
+                await asyncio.sleep(0.01)
             await rec.step()
-            await asyncio.sleep(0.2)
+            # Asking again would be journalled at once (a "prefetch" event per ask).
             events = [e.kind for e in app[LIFECYCLE].events("m1")]
             await app[LIFECYCLE].close()
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +15,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import LONG_STREAM, NeuronProcess, http_json, runner_pids, wait_until
+from tests.conftest import (
+    LONG_STREAM,
+    NeuronProcess,
+    http_json,
+    kill_pid,
+    runner_pids,
+    wait_until,
+)
 from tests.e2e.conftest import CortexProcess
 
 TOKEN = "recycle-admin-token"
@@ -51,7 +60,10 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
     again, as the same process and node id but a new start; every request sent through
     cortex meanwhile (plain and streamed) is a 200 with no error frame; no runner is
     left without its neuron."""
-    a: NeuronProcess = neuron_factory(name="a", settings={"drain_s": 60.0})
+    # a's runner is frozen a moment (below): never taken for stalled meanwhile.
+    a: NeuronProcess = neuron_factory(
+        name="a", settings={"drain_s": 60.0, "runner": {"stall_timeout_s": 600.0}}
+    )
     b: NeuronProcess = neuron_factory(name="b")
     c: CortexProcess = cortex_factory(
         [("a", a), ("b", b)],
@@ -109,24 +121,47 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
         resp = conn.getresponse()
         text = []
         for line in resp:
-            long_started.set()
+            if not long_started.is_set():
+                # Frozen as soon as it has begun, a's runner cannot end the stream
+                # before a's drain has begun (3000 tokens can take less time than
+                # `cortex restart` takes to start, on a fast machine).
+                os.kill(old_runner[0], signal.SIGSTOP)
+                long_started.set()
             text.append(line.decode(errors="replace"))
         long_result.append(f"{resp.status}\n" + "".join(text))
         long_ended.append(time.monotonic())
         conn.close()
 
-    threads = [
-        threading.Thread(target=plain),
-        threading.Thread(target=streamed),
-        threading.Thread(target=long_stream),
-    ]
+    def listening(n: NeuronProcess) -> bool:
+        try:
+            socket.create_connection((n.host, n.port), timeout=5).close()
+        except OSError:
+            return False
+        return True
+
+    restarts: list[subprocess.CompletedProcess[str]] = []
+    threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
     for t in threads:
         t.start()
     try:
         wait_until(lambda: len(results) >= 4, 60, "requests flowing")
-        wait_until(long_started.is_set, 60, "the long stream on a begun")
-        restart_began = time.monotonic()
-        done = _restart("a", "--url", c.url, "--wait", "--timeout", "240")
+        threads.append(threading.Thread(target=long_stream))
+        threads[-1].start()
+        try:
+            wait_until(long_started.is_set, 60, "the long stream on a begun")
+            restart_began = time.monotonic()
+            restart = threading.Thread(
+                target=lambda: restarts.append(
+                    _restart("a", "--url", c.url, "--wait", "--timeout", "240")
+                )
+            )
+            restart.start()
+            # a drains (it no longer listens) with the long stream still on it.
+            wait_until(lambda: not listening(a), 120, "a to begin its drain")
+        finally:
+            kill_pid(old_runner[0], signal.SIGCONT)
+        restart.join(300)
+        (done,) = restarts
         print(done.stdout, done.stderr)
         assert done.returncode == 0, done.stdout + done.stderr
         # A few more after the node is back (it may take requests again).

@@ -12,14 +12,30 @@ from typing import Any
 import aiohttp
 
 from shared.sse import DONE
-from tests.conftest import LONG_STREAM, NeuronProcess, read_until, wait_until
+from tests.conftest import (
+    LONG_STREAM,
+    NeuronProcess,
+    kill_pid,
+    read_until,
+    runner_pids,
+    wait_until,
+)
 from tests.e2e.conftest import CortexProcess
 
-DRAIN_S = 1.5
+# Long enough for tokens to come during the drain on a starved machine.
+DRAIN_S = 3.0
+# The runner is frozen during the drain (below): never taken for stalled meanwhile.
+NO_STALL = {"stall_timeout_s": 600.0}
 
 
-async def _cut_by_sigterm(url: str, model: str, stop: Callable[[], None]) -> tuple[bytes, float]:
-    """Stream from `url`, SIGTERM the server after the first token; (tail, seconds to end)."""
+async def _cut_by_sigterm(
+    url: str, model: str, runner: int, stop: Callable[[], None]
+) -> tuple[bytes, float]:
+    """Stream from `url`, SIGTERM the server after the first token; (tail, seconds to end).
+
+    Once two more tokens came during the drain, the runner is frozen (SIGSTOP): the
+    stream can then end only by the drain, never by itself (a live one ends after its
+    context's worth of tokens, sooner on a faster machine)."""
     body = {"model": model, "prompt": "once upon", "stream": True, **LONG_STREAM}
     async with (
         aiohttp.ClientSession() as s,
@@ -30,8 +46,14 @@ async def _cut_by_sigterm(url: str, model: str, stop: Callable[[], None]) -> tup
         t0 = time.monotonic()
         stop()
         tail = b""
-        while chunk := await resp.content.readany():
-            tail += chunk
+        try:
+            while tail.count(b'"text"') < 2 and (chunk := await resp.content.readany()):
+                tail += chunk
+            kill_pid(runner, signal.SIGSTOP)
+            while chunk := await resp.content.readany():
+                tail += chunk
+        finally:
+            kill_pid(runner, signal.SIGCONT)
         return tail, time.monotonic() - t0
 
 
@@ -51,13 +73,20 @@ async def test_neuron_sigterm_drains_then_ends_streams_cleanly(
     neuron_factory: Callable[..., NeuronProcess], demo_model: Path
 ) -> None:
     """A neuron's SIGTERM lets a stream run `drain_s`, then sends an error frame and [DONE]."""
-    n = neuron_factory({"drain_s": DRAIN_S, "load": [{"model_id": "d", "source": str(demo_model)}]})
+    n = neuron_factory(
+        {
+            "drain_s": DRAIN_S,
+            "runner": NO_STALL,
+            "load": [{"model_id": "d", "source": str(demo_model)}],
+        }
+    )
     n.wait_state("d", "ready")
+    (runner,) = runner_pids("d", parent=n.process.pid)
 
     def sigterm() -> None:
         n.process.send_signal(signal.SIGTERM)
 
-    tail, took = await _cut_by_sigterm(n.url, "d", sigterm)
+    tail, took = await _cut_by_sigterm(n.url, "d", runner, sigterm)
     err = _error_frame(tail)
     assert err["type"] == "shutting_down"
     # Tokens kept coming during the drain: the stream was not cut at once.
@@ -72,8 +101,9 @@ async def test_cortex_sigterm_drains_then_ends_streams_cleanly(
     demo_model: Path,
 ) -> None:
     """Cortex's SIGTERM does the same for a stream it proxies; the neuron is unharmed."""
-    n = neuron_factory({"load": [{"model_id": "d", "source": str(demo_model)}]})
+    n = neuron_factory({"runner": NO_STALL, "load": [{"model_id": "d", "source": str(demo_model)}]})
     n.wait_state("d", "ready")
+    (runner,) = runner_pids("d", parent=n.process.pid)
     c = cortex_factory([("a", n)], [{"id": "d", "source": str(demo_model)}], drain_s=DRAIN_S)
     wait_until(
         lambda: any(loc["state"] == "ready" for loc in c.model("d")["locations"]),
@@ -84,7 +114,7 @@ async def test_cortex_sigterm_drains_then_ends_streams_cleanly(
         assert c.process is not None
         c.process.send_signal(signal.SIGTERM)
 
-    tail, took = await _cut_by_sigterm(c.url, "d", sigterm)
+    tail, took = await _cut_by_sigterm(c.url, "d", runner, sigterm)
     err = _error_frame(tail)
     assert err["type"] == "shutting_down"
     assert took >= DRAIN_S * 0.9

@@ -96,9 +96,14 @@ def test_trace_joined_events_rotation_floor_and_clis(
         client.close()
     assert any(ch.choices and ch.choices[0].delta.content for ch in chunks)
 
-    # The joined view: cortex's part and the neuron's, same id.
-    status, joined = _admin(c, f"/admin/traces/{RID}")
-    assert status == 200, joined
+    # The joined view: cortex's part and the neuron's, same id. Each is kept as its
+    # handler ends, which may be just after the client has read [DONE]: waited for.
+    def both_parts() -> Any:
+        status, joined = _admin(c, f"/admin/traces/{RID}")
+        found = status == 200 and (joined.get("neuron") or {}).get("id") == RID
+        return joined if found else None
+
+    joined = wait_until(both_parts, 60, "the request's trace at cortex and at the neuron")
     assert joined["id"] == RID
     ct = joined["cortex"]
     assert ct["id"] == RID and ct["model"] == model_id and ct["stream"] is True

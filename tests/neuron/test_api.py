@@ -46,6 +46,8 @@ def neuron(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
             "max_body_bytes": 1024 * 1024,
             "heartbeat_s": 0.2,
             "admission": {"max_in_flight": 1, "max_queue": 1, "queue_timeout_s": 60.0},
+            # A runner a test freezes (SIGSTOP) is never taken for stalled meanwhile.
+            "runner": {"stall_timeout_s": 600.0},
         },
     )
     # A staged copy in the store, so /store/storage has something in use.
@@ -143,26 +145,34 @@ async def test_full_queue_answers_429(neuron: NeuronProcess) -> None:
     url = neuron.url + "/v1/completions"
     long = {"model": MODEL, "prompt": "a", "stream": True, **LONG_STREAM}
     short = {"model": MODEL, "prompt": "b", "max_tokens": 2}
+    [pid] = runner_pids(MODEL)
     async with aiohttp.ClientSession() as s:
         holder = await s.post(url, json=long)
         await read_until(holder, b"data: {")
-        queued = asyncio.create_task(s.post(url, json=short))
+        # Frozen, the runner never ends the holder's stream by itself (a live one
+        # would, after its context's worth of tokens, sooner on a faster machine).
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            queued = asyncio.create_task(s.post(url, json=short))
 
-        async def queue_depth() -> int:
-            async with s.get(neuron.url + "/health") as r:
-                h = NodeHealth.from_json(await r.json())
-            return next(m.queue_depth for m in h.models if m.model_id == MODEL)
+            async def queue_depth() -> int:
+                async with s.get(neuron.url + "/health") as r:
+                    h = NodeHealth.from_json(await r.json())
+                return next(m.queue_depth for m in h.models if m.model_id == MODEL)
 
-        for _ in range(1000):
-            if await queue_depth() >= 1:
-                break
-            await asyncio.sleep(0.05)
-        async with s.post(url, json=short) as over:
-            assert over.status == 429
-            assert int(over.headers["Retry-After"]) >= 1
-            assert (await over.json())["error"]["code"] == "queue_full"
-        # The holder disconnects: its slot goes to the queued request.
-        holder.close()
+            for _ in range(1000):
+                if (depth := await queue_depth()) >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert depth >= 1, "the second request never queued"
+            async with s.post(url, json=short) as over:
+                assert over.status == 429
+                assert int(over.headers["Retry-After"]) >= 1
+                assert (await over.json())["error"]["code"] == "queue_full"
+            # The holder disconnects: its slot goes to the queued request.
+            holder.close()
+        finally:
+            kill_pid(pid, signal.SIGCONT)
         done = await queued
         assert done.status == 200
         assert (await done.json())["choices"]

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from neuron import supervisor
 from neuron.config import RunnerConfig
 from neuron.runner import LINE_LIMIT
 from neuron.supervisor import describe
 from tests.conftest import InProcessFactory
+from tests.support.clock import SkewedTime
 
 T = TypeVar("T")
 WAIT_S = 60.0  # an upper bound for waits, never a measured duration
@@ -43,7 +46,7 @@ port = int(sys.argv[sys.argv.index("--port") + 1])
 start = len(list(STATE.glob("start-*")))
 (STATE / f"start-{{start}}").write_text(str(os.getpid()))
 
-if MODE == "ignore_sigterm":
+if MODE == "ignore_sigterm" and start == 0:  # its successor stops at once (teardown)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if MODE == "chatty":
     # A progress bar: \\r-separated updates, never a newline, far over 64 KiB.
@@ -89,12 +92,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         warmup = body.get("prompt") == "hi" and body.get("max_tokens") == 1
-        if MODE == "warmup_disconnect" and warmup:
-            if start == 0:
-                # Break the connection unanswered, and stay alive.
-                self.connection.shutdown(socket.SHUT_RDWR)
-                self.close_connection = True
-                return
+        if MODE == "warmup_disconnect" and warmup and start == 0:
+            # Break the connection unanswered, and stay alive.
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        if MODE in ("warmup_disconnect", "thread_died") and warmup and start > 0:
+            # A restarted runner holds its warmup until "go": `recovering` stays visible.
             while not (STATE / "go").exists():
                 time.sleep(0.02)
         if not warmup and MODE == "slow":
@@ -249,7 +253,9 @@ async def test_unload_survives_its_client_leaving_during_the_grace(
 ) -> None:
     """A client that disconnects from an unload does not stop the SIGKILL."""
     script, state = fake_runner(tmp_path, "ignore_sigterm")
-    server = await neuron(neuron_app_factory, script, runner={"stop_grace_s": 1.0})
+    # The grace is what the test has to see `unloading` and cancel in: generous, as the
+    # test waits it out (the runner ignores SIGTERM; only the SIGKILL at its end works).
+    server = await neuron(neuron_app_factory, script, runner={"stop_grace_s": 5.0})
     source = model_dir(tmp_path)
     async with aiohttp.ClientSession() as session:
         c = Client(server, session)
@@ -296,7 +302,8 @@ async def test_slow_unary_request_has_no_total_timeout(
 ) -> None:
     """A non-streamed answer slower than many heartbeats from a healthy runner."""
     script, _ = fake_runner(tmp_path, "slow", slow_s=1.5)
-    server = await neuron(neuron_app_factory, script, heartbeat_s=0.1, idle_read_timeout_s=5)
+    # 15 heartbeats of silence; the idle timeout, far beyond it, is not what is tested.
+    server = await neuron(neuron_app_factory, script, heartbeat_s=0.1, idle_read_timeout_s=60)
     async with aiohttp.ClientSession() as session:
         c = Client(server, session)
         await c.load("m", model_dir(tmp_path))
@@ -348,12 +355,14 @@ async def test_generation_thread_died_answer_restarts_the_runner(
         assert status == 502, body
         assert body["error"]["code"] == "upstream_error"
         assert "broken" in body["error"]["message"]
+        # The restarted runner holds its warmup until "go": `recovering` stays visible.
         assert await c.state_in("m", "recovering", "ready") == "recovering"
         m = await c.model("m")
         assert m is not None and "generation thread died" in m["error"], m
         async with session.get(server.make_url("/health")) as r:
             assert (await r.json())["status"] == "degraded"
         await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        (state / "go").touch()
         assert await c.state_in("m", "ready", "failed") == "ready"
         assert alive(pid_of(state, 1))
         counted = await c.metrics()
@@ -425,13 +434,17 @@ async def test_runner_gets_only_allow_listed_fields(
 
 
 async def test_failed_records_are_bounded_and_expire(
-    neuron_app_factory: InProcessFactory, tmp_path: Path
+    neuron_app_factory: InProcessFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Junk loads that fail: at most N listed, dropped after the TTL, series gone too."""
+    # The TTL passes on the supervisor's clock, moved forward by the test: a real one
+    # short enough to wait out could pass while the eight loads were still failing.
+    clock = SkewedTime()
+    monkeypatch.setattr(supervisor, "time", clock)
     server = await neuron_app_factory(
         runner=RunnerConfig(python=str(tmp_path / "no-such-python")),
         max_failed_records=3,
-        failed_record_ttl_s=1.5,
+        failed_record_ttl_s=600.0,
     )
     source = model_dir(tmp_path)
     async with aiohttp.ClientSession() as session:
@@ -444,6 +457,7 @@ async def test_failed_records_are_bounded_and_expire(
         assert sorted(listed) == ["junk5", "junk6", "junk7"]
         models = {dict(k[1]).get("model") for k in await c.metrics()}
         assert "junk0" not in models and "junk7" in models
+        clock.skew_s = 601.0
         await c.gone("junk7")
         models = {dict(k[1]).get("model") for k in await c.metrics()}
         assert not any(str(m).startswith("junk") for m in models), models
@@ -452,26 +466,54 @@ async def test_failed_records_are_bounded_and_expire(
 async def test_stalled_hub_downloads_leave_health_answering(
     neuron_factory: Any, monkeypatch: Any
 ) -> None:
-    """Eight downloads from a hub that never answers: /health still answers at once."""
+    """More downloads than any default thread pool has threads, from a hub that never
+    answers: /health still answers."""
+    import concurrent.futures
     import socket
-    import time
+    import threading
 
-    from tests.conftest import http_json
+    from neuron.store import DOWNLOAD_WORKERS
+    from tests.conftest import http_json, wait_until
 
     hub = socket.socket()
     hub.bind(("127.0.0.1", 0))
-    hub.listen(64)  # connections are accepted by the kernel, and never answered
+    hub.listen(64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:  # connections are accepted, held, and never answered
+        while True:
+            try:
+                held.append(hub.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
     try:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        n = neuron_factory()
-        for i in range(8):
-            status, body = n.post("/models/load", {"model_id": f"hub{i}", "source": f"org/m{i}"})
-            assert status == 202, body
+        # The hub's reads never time out here: had /health to wait for a thread a
+        # download holds, it would wait past its own 30 s timeout, not a moment.
+        n = neuron_factory({"stage_read_timeout_s": 3600.0})
+        # 40: more than the default pool's most threads (32), whatever the machine. At
+        # once: each answer waits out the stage's plan wait (PLAN_WAIT_S).
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            answers = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        pool, n.post, "/models/load", {"model_id": f"hub{i}", "source": f"org/m{i}"}
+                    )
+                    for i in range(40)
+                )
+            )
+        assert {status for status, _ in answers} == {202}, answers
+        # Every download thread is stalled at the hub before /health is asked.
+        wait_until(lambda: len(held) >= DOWNLOAD_WORKERS, 60, "the downloads stalled at the hub")
         for _ in range(3):
-            t0 = time.monotonic()
             status, _ = await asyncio.to_thread(http_json, n.url + "/health", None, 30.0)
             assert status == 200
-            assert time.monotonic() - t0 < 5.0  # bounded: a starved pool waits out the hub
     finally:
+        hub.shutdown(socket.SHUT_RDWR)
         hub.close()
+        for conn in held:
+            conn.close()

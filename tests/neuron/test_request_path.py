@@ -292,8 +292,10 @@ async def test_abandoned_request_stops_the_runner(
             await r.read()
 
     task = asyncio.create_task(send())
+    # Busy: clearly above the idle bound below (a starved machine may give it less
+    # than the half core it takes on a quiet one).
     busy = await asyncio.to_thread(
-        wait_until, lambda: cpu_share(pid, 0.5) > 0.5, 60, f"runner busy ({what})"
+        wait_until, lambda: cpu_share(pid, 0.5) > 0.3, 60, f"runner busy ({what})"
     )
     assert busy and not task.done()
     task.cancel()

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from cortex.poller import Poller
 from cortex.state import Fleet
+from neuron import app as neuron_app
 from tests.conftest import InProcessFactory
+
+
+@pytest.fixture(autouse=True)
+def steady_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free memory and disk held still: the ETag counts them (in 64 MiB steps), and on a
+    busy machine other processes move them across a step between any two reads."""
+    monkeypatch.setattr(neuron_app, "memory_available_bytes", lambda: 8 * 2**30)
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
 
 
 async def _status(

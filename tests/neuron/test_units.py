@@ -127,7 +127,8 @@ def test_runner_argv_marks_model_and_pipeline() -> None:
 
 async def test_admission_caps_queues_and_times_out() -> None:
     """Slots are capped, waiters queue FIFO up to a bound, and time out."""
-    a = Admission(max_in_flight=1, max_queue=1, queue_timeout_s=0.2)
+    # A queue timeout that never ends while the test holds the slot...
+    a = Admission(max_in_flight=1, max_queue=1, queue_timeout_s=600.0)
     order: list[str] = []
     async with a.slot():
         assert a.in_flight == 1
@@ -149,11 +150,13 @@ async def test_admission_caps_queues_and_times_out() -> None:
     assert order == ["holder done", "queued ran"]
     assert a.in_flight == 0 and a.queue_depth == 0
 
-    async with a.slot():
+    # ...and one that does.
+    b = Admission(max_in_flight=1, max_queue=1, queue_timeout_s=0.2)
+    async with b.slot():
         with pytest.raises(QueueFull, match="waited"):
-            async with a.slot():
+            async with b.slot():
                 pass
-    assert a.in_flight == 0 and a.queue_depth == 0
+    assert b.in_flight == 0 and b.queue_depth == 0
 
 
 async def test_admission_cancelled_waiter_frees_its_place() -> None:
