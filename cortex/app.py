@@ -33,6 +33,7 @@ from cortex.keys import (
     TRACES,
     Started,
 )
+from cortex.life import loading, unload_targets, where_now
 from cortex.lifecycle import Lifecycle, replica_counts
 from cortex.loader import Loader
 from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, STREAM_ERROR, Metrics
@@ -41,7 +42,7 @@ from cortex.poller import Poller
 from cortex.proxy import Outcome, Proxy, request_id
 from cortex.reconciler import Reconciler
 from cortex.router import node_infos
-from cortex.state import LOADING_STATES, AffinityTable, Fleet, FleetSnapshot
+from cortex.state import AffinityTable, Fleet, FleetSnapshot
 from cortex.trace_api import add_trace_routes
 from cortex.tracing import TraceDraft, journals
 from shared.catalogue import Catalogue, ModelSpec
@@ -54,7 +55,7 @@ from shared.errors import (
     quiet_bad_requests,
     read_json_object,
 )
-from shared.journal import journal_health
+from shared.journal import Event, Journal, journal_health
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,11 @@ def create_app(
     app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
     app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
     events, app[TRACES] = journals(config)
-    app[LIFECYCLE] = Lifecycle(fleet=app[FLEET], catalogue=cat, config=config, journal=events)
-    app[METRICS].watch_replicas(lambda: replica_counts(cat, app[LIFECYCLE].snapshot()))
-    app.cleanup_ctx.append(_services(background=background))
+    # (The lifecycle comes with the services: no replicas before the app starts.)
+    app[METRICS].watch_replicas(
+        lambda: replica_counts(cat, app[LIFECYCLE].snapshot()) if LIFECYCLE in app else []
+    )
+    app.cleanup_ctx.append(_services(events, background=background))
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -129,7 +132,7 @@ def create_app(
     return app
 
 
-def _services(*, background: bool) -> Any:
+def _services(events: Journal[Event], *, background: bool) -> Any:
     async def services(app: web.Application) -> AsyncIterator[None]:
         cfg = app[CONFIG]
         metrics = app[METRICS]
@@ -152,7 +155,7 @@ def _services(*, background: bool) -> Any:
             session=status_session,
             interval_s=cfg.poll_interval_s,
             timeout_s=cfg.poll_timeout_s,
-            listeners=[metrics.observe_node, app[LIFECYCLE].polled, app[LIFECYCLE].transitions],
+            listeners=[metrics.observe_node],
             concurrency=cfg.poll_concurrency,
             on_round=metrics.poll_round.set,
         )
@@ -165,14 +168,26 @@ def _services(*, background: bool) -> Any:
             config=cfg,
             metrics=metrics,
             poller=poller,
-            life=app[LIFECYCLE],
         )
+        # The one owner of every model's life; the loader is its I/O.
+        life = Lifecycle(
+            fleet=app[FLEET],
+            catalogue=app[CATALOGUE],
+            config=cfg,
+            loader=loader,
+            journal=events,
+            state_file=cfg.state_file,
+        )
+        life.restore()
+        app[LIFECYCLE] = life
+        poller.listeners += [life.polled, life.transitions]
         app[POLLER] = poller
         app[LOADER] = loader
         app[PROXY] = Proxy(
             fleet=app[FLEET],
             poller=poller,
             loader=loader,
+            life=life,
             catalogue=app[CATALOGUE],
             config=cfg,
             metrics=metrics,
@@ -207,7 +222,7 @@ def _services(*, background: bool) -> Any:
             poller.close()
             await status_session.close()
             # The writer threads write what is queued, off the loop.
-            await asyncio.to_thread(app[LIFECYCLE].journal.close)
+            await asyncio.to_thread(events.close)
             await asyncio.to_thread(app[TRACES].close)
 
     return services
@@ -409,11 +424,7 @@ def unserved_models(snap: FleetSnapshot, cat: Catalogue) -> list[dict[str, Any]]
         wanted = spec is not None and (spec.keep_loaded or bool(spec.pinned_on))
         if not locs and not wanted:
             continue
-        if any(n.healthy and m.state == "ready" for n, m in locs):
-            continue
-        if mid in snap.loading or any(
-            n.healthy and m.state in ("loading", "warming") for n, m in locs
-        ):
+        if any(n.healthy and m.state == "ready" for n, m in locs) or loading(snap, mid):
             continue
         replicas = [
             {"node": n.name, "healthy": n.healthy, "state": m.state, "error": m.error}
@@ -535,30 +546,15 @@ async def _admin_load(request: web.Request) -> web.Response:
             "a forced load needs admin_token set in cortex.toml (and presented)", param="force"
         )
     # What the operator's word undid, said in the answer.
-    did: list[str] = []
-    hold = life.release(spec.id)
-    if hold is not None:
-        did.append(f"released the hold ({hold.reason})")
-    failure = life.forget_failure(spec.id)
-    if failure is not None:
-        did.append(f"forgot the failed load ({failure.reason})")
-    if not {k: v for k, v in body.items() if k != "force"}:
-        snap = life.snapshot()
-        locs = [(n, m) for n, m in snap.locations(spec.id) if n.healthy]
-        ready = [n.name for n, m in locs if m.state == "ready"]
-        if ready:
-            return web.json_response(
-                {"model_id": spec.id, "state": "ready", "nodes": ready, "did": did}
-            )
-        loading = [n.name for n, m in locs if m.state in LOADING_STATES]
-        if loading:
-            return web.json_response(
-                {"model_id": spec.id, "state": "loading", "nodes": loading, "did": did},
-                status=202,
-            )
+    did = life.admin_release(spec.id)
+    here = where_now(life.snapshot(), spec.id)
+    if here is not None and not {k: v for k, v in body.items() if k != "force"}:
+        state, on = here
+        now = {"model_id": spec.id, "state": state, "nodes": on, "did": did}
+        return web.json_response(now, status=200 if state == "ready" else 202)
     job = life.job(spec.id)
     if job is None or job.kind != "load":
-        job = await app[LOADER].place(spec, nodes=nodes or None, exclude=exclude, force=force)
+        job = await life.place(spec, nodes=nodes or None, exclude=exclude, force=force)
     did.append(f"loading on {', '.join(job.nodes)}")
     answer: dict[str, Any] = {
         "model_id": spec.id,
@@ -596,17 +592,12 @@ async def _admin_unload(request: web.Request) -> web.Response:
     spec = app[CATALOGUE].resolve(model_id)
     mid = spec.id if spec is not None else model_id
     did: list[str] = []
-    snap = app[LIFECYCLE].snapshot()
-    locs = snap.locations(mid)
-    nodes = [n.name for n, _ in locs if not only or n.name in only]
-    # A group's ranks go together: one rank alone can never serve.
-    groups = {m.group.group_id for n, m in locs if n.name in nodes and m.group is not None}
-    nodes += [
-        n.name for n, m in locs if n.name not in nodes and m.group and m.group.group_id in groups
-    ]
+    life = app[LIFECYCLE]
+    nodes = unload_targets(life.snapshot(), mid, only)
     if not nodes:
         where = f" on {', '.join(only)}" if only else ""
         raise ModelNotFound(f"model {mid!r} is loaded nowhere{where}", param="model_id")
+    hold = None
     if spec is not None and (spec.keep_loaded or spec.pinned_on):
         if not force:
             why = "keep_loaded" if spec.keep_loaded else f"pinned_on {list(spec.pinned_on)}"
@@ -615,9 +606,11 @@ async def _admin_unload(request: web.Request) -> web.Response:
                 ' again; send {"force": true} to unload it until the next admin load',
                 param="force",
             )
-        hold = app[LIFECYCLE].hold(mid, "forced unload")
-        did.append(f"held it: not loaded by wish until the next admin load (since {hold.since})")
-    failed = await app[LIFECYCLE].unload(mid, nodes, why="admin unload")
+        hold = "forced unload"
+    failed = await life.admin_unload(mid, nodes, hold=hold)
+    held = life.held(mid)
+    if hold is not None and held is not None:
+        did.append(f"held it: not loaded by wish until the next admin load (since {held.since})")
     done = [n for n in nodes if n not in failed]
     did.append(f"unloaded from {', '.join(done)}" if done else "unloaded nothing")
     status = 200 if not failed else 502

@@ -140,6 +140,11 @@ class CortexConfig:
     journal_min_free_mb: float = 512.0
     journal_events_kept: int = 2000
     journal_traces_kept: int = 1000
+    # -- what cortex keeps across restarts --
+    # Operators' holds (a forced unload) as JSON. In a file read with `from_file`,
+    # unset means `cortex-state.json` in journal_dir if set, else beside this file;
+    # None (a config built in code): memory only.
+    state_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -205,4 +210,10 @@ class CortexConfig:
             file=cfg.fleet_token_file, env=cfg.fleet_token_env, base=base, config=str(path)
         )
         journal = None if cfg.journal_dir is None else str(base / cfg.journal_dir)
-        return attrs.evolve(cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal)
+        if cfg.state_file is not None:
+            state = base / Path(cfg.state_file).expanduser()
+        else:
+            state = Path(journal or base) / "cortex-state.json"
+        return attrs.evolve(
+            cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal, state_file=str(state)
+        )

@@ -1,13 +1,15 @@
 """Every model's life in cortex, in one owner.
 
-`Lifecycle` holds, per model: the wish (the catalogue's keep_loaded, replicas,
-pinned_on and idle TTL, an operator's hold with its reason), the one job under
-way (load, unload, teardown: phase, nodes, since when), the last failed load
-with its backoff, the memory reserved for the job, the idle clocks, and a
-bounded list of events. The poller only records what nodes say (`Fleet`); the
-router reads `snapshot()`, which adds this owner's view to the fleet's; the
-reconciler calls `converge()`; the proxy calls `routed()` for a cold load or a
-wait. `why()` answers "why is model X (not) where its wish says".
+`Lifecycle` holds one `cortex.life.ModelLife` per model (the hold, the one job
+under way, the last failed load with its backoff, the memory reserved, the idle
+clocks) and changes it only through `cortex.life.apply`, in `_apply`, which
+also journals the transition and persists the holds. Decisions are the pure
+`cortex.life.plan` (the reconciler's pass) and friends; the effects (loads,
+unloads, stages) run through the loader, which is I/O and reports events back.
+The poller only records what nodes say (`Fleet`); the router reads
+`snapshot()`, which adds this owner's view to the fleet's; the proxy calls
+`routed()` for a cold load or a wait. `why()` answers "why is model X (not)
+where its wish says".
 
 Every check-and-set here is synchronous (no await between the check and the
 write), so under asyncio it acts as the per-model lock.
@@ -17,119 +19,96 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import attrs
 
 from cortex.config import CortexConfig
-from cortex.placement import Candidate, candidates, explain
-from cortex.router import ColdLoad, Route, load_failed, node_infos
-from cortex.state import (
-    LOADING_STATES,
-    SERVING_STATES,
-    Fleet,
-    FleetSnapshot,
-    LoadFailure,
-    NodeModel,
-    NodeState,
+from cortex.life import (
+    EMPTY,
+    Accepted,
+    Answered,
+    BrokenGroup,
+    Clocks,
+    Dropped,
+    EnsureLoad,
+    Failure,
+    FailureForgotten,
+    Held,
+    Hold,
+    IdleUnload,
+    JobKind,
+    LifeEvent,
+    LoadCancelled,
+    LoadFailed,
+    LoadStarted,
+    LoadSucceeded,
+    ModelLife,
+    Noted,
+    Polled,
+    PortsTaken,
+    Prefetch,
+    Prefetched,
+    Released,
+    Teardown,
+    UnloadFinished,
+    UnloadStarted,
+    admin_candidate,
+    apply,
+    describe,
+    plan,
+    replicas,
+    wanted_replicas,
 )
+from cortex.life import expires_at as life_expires_at
+from cortex.life import ttl_s as life_ttl_s
+from cortex.loader import Gone, Loader, Recorded, Report
+from cortex.placement import Candidate, PlacementPending, best, candidates, explain
+from cortex.router import ColdLoad, Route, load_failed, node_infos
+from cortex.state import Fleet, FleetSnapshot, LoadFailure, NodeModel, NodeState
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
-from shared.errors import ApiError, ColdLoadFailed, InvalidRequest, ModelLoading
+from shared.errors import (
+    ApiError,
+    ColdLoadFailed,
+    InvalidRequest,
+    ModelLoading,
+)
 from shared.journal import Event, Journal
-from shared.retry import LOAD_RETRY_WAIT, backoff_s
 
 log = logging.getLogger(__name__)
 
-JobKind = Literal["load", "unload", "teardown"]
+__all__ = ["Failure", "Hold", "Job", "Lifecycle", "replicas", "wanted_replicas"]
+
 # A prefetch asked of a node is asked again (if its copy is still missing) after this.
 PREFETCH_AGAIN_S = 300.0
-OPERATOR_WAIT_FACTOR = 6
-OPERATOR_WAIT_MAX_S = 600.0
 # Neuron codes that mean the load cannot succeed until someone changes something.
 OPERATOR_CODES = frozenset({"invalid_model_path", "invalid_request", "placement_refused"})
-
-
-@attrs.frozen
-class Hold:
-    """An operator's word: do not load this model by wish until the next admin load."""
-
-    reason: str
-    since: float  # wall clock
-
-    def to_json(self) -> dict[str, Any]:
-        return {"reason": self.reason, "since": self.since}
-
-
-@attrs.frozen
-class Failure:
-    """The last failed load of a model and when the next may start."""
-
-    reason: str
-    # True when waiting will not help (a source missing, not a model directory).
-    needs_operator: bool
-    count: int
-    at: float  # wall clock
-    until: float  # monotonic
-    details: dict[str, Any] | None = None
-
-    def left_s(self, now: float) -> float:
-        return max(0.0, self.until - now)
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        return {
-            "reason": self.reason,
-            "needs_operator": self.needs_operator,
-            "failures_in_a_row": self.count,
-            "at": self.at,
-            "next_try_in_s": round(self.left_s(now), 1),
-        }
+STATE_VERSION = 1
 
 
 @attrs.define(eq=False)
 class Job:
-    """The one thing under way for a model; `accepted` resolves once every member took it."""
+    """The handle of a model's one job: its task, and for a load, `accepted`, which
+    resolves once every member took it. Its data (phase, reservation) is the record's."""
 
     model_id: str
     kind: JobKind
     nodes: tuple[str, ...]
     started: float  # wall clock
-    phase: str = "starting"
     candidate: Candidate | None = None
     task: asyncio.Task[None] | None = None
     accepted: asyncio.Future[tuple[str, ...]] | None = None
-    # Memory promised on each node, released when the job ends.
-    reserved: dict[str, int] = attrs.Factory(dict)
-    ring_port: int | None = None
     warning: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "nodes": list(self.nodes),
-            "phase": self.phase,
-            "started": self.started,
-            "warning": self.warning,
-        }
-
-
-@attrs.frozen
-class _Settling:
-    """A finished load's reservation, kept until the node's own figures include it."""
-
-    nbytes: int
-    polls_left: int
-    until: float  # monotonic cap, for a node that stops answering
-
-
-# The executor of jobs (cortex.loader.Loader): I/O only, no state of its own.
-LoadRunner = Callable[[ModelSpec, Candidate, Job], Awaitable[None]]
-UnloadRunner = Callable[[str, str], Awaitable[None]]
-StageRunner = Callable[[str, ModelSpec], Awaitable[None]]
+    # An unload's outcome: the nodes that failed, with why.
+    failed: dict[str, str] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -192,26 +171,6 @@ def parse_keep_alive(value: Any) -> float | None:
     return math.inf if secs < 0 else secs
 
 
-def wanted_replicas(spec: ModelSpec) -> int:
-    """How many copies the catalogue asks to keep without any request."""
-    return spec.replicas if (spec.keep_loaded or spec.pinned_on) else 0
-
-
-def replicas(snap: FleetSnapshot, model_id: str) -> int:
-    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0.
-
-    A recycling node's copies count: it comes back in moments, and a copy loaded
-    elsewhere meanwhile (maybe evicting another model) would be one too many.
-    """
-    count = 0
-    for node, m in snap.locations(model_id):
-        if not (node.healthy or node.recycling) or m.state not in SERVING_STATES | LOADING_STATES:
-            continue
-        if m.group is None or m.group.world_size == 1 or m.group.rank == 0:
-            count += 1
-    return count
-
-
 def replica_counts(catalogue: Catalogue, snap: FleetSnapshot) -> list[tuple[str, int, int]]:
     """(model id, wanted, present) for every catalogue model: the metrics' view."""
     return [(s.id, wanted_replicas(s), replicas(snap, s.id)) for s in catalogue.models]
@@ -239,24 +198,21 @@ class Lifecycle:
     fleet: Fleet
     catalogue: Catalogue
     config: CortexConfig
-    run_load: LoadRunner | None = None
-    run_unload: UnloadRunner | None = None
-    run_stage: StageRunner | None = None
+    # The I/O of jobs (None only in tests that never start one).
+    loader: Loader | None = None
     clock: Callable[[], float] = time.monotonic
-    # Prefetches asked of (node, model), by clock time: asked again only after a while.
-    _prefetched: dict[tuple[str, str], float] = attrs.Factory(dict)
-    _prefetching: set[asyncio.Task[None]] = attrs.Factory(set)
-    _holds: dict[str, Hold] = attrs.Factory(dict)
-    _jobs: dict[str, Job] = attrs.Factory(dict)
-    _failures: dict[str, Failure] = attrs.Factory(dict)
-    _settling: dict[tuple[str, str], _Settling] = attrs.Factory(dict)
-    _waiting: Counter[str] = attrs.Factory(Counter)
-    # Per (node, model): when cortex last saw it answer (wall) and its keep_alive.
-    _touched: dict[tuple[str, str], float] = attrs.Factory(dict)
-    _keep: dict[tuple[str, str], float] = attrs.Factory(dict)
-    # The event log (GET /admin/events, the dashboard's recent events): this owner's
-    # journal, and the nodes' model state transitions the poller brings.
+    # The event log (GET /admin/events, the dashboard's recent events): every
+    # transition of a model's life, and the nodes' model state changes the poller brings.
     journal: Journal[Event] = attrs.Factory(Journal[Event])
+    # Where holds are kept across restarts (JSON); None: memory only.
+    state_file: str | None = None
+    # Every model's life; written only by `_apply`.
+    _lives: dict[str, ModelLife] = attrs.Factory(dict)
+    # The tasks of the jobs the records describe (one per model).
+    _handles: dict[str, Job] = attrs.Factory(dict)
+    _prefetching: set[asyncio.Task[None]] = attrs.Factory(set)
+    # Requests waiting for a load, per model (not a model's life: a request's).
+    _waiting: Counter[str] = attrs.Factory(Counter)
     # What transitions() last saw, per node: its health, and each model's state
     # (per node so one node's poll costs its own models, not the fleet's).
     _seen_health: dict[str, str] = attrs.Factory(dict)
@@ -266,6 +222,72 @@ class Lifecycle:
         lambda self: RingPorts(self.config.ring_base_port), takes_self=True
     )
 
+    # -- the one writer ---------------------------------------------------------------
+
+    def _apply(self, event: LifeEvent) -> ModelLife:
+        """Apply one event to its model's record, journal it, persist holds."""
+        mid = event.model_id
+        before = self._lives.get(mid, EMPTY) if mid is not None else EMPTY
+        after = apply(event, before)
+        if mid is not None and after is not before:
+            if after == EMPTY:
+                self._lives.pop(mid, None)
+            else:
+                self._lives[mid] = after
+        for kind, detail, node in describe(event, before):
+            self.journal.append(Event(kind=kind, model=mid, node=node, detail=detail))
+        if before.hold != after.hold:
+            self._save()
+        return after
+
+    def life(self, model_id: str) -> ModelLife:
+        return self._lives.get(model_id, EMPTY)
+
+    def lives(self) -> Mapping[str, ModelLife]:
+        return dict(self._lives)
+
+    # -- holds kept across restarts -------------------------------------------------
+
+    def restore(self) -> None:
+        """Read the holds persisted by an earlier cortex: one log line and nothing held
+        when the file is unreadable (a start must never fail on it)."""
+        if self.state_file is None:
+            return
+        try:
+            text = Path(self.state_file).read_text()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("state file %s unreadable, starting with no holds: %s", self.state_file, exc)
+            return
+        try:
+            holds = _holds_from_json(json.loads(text))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("state file %s corrupt, starting with no holds: %s", self.state_file, exc)
+            return
+        for mid, h in holds.items():
+            self._apply(Held(mid, h.reason, h.since))
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        holds = {m: life.hold.to_json() for m, life in sorted(self._lives.items()) if life.hold}
+        data = json.dumps({"version": STATE_VERSION, "holds": holds}, indent=1)
+        path = Path(self.state_file)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(data + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            # Atomic: a crash leaves the old file or the new one, never half of one.
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("could not write state file %s (holds not kept): %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     # -- the snapshot the router reads ----------------------------------------------
 
     def snapshot(self) -> FleetSnapshot:
@@ -273,19 +295,27 @@ class Lifecycle:
         snap = self.fleet.snapshot()
         now = self.clock()
         reservations: dict[tuple[str, str], int] = {}
-        for job in self._jobs.values():
-            for node, nbytes in job.reserved.items():
-                reservations[(node, job.model_id)] = nbytes
-        for key, s in list(self._settling.items()):
-            if s.until <= now:
-                del self._settling[key]
-            else:
-                reservations[key] = reservations.get(key, 0) + s.nbytes
         per_node = Counter[str]()
-        for (node, _), nbytes in reservations.items():
-            per_node[node] += nbytes
+        loading = set()
+        failures = {}
+        for mid, life in self._lives.items():
+            if life.job is None and life.failure is None and not (life.settling or life.credits):
+                continue  # only idle clocks or a hold: nothing the router needs
+            if life.job is not None and life.job.kind == "load":
+                loading.add(mid)
+            if life.failure is not None:
+                f = life.failure
+                failures[mid] = LoadFailure(
+                    f.reason, until=f.until, details=f.details, needs_operator=f.needs_operator
+                )
+            for node, nbytes in life.reserved(now).items():
+                reservations[(node, mid)] = nbytes
+                per_node[node] += nbytes
+            for node, c in life.credits.items():
+                per_node[node] -= c.nbytes
         # Only while memory is reserved somewhere are node records rewritten (and the
         # fleet's model index, which holds the unreserved ones, set aside).
+        per_node = Counter({n: b for n, b in per_node.items() if b})
         nodes = (
             tuple(
                 attrs.evolve(n, reserved_bytes=n.reserved_bytes + per_node[n.name])
@@ -300,71 +330,58 @@ class Lifecycle:
             snap,
             nodes=nodes,
             by_model=None if per_node else snap.by_model,
-            loading=frozenset(m for m, j in self._jobs.items() if j.kind == "load"),
-            load_failures={
-                m: LoadFailure(
-                    f.reason, until=f.until, details=f.details, needs_operator=f.needs_operator
-                )
-                for m, f in self._failures.items()
-            },
+            loading=frozenset(loading),
+            load_failures=failures,
             reservations=reservations,
             taken_at=now,
         )
 
     def polled(self, node: NodeState) -> None:
-        """Poller listener: a finished load's reservation ends two good polls later
-        (the second one surely started after the load ended), or at a restart."""
-        if not node.healthy or node.health is None:
+        """Poller listener: a finished load's reservation ends two good polls later,
+        an unload's credit at the first poll that started after it."""
+        if node.health is None:
             return
-        for key, s in list(self._settling.items()):
-            if key[0] != node.name:
-                continue
-            if s.polls_left <= 1:
-                del self._settling[key]
-            else:
-                self._settling[key] = attrs.evolve(s, polls_left=s.polls_left - 1)
+        settle = node.healthy
+        for mid, life in list(self._lives.items()):
+            if (settle and node.name in life.settling) or node.name in life.credits:
+                self._apply(Polled(mid, node.name, node.polled_from, settle=settle))
 
     # -- holds, failures, events ----------------------------------------------------
 
     def hold(self, model_id: str, reason: str) -> Hold:
-        h = Hold(reason, time.time())
-        self._holds[model_id] = h
-        self.event(model_id, "held", reason)
-        return h
+        life = self._apply(Held(model_id, reason, time.time()))
+        assert life.hold is not None
+        return life.hold
 
     def release(self, model_id: str) -> Hold | None:
-        h = self._holds.pop(model_id, None)
-        if h is not None:
-            self.event(model_id, "hold released", h.reason)
+        h = self.life(model_id).hold
+        self._apply(Released(model_id))
         return h
 
     def held(self, model_id: str) -> Hold | None:
-        return self._holds.get(model_id)
+        return self.life(model_id).hold
 
     def failure(self, model_id: str) -> Failure | None:
-        return self._failures.get(model_id)
+        return self.life(model_id).failure
 
     def backing_off(self, model_id: str) -> Failure | None:
-        f = self._failures.get(model_id)
-        return f if f is not None and f.until > self.clock() else None
+        return self.life(model_id).backing_off(self.clock())
 
     def forget_failure(self, model_id: str) -> Failure | None:
-        f = self._failures.pop(model_id, None)
-        if f is not None:
-            self.event(model_id, "failure cleared", f.reason)
+        f = self.life(model_id).failure
+        self._apply(FailureForgotten(model_id))
         return f
 
     def prefetch(self, spec: ModelSpec, nodes: Iterable[str]) -> None:
         """Ask `nodes` to stage `spec`'s files (each at most once per PREFETCH_AGAIN_S)."""
-        if self.run_stage is None:
+        if self.loader is None:
             return
-        run = self.run_stage
+        run = self.loader.stage
         now = self.clock()
         for node in nodes:
-            key = (node, spec.id)
-            if now - self._prefetched.get(key, -math.inf) < PREFETCH_AGAIN_S:
+            if now - self.life(spec.id).prefetched.get(node, -math.inf) < PREFETCH_AGAIN_S:
                 continue
-            self._prefetched[key] = now
+            self._apply(Prefetched(spec.id, node, now))
             self.event(spec.id, "prefetch", f"staging its files on {node}", node)
 
             async def one(node: str = node) -> None:
@@ -381,7 +398,8 @@ class Lifecycle:
     def event(
         self, model_id: str | None, what: str, detail: str = "", node: str | None = None
     ) -> None:
-        self.journal.append(Event(kind=what, model=model_id, node=node, detail=detail))
+        """A transition that changes no record (evicted, a node recycling...): journalled."""
+        self._apply(Noted(model_id, what, detail, node))
 
     def events(
         self,
@@ -424,7 +442,7 @@ class Lifecycle:
             self.event(model_id, "gone", f"{seen.pop(model_id)} -> absent", node=node.name)
 
     def job(self, model_id: str) -> Job | None:
-        return self._jobs.get(model_id)
+        return self._handles.get(model_id)
 
     def cold_load_failed(self, model_id: str, f: Failure) -> ColdLoadFailed:
         """The 503 a request gets while a failed load backs off."""
@@ -432,6 +450,32 @@ class Lifecycle:
             f.reason, until=f.until, details=f.details, needs_operator=f.needs_operator
         )
         return load_failed(model_id, as_seen, self.clock())
+
+    # -- what the fleet says, recorded by this owner -----------------------------------
+
+    def gone(self, node: str, model_id: str) -> None:
+        """Cortex took `model_id` off `node` (an unload it made, a replica's 404): out of
+        routing at once, and its memory counted free until a poll shows it."""
+        state = self.fleet.node(node)
+        m = state.model(model_id)
+        self.fleet.drop_model(node, model_id)
+        nbytes = m.memory_bytes if m is not None else 0
+        self._apply(Dropped(model_id, node, nbytes, self.fleet.node(node).models_at))
+
+    def _from_job(self, job: Job, event: LifeEvent | Recorded | Gone) -> None:
+        """What a job's I/O reports. Only the job still under way writes records of its
+        model: nothing is written after the job ended (a drop is always true)."""
+        if isinstance(event, Gone):
+            self.gone(event.node, event.model_id)
+            return
+        if self._handles.get(job.model_id) is not job and event.model_id == job.model_id:
+            return
+        if isinstance(event, Recorded):
+            self.fleet.set_model(event.node, event.record)
+            return
+        self._apply(event)
+        if isinstance(event, Accepted) and job.accepted is not None and not job.accepted.done():
+            job.accepted.set_result(job.nodes)
 
     # -- loads ----------------------------------------------------------------------
 
@@ -446,12 +490,13 @@ class Lifecycle:
     ) -> Job:
         """Begin the one load of `spec` on `cand`: ModelLoading if a job is under way,
         ColdLoadFailed while a failed load backs off."""
-        if spec.id in self._jobs:
-            raise ModelLoading(f"model {spec.id!r} is {self._jobs[spec.id].kind}ing; retry shortly")
-        f = self.backing_off(spec.id)
+        life = self.life(spec.id)
+        if life.job is not None:
+            raise ModelLoading(f"model {spec.id!r} is {life.job.kind}ing; retry shortly")
+        f = life.backing_off(self.clock())
         if f is not None and not ignore_backoff:
             raise self.cold_load_failed(spec.id, f)
-        if self.run_load is None:
+        if self.loader is None:
             raise RuntimeError("lifecycle has no loader")
         loop = asyncio.get_running_loop()
         job = Job(
@@ -464,43 +509,30 @@ class Lifecycle:
             warning=warning,
         )
         # Spoken for now, before any await: a second load placed meanwhile sees it taken.
-        job.reserved = {fit.node: fit.need_bytes for fit in cand.fits}
-        for fit in cand.fits:
-            self._settling.pop((fit.node, spec.id), None)
-        for node in cand.nodes:
-            # A new copy starts with the catalogue's TTL, not an old request's keep_alive.
-            self._keep.pop((node, spec.id), None)
-        self._jobs[spec.id] = job
+        reserved = {fit.node: fit.need_bytes for fit in cand.fits}
+        self._handles[spec.id] = job
+        self._apply(LoadStarted(spec.id, cand.nodes, job.started, reserved, why, warning))
         job.task = loop.create_task(self._run_load(spec, cand, job), name=f"load {spec.id}")
         job.task.add_done_callback(_retrieve)
-        self.event(
-            spec.id, "load started", f"on {', '.join(cand.nodes)} ({why})", ",".join(cand.nodes)
-        )
         log.info("loading %s on %s (%s)", spec.id, ", ".join(cand.nodes), why)
         return job
 
     async def _run_load(self, spec: ModelSpec, cand: Candidate, job: Job) -> None:
-        assert self.run_load is not None and job.accepted is not None
+        assert self.loader is not None and job.accepted is not None
+        ring_port: int | None = None
         ok = False
         try:
-            await self.run_load(spec, cand, job)
+            if len(cand.nodes) > 1:
+                # A block of ports no live group uses, from the fleet's table.
+                ring_port = self.take_ports(len(cand.nodes))
+                self._apply(PortsTaken(spec.id, ring_port))
+            await self.loader.load(spec, cand, ring_port, self.snapshot, self._reporter(job))
             ok = True
         except asyncio.CancelledError:
-            self.event(spec.id, "load cancelled", "cortex stopping")
+            self._apply(LoadCancelled(spec.id))
             raise
         except Exception as exc:
-            reason, needs_operator, details = load_failure(spec, exc)
-            prev = self._failures.get(spec.id)
-            count = (prev.count if prev is not None else 0) + 1
-            wait = backoff_s(LOAD_RETRY_WAIT, count) * self.config.load_backoff_s
-            if needs_operator:
-                # Waiting will not fix it: ask the nodes far less often.
-                wait = min(wait * OPERATOR_WAIT_FACTOR, OPERATOR_WAIT_MAX_S)
-            f = Failure(reason, needs_operator, count, time.time(), self.clock() + wait, details)
-            self._failures[spec.id] = f
-            self.event(spec.id, "load failed", f"{reason}; next try in {wait:.0f} s")
-            log.warning("loading %s failed (%d in a row): %s", spec.id, count, reason)
-            err = self.cold_load_failed(spec.id, f)
+            err = self._load_failed(spec, exc)
             if not job.accepted.done():
                 job.accepted.set_exception(err)
                 job.accepted.exception()
@@ -508,24 +540,48 @@ class Lifecycle:
         finally:
             if not job.accepted.done():
                 job.accepted.cancel()
-            self.ports.free(job.ring_port)
-            if self._jobs.get(spec.id) is job:
-                del self._jobs[spec.id]
+            self.free_ports(ring_port)
+            if self._handles.get(spec.id) is job:
+                del self._handles[spec.id]
             if ok:
-                self._failures.pop(spec.id, None)
-                for node in cand.nodes:
-                    self._touched[(node, spec.id)] = time.time()
-                # The node's own memory figure takes over once a poll has seen the model.
                 cap = self.clock() + 3 * self.config.poll_interval_s + self.config.poll_timeout_s
-                for node, nbytes in job.reserved.items():
-                    self._settling[(node, spec.id)] = _Settling(nbytes, 2, cap)
-                self.event(spec.id, "ready", f"on {', '.join(cand.nodes)}", ",".join(cand.nodes))
-            job.reserved = {}
+                self._apply(LoadSucceeded(spec.id, time.time(), cap))
+
+    def _reporter(self, job: Job) -> Report:
+        def report(event: LifeEvent | Recorded | Gone) -> None:
+            self._from_job(job, event)
+
+        return report
+
+    def _load_failed(self, spec: ModelSpec, exc: BaseException) -> ColdLoadFailed:
+        reason, needs_operator, details = load_failure(spec, exc)
+        unit = self.config.load_backoff_s
+        life = self._apply(
+            LoadFailed(spec.id, reason, needs_operator, details, time.time(), self.clock(), unit)
+        )
+        f = life.failure
+        assert f is not None
+        log.warning("loading %s failed (%d in a row): %s", spec.id, f.count, reason)
+        return self.cold_load_failed(spec.id, f)
+
+    def take_ports(self, n: int) -> int:
+        """A block of `n` ring ports no live group and no job under way uses."""
+        return self.ports.allocate(n, live_ring_ports(self.snapshot()))
+
+    def free_ports(self, first: int | None) -> None:
+        self.ports.free(first)
 
     async def wait_job(self, job: Job, limit_s: float) -> None:
-        """Wait for a job up to `limit_s` (it goes on if we stop waiting)."""
+        """Wait for a job up to `limit_s` (it goes on if we stop waiting); a job ended
+        by someone else (an admin unload ends a load) returns, for the caller to look again."""
         assert job.task is not None
-        await asyncio.wait_for(asyncio.shield(job.task), timeout=limit_s)
+        try:
+            await asyncio.wait_for(asyncio.shield(job.task), timeout=limit_s)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if job.task.cancelled() and (me is None or not me.cancelling()):
+                return
+            raise
 
     async def routed(
         self,
@@ -548,7 +604,7 @@ class Lifecycle:
                     decision = None
                 if isinstance(decision, Route):
                     return decision
-                job = self._jobs.get(model_id)
+                job = self._handles.get(model_id)
                 if isinstance(decision, ColdLoad) and job is None:
                     # No await between the routing decision and the claim: one load.
                     job = self.start_load(decision.spec, decision.candidate, why="a request")
@@ -584,7 +640,7 @@ class Lifecycle:
                     del self._waiting[model_id]
 
     def _still_loading(self, model_id: str) -> ModelLoading:
-        job = self._jobs.get(model_id)
+        job = self.life(model_id).job
         where = f" on {', '.join(job.nodes)} (phase: {job.phase})" if job is not None else ""
         return ModelLoading(
             f"model {model_id!r} is still loading{where} after"
@@ -596,13 +652,11 @@ class Lifecycle:
 
     # -- unloads ----------------------------------------------------------------------
 
-    async def unload(self, model_id: str, nodes: Iterable[str], *, why: str) -> dict[str, str]:
+    async def _unload_nodes(self, model_id: str, nodes: Sequence[str]) -> dict[str, str]:
         """Unload `model_id` from `nodes` concurrently (short timeouts); failures by node."""
-        nodes = tuple(nodes)
-        if self.run_unload is None:
+        if self.loader is None:
             raise RuntimeError("lifecycle has no loader")
-        run = self.run_unload
-        self.event(model_id, "unload", f"from {', '.join(nodes)} ({why})", ",".join(nodes))
+        run = self.loader.unload
         results = await asyncio.gather(*(run(n, model_id) for n in nodes), return_exceptions=True)
         failed: dict[str, str] = {}
         for n, r in zip(nodes, results, strict=True):
@@ -610,38 +664,41 @@ class Lifecycle:
                 if isinstance(r, asyncio.CancelledError):
                     raise r
                 failed[n] = getattr(r, "message", None) or repr(r)
-        for n in nodes:
-            self._touched.pop((n, model_id), None)
-            self._keep.pop((n, model_id), None)
+            else:
+                self.gone(n, model_id)
         return failed
 
     def start_unload(
-        self, model_id: str, nodes: Iterable[str], *, kind: JobKind, why: str
+        self,
+        model_id: str,
+        nodes: Iterable[str],
+        *,
+        kind: JobKind,
+        why: str,
+        forget_failed: bool = True,
     ) -> Job | None:
-        """Unload as the model's one job (an idle unload, a teardown); None if one runs."""
-        if model_id in self._jobs:
+        """Unload as the model's one job (an idle unload, a teardown, an admin unload);
+        None if one runs. `forget_failed`: a node that did not answer loses the model from
+        routing too (a lone rank left behind shows up as a broken group once it is back)."""
+        if self.life(model_id).job is not None:
             return None
-        job = Job(model_id, kind, tuple(nodes), time.time(), phase="posting")
-        self._jobs[model_id] = job
+        job = Job(model_id, kind, tuple(nodes), time.time())
+        self._handles[model_id] = job
+        self._apply(UnloadStarted(model_id, kind, job.nodes, job.started, why))
 
         async def run() -> None:
+            failed: dict[str, str] = {}
             try:
-                failed = await self.unload(model_id, job.nodes, why=why)
+                failed = await self._unload_nodes(model_id, job.nodes)
+                job.failed = failed
                 for node, reason in failed.items():
                     log.info("could not unload %s from %s: %s", model_id, node, reason)
-                    # Unreachable now: out of routing; a lone rank left behind shows
-                    # up as a broken group again once its node is back.
-                    self.fleet.drop_model(node, model_id)
-                done = [n for n in job.nodes if n not in failed]
-                if done:
-                    self.event(model_id, "unloaded", f"from {', '.join(done)}", ",".join(done))
-                if failed:
-                    self.event(
-                        model_id, "unload failed", "; ".join(f"{n}: {r}" for n, r in failed.items())
-                    )
+                    if forget_failed:
+                        self.gone(node, model_id)
             finally:
-                if self._jobs.get(model_id) is job:
-                    del self._jobs[model_id]
+                if self._handles.get(model_id) is job:
+                    del self._handles[model_id]
+                self._apply(UnloadFinished(model_id, job.nodes, failed))
 
         job.task = asyncio.get_running_loop().create_task(run(), name=f"{kind} {model_id}")
         job.task.add_done_callback(_retrieve)
@@ -667,69 +724,184 @@ class Lifecycle:
 
     def answered(self, node: str, model_id: str, keep_alive: float | None) -> None:
         """A request was answered on `node`: its idle clock restarts (with its keep_alive)."""
-        self._touched[(node, model_id)] = time.time()
-        if keep_alive is not None:
-            self._keep[(node, model_id)] = min(keep_alive, self.config.max_keep_alive_s)
-            if keep_alive == 0:
-                self.answered_unload(node, model_id)
+        keep = None if keep_alive is None else min(keep_alive, self.config.max_keep_alive_s)
+        self._apply(Answered(model_id, node, time.time(), keep))
+        if keep_alive == 0:
+            self.answered_unload(node, model_id)
+
+    def _clocks(self) -> Clocks:
+        return Clocks(time.time(), self.clock(), self._started_wall, self.config.idle_ttl_s)
 
     def ttl_s(self, node: str, spec: ModelSpec) -> float:
-        keep = self._keep.get((node, spec.id))
-        if keep is not None:
-            return keep
-        ttl = spec.idle_ttl_s if spec.idle_ttl_s is not None else self.config.idle_ttl_s
-        return math.inf if ttl is None or ttl < 0 else ttl
-
-    def idle_since(self, node: NodeState, m: NodeModel) -> float:
-        return max(m.last_used, self._touched.get((node.name, m.model_id), self._started_wall))
+        return life_ttl_s(spec, self.life(spec.id), node, self.config.idle_ttl_s)
 
     def expires_at(self, snap: FleetSnapshot, node: NodeState, m: NodeModel) -> float | None:
-        """Wall time this copy will be unloaded if still idle; None when never (the wish
-        keeps it: pinned here, or no more copies than the wish asks)."""
+        """Wall time this copy will be unloaded if still idle; None when never."""
         spec = self.catalogue.get(m.model_id)
-        if spec is None or self._kept_here(spec, node.name):
+        if spec is None:
             return None
-        want = wanted_replicas(spec) if spec.id not in self._holds else 0
-        if want and replicas(snap, spec.id) <= want:
-            return None
-        ttl = self.ttl_s(node.name, spec)
-        if math.isinf(ttl):
-            return None
-        return self.idle_since(node, m) + ttl
+        return life_expires_at(snap, spec, self.life(spec.id), node.name, m, self._clocks())
 
-    def _kept_here(self, spec: ModelSpec, node: str) -> bool:
-        return node in spec.pinned_on
+    # -- the reconciler's pass -----------------------------------------------------------
 
-    def expired(self, snap: FleetSnapshot) -> list[tuple[ModelSpec, tuple[str, ...]]]:
-        """Copies idle past their TTL that the wish lets go: (model, nodes of one copy)."""
-        now = time.time()
-        out = []
-        for spec in self.catalogue.models:
-            if spec.id in self._jobs:
-                continue
-            want = wanted_replicas(spec) if spec.id not in self._holds else 0
-            have = replicas(snap, spec.id)
-            for node, m in snap.locations(spec.id):
-                if have <= want:
-                    break
-                if m.state != "ready" or not m.serves_http or not node.healthy:
-                    continue
-                if m.load or snap.outstanding_on(node.name, spec.id):
-                    continue
-                exp = self.expires_at(snap, node, m)
-                if exp is None or exp > now:
-                    continue
-                members: tuple[str, ...] = (node.name,)
-                if m.group is not None and m.group.world_size > 1:
-                    gid = m.group.group_id
-                    members = tuple(
-                        n.name
-                        for n, mm in snap.locations(spec.id)
-                        if mm.group is not None and mm.group.group_id == gid
-                    )
-                out.append((spec, members))
-                have -= 1
-        return out
+    async def converge(
+        self,
+        catalogue: Catalogue | None = None,
+        facts: Callable[[ModelSpec], ModelFacts] | None = None,
+    ) -> None:
+        """One pass of `plan`: teardowns first (awaited), then a fresh plan's loads,
+        prefetches and idle unloads."""
+        cat = catalogue if catalogue is not None else self.catalogue
+        look = facts if facts is not None else self._facts
+        effects = plan(self.snapshot(), self._lives, cat, self._clocks())
+        teardowns = [e.group for e in effects if isinstance(e, Teardown)]
+        if teardowns:
+            await _settle([j for j in map(self._teardown, teardowns) if j is not None])
+            effects = plan(self.snapshot(), self._lives, cat, self._clocks())
+        idle: list[Job] = []
+        for effect in effects:
+            if isinstance(effect, EnsureLoad):
+                self._ensure(effect, cat, look)
+            elif isinstance(effect, Prefetch):
+                self._prefetch(effect.spec, cat, look)
+            elif isinstance(effect, IdleUnload):
+                nodes = ", ".join(effect.nodes)
+                log.info("%s idle past its TTL on %s: unloading", effect.spec.id, nodes)
+                job = self.start_unload(
+                    effect.spec.id, effect.nodes, kind="unload", why="idle past its TTL"
+                )
+                if job is not None:
+                    idle.append(job)
+        await _settle(idle)
+
+    def _facts(self, spec: ModelSpec) -> ModelFacts:
+        return self.loader.facts(spec) if self.loader is not None else spec.facts()
+
+    def _teardown(self, broken: BrokenGroup) -> Job | None:
+        """Unload every remaining rank of a broken group, on every member at once."""
+        log.warning(
+            "group %s of %s broken (%s): tearing down on %s",
+            broken.group_id,
+            broken.model_id,
+            broken.reason,
+            ", ".join(broken.members),
+        )
+        return self.start_unload(
+            broken.model_id, broken.members, kind="teardown", why=f"group broken: {broken.reason}"
+        )
+
+    def _ensure(
+        self, e: EnsureLoad, cat: Catalogue, facts: Callable[[ModelSpec], ModelFacts]
+    ) -> None:
+        # A fresh snapshot each: it holds the memory the loads just started reserved.
+        snap = self.snapshot()
+        infos = node_infos(snap, cat, loading=e.spec.id)
+        if e.soft:
+            infos = [attrs.evolve(i, reclaimable_bytes=0) for i in infos]
+        try:
+            cand = best(e.spec, facts(e.spec), infos)
+        except PlacementPending:
+            return  # a node has not said what it is yet; next pass
+        if cand is None:
+            return  # nothing fits now (nodes down or busy); /admin/state says why
+        kind = "default, memory free" if e.soft else "wish"
+        with contextlib.suppress(ApiError):
+            self.start_load(e.spec, cand, why=f"{kind}: {e.want} wanted / {e.have} present")
+
+    def _prefetch(
+        self, spec: ModelSpec, cat: Catalogue, facts: Callable[[ModelSpec], ModelFacts]
+    ) -> None:
+        """Stage a `prefetch` model's files on every healthy node that could hold it."""
+        snap = self.snapshot()
+        try:
+            infos = node_infos(snap, cat, loading=spec.id)
+            sets = candidates(spec, facts(spec), infos, now=False)
+        except PlacementPending:
+            return
+        able = {n for c in sets if c.feasible for n in c.nodes}
+        missing = [
+            n.name
+            for n in snap.healthy
+            if n.name in able
+            and spec.source not in n.staged
+            and spec.id not in n.staged
+            and n.model(spec.id) is None
+        ]
+        self.prefetch(spec, missing)
+
+    # -- the admin verbs ---------------------------------------------------------------
+
+    def admin_release(self, model_id: str) -> list[str]:
+        """An admin load's word: the hold released, a failed load's backoff forgotten."""
+        did: list[str] = []
+        hold = self.release(model_id)
+        if hold is not None:
+            did.append(f"released the hold ({hold.reason})")
+        failure = self.forget_failure(model_id)
+        if failure is not None:
+            did.append(f"forgot the failed load ({failure.reason})")
+        return did
+
+    async def place(
+        self,
+        spec: ModelSpec,
+        *,
+        nodes: Sequence[str] | None = None,
+        exclude: Iterable[str] = (),
+        force: bool = False,
+    ) -> Job:
+        """An explicit load (admin): the best set now, or a 400 with the arithmetic.
+
+        `nodes` asks for exactly that node set (one placement: a node, or a
+        group's members); `exclude` keeps nodes out of the choice; `force`
+        places on a set that could ever hold the model even if it does not fit
+        now (the job carries the arithmetic as a warning).
+        """
+        exclude = tuple(exclude)
+        unknown = sorted((set(nodes or ()) | set(exclude)) - set(self.fleet.names))
+        if unknown:
+            raise InvalidRequest(f"unknown node(s): {', '.join(unknown)}", param="nodes")
+        deadline = time.monotonic() + self.config.discovery_wait_s
+        while any(n.healthy and n.discovery is None for n in self.fleet.snapshot().nodes):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        snap = self.snapshot()
+        cand, warning = admin_candidate(
+            spec, self._facts(spec), snap, self.catalogue, nodes=nodes, exclude=exclude, force=force
+        )
+        job = self.start_load(spec, cand, why="admin load", ignore_backoff=True, warning=warning)
+        assert job.accepted is not None and job.task is not None
+        waiting: list[asyncio.Future[Any]] = [job.accepted, job.task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if job.task.done() and not job.task.cancelled():
+            exc = job.task.exception()
+            if exc is not None:
+                raise exc
+        return job
+
+    async def admin_unload(
+        self, model_id: str, nodes: Sequence[str], *, hold: str | None
+    ) -> dict[str, str]:
+        """An admin unload, as the model's one job: after an unload under way ends, and
+        ending a load under way (the operator's word wins; its nodes are unloaded too).
+        `hold`: keep it unloaded until the next admin load."""
+        if hold is not None:
+            self.hold(model_id, hold)
+        targets = tuple(nodes)
+        while (running := self._handles.get(model_id)) is not None:
+            if running.kind == "load":
+                targets += tuple(n for n in running.nodes if n not in targets)
+                if running.task is not None:
+                    running.task.cancel()
+            if running.task is not None:
+                await asyncio.wait([running.task])
+        job = self.start_unload(
+            model_id, targets, kind="unload", why="admin unload", forget_failed=False
+        )
+        assert job is not None and job.task is not None
+        await job.task
+        return job.failed
 
     # -- why -------------------------------------------------------------------------------
 
@@ -738,9 +910,8 @@ class Lifecycle:
         now = self.clock()
         want = wanted_replicas(spec)
         have = replicas(snap, spec.id)
-        job = self._jobs.get(spec.id)
-        hold = self._holds.get(spec.id)
-        f = self._failures.get(spec.id)
+        life = self.life(spec.id)
+        job, hold, f = life.job, life.hold, life.failure
         if job is not None:
             return f"{job.kind}ing on {', '.join(job.nodes)} (phase: {job.phase})"
         if hold is not None:
@@ -775,9 +946,8 @@ class Lifecycle:
 
     def to_json(self, spec: ModelSpec, snap: FleetSnapshot) -> dict[str, Any]:
         now = self.clock()
-        job = self._jobs.get(spec.id)
-        hold = self._holds.get(spec.id)
-        f = self._failures.get(spec.id)
+        life = self.life(spec.id)
+        job, hold, f = life.job, life.hold, life.failure
         return {
             "wish": {
                 "replicas": wanted_replicas(spec),
@@ -797,7 +967,7 @@ class Lifecycle:
 
     async def close(self) -> None:
         """Stop jobs under way (cortex shutting down)."""
-        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        tasks = [j.task for j in self._handles.values() if j.task is not None]
         tasks += list(self._prefetching)
         for t in tasks:
             t.cancel()
@@ -810,6 +980,20 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     # A job's outcome is recorded by the lifecycle; nobody else has to await it.
     if not task.cancelled():
         task.exception()
+
+
+async def _settle(jobs: list[Job]) -> None:
+    tasks = [j.task for j in jobs if j.task is not None]
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _holds_from_json(data: Any) -> dict[str, Hold]:
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise ValueError(f"not a version {STATE_VERSION} cortex state")
+    holds = data.get("holds", {})
+    if not isinstance(holds, dict):
+        raise ValueError("'holds' is not an object")
+    return {str(mid): Hold.from_json(h) for mid, h in holds.items()}
 
 
 def live_ring_ports(snap: FleetSnapshot) -> set[int]:

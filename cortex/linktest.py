@@ -27,7 +27,6 @@ import attrs
 from aiohttp import web
 
 from cortex.keys import FLEET, LIFECYCLE, LOADER
-from cortex.lifecycle import live_ring_ports
 from cortex.loader import ibv_rows
 from shared.errors import ApiError, InvalidRequest, PlacementInfoPending, read_json_object
 from shared.wire import Backend, Discovery, GroupSpec
@@ -226,7 +225,7 @@ async def run(app: web.Application, plan: LinkTestPlan) -> dict[str, Any]:
     try:
         while True:
             test_id = secrets.token_hex(6)
-            first = life.ports.allocate(len(plan.nodes), live_ring_ports(life.snapshot()))
+            first = life.take_ports(len(plan.nodes))
             blocks.append(first)
             groups = link_groups(discs, plan.backend, first, test_id)
             answers = await _gather(app, session, plan, groups, test_id)
@@ -237,7 +236,7 @@ async def run(app: web.Application, plan: LinkTestPlan) -> dict[str, Any]:
             retried.append(f"ports {first}..{first + len(plan.nodes) - 1} could not be bound")
     finally:
         for b in blocks:
-            life.ports.free(b)
+            life.free_ports(b)
     report = summarize(plan, answers)
     report["test_id"] = test_id
     report["base_port"] = first

@@ -1,13 +1,13 @@
-"""Loads and unloads on neurons: the I/O of the jobs `cortex.lifecycle` owns.
+"""Loads, unloads and stages on neurons: the I/O of the jobs `cortex.lifecycle` owns.
 
 The loader keeps no state of a model's life (only each model's shape, read
-once): the lifecycle decides that a load starts (one per model, memory
-reserved, failures remembered) and runs `load()` as the
-job's task, so a client that gives up never cancels a load half-way. Each step
-is written to `Fleet` as it happens (evicted, accepted, ready), not at the next
-poll, and only from inside the job: nothing is written after the job ended.
-A group load posts to every member at once; when one fails, the others' posts
-are cancelled and every member is unloaded again.
+once) and writes none: the lifecycle decides that a load starts (one per model,
+memory reserved, failures remembered) and runs `load()` as the job's task, so a
+client that gives up never cancels a load half-way. Each step is reported back
+as it happens (phase, accepted, a node's record of the model, a copy gone),
+not at the next poll; the lifecycle applies it. A group load posts to every
+member at once; when one fails, the others' posts are cancelled and every
+member is unloaded again.
 """
 
 from __future__ import annotations
@@ -17,37 +17,45 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
 import attrs
 
 from cortex.config import CortexConfig
-from cortex.lifecycle import Job, Lifecycle, live_ring_ports
+from cortex.life import Accepted, LifeEvent, Noted, PhaseChanged
 from cortex.metrics import Metrics
-from cortex.placement import (
-    Candidate,
-    PlacementPending,
-    best,
-    candidates,
-    explain,
-    pending_nodes,
-)
+from cortex.placement import Candidate
 from cortex.poller import Poller
-from cortex.router import eviction_order, node_infos, plan_evictions
-from cortex.state import Fleet, NodeModel, NodeState
+from cortex.router import eviction_order, plan_evictions
+from cortex.state import Fleet, FleetSnapshot, NodeModel, NodeState
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
-from shared.errors import (
-    ApiError,
-    ColdLoadFailed,
-    InvalidRequest,
-    PlacementRefused,
-    UpstreamUnavailable,
-)
+from shared.errors import ApiError, ColdLoadFailed, UpstreamUnavailable
 from shared.wire import Backend, Discovery, GroupSpec, LoadRequest, ModelStatus, Sharding
 
 log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Recorded:
+    """What a node answered about the model, for the fleet's record of it."""
+
+    model_id: str
+    node: str
+    record: NodeModel
+
+
+@attrs.frozen
+class Gone:
+    """The model was unloaded from `node` (an eviction, a failed group's undo)."""
+
+    model_id: str
+    node: str
+
+
+Report = Callable[[LifeEvent | Recorded | Gone], None]
+Look = Callable[[], FleetSnapshot]
 
 
 @attrs.define
@@ -58,13 +66,7 @@ class Loader:
     config: CortexConfig
     metrics: Metrics
     poller: Poller
-    life: Lifecycle
     _facts: dict[str, ModelFacts] = attrs.field(factory=dict)
-
-    def __attrs_post_init__(self) -> None:
-        self.life.run_load = self.load
-        self.life.run_unload = self.unload
-        self.life.run_stage = self.stage
 
     def facts(self, spec: ModelSpec) -> ModelFacts:
         """A model's shape, read from its files once (they do not change under us)."""
@@ -76,89 +78,22 @@ class Loader:
                 self._facts[spec.id] = f
         return f
 
-    async def place(
+    async def load(
         self,
         spec: ModelSpec,
-        *,
-        nodes: Sequence[str] | None = None,
-        exclude: Collection[str] = (),
-        force: bool = False,
-    ) -> Job:
-        """An explicit load (admin): the best set now, or a 400 with the arithmetic.
+        cand: Candidate,
+        ring_port: int | None,
+        look: Look,
+        report: Report,
+    ) -> None:
+        """The load job's body (run by the lifecycle): evict, post to every member, wait.
 
-        `nodes` asks for exactly that node set (one placement: a node, or a
-        group's members); `exclude` keeps nodes out of the choice; `force`
-        places on a set that could ever hold the model even if it does not fit
-        now (the job carries the arithmetic as a warning).
-        """
-        known = set(self.fleet.names)
-        unknown = sorted((set(nodes or ()) | set(exclude)) - known)
-        if unknown:
-            raise InvalidRequest(f"unknown node(s): {', '.join(unknown)}", param="nodes")
-        deadline = time.monotonic() + self.config.discovery_wait_s
-        while any(n.healthy and n.discovery is None for n in self.fleet.snapshot().nodes):
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.1)
-        snap = self.life.snapshot()
-        facts = self.facts(spec)
-        infos = node_infos(snap, self.catalogue, loading=spec.id)
-        warning = None
-        if nodes:
-            chosen = [i for i in infos if i.name in nodes]
-            silent = pending_nodes(chosen, now=True)
-            if silent:
-                raise PlacementPending(silent)
-            cands = [c for c in candidates(spec, facts, chosen) if set(c.nodes) == set(nodes)]
-            if not cands or not cands[0].feasible:
-                size = f"{spec.min_nodes}+" if spec.min_nodes > 1 else "1"
-                refusal = (
-                    f"cannot place {spec.id} on exactly [{', '.join(nodes)}] "
-                    f"(it places on {size} node(s)): "
-                    + explain(spec, cands or candidates(spec, facts, chosen))
-                )
-                ever = [
-                    c
-                    for c in candidates(spec, facts, chosen, now=False)
-                    if set(c.nodes) == set(nodes) and c.feasible
-                ]
-                if not (force and ever):
-                    raise PlacementRefused(
-                        refusal, details={"candidates": [c.to_json() for c in cands[:10]]}
-                    )
-                cands, warning = ever, f"forced despite: {refusal}"
-            cand: Candidate | None = cands[0]
-        else:
-            # PlacementPending: 503 with Retry-After.
-            cand = best(spec, facts, infos, exclude=exclude, now=True)
-        if cand is None:
-            rest = [i for i in infos if i.name not in exclude]
-            cands = candidates(spec, facts, rest)
-            refusal = explain(spec, cands)
-            ever_best = best(spec, facts, rest, now=False) if force else None
-            if ever_best is None:
-                raise PlacementRefused(
-                    refusal, details={"candidates": [c.to_json() for c in cands[:10]]}
-                )
-            cand, warning = ever_best, f"forced despite: {refusal}"
-        job = self.life.start_load(
-            spec, cand, why="admin load", ignore_backoff=True, warning=warning
-        )
-        assert job.accepted is not None and job.task is not None
-        waiting: list[asyncio.Future[Any]] = [job.accepted, job.task]
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if job.task.done() and not job.task.cancelled():
-            exc = job.task.exception()
-            if exc is not None:
-                raise exc
-        return job
-
-    async def load(self, spec: ModelSpec, cand: Candidate, job: Job) -> None:
-        """The load job's body (run by the lifecycle): evict, post to every member, wait."""
+        `ring_port`: the first of a group's block of ports; `look`: the lifecycle's
+        snapshot; `report`: where each step goes as it happens."""
         started = time.monotonic()
         label = self.metrics.model(spec.id)
         try:
-            await self._load(spec, cand, job)
+            await self._load(spec, cand, ring_port, look, report)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -168,59 +103,59 @@ class Loader:
         self.metrics.cold_load_duration.labels(label).observe(time.monotonic() - started)
         log.info("%s ready on %s", spec.id, ", ".join(cand.nodes))
 
-    async def _load(self, spec: ModelSpec, cand: Candidate, job: Job) -> None:
-        assert job.accepted is not None
-        job.phase = "evicting"
-        snap = self.life.snapshot()
-        for node, model_id in plan_evictions(cand, snap, self.catalogue, keep=spec.id):
-            await self._evict(node, model_id)
-        job.phase = "posting"
-        requests = self._requests(spec, cand, job)
+    async def _load(
+        self, spec: ModelSpec, cand: Candidate, ring_port: int | None, look: Look, report: Report
+    ) -> None:
+        report(PhaseChanged(spec.id, "evicting"))
+        for node, model_id in plan_evictions(cand, look(), self.catalogue, keep=spec.id):
+            await self._evict(node, model_id, look, report)
+        report(PhaseChanged(spec.id, "posting"))
+        requests = self._requests(spec, cand, ring_port)
         if len(requests) == 1:
             node, req = requests[0]
-            statuses = [await self._post_load(node, req)]
+            statuses = [await self._post_load(node, req, report)]
         else:
             try:
-                statuses = await self._post_group(requests)
-                job.accepted.set_result(cand.nodes)
-                job.phase = "warming"
+                statuses = await self._post_group(requests, report)
+                report(Accepted(spec.id))
                 if not all(s.state == "ready" for s in statuses):
-                    await self._wait_ready(spec, cand.nodes)
+                    await self._wait_ready(spec, cand.nodes, report)
                 return
             except BaseException:
-                await self._undo_group(spec.id, cand.nodes)
+                await self._undo_group(spec.id, cand.nodes, report)
                 raise
-        job.accepted.set_result(cand.nodes)
-        job.phase = "warming"
+        report(Accepted(spec.id))
         if all(s.state == "ready" for s in statuses):
             return
-        await self._wait_ready(spec, cand.nodes)
+        await self._wait_ready(spec, cand.nodes, report)
 
-    async def _post_group(self, requests: list[tuple[str, LoadRequest]]) -> list[ModelStatus]:
+    async def _post_group(
+        self, requests: list[tuple[str, LoadRequest]], report: Report
+    ) -> list[ModelStatus]:
         """Post to every member at once; the first failure cancels the others' posts."""
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._post_load(n, r)) for n, r in requests]
+                tasks = [tg.create_task(self._post_load(n, r, report)) for n, r in requests]
         except BaseExceptionGroup as group:
             first = group.exceptions[0]
             raise first from None
         return [t.result() for t in tasks]
 
-    async def _undo_group(self, model_id: str, nodes: Sequence[str]) -> None:
+    async def _undo_group(self, model_id: str, nodes: Sequence[str], report: Report) -> None:
         """A group load that failed: no rank may stay loaded on any member."""
         log.info("group load of %s failed: unloading it from %s", model_id, ", ".join(nodes))
 
         async def one(node: str) -> None:
             with contextlib.suppress(ApiError):
                 await self.unload(node, model_id)
-            self.fleet.drop_model(node, model_id)
+            report(Gone(model_id, node))
 
         # Shielded: even a cancelled load (cortex stopping) takes its ranks down.
         await asyncio.shield(asyncio.gather(*(one(n) for n in nodes)))
 
-    async def _evict(self, node: str, model_id: str) -> None:
+    async def _evict(self, node: str, model_id: str, look: Look, report: Report) -> None:
         # Re-check at the last moment: a request may have arrived since the plan.
-        snap = self.life.snapshot()
+        snap = look()
         state = snap.node(node)
         if state is None or model_id not in {
             m.model_id for m in eviction_order(state, self.catalogue, snap)
@@ -228,18 +163,18 @@ class Loader:
             raise ColdLoadFailed(f"could not make room on {node}: {model_id} is in use again")
         log.info("evicting idle %s from %s to make room", model_id, node)
         await self.unload(node, model_id)
+        report(Gone(model_id, node))
         self.metrics.evictions.labels(self.metrics.model(model_id)).inc()
-        self.life.event(model_id, "evicted", f"from {node}, idle, to make room", node)
+        report(Noted(model_id, "evicted", f"from {node}, idle, to make room", node))
 
     async def unload(self, node: str, model_id: str) -> None:
         """POST /models/unload on `node` (a short timeout: one hung node must not stall
-        a teardown or the reconciler), recorded at once."""
+        a teardown or the reconciler); the caller records it."""
         url = self.fleet.node(node).url.rstrip("/") + "/models/unload"
         await self._post(node, url, {"model_id": model_id}, total_s=self.config.unload_timeout_s)
-        self.fleet.drop_model(node, model_id)
 
     def _requests(
-        self, spec: ModelSpec, cand: Candidate, job: Job
+        self, spec: ModelSpec, cand: Candidate, ring_port: int | None
     ) -> list[tuple[str, LoadRequest]]:
         # The catalogue's context is the serving limit: placement sized the KV for it.
         limit = spec.context_limit
@@ -251,14 +186,9 @@ class Loader:
                 peers=self._peers(spec, cand.nodes[0]),
             )
             return [(cand.nodes[0], req)]
+        assert ring_port is not None  # the lifecycle takes a block for every group
         discs = [self.fleet.node(n).discovery for n in cand.nodes]
-        # A block of ports no live group uses, from the fleet's table.
-        job.ring_port = self.life.ports.allocate(
-            len(cand.nodes), live_ring_ports(self.life.snapshot())
-        )
-        groups = group_specs(
-            spec, cand, [d for d in discs if d is not None], base_port=job.ring_port
-        )
+        groups = group_specs(spec, cand, [d for d in discs if d is not None], base_port=ring_port)
         return [
             (
                 n,
@@ -296,7 +226,7 @@ class Loader:
             body["peers"] = list(peers)
         await self._post(node, url, body)
 
-    async def _post_load(self, node: str, req: LoadRequest) -> ModelStatus:
+    async def _post_load(self, node: str, req: LoadRequest, report: Report) -> ModelStatus:
         url = self.fleet.node(node).url.rstrip("/") + "/models/load"
         body = await self._post(node, url, req.to_json())
         try:
@@ -304,7 +234,7 @@ class Loader:
         except (KeyError, TypeError, ValueError) as exc:
             raise ColdLoadFailed(f"node {node} answered the load unreadably: {exc}") from exc
         # Recorded now so routing says model_loading (the memory was reserved at start).
-        self.fleet.set_model(node, NodeModel.merge(status, None))
+        report(Recorded(req.model_id, node, NodeModel.merge(status, None)))
         return status
 
     async def _post(
@@ -324,7 +254,7 @@ class Loader:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(f"node {node} did not answer: {exc!r}") from exc
 
-    async def _wait_ready(self, spec: ModelSpec, nodes: Sequence[str]) -> None:
+    async def _wait_ready(self, spec: ModelSpec, nodes: Sequence[str], report: Report) -> None:
         """Follow GET /models on every member until the model is ready or failed."""
         deadline = time.monotonic() + self.config.load_deadline_s
         pending = set(nodes)
@@ -364,7 +294,7 @@ class Loader:
                     rec = attrs.evolve(
                         rec, in_flight=current.in_flight, queue_depth=current.queue_depth
                     )
-                self.fleet.set_model(node, rec)
+                report(Recorded(spec.id, node, rec))
                 if status.state == "ready":
                     pending.discard(node)
 

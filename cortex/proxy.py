@@ -27,7 +27,7 @@ from aiohttp import web
 
 from cortex.config import CortexConfig
 from cortex.inflight import InFlight, NodeLost
-from cortex.lifecycle import parse_keep_alive
+from cortex.lifecycle import Lifecycle, parse_keep_alive
 from cortex.loader import Loader
 from cortex.metrics import CLIENT_CLOSED, STREAM_ERROR, Metrics
 from cortex.poller import Poller
@@ -116,6 +116,7 @@ class Proxy:
     fleet: Fleet
     poller: Poller
     loader: Loader
+    life: Lifecycle
     catalogue: Catalogue
     config: CortexConfig
     metrics: Metrics
@@ -183,7 +184,7 @@ class Proxy:
                         resp = await self._forward(
                             request, r, path, payload, headers, rid, stream, tries, keys, out
                         )
-                        self.loader.life.answered(r.node, r.model_id, keep_alive)
+                        self.life.answered(r.node, r.model_id, keep_alive)
                         return resp
                     except _TryAnother as exc:
                         tries.last = exc
@@ -224,7 +225,7 @@ class Proxy:
 
         waited = time.monotonic()
         try:
-            return await self.loader.life.routed(spec.id if spec else model, decide, waiting)
+            return await self.life.routed(spec.id if spec else model, decide, waiting)
         finally:
             label = self.metrics.model(spec.id if spec else None)
             self.metrics.queue_wait.labels(label).observe(time.monotonic() - waited)
@@ -459,7 +460,7 @@ class Proxy:
         if up.status == 404:
             # The replica lost the model since the last poll; never pass a 404 on for
             # something transient (LiteLLM benches an upstream that says 404).
-            self.fleet.drop_model(r.node, r.model_id)
+            self.life.gone(r.node, r.model_id)
             self._retry(r, tries, "gone")
             raise _TryAnother(
                 UpstreamUnavailable(f"replica {r.node} no longer serves {r.model_id!r}")

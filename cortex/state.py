@@ -1,9 +1,10 @@
 """What cortex knows of its fleet: frozen snapshots, and the one place that changes them.
 
-The poller, the loader and the proxy write through `Fleet` (what nodes say,
-and cortex's own request counts); the router only ever sees a `FleetSnapshot`,
-to which `cortex.lifecycle` adds its view (loads under way, failures, memory
-reserved), so routing is a pure function of one moment.
+The poller and the lifecycle write through `Fleet` (what nodes say, and what
+cortex itself changed on them), the proxy its own request counts; the router
+only ever sees a `FleetSnapshot`, to which `cortex.lifecycle` adds its view
+(loads under way, failures, memory reserved), so routing is a pure function of
+one moment.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from shared.wire import (
 )
 
 SERVING_STATES: frozenset[str] = frozenset({"ready"})
+# What a client is told to retry shortly for (503 model_loading).
 LOADING_STATES: frozenset[str] = frozenset({"loading", "warming", "recovering"})
+# A load under way on a node. A recovering runner is not one: it crashed, and until
+# it is back /health names the model as without a working replica.
+LOAD_STATES: frozenset[str] = frozenset({"loading", "warming"})
 
 
 @attrs.frozen
@@ -132,12 +137,15 @@ class NodeState:
     staged: frozenset[str] = frozenset()
     last_ok: float | None = None
     last_error: str | None = None
-    # Memory freed by unloads cortex made that the last /health may not show yet
-    # (negative: it adds to the free figure); loads' reservations live in the lifecycle.
+    # Memory promised to loads, less memory freed by unloads the last /health may not
+    # show yet: the lifecycle's (one home), added in its snapshot; 0 in the fleet's.
     reserved_bytes: int = 0
     # Monotonic time cortex last wrote `models` itself (a load or unload it made);
     # a poll that started before then must not overwrite the fresher record.
     models_at: float = 0.0
+    # Monotonic: `models` is what nodes said as of then (the start of the poll they
+    # came from, or later); an unload's memory credit ends once this passes it.
+    polled_from: float = 0.0
     # An operator's restart under way (POST /admin/nodes/{name}/restart): not routed
     # to until the node answers as a new process, or this monotonic deadline passes.
     recycling_until: float | None = None
@@ -264,8 +272,6 @@ class Fleet:
     _nodes: dict[str, NodeState]
     _outstanding: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     _per_node: Counter[str] = attrs.field(factory=Counter, init=False)
-    # Memory freed by unloads cortex made, per node, until a fresh poll shows it.
-    _credits: dict[str, int] = attrs.field(factory=dict)
     # Snapshots' `by_model`, updated per node write; copied before a write once a
     # snapshot holds it (snapshots never change under a router).
     _by_model: dict[str, tuple[tuple[NodeState, NodeModel], ...]] = attrs.field(
@@ -349,9 +355,9 @@ class Fleet:
         if restarted:
             # A new process: nothing of the old model list, nor its loads, survives.
             models = merge_models(statuses, health)
-            self._credits.pop(name, None)
+            polled_from = max(started, old.models_at)
         elif started >= old.models_at:
-            self._credits.pop(name, None)
+            polled_from = started
             if statuses is not None:
                 models = merge_models(statuses, health)
             else:
@@ -360,6 +366,7 @@ class Fleet:
         else:
             # Cortex wrote fresher model states during this poll: take only the load.
             models = _refresh_load(old.models, health, states=False)
+            polled_from = old.polled_from
         # A recycling node answering as its old self is still draining: not routed to.
         recycling = old.recycling_until
         if recycling is not None and (restarted or time.monotonic() >= recycling):
@@ -374,7 +381,7 @@ class Fleet:
             # After a restart the old discovery may be wrong; none beats stale.
             discovery=discovery if discovery is not None or restarted else old.discovery,
             models=models,
-            reserved_bytes=self._reserved(name),
+            polled_from=polled_from,
             staged=staged if staged is not None else old.staged,
             last_ok=time.time(),
             last_error=None,
@@ -395,16 +402,10 @@ class Fleet:
         """A 304: the node says what it said in the poll started at `read_at`.
 
         When that answer is still what we hold (healthy, nothing cortex wrote
-        since, no unload credit pending), only last_ok moves: no models rebuilt.
+        since, so no unload's credit pending either), only last_ok moves.
         """
         old = self._nodes[name]
-        if (
-            old.healthy
-            and old.failures == 0
-            and old.health is health
-            and old.models_at <= read_at
-            and name not in self._credits
-        ):
+        if old.healthy and old.failures == 0 and old.health is health and old.models_at <= read_at:
             new = attrs.evolve(old, last_ok=time.time())
             self._put(name, new)
             return new
@@ -464,24 +465,17 @@ class Fleet:
         )
 
     def drop_model(self, name: str, model_id: str) -> None:
-        """An unload cortex made: gone from routing, and its memory counted free at once."""
+        """An unload cortex made: gone from routing at once (the lifecycle counts its
+        memory free until a poll shows it)."""
         old = self._nodes[name]
-        gone = old.model(model_id)
-        if gone is not None:
-            self._credits[name] = self._credits.get(name, 0) + gone.memory_bytes
         self._put(
             name,
             attrs.evolve(
                 old,
                 models=tuple(m for m in old.models if m.model_id != model_id),
-                reserved_bytes=self._reserved(name),
                 models_at=time.monotonic(),
             ),
         )
-
-    def _reserved(self, name: str) -> int:
-        # Loads' reservations are the lifecycle's; added in its snapshot.
-        return -self._credits.get(name, 0)
 
     # -- requests in flight ------------------------------------------
 

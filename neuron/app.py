@@ -301,9 +301,8 @@ async def post_load(request: web.Request) -> web.Response:
         req = LoadRequest.from_json(body)
     except FieldError as exc:
         raise InvalidRequest(f"bad load request: {exc}", param=exc.param) from exc
-    request.app[STORE].check_source(req.source)  # 400 before any work
-    await _refuse_if_floor(request.app, req.model_id, req.source, req.peers)
-    m = await request.app[SUPERVISOR].load(req)
+    # A bad source is 400 and a floor refusal 507, both before any work.
+    m = await request.app[SUPERVISOR].load(req, refuse_floor=True)
     return web.json_response(m.status().to_json(), status=202)
 
 
@@ -377,23 +376,6 @@ async def post_purge(request: web.Request) -> web.Response:
             "freed_bytes": sum(c.size_bytes for c in removed),
         }
     )
-
-
-async def _refuse_if_floor(
-    app: web.Application, model_id: str, source: str, peers: tuple[str, ...]
-) -> None:
-    """Start the stage a hub load needs and raise its floor refusal (507) if it has one."""
-    if is_local_source(source) or app[STORE].has_copy(copy_name(source)):
-        return
-    existing = app[SUPERVISOR].get(model_id)
-    if existing is not None and existing.state not in ("failed", "unloading"):
-        return
-    job = app[STAGER].stage(model_id, source, peers)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(PLAN_WAIT_S):
-            await job.planned.wait()
-    if job.refusal is not None:
-        raise job.refusal
 
 
 async def post_stage(request: web.Request) -> web.Response:

@@ -1,9 +1,8 @@
-"""Per-model load figures and the `neuron_*` Prometheus families (per-app registry)."""
+"""The `neuron_*` Prometheus families (per-app registry)."""
 
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -19,31 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.build_info import BUILD_LABELS, build_labels
-from shared.wire import MODEL_STATES, ModelHealth, Phase
-
-
-@attrs.define
-class ModelStats:
-    """What the proxy observes of one model's traffic."""
-
-    prefilling: int = 0
-    decoding: int = 0
-    ttft_s: float | None = None
-    decode_tps: float | None = None
-    completion_tokens: int = 0
-    last_used: float = attrs.Factory(time.time)
-    # time.monotonic() of the last byte from the runner (or of a request's start);
-    # the supervisor's stall watchdog reads it.
-    last_byte_at: float = attrs.Factory(time.monotonic)
-
-    @property
-    def phase(self) -> Phase:
-        if self.prefilling:
-            return "prefill"
-        if self.decoding:
-            return "decode"
-        return "idle"
-
+from shared.wire import MODEL_STATES, ModelHealth
 
 # `_created` series only double the output (process-wide switch; cortex does the same).
 disable_created_metrics()  # type: ignore[no-untyped-call]

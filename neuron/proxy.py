@@ -9,8 +9,13 @@ usage frame, which it gets only if it asked; a non-streaming one gets the
 answer assembled from them (shared.assemble).  Reads from the runner have an
 idle timeout, never a total one.  While the runner is silent a streaming client
 gets an SSE comment heartbeat every `heartbeat_s`.  The runner's exit ends the
-stream at once with an error frame; a runner that answers "generation thread
-died", or fails requests N times in a row, is restarted by its supervisor.
+stream with an error frame; the proxy tells the runner's health record
+(neuron.runner_health) what it saw, and a runner that record finds broken is
+restarted by its supervisor.
+
+A stream waits on its runner in one place, `IdleRace.next` (shared.quiet),
+which races the runner's next bytes against the heartbeat timer and the
+runner's exit; the steps around it are `_Relay`'s.
 """
 
 from __future__ import annotations
@@ -36,15 +41,14 @@ from neuron.request_check import (
     validate,
 )
 from neuron.runner import RunnerProcess
-from neuron.supervisor import BROKEN_MARK, ModelSupervisor, Supervisor, describe, race_exit
+from neuron.runner_health import answer_kind
+from neuron.supervisor import ModelSupervisor, Supervisor, describe, race_exit
 from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usage_comment
 from shared.assemble import assemble, is_usage_frame
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
     InvalidRequest,
-    ModelFailed,
-    ModelLoading,
     ModelNotFound,
     UpstreamError,
     UpstreamUnavailable,
@@ -52,7 +56,7 @@ from shared.errors import (
     sse_error_frame,
 )
 from shared.journal import Journal
-from shared.quiet import QuietReads as _QuietReads
+from shared.quiet import IdleRace, StreamEnded
 from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 from shared.wire import PROBE_HEADER
 
@@ -112,36 +116,6 @@ class _Tally:
     chunks: list[dict[str, Any]] = attrs.Factory(list)
 
 
-class _LostOnExit:
-    """Within it, the runner's exit cancels the current task and surfaces as `_Lost`.
-
-    A stream blocked on its runner thus ends the moment the runner dies, without a
-    watcher task or timer per chunk.  Any other cancel (the client left) propagates.
-    """
-
-    def __init__(self, runner: RunnerProcess) -> None:
-        self._runner = runner
-        self._fired = False
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-
-    def _on_exit(self, _: asyncio.Future[int]) -> None:
-        self._fired = True
-        self._task.cancel()
-
-    def __enter__(self) -> None:
-        self._runner.exited.add_done_callback(self._on_exit)
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
-        self._runner.exited.remove_done_callback(self._on_exit)
-        if not self._fired:
-            return
-        # Our cancel was delivered inside (the task was waiting in here): take it back.
-        if self._task.uncancel() == 0 and exc_type is asyncio.CancelledError:
-            raise _Lost(f"runner exited with code {self._runner.exited.result()}") from exc
-
-
 _TRACE = web.RequestKey("neuron.trace", TraceDraft)
 
 
@@ -181,7 +155,7 @@ class Proxy:
         # Errors once the runner is reached count in `requests` by outcome instead.
         reached_runner = False
         try:
-            self._check_state(m, model_id)
+            _serving(m, model_id)
             assert m is not None
             checked = await self._check(m, body, kind)
             trace.prompt_tokens = checked.prompt_tokens
@@ -190,14 +164,14 @@ class Proxy:
                 waited = time.monotonic() - queued_at
                 metrics.queue_wait.labels(m.model_id).observe(waited)
                 trace.admission_wait_s = round(waited, 6)
-                runner = self._check_state(m, model_id)
+                runner = _serving(m, model_id)
                 reached_runner = True
                 trace.runner = f"pid {runner.pid} port {runner.port}"
                 runner.note(f"request {trace.id} {path}")
                 # A probe (doctor) is no use: it must not hold off the idle unload.
                 use = PROBE_HEADER not in request.headers
                 if use:
-                    m.stats.last_used = time.time()
+                    m.runner_health.used(time.time())
                 # The name the answer carries: the id asked for (or cortex's alias of it).
                 name = request.headers.get(ANSWER_MODEL_HEADER) or model_id
                 if checked.runner_stream:
@@ -205,7 +179,7 @@ class Proxy:
                 else:
                     resp = await self._unary(m, runner, path, checked, name)
                 if use:
-                    m.stats.last_used = time.time()
+                    m.runner_health.used(time.time())
                 status = str(resp.status)
                 if not resp.prepared:  # an unstreamed answer: its headers are still ours
                     resp.headers.update(_queue_wait(request))
@@ -244,19 +218,6 @@ class Proxy:
             )
         return finish(draft, tokens, info, self.config.runner.max_tokens)
 
-    def _check_state(self, m: ModelSupervisor | None, model_id: str) -> RunnerProcess:
-        if m is None:
-            raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model")
-        if m.state == "failed":
-            raise ModelFailed(f"model {model_id!r} failed: {m.error}")
-        if m.state == "unloading":
-            raise ModelLoading(f"model {model_id!r} is unloading")
-        if m.state != "ready" or m.runner is None or not m.runner.alive:
-            raise ModelLoading(f"model {model_id!r} is {m.state}")
-        if not m.is_rank0:
-            raise InvalidRequest(f"model {model_id!r}: this node is not rank 0 of its group")
-        return m.runner
-
     async def _open(
         self, runner: RunnerProcess, path: str, checked: Checked
     ) -> aiohttp.ClientResponse:
@@ -275,7 +236,8 @@ class Proxy:
         capped at the context left like every other request.
         """
         metrics = self.supervisor.metrics
-        _start_work(m)
+        seen = m.runner_health
+        seen.started(time.monotonic())
         upstream: aiohttp.ClientResponse | None = None
         # No timeout: the whole answer comes at the end, however long the generation.
         # A dead runner ends the wait at once; a stalled one is killed by the
@@ -283,12 +245,12 @@ class Proxy:
         try:
             upstream = await race_exit(self._open(runner, path, checked), runner, _Lost)
             raw = await race_exit(upstream.read(), runner, _Lost)
-            m.stats.last_byte_at = time.monotonic()
+            seen.byte(time.monotonic())
         except (_Lost, aiohttp.ClientError, TimeoutError) as exc:
             metrics.requests.labels(m.model_id, "upstream_lost").inc()
             raise UpstreamUnavailable(f"runner of {m.model_id!r} lost: {describe(exc)}") from exc
         finally:
-            m.stats.prefilling -= 1
+            seen.ended(decoding=False)
             if upstream is not None:
                 upstream.close()
         if upstream.status >= 400:
@@ -316,185 +278,23 @@ class Proxy:
         checked: Checked,
         name: str,
     ) -> web.StreamResponse:
-        """Stream from the runner; to the client as a stream, or assembled at the end.
-
-        Either way the client's going away cancels this handler, which closes the
-        runner connection; the runner's next write then fails and it stops.
-        """
-        metrics = self.supervisor.metrics
-        hb = self.config.heartbeat_s
-        idle_limit = self.config.idle_read_timeout_s
-        streaming = checked.stream
-        started = time.monotonic()
-        last_byte = started
-        response: web.StreamResponse | None = None
-        upstream: aiohttp.ClientResponse | None = None
-        reads: _QuietReads | None = None
-        events = _Events()
-        tally = _Tally()
-        wanted = model_field(name)
-        phase = "prefill"
-        _start_work(m)
-        outcome = "ok"
-        opening = asyncio.ensure_future(self._open(runner, path, checked))
-
-        trace = _trace(request)
-
-        async def begin() -> web.StreamResponse:
-            r = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_queue_wait(request)})
-            await r.prepare(request)
-            mark_streaming(request, r)
-            return r
-
-        async def silence() -> web.StreamResponse | None:
-            """The runner said nothing for `hb` seconds: a heartbeat, or the end."""
-            if time.monotonic() - last_byte > idle_limit:
-                raise _Lost(f"runner silent for {idle_limit:g} s")
-            if not streaming:
-                return None
-            r = response if response is not None else await begin()
-            await r.write(HEARTBEAT)
-            return r
-
-        try:
-            with _LostOnExit(runner):
-                # The runner's answer headers (it may send them only after prefill).
-                while not opening.done():
-                    await asyncio.wait({opening}, timeout=hb)
-                    if not opening.done():
-                        response = await silence()
-                try:
-                    upstream = opening.result()
-                except aiohttp.ClientError as exc:
-                    _count_failure(m, runner, exc)
-                    raise _Lost(f"runner connection failed: {describe(exc)}") from exc
-                last_byte = m.stats.last_byte_at = time.monotonic()
-                if upstream.status >= 400:
-                    raw = await upstream.read()
-                    err = self._runner_error(m, runner, upstream.status, raw)
-                    outcome = _error_outcome(err)
-                    if response is None:
-                        raise err
-                    metrics.stream_errors.labels(m.model_id, "upstream_error").inc()
-                    await response.write(sse_error_frame(err.message, err.status, err.code))
-                    return response
-                if streaming and response is None:
-                    response = await begin()
-                # Plain reads in the handler's own task: no task, wait or timer per
-                # chunk. Silence comes back as None; the runner's exit as _Lost.
-                reads = _QuietReads(upstream, hb)
-                while True:
-                    try:
-                        chunk = await reads.read()
-                    except aiohttp.ClientError as exc:
-                        _count_failure(m, runner, exc)
-                        raise _Lost(f"runner connection failed: {describe(exc)}") from exc
-                    if chunk is None:
-                        response = await silence()
-                        continue
-                    last_byte = m.stats.last_byte_at = now = time.monotonic()
-                    if not chunk:
-                        if not tally.done:
-                            m.runner_failed(runner, "closed a stream before [DONE]")
-                            raise _Lost("runner closed the stream before [DONE]")
-                        break
-                    out = self._take(events.feed(chunk), tally, checked, now)
-                    if streaming and out:
-                        assert response is not None
-                        await response.write(renamed(out, wanted))
-                    if tally.frames and phase == "prefill":
-                        phase = "decode"
-                        m.stats.prefilling -= 1
-                        m.stats.decoding += 1
-                        ttft = (tally.first_at or now) - started
-                        m.stats.ttft_s = ttft
-                        if trace is not None:
-                            trace.ttft_s = round(ttft, 6)
-                        metrics.ttft.labels(m.model_id).observe(ttft)
-            m.runner_answered(runner)
-            if streaming:
-                assert response is not None
-                return response
-            return web.json_response({**assemble(tally.chunks), "model": name})
-        except _Lost as exc:
-            outcome = "upstream_lost"
-            message = f"runner of {m.model_id!r} lost: {describe(exc)}"
-            if trace is not None:
-                trace.error = message
-            if response is None:
-                raise UpstreamUnavailable(message) from exc
-            # Counted only where a client really gets the error frame.
-            metrics.stream_errors.labels(m.model_id, "runner_lost").inc()
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await response.write(sse_error_frame(message))
-            return response
-        except (ConnectionError, asyncio.CancelledError):
-            if streaming and tally.done:
-                # [DONE] had reached the client (cortex closes as soon as it reads
-                # it): a complete answer, whichever side closed first after it.
-                if trace is not None:
-                    trace.status = "200"
-            else:
-                # The client went away: closing the upstream stops the runner's work.
-                outcome = "client_gone"
-            raise
-        finally:
-            if reads is not None:
-                reads.close()
-            if upstream is None:
-                # Not opened yet, or opened just as the stream was cut short.
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    upstream = await opening
-            if upstream is not None:
-                upstream.close()
-            if phase == "prefill":
-                m.stats.prefilling -= 1
-            else:
-                m.stats.decoding -= 1
-            if tally.usage is not None:
-                self._count_tokens(m, tally.usage, tally)
-                if trace is not None:
-                    trace.usage(tally.usage)
-                    trace.tok_s = _tok_s(tally)
-            if trace is not None and outcome != "ok":
-                trace.status = outcome
-            metrics.requests.labels(m.model_id, outcome).inc()
-
-    def _take(self, batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> bytes:
-        """Account for complete events from the runner; the bytes the client gets."""
-        out = []
-        for event in batch:
-            if event.startswith(b":"):  # the runner's prefill keepalive
-                out.append(event)
-                continue
-            if event.startswith(DONE.rstrip(b"\n")):
-                tally.done = True
-                out.append(event)
-                continue
-            # Quotes inside strings are escaped in JSON, so this finds only the key.
-            has_usage = b'"usage":' in event
-            chunk: dict[str, Any] | None = None
-            if has_usage or not checked.stream:
-                chunk = _event_json(event)
-            if chunk is not None and is_usage_frame(chunk):
-                tally.usage = chunk["usage"]
-                if not checked.stream:
-                    tally.chunks.append(chunk)
-                elif checked.include_usage:
-                    out.append(event)
-                else:
-                    # An SSE comment (clients skip it): cortex's trace reads the counts.
-                    out.append(usage_comment(chunk["usage"]))
-                continue
-            tally.frames += 1
-            if tally.first_at is None:
-                tally.first_at = now
-            tally.last_at = now
-            if chunk is not None and not checked.stream:
-                tally.chunks.append(chunk)
-            out.append(event)
-        return b"".join(out)
+        """Stream from the runner; to the client as a stream, or assembled at the end."""
+        now = time.monotonic()
+        m.runner_health.started(now)
+        relay = _Relay(
+            proxy=self,
+            request=request,
+            m=m,
+            runner=runner,
+            checked=checked,
+            name=name,
+            race=IdleRace(self.config.heartbeat_s, runner.exited),
+            opening=asyncio.ensure_future(self._open(runner, path, checked)),
+            trace=_trace(request),
+            started=now,
+            last_byte=now,
+        )
+        return await relay.run()
 
     def _count_tokens(
         self, m: ModelSupervisor, usage: dict[str, Any], tally: _Tally | None = None
@@ -506,36 +306,263 @@ class Proxy:
         if not isinstance(completion, int) or completion < 0:
             return
         metrics.tokens.labels(m.model_id, "completion").inc(completion)
-        m.stats.completion_tokens += completion
         # Decode speed: the tokens after the first, over the time since the first.
+        tps = None
         if tally is not None and completion > 1 and tally.first_at and tally.last_at:
             span = tally.last_at - tally.first_at
             if span > 0:
                 tps = (completion - 1) / span
-                m.stats.decode_tps = tps
                 metrics.decode_tps.labels(m.model_id).observe(tps)
+        m.runner_health.tokens(completion, tps)
 
     def _runner_error(
         self, m: ModelSupervisor, runner: RunnerProcess, status: int, raw: bytes
     ) -> ApiError:
-        """A runner's error answer as our envelope; a broken runner is restarted."""
+        """A runner's error answer as our envelope; what it says goes to the health record."""
         message = _runner_message(raw)
-        if BROKEN_MARK in message:
-            m.runner_broken(runner, f"runner answered {status}: {message}")
+        kind = answer_kind(status, message)
+        if kind == "refused":
+            return InvalidRequest(f"runner refused the request: {message}")
+        if kind == "thread_died":
+            m.runner_failed(runner, kind, f"runner answered {status}: {message}")
             return RunnerBroken(
                 f"runner of {m.model_id!r} was broken ({message}); it is being restarted"
             )
-        # mlx_lm.server answers 404 to any failure to start a generation: past the
-        # allow-list that is this request's own doing (a chat template refusing its
-        # roles...), not the runner's, so it is neither counted nor retried elsewhere.
-        if status in (400, 404):
-            return InvalidRequest(f"runner refused the request: {message}")
-        if m.runner_failed(runner, f"answered {status}: {message}"):
+        if m.runner_failed(runner, kind, f"answered {status}: {message}"):
             return RunnerBroken(
                 f"runner of {m.model_id!r} was broken ({status}: {message}); it is being restarted"
             )
         # Never a 404: gateways bench an upstream that answers one.
         return UpstreamError(f"runner answered {status}: {message}")
+
+
+@attrs.define(eq=False)
+class _Relay:
+    """One streamed request to a runner, in steps around `IdleRace.next`.
+
+    Either way (to the client as a stream, or assembled at the end) the client's
+    going away cancels the handler, which closes the runner connection; the
+    runner's next write then fails and it stops.
+    """
+
+    proxy: Proxy
+    request: web.Request
+    m: ModelSupervisor
+    runner: RunnerProcess
+    checked: Checked
+    name: str
+    # Races each wait on the runner against the heartbeat and the runner's exit.
+    race: IdleRace
+    opening: asyncio.Future[aiohttp.ClientResponse]
+    trace: TraceDraft | None
+    started: float
+    # time.monotonic() of this request's last byte from the runner (its idle limit).
+    last_byte: float
+    response: web.StreamResponse | None = None
+    upstream: aiohttp.ClientResponse | None = None
+    tally: _Tally = attrs.Factory(_Tally)
+    decoding: bool = False
+    outcome: str = "ok"
+
+    async def run(self) -> web.StreamResponse:
+        try:
+            upstream = await self._headers()
+            if upstream.status >= 400:
+                return await self._error_answer(upstream)
+            if self.checked.stream and self.response is None:
+                self.response = await self._begin()
+            await self._pump(upstream)
+            self.m.runner_answered(self.runner)
+            if self.checked.stream:
+                assert self.response is not None
+                return self.response
+            return web.json_response({**assemble(self.tally.chunks), "model": self.name})
+        except _Lost as exc:
+            return await self._lost(exc)
+        except (ConnectionError, asyncio.CancelledError):
+            self._cut_short()
+            raise
+        finally:
+            await self._close()
+
+    async def _headers(self) -> aiohttp.ClientResponse:
+        """The runner's answer headers (it may send them only after prefill)."""
+        while True:
+            try:
+                # Shielded: a heartbeat's interruption must not abort the request.
+                upstream = await self.race.next(asyncio.shield(self.opening))
+            except aiohttp.ClientError as exc:
+                raise self._connection_failed(exc) from exc
+            except StreamEnded:
+                raise self._exited() from None
+            if upstream is not None:
+                break
+            await self._silence()
+        self.upstream = upstream
+        self.last_byte = now = time.monotonic()
+        self.m.runner_health.byte(now)
+        return upstream
+
+    async def _pump(self, upstream: aiohttp.ClientResponse) -> None:
+        """Relay the runner's events until its stream ends after [DONE].
+
+        Plain reads in the handler's own task: no task, wait or timer per chunk.
+        """
+        read, race, seen = upstream.content.readany, self.race, self.m.runner_health
+        events, tally, checked = _Events(), self.tally, self.checked
+        wanted = model_field(self.name)
+        while True:
+            try:
+                chunk = await race.next(read())
+            except aiohttp.ClientError as exc:
+                raise self._connection_failed(exc) from exc
+            except StreamEnded:
+                raise self._exited() from None
+            if chunk is None:
+                await self._silence()
+                continue
+            self.last_byte = now = time.monotonic()
+            seen.byte(now)
+            if not chunk:
+                if tally.done:
+                    return
+                self.m.runner_failed(self.runner, "cut_short", "closed a stream before [DONE]")
+                raise _Lost("runner closed the stream before [DONE]")
+            out = _take(events.feed(chunk), tally, checked, now)
+            if out and self.response is not None:
+                await self.response.write(renamed(out, wanted))
+            if tally.frames and not self.decoding:
+                self._first_token(now)
+
+    async def _begin(self) -> web.StreamResponse:
+        r = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_queue_wait(self.request)})
+        await r.prepare(self.request)
+        mark_streaming(self.request, r)
+        return r
+
+    async def _silence(self) -> None:
+        """The runner said nothing for a heartbeat: a heartbeat to a stream, or the end."""
+        limit = self.proxy.config.idle_read_timeout_s
+        if time.monotonic() - self.last_byte > limit:
+            raise _Lost(f"runner silent for {limit:g} s")
+        if not self.checked.stream:
+            return
+        if self.response is None:
+            self.response = await self._begin()
+        await self.response.write(HEARTBEAT)
+
+    def _first_token(self, now: float) -> None:
+        self.decoding = True
+        ttft = (self.tally.first_at or now) - self.started
+        self.m.runner_health.first_token(ttft)
+        if self.trace is not None:
+            self.trace.ttft_s = round(ttft, 6)
+        self.proxy.supervisor.metrics.ttft.labels(self.m.model_id).observe(ttft)
+
+    def _connection_failed(self, exc: aiohttp.ClientError) -> _Lost:
+        self.m.runner_failed(self.runner, "connection", f"connection failed: {describe(exc)}")
+        return _Lost(f"runner connection failed: {describe(exc)}")
+
+    def _exited(self) -> _Lost:
+        return _Lost(f"runner exited with code {self.runner.exited.result()}")
+
+    async def _error_answer(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """The runner answered an error status: raise it, or end the begun stream with it."""
+        raw = await race_exit(upstream.read(), self.runner, _Lost)
+        err = self.proxy._runner_error(self.m, self.runner, upstream.status, raw)
+        self.outcome = _error_outcome(err)
+        if self.response is None:
+            raise err
+        self.proxy.supervisor.metrics.stream_errors.labels(self.m.model_id, "upstream_error").inc()
+        await self.response.write(sse_error_frame(err.message, err.status, err.code))
+        return self.response
+
+    async def _lost(self, exc: _Lost) -> web.StreamResponse:
+        self.outcome = "upstream_lost"
+        message = f"runner of {self.m.model_id!r} lost: {describe(exc)}"
+        if self.trace is not None:
+            self.trace.error = message
+        if self.response is None:
+            raise UpstreamUnavailable(message) from exc
+        # Counted only where a client really gets the error frame.
+        self.proxy.supervisor.metrics.stream_errors.labels(self.m.model_id, "runner_lost").inc()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.response.write(sse_error_frame(message))
+        return self.response
+
+    def _cut_short(self) -> None:
+        if self.checked.stream and self.tally.done:
+            # [DONE] had reached the client (cortex closes as soon as it reads
+            # it): a complete answer, whichever side closed first after it.
+            if self.trace is not None:
+                self.trace.status = "200"
+        else:
+            # The client went away: closing the upstream stops the runner's work.
+            self.outcome = "client_gone"
+
+    async def _close(self) -> None:
+        self.race.close()
+        upstream = self.upstream
+        if upstream is None:
+            # Not opened yet, or opened just as the stream was cut short.
+            self.opening.cancel()
+            with contextlib.suppress(BaseException):
+                upstream = await self.opening
+        if upstream is not None:
+            upstream.close()
+        self.m.runner_health.ended(self.decoding)
+        tally, trace = self.tally, self.trace
+        if tally.usage is not None:
+            self.proxy._count_tokens(self.m, tally.usage, tally)
+            if trace is not None:
+                trace.usage(tally.usage)
+                trace.tok_s = _tok_s(tally)
+        if trace is not None and self.outcome != "ok":
+            trace.status = self.outcome
+        self.proxy.supervisor.metrics.requests.labels(self.m.model_id, self.outcome).inc()
+
+
+def _serving(m: ModelSupervisor | None, model_id: str) -> RunnerProcess:
+    """The runner to send this request to (the supervisor says whether there is one)."""
+    if m is None:
+        raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model")
+    return m.serving_runner()
+
+
+def _take(batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> bytes:
+    """Account for complete events from the runner; the bytes the client gets."""
+    out = []
+    for event in batch:
+        if event.startswith(b":"):  # the runner's prefill keepalive
+            out.append(event)
+            continue
+        if event.startswith(DONE.rstrip(b"\n")):
+            tally.done = True
+            out.append(event)
+            continue
+        # Quotes inside strings are escaped in JSON, so this finds only the key.
+        has_usage = b'"usage":' in event
+        chunk: dict[str, Any] | None = None
+        if has_usage or not checked.stream:
+            chunk = _event_json(event)
+        if chunk is not None and is_usage_frame(chunk):
+            tally.usage = chunk["usage"]
+            if not checked.stream:
+                tally.chunks.append(chunk)
+            elif checked.include_usage:
+                out.append(event)
+            else:
+                # An SSE comment (clients skip it): cortex's trace reads the counts.
+                out.append(usage_comment(chunk["usage"]))
+            continue
+        tally.frames += 1
+        if tally.first_at is None:
+            tally.first_at = now
+        tally.last_at = now
+        if chunk is not None and not checked.stream:
+            tally.chunks.append(chunk)
+        out.append(event)
+    return b"".join(out)
 
 
 class RunnerBroken(UpstreamError):
@@ -563,20 +590,6 @@ def _event_json(event: bytes) -> dict[str, Any] | None:
                 obj = json.loads(line[5:])
                 return obj if isinstance(obj, dict) else None
     return None
-
-
-def _count_failure(m: ModelSupervisor, runner: RunnerProcess, exc: BaseException) -> None:
-    # A live runner whose HTTP side fails us is wedged; a dead one is a crash already.
-    if runner.alive:
-        m.runner_failed(runner, f"connection failed: {describe(exc)}")
-
-
-def _start_work(m: ModelSupervisor) -> None:
-    # An idle runner's silence counts for the stall watchdog from now on; a busy
-    # one's keeps counting from its last byte (new requests do not hide a stall).
-    if m.stats.phase == "idle":
-        m.stats.last_byte_at = time.monotonic()
-    m.stats.prefilling += 1
 
 
 def _runner_message(raw: bytes) -> str:

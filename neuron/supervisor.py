@@ -5,6 +5,9 @@
                                              or any loss of a group rank)
     any -> unloading (then gone)
 
+Every change of state goes through `ModelSupervisor._transition`, checked
+against the table in neuron.runner_states.
+
 A model is ready only after one real 1-token request has been answered (rank 0
 of a group answers only once every rank has joined; other ranks serve no HTTP
 and are ready once started).  A crash is noticed by the exit of the runner
@@ -17,6 +20,8 @@ in flight and leaves /health unanswered is killed (the stall watchdog) and
 goes the same way as a crash.  So does a broken runner: one alive but failing
 the requests it should serve ("generation thread died" in an answer or a 503
 from its /health, read every few seconds, or N failed requests in a row).
+What the proxy sees of the runner goes to its RunnerHealth record
+(neuron.runner_health), which alone decides "broken" and "stalled".
 """
 
 from __future__ import annotations
@@ -37,13 +42,15 @@ import attrs
 
 from neuron.admission import Admission
 from neuron.config import NeuronConfig
-from neuron.metrics import ModelStats, NeuronMetrics
+from neuron.metrics import NeuronMetrics
 from neuron.rdma_quirk import classify as classify_rdma
 from neuron.request_check import ModelInfo
 from neuron.runner import RunnerProcess
-from neuron.staging import StageJob, Stager
+from neuron.runner_health import FailureKind, RunnerHealth
+from neuron.runner_states import ENDED, BadTransition, check_transition
+from neuron.staging import PLAN_WAIT_S, StageJob, Stager
 from neuron.store import Store, copy_name, is_local_source
-from shared.errors import ModelNotFound
+from shared.errors import InvalidRequest, ModelFailed, ModelLoading, ModelNotFound
 from shared.journal import Event, Journal
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
@@ -53,8 +60,8 @@ T = TypeVar("T")
 
 WARMUP_BODY = json.dumps({"model": "default_model", "prompt": "hi", "max_tokens": 1}).encode()
 POLL_S = 0.2
-# What mlx_lm.server answers once its generation thread has died: it never recovers.
-BROKEN_MARK = "generation thread died"
+# The journal's event for entering these states (the others have none).
+_JOURNALLED: dict[ModelState, str] = {"ready": "ready", "failed": "failed", "unloading": "stop"}
 
 
 class _RunnerLost(Exception):
@@ -103,7 +110,11 @@ class ModelSupervisor:
     peers: tuple[str, ...] = ()
     # The stage this load waits for (a hub source), while it is under way.
     stage: StageJob | None = None
-    stats: ModelStats = attrs.Factory(ModelStats)
+    # What the proxy saw of the runner; it alone decides "broken" and "stalled".
+    runner_health: RunnerHealth = attrs.Factory(
+        lambda self: RunnerHealth.create(self.config.runner), takes_self=True
+    )
+    # Changed only by `_transition`.
     state: ModelState = "loading"
     error: str | None = None
     runner: RunnerProcess | None = None
@@ -118,8 +129,6 @@ class ModelSupervisor:
     restarted_at: float | None = None
     # Wall clock (s) this load began: OpenAI's `created` for the model.
     created: int = attrs.Factory(lambda: int(time.time()))
-    _broken: str | None = None
-    _failures: int = 0
     _starts: int = 0
     _crashes: collections.deque[float] = attrs.Factory(collections.deque)
     _task: asyncio.Task[None] | None = None
@@ -174,7 +183,7 @@ class ModelSupervisor:
             group=self.group,
             port=self.runner.port if self.runner is not None and self.runner.alive else None,
             memory_bytes=self._memory_bytes(),
-            last_used=self.stats.last_used,
+            last_used=self.runner_health.last_used,
             error=self.error,
             staging=None if self.stage is None or not self.stage.active else self.stage.to_json(),
             restarts=max(0, self._starts - 1),
@@ -182,17 +191,30 @@ class ModelSupervisor:
         )
 
     def health(self) -> ModelHealth:
+        seen = self.runner_health
         return ModelHealth(
             model_id=self.model_id,
             state=self.state,
             in_flight=self.admission.in_flight,
             queue_depth=self.admission.queue_depth,
-            phase=self.stats.phase,
-            decode_tps=self.stats.decode_tps,
-            ttft_s=self.stats.ttft_s,
-            last_used=self.stats.last_used,
-            completion_tokens=self.stats.completion_tokens,
+            phase=seen.phase,
+            decode_tps=seen.decode_tps,
+            ttft_s=seen.ttft_s,
+            last_used=seen.last_used,
+            completion_tokens=seen.completion_tokens,
         )
+
+    def serving_runner(self) -> RunnerProcess:
+        """The runner that takes this model's requests now; else why none does (typed)."""
+        if self.state == "failed":
+            raise ModelFailed(f"model {self.model_id!r} failed: {self.error}")
+        if self.state == "unloading":
+            raise ModelLoading(f"model {self.model_id!r} is unloading")
+        if self.state != "ready" or self.runner is None or not self.runner.alive:
+            raise ModelLoading(f"model {self.model_id!r} is {self.state}")
+        if not self.is_rank0:
+            raise InvalidRequest(f"model {self.model_id!r}: this node is not rank 0 of its group")
+        return self.runner
 
     def _memory_bytes(self) -> int:
         # Resident set of the runner (Linux); the weights' size elsewhere.
@@ -237,13 +259,12 @@ class ModelSupervisor:
             log.warning("model %s failed: %s", self.model_id, describe(exc))
             if self.runner is not None:
                 self.runner.kill_now()  # a failed model keeps no runner
-            self.state = "failed"
             self.error = describe(exc)
             self.failed_at = time.monotonic()
-            self.event("failed", self.error)
+            self._transition("failed", self.error)
 
     async def _run_once(self) -> None:
-        self.state = "loading" if self._starts == 0 else "recovering"
+        # In `loading` (the first start) or `recovering` (set by `_crashed`).
         if self._starts:
             self.restarted_at = time.time()
         self._starts += 1
@@ -268,14 +289,14 @@ class ModelSupervisor:
             self._crashed(runner, str(exc))
         self.load_seconds = time.monotonic() - t0
         self.metrics.load_seconds.labels(self.model_id).observe(self.load_seconds)
-        self.state = "ready"
         # After a restart, why it happened stays readable in /models (its first line).
         last = (self.error or "").split("\n", 1)[0].removeprefix("recovered from: ")
         self.error = f"recovered from: {last}" if self._starts > 1 and last else None
         log.info(
             "model %s ready in %.2f s on port %d", self.model_id, self.load_seconds, runner.port
         )
-        self.event("ready", f"in {self.load_seconds:.2f} s, pid {runner.pid} port {runner.port}")
+        ready = f"in {self.load_seconds:.2f} s, pid {runner.pid} port {runner.port}"
+        self._transition("ready", ready)
         self._crashed(runner, await self._watch(runner))
 
     async def _watch(self, runner: RunnerProcess) -> str:
@@ -283,23 +304,26 @@ class ModelSupervisor:
         limit = self.config.runner.stall_timeout_s
         check_every = self.config.runner.health_check_interval_s
         next_check = time.monotonic() + check_every
+        seen = self.runner_health
         while True:
             await asyncio.wait({runner.exited}, timeout=min(1.0, limit / 2, check_every))
             if runner.exited.done():
-                if self._broken is not None:
-                    return f"runner broken: {self._broken}"
+                if seen.broken is not None:
+                    return f"runner broken: {seen.broken}"
                 return f"runner exited with code {runner.exited.result()}"
             if self.is_rank0 and time.monotonic() >= next_check:
                 next_check = time.monotonic() + check_every
                 if await self._reports_dead(runner):
-                    self.runner_broken(runner, "its /health reports the generation thread dead")
+                    dead = "its /health reports the generation thread dead"
+                    self.runner_failed(runner, "thread_died", dead)
                     continue
-            silent = time.monotonic() - self.stats.last_byte_at
-            if self.admission.in_flight and silent > limit and not await self._probe(runner):
+            in_flight = self.admission.in_flight
+            silent = seen.silent_s(time.monotonic(), in_flight)
+            if silent is not None and not await self._probe(runner):
                 # Killing it ends the streams in flight (they watch `exited`).
                 reason = (
                     f"runner stalled: no byte for {silent:.0f} s with "
-                    f"{self.admission.in_flight} request(s) in flight, /health unanswered"
+                    f"{in_flight} request(s) in flight, /health unanswered"
                 )
                 log.warning("model %s: %s; killing it", self.model_id, reason)
                 runner.kill_now()
@@ -317,32 +341,30 @@ class ModelSupervisor:
 
     # --- what the proxy saw of the runner's answers ---------------------------
 
-    def runner_broken(self, runner: RunnerProcess, reason: str) -> None:
-        """The runner can serve no more: kill it, and `_watch` restarts it like a crash."""
-        if self.runner is not runner or not runner.alive or self._broken is not None:
-            return
-        self._broken = reason
-        log.warning("model %s: runner broken (%s); restarting it", self.model_id, reason)
-        # Not ready from this moment: new requests wait for the replacement.
-        if self.state == "ready":
-            self.state = "recovering"
-            self.error = f"runner broken: {reason}"
-        runner.kill_now()
-
-    def runner_failed(self, runner: RunnerProcess, reason: str) -> bool:
-        """One more failed request in a row; True when that makes the runner broken."""
+    def runner_failed(self, runner: RunnerProcess, kind: FailureKind, detail: str) -> bool:
+        """A failed request, told to the health record; True when it makes the runner broken."""
         if self.runner is not runner:
+            return False  # news of a runner already replaced
+        reason = self.runner_health.failed(kind, detail, alive=runner.alive)
+        if reason is None:
             return False
-        self._failures += 1
-        n = self.config.runner.max_consecutive_errors
-        if self._failures < n:
-            return False
-        self.runner_broken(runner, f"{self._failures} failed requests in a row; last: {reason}")
+        self._break(runner, reason)
         return True
 
     def runner_answered(self, runner: RunnerProcess) -> None:
         if self.runner is runner:
-            self._failures = 0
+            self.runner_health.done()
+
+    def _break(self, runner: RunnerProcess, reason: str) -> None:
+        """The runner can serve no more: kill it, and `_watch` restarts it like a crash."""
+        if not runner.alive or not self.runner_health.broke(reason):
+            return
+        log.warning("model %s: runner broken (%s); restarting it", self.model_id, reason)
+        # Not ready from this moment: new requests wait for the replacement.
+        if self.state == "ready":
+            self.error = f"runner broken: {reason}"
+            self._transition("recovering", self.error)
+        runner.kill_now()
 
     async def _probe(self, runner: RunnerProcess) -> bool:
         """Does the runner answer GET /health within the probe timeout?"""
@@ -359,7 +381,7 @@ class ModelSupervisor:
         while not await race_exit(self._answers(runner), runner):
             await race_exit(asyncio.sleep(POLL_S), runner)
         if self.state == "loading":
-            self.state = "warming"
+            self._transition("warming", "answers /health; warmup request next")
         while True:
             status, text = await race_exit(self._warmup(runner), runner)
             if status == 200:
@@ -397,8 +419,7 @@ class ModelSupervisor:
     def _crashed(self, runner: RunnerProcess, reason: str) -> None:
         """Account for a lost runner; raise _GiveUp or _RunnerLost."""
         runner.kill_now()
-        self._broken = None
-        self._failures = 0
+        self.runner_health.renew()
         self.metrics.runner_crashes.labels(self.model_id).inc()
         now = time.monotonic()
         self._crashes.append(now)
@@ -423,8 +444,22 @@ class ModelSupervisor:
             raise _GiveUp(
                 f"{len(self._crashes)} runner failures within {window:g} s; last: {self.error}"
             )
-        self.state = "recovering"
+        if self.state != "recovering":  # already, if it broke while ready
+            self._transition("recovering", reason)
         raise _RunnerLost(reason)
+
+    def _transition(self, to: ModelState, why: str) -> None:
+        """The one place a model's state changes: checked against the table, journalled."""
+        try:
+            check_transition(self.state, to)
+        except BadTransition:
+            log.error("model %s: bug: %s -> %s refused (%s)", self.model_id, self.state, to, why)
+            raise
+        log.debug("model %s: %s -> %s (%s)", self.model_id, self.state, to, why)
+        self.state = to
+        kind = _JOURNALLED.get(to)
+        if kind is not None:
+            self.event(kind, why)
 
     def event(self, kind: str, detail: str = "") -> None:
         self.journal.append(
@@ -442,8 +477,7 @@ class ModelSupervisor:
         return self._stop_task
 
     async def _stop(self) -> None:
-        self.state = "unloading"
-        self.event("stop", "" if self.runner is None else f"pid {self.runner.pid}")
+        self._transition("unloading", "" if self.runner is None else f"pid {self.runner.pid}")
         try:
             if self.stage is not None:
                 # An unload of a model being staged cancels its stage (resumable later).
@@ -510,14 +544,20 @@ class Supervisor:
         self.store.close()
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
-    async def load(self, req: LoadRequest) -> ModelSupervisor:
-        """Start loading `req`, or return the model already loading/loaded (one load)."""
+    async def load(self, req: LoadRequest, *, refuse_floor: bool = False) -> ModelSupervisor:
+        """Start loading `req`, or return the model already loading/loaded (one load).
+
+        With `refuse_floor` (POST /models/load), a hub source with no copy here
+        starts its stage first and a floor refusal of it is raised (507) at once.
+        """
+        # 400 now (outside the roots, not a model), rather than a failed load later.
+        self.store.check_source(req.source)
+        if refuse_floor:
+            await self._refuse_if_floor(req)
         async with self._lock:
             current = self.models.get(req.model_id)
-            if current is not None and current.state not in ("failed", "unloading"):
+            if current is not None and current.state not in ENDED:
                 return current
-            # 400 now (outside the roots, not a model), rather than a failed load later.
-            self.store.check_source(req.source)
             if current is not None:
                 await asyncio.shield(current.stop())
             m = ModelSupervisor.create(
@@ -530,6 +570,20 @@ class Supervisor:
             m.start()
             self._prune_failed()
             return m
+
+    async def _refuse_if_floor(self, req: LoadRequest) -> None:
+        """Start the stage a hub load needs and raise its floor refusal (507) if it has one."""
+        if is_local_source(req.source) or self.store.has_copy(copy_name(req.source)):
+            return
+        current = self.models.get(req.model_id)
+        if current is not None and current.state not in ENDED:
+            return  # this load joins the one under way
+        job = self.stager.stage(req.model_id, req.source, req.peers)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PLAN_WAIT_S):
+                await job.planned.wait()
+        if job.refusal is not None:
+            raise job.refusal
 
     def get(self, model_id: str) -> ModelSupervisor | None:
         return self.models.get(model_id)

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from shared.errors import ShuttingDown, sse_error_frame
+from shared.interrupt import Interrupt
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ def mark_streaming(request: web.Request, response: web.StreamResponse) -> None:
 class Drain:
     paths: Collection[str]
     closing: bool = False
-    # One future per request in flight, resolved when its handler returns.
-    _running: dict[asyncio.Future[None], asyncio.Task[object]] = attrs.Factory(dict)
-    _cut: set[asyncio.Task[object]] = attrs.Factory(set)
+    # One future per request in flight, resolved when its handler returns, and
+    # the cut (cancel) shutdown may make of its handler's task.
+    _running: dict[asyncio.Future[None], Interrupt] = attrs.Factory(dict)
 
     @property
     def in_flight(self) -> int:
@@ -55,9 +56,8 @@ class Drain:
         if not left:
             return
         log.warning("ending %d request(s) still running after %g s", len(left), drain_s)
-        for task in left.values():
-            self._cut.add(task)
-            task.cancel()
+        for cut in left.values():
+            cut.fire()
         await asyncio.wait(list(left), timeout=5.0)
 
     def middleware(self) -> Middleware:
@@ -70,17 +70,16 @@ class Drain:
             task = asyncio.current_task()
             assert task is not None
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._running[done] = task
+            self._running[done] = cut = Interrupt(task)
             try:
                 return await handler(request)
             except asyncio.CancelledError:
-                if task not in self._cut:
+                if not cut.fired:
                     raise  # the client left
-                task.uncancel()
+                cut.withdraw()  # ours: the request ends with an answer, not a cancel
                 return await _end(request)
             finally:
                 del self._running[done]
-                self._cut.discard(task)
                 done.set_result(None)
 
         return drain_middleware

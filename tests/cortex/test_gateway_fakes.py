@@ -526,6 +526,33 @@ async def test_admin_unload_of_a_kept_model_needs_force_and_then_sticks(
         assert sum(n.calls["load"] for n in two) == 1
 
 
+async def test_an_admin_unload_ends_a_load_under_way(two: list[FakeNeuron]) -> None:
+    """The operator's unload wins over a load in flight: the load job ends, the node is
+    told to unload, and a request that waited on the load gets an answer, not a hang."""
+    gate = asyncio.Event()
+    two[0].load_gate = gate  # the load stays 'loading' on n1 until the test says
+    async with gateway(two) as client:
+        assert client.app is not None
+        life = client.app[LIFECYCLE]
+        resp = await client.post("/admin/models/m1/load", json={"nodes": ["n1"]})
+        assert resp.status == 202
+        job = life.job("m1")
+        assert job is not None and job.kind == "load"
+        hi = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+        chat = asyncio.create_task(client.post("/v1/chat/completions", json=hi))
+        await _until(lambda: _true(life.waiting("m1") == 1))
+        resp = await client.post("/admin/models/m1/unload", json={"nodes": ["n1"]})
+        assert resp.status == 200, await resp.text()
+        assert two[0].unload_requests == ["m1"]
+        gate.set()
+        answer = await asyncio.wait_for(chat, 60)
+        assert answer.status in (200, 503), await answer.text()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_admin_load_on_a_named_node_and_with_exclusions(two: list[FakeNeuron]) -> None:
     """An operator picks the node, or keeps one out; a second copy goes elsewhere."""
     async with gateway(two) as client:
