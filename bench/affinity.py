@@ -12,7 +12,7 @@ a fresh `cortex serve` in front of them with `routing` set to:
   round_robin   replicas in turn, load ignored
   least_loaded  the least busy replica, no affinity
   affinity      cortex's default: least loaded, but a conversation goes back to
-                the replica that served its prefix (cortex.router.prefix_keys)
+                the replica that served its prefix (cortex.core.router.prefix_keys)
 
 Workload per arm: `--conversations` chats that grow turn by turn (a system
 prompt unique to the arm and conversation, then user turns of ~60 words each

@@ -22,7 +22,7 @@ window), cortex's CPU over `--window` seconds as a share of one core
 (/proc/PID/stat utime+stime, so other load on the machine does not count), its
 RSS, and nginx's CPU. Then, in process: a 1,000-node fleet (4 ready models each
 out of the 200, so 20 replicas per model, ~4,000 requests of cortex's own in
-flight) routed by `Fleet.snapshot()` + `cortex.router.route` with a full affinity
+flight) routed by `Fleet.snapshot()` + `cortex.core.router.route` with a full affinity
 table (bench.router_micro's fleet), p50/p99 of CPU time per decision.
 """
 
@@ -47,7 +47,7 @@ from typing import Any
 from bench.benchmarks_md import machine, update
 from bench.proxy_overhead import children, idle_health
 from bench.router_micro import affinity_table, build, requests
-from cortex.router import route
+from cortex.core.router import route
 
 TARGET_ROUND_S = 1.0
 TARGET_CPU = 0.25

@@ -43,7 +43,7 @@ import attrs
 from shared.blocking_http import request_json
 from shared.wire import ModelHealth
 
-# mlx_lm.server serves its own model under this name (see neuron.proxy).
+# mlx_lm.server serves its own model under this name (see neuron.http.proxy).
 RUNNER_MODEL_NAME = "default_model"
 
 
@@ -636,7 +636,7 @@ def _run(args: argparse.Namespace, root: Path, procs: Procs) -> int:
     # (The neuron's own figure must not include its runner child.)
     pids = {name: [p.pid, *(children(p.pid) if name == "nginx" else ())] for name, p in procs.procs}
     mine = set(_pids_mentioning(str(root)))
-    runner = [pid for pid in _pids_mentioning("neuron.runner_main") if pid in mine]
+    runner = [pid for pid in _pids_mentioning("neuron.runner.main") if pid in mine]
     pids = {"runner": runner, **pids}
     tallies = asyncio.run(
         measure(targets, args.requests, args.concurrency, args.max_tokens, args.rounds, pids)

@@ -10,8 +10,8 @@ flight. The same request stream (model name, prefix keys) goes to:
   min-load      `min(replicas, key=load)` over precomputed replicas: the pick alone
   lookup+min    resolve the name in the catalogue, find the ready replicas in the
                 snapshot, pick the least loaded: the least any router must do
-  route         cortex.router.route, no affinity table
-  route+aff     cortex.router.route with a full affinity table (8192 keys)
+  route         cortex.core.router.route, no affinity table
+  route+aff     cortex.core.router.route with a full affinity table (8192 keys)
 
 plus, for scale, the other per-request work cortex's proxy does around `route`:
 `Fleet.snapshot()` and `prefix_keys(body)`. Each variant runs `--repeat`
@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cortex.router import Route, prefix_keys, route
-from cortex.state import AffinityTable, Fleet, FleetSnapshot
+from cortex.core.router import Route, prefix_keys, route
+from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
 from shared.catalogue import Catalogue, ModelSpec
 from shared.wire import ModelHealth, ModelStatus, NodeHealth
 
@@ -142,7 +142,7 @@ def time_ns(fn: Callable[[], object], calls: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.router_micro",
-        description="Microseconds per cortex.router.route call vs trivial pickers.",
+        description="Microseconds per cortex.core.router.route call vs trivial pickers.",
     )
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument("--models-per-node", type=int, default=8)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.proxy_overhead import cpu_seconds
-from neuron.demo_model import build_demo_model
+from neuron.store.demo_model import build_demo_model
 from tests.conftest import NeuronProcess, http_json, stop_quietly, wait_until
 
 NAME = "bench--big"  # the store's name for the hub id "bench/big"

@@ -103,7 +103,7 @@ def runner_cpu(root: Path) -> float:
             continue
         with contextlib.suppress(OSError):
             cmd = (entry / "cmdline").read_bytes()
-            if b"neuron.runner_main" in cmd and str(root).encode() in cmd:
+            if b"neuron.runner.main" in cmd and str(root).encode() in cmd:
                 total += cpu_seconds(int(entry.name))
     return total
 
@@ -114,7 +114,7 @@ def runner_of(neuron_pid: int) -> int | None:
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == neuron_pid and b"neuron.runner_main" in (entry / "cmdline").read_bytes():
+            if ppid == neuron_pid and b"neuron.runner.main" in (entry / "cmdline").read_bytes():
                 return int(entry.name)
     return None
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=200, help="streams for the metrics case")
     p.add_argument("--cap", type=float, default=90.0, help="longest wait of one case, s")
     args = p.parse_args(argv)
-    from neuron.demo_model import build_demo_model
+    from neuron.store.demo_model import build_demo_model
 
     with tempfile.TemporaryDirectory(prefix="bench-trust-") as tmp:
         root = Path(tmp)

@@ -112,7 +112,7 @@ class CortexConfig:
     # A node restarted by an operator (POST /admin/nodes/{name}/restart) is kept out of
     # routing until it answers as a new process, or at most this long.
     recycle_timeout_s: float = 600.0
-    # -- a model's life (cortex.lifecycle) --
+    # -- a model's life (cortex.run.lifecycle) --
     # Requests that may wait for one model's load at once; beyond, 503 at once.
     max_waiting: int = 256
     # A failed load: no new one before 1, 2, 4 ... 60 times this (x6 when it

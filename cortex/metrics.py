@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from cortex.state import NodeState
+from cortex.core.state import NodeState
 from shared.build_info import BUILD_LABELS, build_labels
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -19,7 +19,7 @@ from shared.config import NOT_IN_TOML, check_token, load_config, read_token
 class RunnerConfig:
     """How each `mlx_lm.server` runner is started."""
 
-    # Interpreter that runs `-m neuron.runner_main`; must have mlx and mlx-lm.
+    # Interpreter that runs `-m neuron.runner.main`; must have mlx and mlx-lm.
     python: str = sys.executable
     decode_concurrency: int = 8
     prompt_concurrency: int = 4

@@ -1,4 +1,4 @@
-"""A stage job's progress as cortex and the CLIs show it (neuron.staging's job JSON, read).
+"""A stage job's progress as cortex and the CLIs show it (neuron.store.staging's job JSON, read).
 
 The neuron's job record is the source; this keeps the fields an operator reads
 (state, bytes, rate, ETA, error) and formats them one way for the dashboard and

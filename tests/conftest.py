@@ -25,10 +25,10 @@ import pytest_asyncio
 import tomli_w
 from aiohttp.test_utils import TestServer
 
-from neuron.app import create_app
 from neuron.config import NeuronConfig
-from neuron.demo_model import build_demo_model
-from neuron.real_model import REAL_MODEL_ID, build_real_model, default_cache_dir
+from neuron.http.app import create_app
+from neuron.store.demo_model import build_demo_model
+from neuron.store.real_model import REAL_MODEL_ID, build_real_model, default_cache_dir
 from shared.blocking_http import request_json
 
 READY_TIMEOUT_S = 120.0
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def runner_pids(model_id: str, parent: int | None = None) -> list[int]:
     """Live runner processes for `model_id` (by cmdline marker), of `parent` if given."""
-    marker = ["-m", "neuron.runner_main", "--neuron-model-id", model_id]
+    marker = ["-m", "neuron.runner.main", "--neuron-model-id", model_id]
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

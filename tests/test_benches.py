@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import benchmarks_md
-from neuron.demo_model import Shape, build_demo_model
+from neuron.store.demo_model import Shape, build_demo_model
 
 
 @pytest.mark.parametrize("module", ["bench.gateway", "bench.neuron", "bench.token_server"])

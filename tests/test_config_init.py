@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cortex import cli as cortex_cli
+from cortex.cli import main as cortex_cli
 from cortex.config import CortexConfig
-from neuron import cli as neuron_cli
+from neuron.cli import main as neuron_cli
 from neuron.config import NeuronConfig
 from shared.starter import config_keys, render
 from tests.conftest import http_json, wait_until

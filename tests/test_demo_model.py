@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from neuron.demo_model import build_demo_model
+from neuron.store.demo_model import build_demo_model
 
 
 def test_demo_model_is_deterministic(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from neuron.store import is_local_source
+from neuron.store.sources import is_local_source
 from shared.catalogue import ModelSpec
 from tests.conftest import InProcessFactory
 from tests.cortex.fakes import FakeNeuron, catalogue, gateway

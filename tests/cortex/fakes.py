@@ -21,9 +21,9 @@ import attrs
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from cortex.app import create_app
 from cortex.config import CortexConfig, NeuronRef
-from cortex.keys import POLLER
+from cortex.http.app import create_app
+from cortex.http.keys import POLLER
 from shared.catalogue import GIB, Catalogue, ModelSpec
 from shared.wire import Discovery, ModelState
 
@@ -57,7 +57,7 @@ class FakeModel:
     error: str | None = None
     # A multi-node group member: GroupSpec JSON.
     group: dict[str, Any] | None = None
-    # A stage job's JSON (neuron.staging StageJob.to_json), as /models carries it.
+    # A stage job's JSON (neuron.store.staging StageJob.to_json), as /models carries it.
     staging: dict[str, Any] | None = None
     # What /health says the runner is doing, and its completion-token counter.
     phase: str = "idle"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.placement import NodeInfo
+from cortex.core.placement import NodeInfo
 from shared.catalogue import GIB
 from shared.wire import Discovery, RdmaPort
 

@@ -1,5 +1,5 @@
 """Every `cortex` command that talks to a running cortex finds it the one way
-(cortex.remote): --url, else $CORTEX_URL, else ./run/cortex.toml (or -c), and says
+(cortex.cli.remote): --url, else $CORTEX_URL, else ./run/cortex.toml (or -c), and says
 so in its --help.
 
 The cortex here is a real aiohttp app on port 0 answering each admin route with a
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from cortex import cli
-from cortex.remote import CONNECTION_HELP
+from cortex.cli import main as cli
+from cortex.cli.remote import CONNECTION_HELP
 
 MODEL = {
     "id": "demo",

@@ -9,9 +9,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cortex import doctor, ops_cli
-from cortex.doctor import Check, Limits, NodeLive, Probe
-from cortex.keys import POLLER
+from cortex.cli import ops as ops_cli
+from cortex.http.keys import POLLER
+from cortex.run import doctor
+from cortex.run.doctor import Check, Limits, NodeLive, Probe
 from shared.catalogue import GIB
 from shared.wire import NodeHealth
 from tests.cortex.fakes import FakeNeuron, fleet, gateway, stop_all
@@ -232,7 +233,7 @@ def test_rdma_ports_down_fail_and_slow_probes_warn() -> None:
 
 
 def test_failed_runners_fail_and_recent_restarts_warn() -> None:
-    from cortex.state import FleetSnapshot, NodeModel, NodeState
+    from cortex.core.state import FleetSnapshot, NodeModel, NodeState
 
     now = 10_000.0
     models = (

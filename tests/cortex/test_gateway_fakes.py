@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from cortex import cli
+from cortex.cli import main as cli
 from cortex.config import ApiKey, CortexConfig
-from cortex.keys import FLEET, LIFECYCLE, POLLER, RECONCILER
+from cortex.http.keys import FLEET, LIFECYCLE, POLLER, RECONCILER
 from shared.catalogue import GIB, ModelSpec
 from shared.config import ConfigError
 from shared.errors import sse_error_frame

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cortex.loader import group_specs
-from cortex.placement import NodeInfo, best
+from cortex.core.placement import NodeInfo, best
+from cortex.run.loader import group_specs
 from shared.catalogue import GIB, ModelFacts, ModelSpec
 from shared.wire import Discovery
 from tests.cortex.records import node

@@ -1,11 +1,11 @@
-"""`cortex.life.apply`: every event's transition, as a table (no network, no clock)."""
+"""`cortex.core.life.apply`: every event's transition, as a table (no network, no clock)."""
 
 from __future__ import annotations
 
 import attrs
 import pytest
 
-from cortex.life import (
+from cortex.core.life import (
     EMPTY,
     Accepted,
     Answered,

@@ -1,11 +1,11 @@
-"""`cortex.life.plan` and the life's one-answer questions, as tables (no network)."""
+"""`cortex.core.life.plan` and the life's one-answer questions, as tables (no network)."""
 
 from __future__ import annotations
 
 import attrs
 import pytest
 
-from cortex.life import (
+from cortex.core.life import (
     EMPTY,
     BrokenGroup,
     Clocks,
@@ -23,7 +23,7 @@ from cortex.life import (
     unload_targets,
     where_now,
 )
-from cortex.state import FleetSnapshot, NodeModel, NodeState
+from cortex.core.state import FleetSnapshot, NodeModel, NodeState
 from shared.catalogue import Catalogue, ModelSpec
 from shared.wire import GroupSpec
 from tests.cortex.test_router import node, rm, snap

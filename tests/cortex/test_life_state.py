@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cortex.config import CortexConfig
-from cortex.lifecycle import Lifecycle
-from cortex.state import Fleet
+from cortex.core.state import Fleet
+from cortex.run.lifecycle import Lifecycle
 from shared.catalogue import Catalogue
 
 
@@ -45,7 +45,7 @@ def test_a_corrupt_file_is_one_log_line_and_no_holds(
     path = tmp_path / "cortex-state.json"
     path.write_text(text)
     life = _life(path)
-    with caplog.at_level(logging.ERROR, logger="cortex.lifecycle"):
+    with caplog.at_level(logging.ERROR, logger="cortex.run.lifecycle"):
         life.restore()
     assert life.lives() == {}
     assert len(caplog.records) == 1 and str(path) in caplog.records[0].getMessage()

@@ -1,4 +1,4 @@
-"""A model's life in cortex (cortex.lifecycle) against fake neurons: failure memory,
+"""A model's life in cortex (cortex.run.lifecycle) against fake neurons: failure memory,
 waits instead of errors, idle TTL and keep_alive, admin verbs that say what they did."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 import pytest
 
-from cortex import cli, lifecycle
-from cortex.keys import LIFECYCLE, POLLER, RECONCILER
-from cortex.lifecycle import RingPorts, parse_keep_alive
+from cortex.cli import main as cli
+from cortex.http.keys import LIFECYCLE, POLLER, RECONCILER
+from cortex.run import lifecycle
+from cortex.run.lifecycle import RingPorts, parse_keep_alive
 from shared.catalogue import GIB, ModelSpec
 from shared.errors import InvalidRequest
 from shared.wire import GroupSpec
@@ -493,8 +494,8 @@ def test_transitions_journal_each_nodes_changes_once_and_only_its_own() -> None:
     """The poll listener keeps what it saw per node: a model going from one node is
     'gone' there only, a state seen again is not journalled twice, a node down once."""
     from cortex.config import CortexConfig
-    from cortex.lifecycle import Lifecycle
-    from cortex.state import Fleet
+    from cortex.core.state import Fleet
+    from cortex.run.lifecycle import Lifecycle
     from shared.catalogue import Catalogue
     from tests.cortex.test_router import node, rm
 

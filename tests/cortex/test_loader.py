@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from cortex.keys import LIFECYCLE, LOADER
-from cortex.placement import best
-from cortex.router import node_infos
+from cortex.core.placement import best
+from cortex.core.router import node_infos
+from cortex.http.keys import LIFECYCLE, LOADER
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 
 

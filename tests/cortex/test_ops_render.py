@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.ops_cli import (
+from cortex.cli.ops import (
     preview_rc,
     preview_summary,
     render_preview,

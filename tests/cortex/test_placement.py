@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cortex.placement import (
+from cortex.core.placement import (
     MAX_SETS,
     RESERVE_BYTES,
     Candidate,

@@ -9,8 +9,8 @@ import aiohttp
 import attrs
 import pytest
 
-from cortex.poller import Poller
-from cortex.state import Fleet, NodeState
+from cortex.core.state import Fleet, NodeState
+from cortex.run.poller import Poller
 from tests.cortex.fakes import FakeNeuron
 
 

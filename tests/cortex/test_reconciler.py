@@ -6,9 +6,9 @@ import asyncio
 
 import attrs
 
-from cortex.keys import LIFECYCLE, LOADER, POLLER
-from cortex.reconciler import Reconciler, broken_groups, replicas, wanted_replicas
-from cortex.state import FleetSnapshot, NodeModel, NodeState
+from cortex.core.state import FleetSnapshot, NodeModel, NodeState
+from cortex.http.keys import LIFECYCLE, LOADER, POLLER
+from cortex.run.reconciler import Reconciler, broken_groups, replicas, wanted_replicas
 from shared.catalogue import GIB, ModelSpec
 from shared.retry import LOAD_RETRY_WAIT, backoff_s
 from shared.wire import GroupSpec, ModelState

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from cortex.inflight import InFlight
-from cortex.lifecycle import replicas
-from cortex.state import Fleet, NodeModel
+from cortex.core.state import Fleet, NodeModel
+from cortex.run.inflight import InFlight
+from cortex.run.lifecycle import replicas
 from shared.wire import NodeHealth
 
 

@@ -1,11 +1,11 @@
-"""cortex.remote: which cortex a command means, in the documented order."""
+"""cortex.cli.remote: which cortex a command means, in the documented order."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from cortex.remote import DEFAULT_URL, ApiFailure, resolve, table
+from cortex.cli.remote import DEFAULT_URL, ApiFailure, resolve, table
 
 
 def _args(**kw: str | None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cortex.keys import LIFECYCLE, POLLER
+from cortex.http.keys import LIFECYCLE, POLLER
 from shared.catalogue import GIB, ModelSpec
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 

@@ -12,8 +12,8 @@ from typing import Any
 import attrs
 import pytest
 
-from cortex import router as router_module
-from cortex.router import (
+from cortex.core import router as router_module
+from cortex.core.router import (
     ColdLoad,
     Route,
     eviction_order,
@@ -21,7 +21,7 @@ from cortex.router import (
     prefix_keys,
     route,
 )
-from cortex.state import FleetSnapshot, LoadFailure, NodeModel, NodeState
+from cortex.core.state import FleetSnapshot, LoadFailure, NodeModel, NodeState
 from shared import errors
 from shared.catalogue import GIB, Catalogue, ModelSpec
 from shared.wire import ModelState, NodeHealth
@@ -590,7 +590,7 @@ def test_round_robin_still_skips_replicas_this_request_failed_on() -> None:
 def test_fleet_index_follows_every_write() -> None:
     """Snapshots' model index matches a scan of the nodes after loads, drops, failures,
     and an earlier snapshot keeps the index it was given (copy on write)."""
-    from cortex.state import Fleet
+    from cortex.core.state import Fleet
 
     fleet = Fleet.of([("a", "http://a"), ("b", "http://b")], threshold=1)
     fleet.set_model("a", rm("m1"))

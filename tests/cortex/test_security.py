@@ -13,9 +13,10 @@ import attrs
 import pytest
 from aiohttp import web
 
-from cortex import cli, fleet
+from cortex.cli import local_fleet as fleet
+from cortex.cli import main as cli
 from cortex.config import ApiKey, CortexConfig
-from cortex.keys import FLEET, POLLER
+from cortex.http.keys import FLEET, POLLER
 from neuron.config import NeuronConfig
 from tests.cortex.fakes import FakeNeuron, gateway, stop_all
 from tests.support import rawhttp

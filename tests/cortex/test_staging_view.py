@@ -11,7 +11,7 @@ HOSTILE_ERROR = "<script>alert('stage')</script> sha256 mismatch in big.safetens
 
 
 def _job(**kw: Any) -> dict[str, Any]:
-    """A stage job as neuron.staging's StageJob.to_json writes it."""
+    """A stage job as neuron.store.staging's StageJob.to_json writes it."""
     job: dict[str, Any] = {
         "model_id": "m1",
         "name": "org--m1",

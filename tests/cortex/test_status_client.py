@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cortex.status_client import StatusClient, StatusError, Unsupported
+from cortex.run.status_client import StatusClient, StatusError, Unsupported
 
 
 @pytest.fixture

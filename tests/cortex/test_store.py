@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cortex.placement import candidates
+from cortex.core.placement import candidates
 from shared.catalogue import GIB, ModelSpec
 from tests.cortex.fakes import FakeNeuron, fleet, gateway, stop_all
 from tests.cortex.records import node

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.trace_cli import cortex_tokens, neuron_prompt, timeline
+from cortex.cli.trace import cortex_tokens, neuron_prompt, timeline
 
 
 def _joined(cortex: dict[str, Any], neuron: dict[str, Any]) -> dict[str, Any]:

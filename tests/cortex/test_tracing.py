@@ -1,4 +1,4 @@
-"""cortex.tracing: what the relay learns from the bytes it passes on."""
+"""cortex.core.tracing: what the relay learns from the bytes it passes on."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cortex.keys import TRACES
-from cortex.tracing import TraceDraft
+from cortex.core.tracing import TraceDraft
+from cortex.http.keys import TRACES
 from neuron.tracing import usage_comment
 from shared.journal import MB
 from tests.cortex.fakes import fleet, gateway, stop_all

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import io
 
-from cortex import ops_cli
+from cortex.cli import ops as ops_cli
 from tests.cortex.fakes import fleet, gateway, stop_all
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from cortex.linktest import LinkTestPlan, summarize
-from cortex.linktest_cli import parse_sizes
+from cortex.cli.linktest import parse_sizes
+from cortex.http.linktest import LinkTestPlan, summarize
 from tests.conftest import NeuronProcess, free_port, http_json, wait_until
 from tests.e2e.conftest import CortexProcess
 
@@ -40,7 +40,7 @@ def _linktest_pids() -> list[int]:
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except (OSError, IndexError):
                 continue
-            if b"neuron.linktest_main" in argv and state != "Z":
+            if b"neuron.runner.linktest_main" in argv and state != "Z":
                 out.append(int(entry.name))
     return out
 

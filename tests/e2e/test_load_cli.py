@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cortex.load_cli import _line
+from cortex.cli.load import _line
 from tests.conftest import NeuronProcess, wait_until
 from tests.e2e.conftest import CortexProcess
 

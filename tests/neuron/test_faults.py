@@ -1,7 +1,7 @@
 """Runner faults, with a fake runner: a tiny HTTP server that misbehaves on purpose.
 
 `runner.python` names an executable script written here; the neuron starts it
-as `SCRIPT -m neuron.runner_main --neuron-model-id ID ... --port P ...`, and it
+as `SCRIPT -m neuron.runner.main --neuron-model-id ID ... --port P ...`, and it
 serves GET /health and POST /v1/completions on that port in the way under
 test.  Each start records its pid in `STATE/start-N`, so a test can tell
 runners apart and check that one has really gone.
@@ -21,10 +21,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuron import supervisor
 from neuron.config import RunnerConfig
-from neuron.runner import LINE_LIMIT
-from neuron.supervisor import describe
+from neuron.runner import supervisor
+from neuron.runner.process import LINE_LIMIT
+from neuron.runner.supervisor import describe
 from tests.conftest import InProcessFactory
 from tests.support.clock import SkewedTime
 
@@ -472,7 +472,7 @@ async def test_stalled_hub_downloads_leave_health_answering(
     import socket
     import threading
 
-    from neuron.store import DOWNLOAD_WORKERS
+    from neuron.store.sources import DOWNLOAD_WORKERS
     from tests.conftest import http_json, wait_until
 
     hub = socket.socket()

@@ -17,7 +17,7 @@ from shared.serve import new_event_loop
 from tests.conftest import NeuronProcess
 
 WAIT_S = 120.0  # an upper bound for the whole exchange, never a measured duration
-EOS = 1  # the demo model's eos_token_id (neuron/demo_model.py)
+EOS = 1  # the demo model's eos_token_id (neuron/store/demo_model.py)
 
 
 def _body(text: str, max_tokens: int) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def test_the_shim_cuts_mlx_lm_s_admission_budget_to_about_a_step(
     through the shim (a single process; a distributed group keeps mlx_lm's)."""
     from mlx_lm import server
 
-    from neuron.runner_main import ADMIT_EVERY_S, admit_promptly
+    from neuron.runner.main import ADMIT_EVERY_S, admit_promptly
 
     monkeypatch.setattr(server, "TimeBudget", server.TimeBudget)  # put back afterwards
     mlx_lm_own: Any = server.TimeBudget  # (mlx_lm is untyped)

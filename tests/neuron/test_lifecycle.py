@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from neuron.runner import free_port
-from neuron.runner_main import WATCHDOG_ENV
+from neuron.runner.main import WATCHDOG_ENV
+from neuron.runner.process import free_port
 from shared.sse import HEARTBEAT
 from tests.conftest import LONG_STREAM, NeuronProcess, read_until, runner_pids, wait_until
 
@@ -52,7 +52,7 @@ def test_watchdog_pipe_eof_kills_runner(demo_model: Path, tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "neuron.runner_main",
+            "neuron.runner.main",
             "--neuron-model-id",
             model_id,
             "--model",

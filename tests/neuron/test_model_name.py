@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from neuron.proxy import model_field, renamed
-from neuron.request_check import RUNNER_MODEL_NAME
+from neuron.http.proxy import model_field, renamed
+from neuron.runner.request_check import RUNNER_MODEL_NAME
 
 
 def _frame(obj: Any) -> bytes:

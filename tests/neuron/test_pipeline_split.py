@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from neuron.runner_main import apply_pipeline_split
+from neuron.runner.main import apply_pipeline_split
 
 
 class _Group:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from neuron.config import RunnerConfig
-from neuron.rdma_quirk import classify, quirk_errno
+from neuron.runner.rdma_quirk import classify, quirk_errno
 from tests.conftest import InProcessFactory
 
 

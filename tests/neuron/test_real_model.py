@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuron import real_model as rm
-from neuron.real_model import (
+from neuron.runner.request_check import ModelInfo
+from neuron.store import real_model as rm
+from neuron.store.real_model import (
     REAL_MODEL_ID,
     WHEEL_NAME,
     WHEEL_SHA256,
@@ -28,7 +29,6 @@ from neuron.real_model import (
     build_real_model,
     convert_gguf,
 )
-from neuron.request_check import ModelInfo
 from shared.catalogue import ModelSpec
 from shared.config import ConfigError
 

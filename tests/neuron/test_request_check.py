@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from neuron.request_check import (
+from neuron.runner.request_check import (
     BYTES_PER_TOKEN,
     Checked,
     Kind,

@@ -15,11 +15,11 @@ import pytest
 
 from neuron.config import NeuronConfig, RunnerConfig
 from neuron.metrics import NeuronMetrics
-from neuron.runner_health import FailureKind, RunnerHealth, answer_kind
-from neuron.runner_states import TRANSITIONS, BadTransition, check_transition
-from neuron.staging import Stager
-from neuron.store import Store
-from neuron.supervisor import ModelSupervisor
+from neuron.runner.health import FailureKind, RunnerHealth, answer_kind
+from neuron.runner.states import TRANSITIONS, BadTransition, check_transition
+from neuron.runner.supervisor import ModelSupervisor
+from neuron.store.sources import Store
+from neuron.store.staging import Stager
 from shared.wire import MODEL_STATES, LoadRequest, ModelState
 
 ALLOWED: list[tuple[ModelState, ModelState]] = [

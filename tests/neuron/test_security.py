@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from neuron.config import NeuronConfig
-from neuron.store import Store
+from neuron.store.sources import Store
 from shared.config import ConfigError
 from shared.errors import InvalidModelPath
 from tests.conftest import InProcessFactory
@@ -352,7 +352,7 @@ async def test_listening_beyond_loopback_without_token_warns(
     neuron_app_factory: InProcessFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A neuron told to listen on the LAN with no fleet token says so at start."""
-    with caplog.at_level(logging.WARNING, logger="neuron.app"):
+    with caplog.at_level(logging.WARNING, logger="neuron.http.app"):
         await neuron_app_factory(host="127.0.0.1")
         assert "without a fleet token" not in caplog.text
         await neuron_app_factory(host="0.0.0.0", fleet_token=TOKEN)

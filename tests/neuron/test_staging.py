@@ -24,8 +24,8 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from neuron.app import CONFIG, STAGER
-from neuron.staging import StageJob, Stager
+from neuron.http.app import CONFIG, STAGER
+from neuron.store.staging import StageJob, Stager
 from tests.conftest import InProcessFactory, NeuronProcess
 from tests.support.fake_hub import repo_info
 
@@ -305,7 +305,7 @@ async def test_floor_refuses_a_stage_with_the_numbers(
 
 def test_peer_file_route_serves_only_manifest_files(demo_model: Path, tmp_path: Path) -> None:
     """Store.copy_file: traversal, hidden marks and unlisted files are never served."""
-    from neuron.store import Store
+    from neuron.store.sources import Store
 
     store = Store(tmp_path / "s")
     store.ensure()

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cortex.poller import Poller
-from cortex.state import Fleet
-from neuron import app as neuron_app
+from cortex.core.state import Fleet
+from cortex.run.poller import Poller
+from neuron.http import app as neuron_app
 from tests.conftest import InProcessFactory
 
 

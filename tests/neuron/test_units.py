@@ -11,11 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from neuron.admission import Admission
 from neuron.config import NeuronConfig
-from neuron.runner import group_env, hostfile_json, runner_argv
-from neuron.runner_main import strip_marker
-from neuron.store import Store, check_model_dir, is_local_source
+from neuron.runner.admission import Admission
+from neuron.runner.main import strip_marker
+from neuron.runner.process import group_env, hostfile_json, runner_argv
+from neuron.store.sources import Store, check_model_dir, is_local_source
 from shared.config import ConfigError
 from shared.errors import InvalidModelPath, QueueFull
 from shared.wire import GroupSpec, NodeHealth
@@ -120,7 +120,7 @@ def test_runner_argv_marks_model_and_pipeline() -> None:
     cfg = NeuronConfig()
     group = GroupSpec("g", 0, 2, "ring", "pipeline", hosts=("a:1", "b:1"))
     argv = runner_argv(cfg.runner, "m1", Path("/models/m1"), 1234, group)
-    assert argv[1:5] == ["-m", "neuron.runner_main", "--neuron-model-id", "m1"]
+    assert argv[1:5] == ["-m", "neuron.runner.main", "--neuron-model-id", "m1"]
     assert "--pipeline" in argv
     assert strip_marker(argv[3:]) == argv[5:]
 

@@ -1,0 +1,679 @@
+"""The cortex aiohttp application: `create_app(config)` and its endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cortex.config import ApiKey, CortexConfig
+from cortex.core.life import loading, unload_targets, where_now
+from cortex.core.placement import candidates
+from cortex.core.router import node_infos
+from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
+from cortex.core.tracing import TraceDraft, journals
+from cortex.http import linktest, recycle
+from cortex.http.auth import NODE_HEADER, REQUEST_KEY, Auth
+from cortex.http.dashboard import dashboard
+from cortex.http.keys import (
+    AFFINITY,
+    AUTH,
+    CATALOGUE,
+    CONFIG,
+    DRAIN,
+    FLEET,
+    LIFECYCLE,
+    LOADER,
+    METRICS,
+    POLLER,
+    PROXY,
+    RECONCILER,
+    STARTED,
+    TRACES,
+    Started,
+)
+from cortex.http.proxy import Outcome, Proxy, request_id
+from cortex.http.traces import add_trace_routes
+from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, STREAM_ERROR, Metrics
+from cortex.run import doctor
+from cortex.run.lifecycle import Lifecycle, replica_counts
+from cortex.run.loader import Loader
+from cortex.run.poller import Poller
+from cortex.run.reconciler import Reconciler
+from shared.catalogue import Catalogue, ModelSpec
+from shared.drain import SSE_RESPONSE, Drain
+from shared.errors import (
+    ApiError,
+    InvalidRequest,
+    ModelNotFound,
+    error_middleware,
+    quiet_bad_requests,
+    read_json_object,
+)
+from shared.journal import Event, Journal, journal_health
+
+log = logging.getLogger(__name__)
+
+
+class ModelKeptLoaded(ApiError):
+    """An unload the reconciler would undo at once (keep_loaded or pinned_on)."""
+
+    status = 409
+    code = "model_kept_loaded"
+    type = "invalid_request_error"
+
+
+class ForceNeedsAdminToken(ApiError):
+    """A forced load overrides placement's refusal: only an operator holding the token."""
+
+    status = 403
+    code = "admin_token_required"
+    type = "permission_error"
+
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def _drain(app: web.Application) -> None:
+    await app[DRAIN].close(app[CONFIG].drain_s)
+
+
+def create_app(
+    config: CortexConfig, *, catalogue: Catalogue | None = None, background: bool = True
+) -> web.Application:
+    """The gateway. `background=False` leaves polling to the caller (tests drive it)."""
+    quiet_bad_requests()
+    cat = catalogue if catalogue is not None else Catalogue.load(config.catalogue)
+    auth = Auth(keys=config.api_keys, admin_token=config.admin_token)
+    drain = Drain(paths=INFERENCE_PATHS)
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[error_middleware, drain.middleware(), auth.middleware()],
+    )
+    app[DRAIN] = drain
+    app.on_shutdown.append(_drain)
+    app[CONFIG] = config
+    app[STARTED] = Started(monotonic=time.monotonic(), wall=time.time())
+    app[CATALOGUE] = cat
+    app[FIRST_SEEN] = {}
+    app[AUTH] = auth
+    app[FLEET] = Fleet.of(
+        ((n.name, n.base_url) for n in config.neurons), threshold=config.failure_threshold
+    )
+    app[METRICS] = Metrics.create((m.id for m in cat.models), (n.name for n in config.neurons))
+    app[AFFINITY] = AffinityTable(capacity=config.affinity_entries)
+    events, app[TRACES] = journals(config)
+    # (The lifecycle comes with the services: no replicas before the app starts.)
+    app[METRICS].watch_replicas(
+        lambda: replica_counts(cat, app[LIFECYCLE].snapshot()) if LIFECYCLE in app else []
+    )
+    app.cleanup_ctx.append(_services(events, background=background))
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/state", _admin_state)
+    app.router.add_get("/admin/placements", _admin_placements)
+    app.router.add_post("/admin/models/{model_id}/load", _admin_load)
+    app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
+    app.router.add_post("/admin/store/purge", _admin_store_purge)
+    app.router.add_get("/admin/doctor", _admin_doctor)
+    app.router.add_get("/dashboard", dashboard)
+    linktest.setup(app)
+    recycle.setup(app)
+    add_trace_routes(app)
+    return app
+
+
+def _services(events: Journal[Event], *, background: bool) -> Any:
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        cfg = app[CONFIG]
+        metrics = app[METRICS]
+        # The fleet token on every call to a neuron (poller, loader, proxy). The
+        # proxy drops the client's own Authorization, so this is the one that arrives.
+        headers = {} if cfg.fleet_token is None else {"Authorization": f"Bearer {cfg.fleet_token}"}
+        poll_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), headers=headers
+        )
+        # No pool limit: every stream holds a connection for its whole life.
+        proxy_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), headers=headers
+        )
+        # The poller's own pool, capped: loads and unloads never queue behind polls.
+        status_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.poll_concurrency), headers=headers
+        )
+        poller = Poller(
+            fleet=app[FLEET],
+            session=status_session,
+            interval_s=cfg.poll_interval_s,
+            timeout_s=cfg.poll_timeout_s,
+            listeners=[metrics.observe_node],
+            concurrency=cfg.poll_concurrency,
+            on_round=metrics.poll_round.set,
+        )
+        for name in app[FLEET].names:
+            metrics.observe_node(app[FLEET].node(name))
+        loader = Loader(
+            fleet=app[FLEET],
+            catalogue=app[CATALOGUE],
+            session=poll_session,
+            config=cfg,
+            metrics=metrics,
+            poller=poller,
+        )
+        # The one owner of every model's life; the loader is its I/O.
+        life = Lifecycle(
+            fleet=app[FLEET],
+            catalogue=app[CATALOGUE],
+            config=cfg,
+            loader=loader,
+            journal=events,
+            state_file=cfg.state_file,
+        )
+        life.restore()
+        app[LIFECYCLE] = life
+        poller.listeners += [life.polled, life.transitions]
+        app[POLLER] = poller
+        app[LOADER] = loader
+        app[PROXY] = Proxy(
+            fleet=app[FLEET],
+            poller=poller,
+            loader=loader,
+            life=life,
+            catalogue=app[CATALOGUE],
+            config=cfg,
+            metrics=metrics,
+            session=proxy_session,
+            affinity=app[AFFINITY],
+        )
+        reconciler = Reconciler(
+            life=app[LIFECYCLE],
+            catalogue=app[CATALOGUE],
+            loader=loader,
+            interval_s=cfg.poll_interval_s,
+        )
+        app[RECONCILER] = reconciler
+        tasks = (
+            [
+                asyncio.create_task(poller.run(), name="cortex poller"),
+                asyncio.create_task(reconciler.run(), name="cortex reconciler"),
+            ]
+            if background
+            else []
+        )
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await app[LIFECYCLE].close()
+            await proxy_session.close()
+            await poll_session.close()
+            poller.close()
+            await status_session.close()
+            # The writer threads write what is queued, off the loop.
+            await asyncio.to_thread(events.close)
+            await asyncio.to_thread(app[TRACES].close)
+
+    return services
+
+
+# -- inference -----------------------------------------------------------------------
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "/v1/chat/completions", "messages")
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "/v1/completions", "prompt")
+
+
+async def _inference(request: web.Request, path: str, field: str) -> web.StreamResponse:
+    app = request.app
+    metrics = app[METRICS]
+    started = time.monotonic()
+    label = "other"
+    outcome = Outcome()
+    rid = request_id(request)
+    trace = TraceDraft(rid)
+    error: str | None = None
+    try:
+        body = await read_json_object(request)
+        raw = await request.read()
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("missing or empty 'model'", param="model")
+        spec = app[CATALOGUE].resolve(model)
+        label = metrics.model(spec.id if spec is not None else None)
+        if field not in body:
+            raise InvalidRequest(f"missing {field!r}", param=field)
+        if field == "messages" and (not isinstance(body["messages"], list) or not body[field]):
+            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+        key: ApiKey | None = request.get(REQUEST_KEY)
+        trace.model, trace.stream = spec.id if spec is not None else model, bool(body.get("stream"))
+        trace.key = None if key is None else key.label
+        app[AUTH].check_model(key, model, app[CATALOGUE])
+        # X-Cortex-Node (admin token checked by the auth middleware): that replica only.
+        node = request.headers.get(NODE_HEADER) or None
+        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome, trace, node=node)
+        # A stream's outcome is what it sent (set by the proxy as it went).
+        outcome.code = outcome.code or str(resp.status)
+        return resp
+    except ApiError as exc:
+        outcome.code = outcome.code or str(exc.status)
+        error = exc.message
+        raise
+    except asyncio.CancelledError:
+        if app[DRAIN].closing and outcome.code is None:
+            # Cut by the drain at shutdown (it sends the error frame or a 503), not
+            # by the client.
+            outcome.code = STREAM_ERROR if SSE_RESPONSE in request else "503"
+            if SSE_RESPONSE in request:
+                metrics.stream_errors.labels(label, "shutdown").inc()
+        outcome.code = outcome.code or CLIENT_CLOSED
+        raise
+    finally:
+        metrics.requests.labels(label, outcome.code or "500").inc()
+        metrics.request_duration.labels(label).observe(time.monotonic() - started)
+        app[TRACES].append(trace.done(outcome.code or "500", error))
+
+
+# -- models, health, metrics ----------------------------------------------------------
+
+
+def _model_entry(
+    model_id: str,
+    snap: FleetSnapshot,
+    life: Lifecycle,
+    *,
+    created: int,
+    owned_by: str,
+    aliases: tuple[str, ...] = (),
+    feasible_on: list[list[str]] | None = None,
+    context_length: int | None = None,
+) -> dict[str, Any]:
+    """One /v1/models entry; `locations` only where the model takes requests (rank 0)."""
+    locs = snap.locations(model_id)
+    f = life.failure(model_id)
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": owned_by,
+        "aliases": list(aliases),
+        "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
+        "locations": [
+            {
+                "node": n.name,
+                "state": m.state,
+                "healthy": n.healthy,
+                # Wall clock (s) this copy is unloaded if still idle; null: never.
+                "expires_at": life.expires_at(snap, n, m),
+            }
+            for n, m in locs
+            if m.serves_http
+        ],
+        "feasible_on": feasible_on or [],
+        "context_length": context_length,
+        "last_failure": None if f is None else f.to_json(life.clock()),
+    }
+
+
+# Wall clock (s) cortex first saw each model a neuron serves outside the catalogue.
+FIRST_SEEN = web.AppKey("first_seen", dict[str, int])
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _model_list(request)})
+
+
+async def _model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (an id or an alias): what `client.models.retrieve(id)` reads."""
+    asked = request.match_info["model_id"]
+    spec = request.app[CATALOGUE].resolve(asked)
+    model_id = spec.id if spec is not None else asked
+    for entry in _model_list(request):
+        if entry["id"] == model_id:
+            return web.json_response(entry)
+    raise ModelNotFound(f"model {asked!r} is not in the catalogue nor loaded", param="model")
+
+
+def _model_list(request: web.Request) -> list[dict[str, Any]]:
+    app = request.app
+    life = app[LIFECYCLE]
+    snap = life.snapshot()
+    cat = app[CATALOGUE]
+    key: ApiKey | None = request.get(REQUEST_KEY)
+    infos = node_infos(snap, cat)
+    data = []
+    for spec in cat.models:
+        if not Auth.allowed(key, spec.id, cat):
+            continue
+        facts = app[LOADER].facts(spec)
+        feasible = [list(c.nodes) for c in candidates(spec, facts, infos, now=False) if c.feasible]
+        data.append(
+            _model_entry(
+                spec.id,
+                snap,
+                life,
+                # Catalogued when cortex read its catalogue, at start.
+                created=int(app[STARTED].wall),
+                owned_by="cortex",
+                aliases=spec.aliases,
+                feasible_on=feasible,
+                context_length=spec.context_limit,
+            )
+        )
+    # Models a neuron serves that the catalogue does not name are routable too.
+    extra = sorted(
+        {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
+    )
+    seen = app[FIRST_SEEN]
+    now = int(time.time())
+    data.extend(
+        _model_entry(mid, snap, life, created=seen.setdefault(mid, now), owned_by="neuron")
+        for mid in extra
+        if Auth.allowed(key, mid, cat)
+    )
+    return data
+
+
+async def _health(request: web.Request) -> web.Response:
+    # The lifecycle's snapshot: it knows the loads under way and the failed ones.
+    snap = request.app[LIFECYCLE].snapshot()
+    healthy, total = len(snap.healthy), len(snap.nodes)
+    broken = unserved_models(snap, request.app[CATALOGUE])
+    status = "ok" if total and healthy == total and not broken else "degraded"
+    return web.json_response(
+        {
+            "status": status,
+            "nodes": {"healthy": healthy, "total": total},
+            "models_without_replica": broken,
+            # Informational: a journal that only counts serves every request all the same.
+            **journal_health(
+                {"events": request.app[LIFECYCLE].journal, "traces": request.app[TRACES]}
+            ),
+        }
+    )
+
+
+def unserved_models(snap: FleetSnapshot, cat: Catalogue) -> list[dict[str, Any]]:
+    """Models that should be served but have no working replica, each with why.
+
+    Wanted (keep_loaded or pinned_on) or loaded somewhere, yet no replica is ready
+    on a healthy node; one merely loading (a cold load under way) is on its way,
+    not broken.
+    """
+    ids = [s.id for s in cat.models]
+    ids += sorted({m.model_id for n in snap.nodes for m in n.models} - set(ids))
+    out = []
+    for mid in ids:
+        spec = cat.get(mid)
+        locs = [(n, m) for n, m in snap.locations(mid) if m.serves_http]
+        wanted = spec is not None and (spec.keep_loaded or bool(spec.pinned_on))
+        if not locs and not wanted:
+            continue
+        if any(n.healthy and m.state == "ready" for n, m in locs) or loading(snap, mid):
+            continue
+        replicas = [
+            {"node": n.name, "healthy": n.healthy, "state": m.state, "error": m.error}
+            for n, m in locs
+        ]
+        failure = snap.failure(mid)
+        if failure is not None:
+            why = f"last load failed: {failure.message}"
+        elif not locs:
+            why = "loaded nowhere"
+        else:
+            why = "; ".join(
+                f"{r['node']}: {r['state'] if r['healthy'] else 'node unhealthy'}"
+                + (f" ({r['error']})" if r["error"] else "")
+                for r in replicas
+            )
+        out.append({"model": mid, "reason": why, "replicas": replicas})
+    return out
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- admin ------------------------------------------------------------------------------
+
+
+async def _admin_state(request: web.Request) -> web.Response:
+    app = request.app
+    life = app[LIFECYCLE]
+    snap = life.snapshot()
+    cat = app[CATALOGUE]
+    nodes = []
+    for n in snap.nodes:
+        d = n.to_json()
+        d["outstanding"] = snap.node_outstanding(n.name)
+        d.update(doctor.node_extras(n))
+        nodes.append(d)
+    models = []
+    for spec in cat.models:
+        failure = snap.failure(spec.id)
+        job = life.job(spec.id)
+        models.append(
+            {
+                "id": spec.id,
+                "aliases": list(spec.aliases),
+                "source": spec.source,
+                "pinned_on": list(spec.pinned_on),
+                "replicas": spec.replicas,
+                "keep_loaded": spec.keep_loaded,
+                "why": life.why(spec, snap, app[LOADER].facts(spec)),
+                "loading": spec.id in snap.loading,
+                "loading_on": None if job is None else list(job.nodes),
+                "last_failure": None if failure is None else failure.message,
+                "life": life.to_json(spec, snap),
+                "placements": [
+                    {"node": n.name, "healthy": n.healthy, **m.to_json()}
+                    for n, m in snap.locations(spec.id)
+                ],
+            }
+        )
+    return web.json_response(
+        {
+            "nodes": nodes,
+            "models": models,
+            "affinity_entries": len(app[AFFINITY]),
+            "events": [e.to_json() for e in life.events(limit=100)],
+        }
+    )
+
+
+def _spec(request: web.Request, model_id: str | None) -> ModelSpec:
+    if not model_id:
+        raise InvalidRequest("missing model_id", param="model_id")
+    spec = request.app[CATALOGUE].resolve(model_id)
+    if spec is None:
+        raise ModelNotFound(f"model {model_id!r} is not in the catalogue", param="model_id")
+    return spec
+
+
+async def _admin_placements(request: web.Request) -> web.Response:
+    app = request.app
+    spec = _spec(request, request.query.get("model_id"))
+    snap = app[LIFECYCLE].snapshot()
+    infos = node_infos(snap, app[CATALOGUE], loading=spec.id)
+    facts = app[LOADER].facts(spec)
+    return web.json_response(
+        {
+            "model_id": spec.id,
+            "facts": facts.to_json(),
+            "candidates": [c.to_json() for c in candidates(spec, facts, infos, now=True)],
+            "ever": [c.to_json() for c in candidates(spec, facts, infos, now=False)],
+        }
+    )
+
+
+async def _admin_load(request: web.Request) -> web.Response:
+    """Place a model. Body (optional): {"nodes": [...]} exactly there, or {"exclude": [...]};
+    {"force": true} places despite a refused fit (admin token only).
+
+    Always releases an operator's hold and forgets a failed load's backoff, and
+    says so. Without a body the call is idempotent (a loaded model stays as it
+    is); with one it places one more copy, so an operator can add a replica by hand.
+    """
+    app = request.app
+    life = app[LIFECYCLE]
+    spec = _spec(request, request.match_info["model_id"])
+    body = await read_json_object(request) if request.can_read_body else {}
+    nodes, exclude = _names(body, "nodes"), _names(body, "exclude")
+    unknown = sorted(set(body) - {"nodes", "exclude", "force"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidRequest("'force' must be true or false", param="force")
+    if force and app[CONFIG].admin_token is None:
+        raise ForceNeedsAdminToken(
+            "a forced load needs admin_token set in cortex.toml (and presented)", param="force"
+        )
+    # What the operator's word undid, said in the answer.
+    did = life.admin_release(spec.id)
+    here = where_now(life.snapshot(), spec.id)
+    if here is not None and not {k: v for k, v in body.items() if k != "force"}:
+        state, on = here
+        now = {"model_id": spec.id, "state": state, "nodes": on, "did": did}
+        return web.json_response(now, status=200 if state == "ready" else 202)
+    job = life.job(spec.id)
+    if job is None or job.kind != "load":
+        job = await life.place(spec, nodes=nodes or None, exclude=exclude, force=force)
+    did.append(f"loading on {', '.join(job.nodes)}")
+    answer: dict[str, Any] = {
+        "model_id": spec.id,
+        "state": "loading",
+        "nodes": list(job.nodes),
+        "did": did,
+        "placement": None if job.candidate is None else job.candidate.to_json(),
+    }
+    if job.warning is not None:
+        answer["warning"] = job.warning
+    return web.json_response(answer, status=202)
+
+
+def _names(body: dict[str, Any], field: str) -> list[str]:
+    value = body.get(field, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"{field!r} must be an array of node names", param=field)
+    return list(value)
+
+
+async def _admin_unload(request: web.Request) -> web.Response:
+    """Remove a model everywhere, or only from {"nodes": [...]} (with their groups' other
+    ranks). A keep_loaded or pinned one needs {"force": true}, and then stays unloaded
+    (the reconciler leaves it) until the next admin load."""
+    app = request.app
+    model_id = request.match_info["model_id"]
+    body = await read_json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"force", "nodes"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidRequest("'force' must be true or false", param="force")
+    only = _names(body, "nodes")
+    spec = app[CATALOGUE].resolve(model_id)
+    mid = spec.id if spec is not None else model_id
+    did: list[str] = []
+    life = app[LIFECYCLE]
+    nodes = unload_targets(life.snapshot(), mid, only)
+    if not nodes:
+        where = f" on {', '.join(only)}" if only else ""
+        raise ModelNotFound(f"model {mid!r} is loaded nowhere{where}", param="model_id")
+    hold = None
+    if spec is not None and (spec.keep_loaded or spec.pinned_on):
+        if not force:
+            why = "keep_loaded" if spec.keep_loaded else f"pinned_on {list(spec.pinned_on)}"
+            raise ModelKeptLoaded(
+                f"model {mid!r} is {why} in the catalogue: the reconciler would load it"
+                ' again; send {"force": true} to unload it until the next admin load',
+                param="force",
+            )
+        hold = "forced unload"
+    failed = await life.admin_unload(mid, nodes, hold=hold)
+    held = life.held(mid)
+    if hold is not None and held is not None:
+        did.append(f"held it: not loaded by wish until the next admin load (since {held.since})")
+    done = [n for n in nodes if n not in failed]
+    did.append(f"unloaded from {', '.join(done)}" if done else "unloaded nothing")
+    status = 200 if not failed else 502
+    return web.json_response(
+        {"model_id": mid, "unloaded": done, "failed": failed, "did": did}, status=status
+    )
+
+
+async def _admin_store_purge(request: web.Request) -> web.Response:
+    """POST /store/purge-staging on every node at once; `{"model_id": ...}` narrows it.
+
+    Each node deletes only copies no runner uses and no stage is writing. A node
+    that does not answer is reported, never waited on past the unload timeout.
+    """
+    app = request.app
+    body = await read_json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"model_id"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    model_id = body.get("model_id")
+    if model_id is not None and (not isinstance(model_id, str) or not model_id):
+        raise InvalidRequest("'model_id' must be a non-empty string", param="model_id")
+    forward: dict[str, Any] = {}
+    if model_id is not None:
+        # A catalogued model's copy is named after its source on every node.
+        spec = app[CATALOGUE].resolve(model_id)
+        forward["model_id"] = spec.source if spec is not None else model_id
+    fleet = app[FLEET]
+    session = app[LOADER].session
+    timeout = aiohttp.ClientTimeout(total=app[CONFIG].unload_timeout_s)
+
+    async def one(name: str) -> tuple[str, dict[str, Any]]:
+        url = fleet.node(name).url.rstrip("/") + "/store/purge-staging"
+        try:
+            async with session.post(url, json=forward, timeout=timeout) as r:
+                answer = await r.json(content_type=None)
+                if r.status != 200:
+                    return name, {"error": f"HTTP {r.status}", "answer": answer}
+                return name, answer if isinstance(answer, dict) else {"error": "not an object"}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return name, {"error": str(exc) or type(exc).__name__}
+
+    results = dict(await asyncio.gather(*(one(n) for n in fleet.names)))
+    freed = sum(int(r.get("freed_bytes", 0)) for r in results.values() if "error" not in r)
+    failed = sorted(n for n, r in results.items() if "error" in r)
+    return web.json_response(
+        {"nodes": results, "freed_bytes": freed, "failed": failed},
+        status=200 if not failed else 502,
+    )
+
+
+async def _admin_doctor(request: web.Request) -> web.Response:
+    """The morning checklist (cortex.run.doctor): every check's verdict and the fix to try."""
+    app = request.app
+    cfg = app[CONFIG]
+    snap = app[LIFECYCLE].snapshot()
+    limits = doctor.Limits(
+        probe_slow_s=cfg.doctor_probe_slow_s,
+        probe_timeout_s=cfg.doctor_probe_timeout_s,
+        restart_window_s=cfg.doctor_restart_window_s,
+    )
+    checks = await doctor.run(
+        app[LOADER].session, snap, unserved_models(snap, app[CATALOGUE]), limits, cfg.poll_timeout_s
+    )
+    return web.json_response(doctor.report(checks))

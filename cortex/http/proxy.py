@@ -1,0 +1,573 @@
+"""The streaming proxy: route, forward, pass the answer through unchanged.
+
+Response headers go to the client only once a replica has answered (and, for a
+stream, sent its first event: keepalive comments do not count), so anything that
+fails before that is retried on another replica by a bounded policy and the
+client never sees it. After that the stream cannot be replayed: it ends with an
+SSE error frame and `data: [DONE]`. A client that goes away closes the upstream
+connection, which the neuron takes as a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import aiohttp
+import attrs
+from aiohttp import web
+
+from cortex.config import CortexConfig
+from cortex.core.router import ColdLoad, Route, prefix_keys, route
+from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
+from cortex.core.tracing import QUEUE_WAIT_HEADER, TraceDraft
+from cortex.metrics import CLIENT_CLOSED, STREAM_ERROR, Metrics
+from cortex.run.inflight import InFlight, NodeLost
+from cortex.run.lifecycle import Lifecycle, parse_keep_alive
+from cortex.run.loader import Loader
+from cortex.run.poller import Poller
+from shared.catalogue import Catalogue
+from shared.drain import mark_streaming
+from shared.errors import (
+    ApiError,
+    InvalidRequest,
+    QueueFull,
+    UpstreamError,
+    UpstreamUnavailable,
+    sse_error_frame,
+)
+from shared.quiet import QuietReads
+from shared.retry import proxy_attempts
+from shared.sse import ANSWER_MODEL_HEADER, HOP_HEADERS
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Never copied from a replica to the client: the server stamps its own.
+_RESPONSE_SKIP = HOP_HEADERS | {"server", "date"}
+
+
+class _TryAnother(Exception):
+    """A replica failed before the first byte; `error` is the answer if no other is left."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-Id if it is a sane token, else a fresh one."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
+    """Client headers minus hop-by-hop and identity ones, re-stamped by cortex."""
+    out = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+    out["Content-Type"] = "application/json"
+    out["X-Request-Id"] = rid
+    if request.remote:
+        out["X-Forwarded-For"] = request.remote
+    return out
+
+
+def _client_headers(headers: Mapping[str, str], rid: str) -> dict[str, str]:
+    out = {k: v for k, v in headers.items() if k.lower() not in _RESPONSE_SKIP}
+    out["X-Request-Id"] = rid
+    return out
+
+
+@attrs.define
+class Outcome:
+    """How a request ended, as cortex_requests_total counts it; set as soon as known.
+
+    An HTTP status ("200", "503"...), or for a stream already answered 200:
+    "stream_error" (it ended in an error frame) or "client_closed" (the client
+    left first). A stream is "200" once its `[DONE]` is on its way, whatever
+    the client does next.
+    """
+
+    code: str | None = None
+
+
+@attrs.define
+class _Tries:
+    """What one request has learnt about the replicas it tried."""
+
+    # Failed before the first byte: not tried again.
+    exclude: set[str] = attrs.Factory(set)
+    # Answered queue_full.
+    full: set[str] = attrs.Factory(set)
+    # Runner faults this request met ("node: reason"); a second one ends it.
+    faults: list[str] = attrs.Factory(list)
+    last: _TryAnother | None = None
+
+
+@attrs.define
+class Proxy:
+    fleet: Fleet
+    poller: Poller
+    loader: Loader
+    life: Lifecycle
+    catalogue: Catalogue
+    config: CortexConfig
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    affinity: AffinityTable
+    inflight: InFlight = attrs.Factory(InFlight)
+    # Spreads ties between equally loaded replicas (the router takes it as input).
+    _turns: Iterator[int] = attrs.Factory(itertools.count)
+
+    def __attrs_post_init__(self) -> None:
+        # A node marked unhealthy ends every attempt still waiting on it.
+        self.poller.listeners.append(self.inflight.node_changed)
+
+    async def handle(
+        self,
+        request: web.Request,
+        path: str,
+        body: dict[str, Any],
+        raw: bytes,
+        rid: str,
+        outcome: Outcome | None = None,
+        trace: TraceDraft | None = None,
+        node: str | None = None,
+    ) -> web.StreamResponse:
+        """Serve one inference request; raises the typed error when it cannot.
+
+        `node` pins it to that node's replica (X-Cortex-Node, admin only)."""
+        trace = trace if trace is not None else TraceDraft(rid)
+        request[_TRACE] = trace
+        model = str(body["model"])
+        spec = self.catalogue.resolve(model)
+        payload = raw
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        if (spec is not None and model != spec.id) or "keep_alive" in body:
+            # Neurons know models by id only; keep_alive is cortex's, not the runner's.
+            fwd = {k: v for k, v in body.items() if k != "keep_alive"}
+            payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
+        keys = prefix_keys({**body, "model": spec.id if spec else model})
+        headers = upstream_headers(request, rid)
+        if spec is not None and model != spec.id and model.isascii():
+            headers[ANSWER_MODEL_HEADER] = model  # an alias: the answer says it, not the id
+        stream = bool(body.get("stream"))
+        tries = _Tries()
+        out = outcome if outcome is not None else Outcome()
+        try:
+            async for attempt in proxy_attempts(self.config.retry_attempts, _TryAnother):
+                with attempt:
+                    t_route = time.monotonic()
+                    try:
+                        r = await self._route(model, keys, tries, trace, node)
+                    except (UpstreamUnavailable, QueueFull):
+                        # No replica left to try: the last one's own answer (its code,
+                        # its Retry-After) says more than the router's generic one.
+                        if tries.last is None:
+                            raise
+                        raise tries.last.error from None
+                    finally:
+                        trace.routing_s += time.monotonic() - t_route
+                        if trace.cold_load_s == 0.0:  # waited for a load: all of it
+                            trace.cold_load_s = time.monotonic() - t_route
+                    trace.nodes.append(r.node)
+                    if tries.last is not None:
+                        log.info("%s: retrying on %s", rid, r.node)
+                    try:
+                        resp = await self._forward(
+                            request, r, path, payload, headers, rid, stream, tries, keys, out
+                        )
+                        self.life.answered(r.node, r.model_id, keep_alive)
+                        return resp
+                    except _TryAnother as exc:
+                        tries.last = exc
+                        raise
+        except _TryAnother as exc:
+            raise exc.error from exc
+        raise AssertionError("unreachable: the retry policy returns or raises")
+
+    async def _route(
+        self,
+        model: str,
+        keys: tuple[str, ...],
+        tries: _Tries,
+        trace: TraceDraft,
+        node: str | None = None,
+    ) -> Route:
+        spec = self.catalogue.resolve(model)
+
+        def decide(snap: FleetSnapshot) -> Route | ColdLoad:
+            return route(
+                snap,
+                self.catalogue,
+                model,
+                facts=self.loader.facts,
+                prefix=keys,
+                affinity=self.affinity.view(),
+                exclude=tries.exclude,
+                full=tries.full,
+                margin=self.config.affinity_margin,
+                rotation=next(self._turns),
+                node=node,
+                policy=self.config.routing,
+            )
+
+        # Loads a cold model (once, however many ask) or waits for one loading.
+        def waiting() -> None:
+            trace.cold_load_s = 0.0  # set to the wait once routed
+
+        waited = time.monotonic()
+        try:
+            return await self.life.routed(spec.id if spec else model, decide, waiting)
+        finally:
+            label = self.metrics.model(spec.id if spec else None)
+            self.metrics.queue_wait.labels(label).observe(time.monotonic() - waited)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        r: Route,
+        path: str,
+        payload: bytes,
+        headers: dict[str, str],
+        rid: str,
+        stream: bool,
+        tries: _Tries,
+        keys: tuple[str, ...],
+        out: Outcome,
+    ) -> web.StreamResponse:
+        cfg = self.config
+        # The answer's headers may take long: a neuron sends them once it admits the
+        # request (its queue may hold it a while) and, unstreamed, only with the whole
+        # answer. A node that stops answering is ended by `inflight` when polls mark it
+        # down; a stream's body reads each have the idle timeout (`_read`).
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.response_timeout_s
+        )
+        label = self.metrics.model(r.model_id)
+        started = time.monotonic()
+        self.fleet.begin_request(r.node, r.model_id)
+        self.metrics.in_flight.labels(label).inc()
+        try:
+            with self.inflight.attempt(r.node) as att:
+                try:
+                    up = await att.open(
+                        self.session.post(
+                            r.url.rstrip("/") + path,
+                            data=payload,
+                            headers=headers,
+                            timeout=timeout,
+                        )
+                    )
+                except aiohttp.ClientConnectorError as exc:
+                    # Nobody listens: the node is out of routing now, not after three polls.
+                    self.poller.record_failure(r.node, f"connect: {exc}", fatal=True)
+                    self.metrics.passive_failures.labels(r.node).inc()
+                    self._retry(r, tries, "connect")
+                    raise _TryAnother(
+                        UpstreamUnavailable(f"no replica of {r.model_id!r} reachable: {exc}")
+                    ) from exc
+                except NodeLost as exc:
+                    self._retry(r, tries, "node_down")
+                    raise _TryAnother(
+                        UpstreamUnavailable(f"replica {r.node} did not answer: {exc}")
+                    ) from exc
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.poller.record_failure(r.node, f"request: {exc!r}", fatal=False)
+                    self._retry(r, tries, "no_answer")
+                    raise _TryAnother(
+                        UpstreamUnavailable(f"replica {r.node} did not answer: {exc!r}")
+                    ) from exc
+                att.watch(up)
+                try:
+                    return await self._answer(request, up, r, rid, tries, keys, started, out)
+                except BaseException:
+                    # Cancelled (the client left) or failed: drop the connection so the
+                    # neuron sees the disconnect and stops generating.
+                    up.close()
+                    raise
+                finally:
+                    up.release()
+        finally:
+            self.fleet.end_request(r.node, r.model_id)
+            self.metrics.in_flight.labels(label).dec()
+
+    def _retry(self, r: Route, tries: _Tries, reason: str) -> None:
+        tries.exclude.add(r.node)
+        self.metrics.upstream_retries.labels(reason).inc()
+
+    async def _read(self, up: aiohttp.ClientResponse) -> bytes:
+        """A stream's next bytes: it must show life (tokens or keepalives) this often."""
+        async with asyncio.timeout(self.config.idle_read_timeout_s):
+            return await up.content.readany()
+
+    async def _first_event(self, up: aiohttp.ClientResponse) -> bytes:
+        """A stream's bytes up to its first complete line that is not an SSE comment.
+
+        A neuron sends `: keepalive` while its runner is still in prefill: that proves
+        the link, not the runner, so the answer is committed only on real data and a
+        runner lost before then is retried elsewhere.
+        """
+        got = b""
+        while chunk := await self._read(up):
+            got += chunk
+            if any(line.strip() and not line.startswith(b":") for line in _lines(got)):
+                break
+        return got
+
+    async def _answer(
+        self,
+        request: web.Request,
+        up: aiohttp.ClientResponse,
+        r: Route,
+        rid: str,
+        tries: _Tries,
+        keys: tuple[str, ...],
+        started: float,
+        out: Outcome,
+    ) -> web.StreamResponse:
+        label = self.metrics.model(r.model_id)
+        is_sse = up.content_type == "text/event-stream"
+        try:
+            first = await (self._first_event(up) if is_sse else up.read())
+        except NodeLost as exc:
+            up.close()
+            self._retry(r, tries, "node_down")
+            raise _TryAnother(
+                UpstreamUnavailable(f"replica {r.node} failed before answering: {exc}")
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            up.close()
+            # A timeout counts as one failed poll (DESIGN: passive health).
+            self.poller.record_failure(r.node, f"first byte: {exc!r}", fatal=False)
+            self._retry(r, tries, "no_first_byte")
+            raise _TryAnother(
+                UpstreamUnavailable(f"replica {r.node} failed before answering: {exc!r}")
+            ) from exc
+        self.metrics.first_byte.labels(label).observe(time.monotonic() - started)
+        _traced_answer(request, up, r, first, is_sse)
+        if up.status >= 400:
+            self._upstream_error(up, first, r, tries)
+        elif is_sse:
+            frame = _first_error_frame(first)
+            if frame is not None:
+                up.close()
+                self._error_frame(frame, r, tries)
+        if up.status < 400:
+            self.affinity.remember(keys, r.node)
+        headers = _client_headers(up.headers, rid)
+        if not is_sse:
+            return web.Response(body=first, status=up.status, headers=headers)
+        return await self._relay(request, up, r, rid, first, headers, out)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        up: aiohttp.ClientResponse,
+        r: Route,
+        rid: str,
+        first: bytes,
+        headers: dict[str, str],
+        out: Outcome,
+    ) -> web.StreamResponse:
+        """Pass the stream through; its end (done, error frame, client gone) sets `out`."""
+        label = self.metrics.model(r.model_id)
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        await resp.prepare(request)
+        mark_streaming(request, resp)
+        relayed_error = False
+        trace = _trace(request)
+        chunk: bytes | None = first
+        tail = b""
+        # One idle timer per stream, not one `asyncio.timeout` per chunk.
+        reads = QuietReads(up, self.config.idle_read_timeout_s)
+        try:
+            while chunk:
+                if not relayed_error and _holds(_ERROR_FRAME, tail, chunk):
+                    # A neuron's own error frame (its runner lost mid-stream): the
+                    # stream failed though every byte of it arrived.
+                    relayed_error = True
+                    self.metrics.stream_errors.labels(label, "upstream_error").inc()
+                await resp.write(chunk)
+                if trace is not None:
+                    trace.scan(chunk)
+                if _holds(_DONE, tail, chunk):
+                    # Complete: whatever the link does from here is no failure of it.
+                    out.code = STREAM_ERROR if relayed_error else "200"
+                    up.close()
+                    break
+                tail = chunk[-_TAIL:]
+                chunk = await reads.read()
+                if chunk is None:
+                    raise TimeoutError(f"silent for {self.config.idle_read_timeout_s:g} s")
+            else:
+                # The neuron ended the body without [DONE]: the client's stream is cut.
+                out.code = STREAM_ERROR
+                self.metrics.stream_errors.labels(label, "lost").inc()
+                with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    await resp.write(sse_error_frame(f"replica {r.node} ended the stream early"))
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The client left: closing our side tells the neuron to stop generating.
+            up.close()
+            if out.code is None:
+                out.code = CLIENT_CLOSED
+            log.info("%s: client disconnected from %s", rid, r.node)
+            return resp
+        except (NodeLost, aiohttp.ClientError, TimeoutError) as exc:
+            up.close()
+            if isinstance(exc, NodeLost):
+                reason, what = "node_down", f"was lost ({exc})"
+            elif isinstance(exc, TimeoutError):
+                reason, what = "stalled", "stalled"
+            else:
+                reason, what = "lost", "was lost"
+            out.code = STREAM_ERROR
+            if trace is not None:
+                trace.error = f"replica {r.node} {what} mid-stream"
+            self.metrics.stream_errors.labels(label, reason).inc()
+            log.warning("%s: stream from %s broke after its first byte: %r", rid, r.node, exc)
+            try:
+                await resp.write(sse_error_frame(f"replica {r.node} {what} mid-stream"))
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                return resp
+        finally:
+            reads.close()
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # A client that closes right after [DONE] is no failure.
+            await resp.write_eof()
+        return resp
+
+    def _upstream_error(
+        self, up: aiohttp.ClientResponse, raw: bytes, r: Route, tries: _Tries
+    ) -> None:
+        """A replica's error: retry elsewhere if another may do better, else let it through."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        err = ApiError.from_envelope(up.status, body, up.headers.get("Retry-After"))
+        if up.status == 429:
+            tries.full.add(r.node)
+            self.metrics.upstream_retries.labels("queue_full").inc()
+            raise _TryAnother(err if isinstance(err, QueueFull) else QueueFull(err.message))
+        if up.status == 404:
+            # The replica lost the model since the last poll; never pass a 404 on for
+            # something transient (LiteLLM benches an upstream that says 404).
+            self.life.gone(r.node, r.model_id)
+            self._retry(r, tries, "gone")
+            raise _TryAnother(
+                UpstreamUnavailable(f"replica {r.node} no longer serves {r.model_id!r}")
+            )
+        if up.status >= 500:
+            fault = err.code in _RUNNER_FAULTS
+            if err.retry_after is None:
+                err = UpstreamUnavailable(f"replica {r.node}: {err.message}")
+            if fault:
+                self._runner_fault(r, tries, err)
+            self._retry(r, tries, "upstream_5xx")
+            raise _TryAnother(err)
+        # A 4xx is about the request itself: another replica would say the same.
+
+    def _error_frame(self, frame: dict[str, Any], r: Route, tries: _Tries) -> None:
+        """A stream whose first event is an error: answer it as the error it is."""
+        status = frame.get("code")
+        message = str(frame.get("message", "error before the first token"))
+        if isinstance(status, int) and 400 <= status < 500:
+            # The neuron (or its runner) refused the request itself, after its first
+            # keepalive: the client gets the 4xx, as if it had come before.
+            err = ApiError.from_envelope(
+                status, {"error": {**frame, "code": frame.get("type")}}, None
+            )
+            raise err if 400 <= err.status < 500 else InvalidRequest(message)
+        if frame.get("type") not in _RUNNER_FAULTS:
+            # Not the runner's doing (a neuron shutting down...): another replica, no fault.
+            self._retry(r, tries, "upstream_5xx")
+            raise _TryAnother(UpstreamUnavailable(f"replica {r.node}: {message}"))
+        self._runner_fault(r, tries, UpstreamUnavailable(f"replica {r.node}: {message}"))
+
+    def _runner_fault(self, r: Route, tries: _Tries, err: ApiError) -> None:
+        """The runner failed this request: once may be the runner, twice is the request.
+
+        A request that broke a runner (a poison field) would break every replica in
+        turn; it gets one other replica, then its own 502 with both reasons.
+        """
+        tries.faults.append(err.message)
+        if len(tries.faults) >= 2:
+            raise UpstreamError(
+                f"the request failed on {len(tries.faults)} replicas of {r.model_id!r}, not"
+                f" retried further: {'; '.join(tries.faults)}"
+            )
+        self._retry(r, tries, "runner_fault")
+        raise _TryAnother(err)
+
+
+_TRACE = web.RequestKey("cortex.trace", TraceDraft)
+
+
+def _trace(request: web.Request) -> TraceDraft | None:
+    return request.get(_TRACE)
+
+
+def _traced_answer(
+    request: web.Request, up: aiohttp.ClientResponse, r: Route, first: bytes, is_sse: bool
+) -> None:
+    """The trace learns who answered, how long the neuron queued it, and when."""
+    trace = _trace(request)
+    if trace is None:
+        return
+    trace.node = r.node
+    with contextlib.suppress(ValueError):
+        trace.queue_wait_s = float(up.headers.get(QUEUE_WAIT_HEADER, ""))
+    now = time.monotonic()
+    if up.status >= 400:
+        return
+    trace.first_at = now
+    if is_sse:
+        return  # the relay scans every chunk, the first included
+    with contextlib.suppress(ValueError, AttributeError):
+        trace.usage(json.loads(first).get("usage"))
+    trace.last_at = now
+
+
+# A neuron's error frame, and a stream's last one; `_TAIL` bytes of the previous chunk
+# are kept so that a marker split across two reads is still seen.
+_ERROR_FRAME = b'data: {"error"'
+_DONE = b"data: [DONE]"
+_TAIL = 16
+
+
+def _holds(marker: bytes, tail: bytes, chunk: bytes) -> bool:
+    """`marker` in the stream at `chunk`, also when split from the previous chunk's
+    `tail`; without copying the chunk (only its first bytes join the tail)."""
+    return marker in chunk or marker in tail + chunk[: len(marker)]
+
+
+# A neuron's codes for "its runner failed this request" (an error answer, or lost).
+_RUNNER_FAULTS = frozenset({UpstreamError.code, UpstreamUnavailable.code})
+
+
+def _lines(buf: bytes) -> list[bytes]:
+    """Complete lines only: the last piece may still be arriving."""
+    return buf.split(b"\n")[:-1]
+
+
+def _first_error_frame(first: bytes) -> dict[str, Any] | None:
+    """The `error` of a stream's first event if that event is an error frame."""
+    for line in _lines(first):
+        if not line.strip() or line.startswith(b":"):
+            continue
+        if not line.startswith(_ERROR_FRAME):
+            return None
+        try:
+            err = json.loads(line[len(b"data: ") :]).get("error")
+        except (ValueError, AttributeError):
+            return {"message": line.decode(errors="replace")[:500]}
+        return err if isinstance(err, dict) else {"message": str(err)}
+    return None

@@ -1,0 +1,68 @@
+"""POST /admin/nodes/{name}/restart: recycle a node without a client noticing.
+
+Cortex takes the node out of routing first (new requests go to other
+replicas; the node's own drain lets the ones it holds finish), then asks the
+neuron to restart (POST /admin/restart: drain, stop its runners, re-execute
+itself). The node stays out until a poll shows a new process (a new
+`started_at`, the same persisted node_id), or `recycle_timeout_s` passes; then
+the reconciler loads the models its wishes want back on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cortex.http.keys import CONFIG, FLEET, LIFECYCLE, LOADER
+from shared.errors import ApiError, NotFound, UpstreamUnavailable
+
+
+async def post_restart(request: web.Request) -> web.Response:
+    app = request.app
+    name = request.match_info["name"]
+    fleet = app[FLEET]
+    if name not in fleet.names:
+        raise NotFound(f"no node {name!r} in this fleet", param="name")
+    before = fleet.node(name)
+    # What it serves now: what `cortex restart --wait` expects back.
+    models = [m.model_id for m in before.models if m.serves_http and m.state == "ready"]
+    if before.recycling:
+        # Draining already (its port is closed): asking again must not undo the mark.
+        return web.json_response(
+            {"node": name, "recycling": True, "already": True, "models": models}, status=202
+        )
+    fleet.begin_recycle(name, app[CONFIG].recycle_timeout_s)
+    url = before.url.rstrip("/") + "/admin/restart"
+    timeout = aiohttp.ClientTimeout(total=10.0, sock_connect=app[CONFIG].connect_timeout_s)
+    try:
+        async with app[LOADER].session.post(
+            url, json={"reason": "cortex: admin restart"}, timeout=timeout
+        ) as resp:
+            answer: Any = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise ApiError.from_envelope(resp.status, answer, resp.headers.get("Retry-After"))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        fleet.end_recycle(name)
+        raise UpstreamUnavailable(f"node {name} did not take the restart: {exc!r}") from exc
+    except ApiError:
+        fleet.end_recycle(name)
+        raise
+    for model_id in models:
+        app[LIFECYCLE].event(model_id, "node recycling", f"{name} restarts; the reconciler reloads")
+    return web.json_response(
+        {
+            "node": name,
+            "recycling": True,
+            "node_id": None if before.discovery is None else before.discovery.node_id,
+            "started_at": None if before.health is None else before.health.started_at,
+            "models": models,
+            "drain_s": answer.get("drain_s") if isinstance(answer, dict) else None,
+        },
+        status=202,
+    )
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/admin/nodes/{name}/restart", post_restart)
