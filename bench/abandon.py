@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.proxy_overhead import cpu_seconds
+from bench.common import cpu_seconds
 from neuron.store.demo_model import build_demo_model
 from tests.conftest import NeuronProcess, runner_pids, stop_quietly
 

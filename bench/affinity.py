@@ -46,7 +46,7 @@ import aiohttp
 import attrs
 
 from bench.benchmarks_md import machine, update
-from bench.proxy_overhead import Procs, _bin, _wait_http, free_port
+from bench.common import Procs, console_script, free_port, wait_http
 from shared.blocking_http import request_json
 
 ARMS = ("round_robin", "least_loaded", "affinity")
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = root / "model"
         build = "real-model" if args.model == "real" else "demo-model"
         subprocess.run(
-            [_bin("neuron"), build, str(model_dir)],
+            [console_script("neuron"), build, str(model_dir)],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -290,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt_cache = max(1, args.conversations // 2)
         for name in ("n1", "n2"):
             conf, port = write_neuron(root, name, prompt_cache)
-            procs.start(name, [_bin("neuron"), "serve", "-c", str(conf)])
+            procs.start(name, [console_script("neuron"), "serve", "-c", str(conf)])
             neurons.append((name, f"http://127.0.0.1:{port}"))
         for _, url in neurons:
-            _wait_http(f"{url}/health", procs, 60.0)
+            wait_http(f"{url}/health", procs, 60.0)
         refs = "".join(f'[[neurons]]\nname = "{n}"\nurl = "{u}"\n\n' for n, u in neurons)
         arms = [a for a in args.arms.split(",") if a]
         margin = ""
@@ -306,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 f'host = "127.0.0.1"\nport = {port}\ncatalogue = "models.toml"\n'
                 f'poll_interval_s = 1.0\nrouting = "{arm}"\n{margin}\n{refs}'
             )
-            cortex = procs.start(f"cortex-{arm}", [_bin("cortex"), "serve", "-c", str(conf)])
+            cortex = procs.start(
+                f"cortex-{arm}", [console_script("cortex"), "serve", "-c", str(conf)]
+            )
             base = f"http://127.0.0.1:{port}"
-            _wait_http(f"{base}/health", procs, 60.0)
+            wait_http(f"{base}/health", procs, 60.0)
             if i == 0:  # the first cortex's reconciler loads both replicas
                 wait_ready([u for _, u in neurons], model, procs, 120.0)
             routed(base, model, 2, procs, 60.0)

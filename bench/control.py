@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.benchmarks_md import machine, update
-from bench.proxy_overhead import children, idle_health
+from bench.common import children, idle_health
 from bench.router_micro import affinity_table, build, requests
 from cortex.core.router import route
 

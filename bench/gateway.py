@@ -43,7 +43,7 @@ import aiohttp
 import attrs
 
 from bench import benchmarks_md
-from bench.proxy_overhead import Procs, cpu_seconds, free_port, idle_health, workdir
+from bench.common import Procs, cpu_seconds, free_port, idle_health, workdir
 from bench.token_server import token_frame
 from shared.blocking_http import request_json
 from shared.serve import new_event_loop

@@ -32,7 +32,7 @@ import aiohttp
 import attrs
 
 from bench import benchmarks_md
-from bench.proxy_overhead import (
+from bench.common import (
     RUNNER_MODEL_NAME,
     Procs,
     Sample,

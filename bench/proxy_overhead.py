@@ -20,182 +20,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import attrs
 
+from bench.common import (
+    RUNNER_MODEL_NAME,
+    Procs,
+    Sample,
+    Target,
+    children,
+    console_script,
+    cpu_seconds,
+    free_port,
+    one_request,
+    own_cpu_seconds,
+    pids_mentioning,
+    wait_http,
+    workdir,
+)
 from shared.blocking_http import request_json
-from shared.wire import ModelHealth
-
-# mlx_lm.server serves its own model under this name (see neuron.http.proxy).
-RUNNER_MODEL_NAME = "default_model"
-
 
 # -- processes -----------------------------------------------------------------------
 
 
-def _bin(name: str) -> str:
-    """The console script installed next to this interpreter."""
-    return str(Path(sys.executable).parent / name)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def workdir(prefix: str, keep: bool = False) -> Iterator[Path]:
-    """A scratch dir with logs/ (world-readable: nginx's workers read canned answers
-    there), removed afterwards unless `keep`."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    root.chmod(0o755)
-    (root / "logs").mkdir()
-    try:
-        yield root
-    finally:
-        if keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def idle_health(model_id: str) -> dict[str, Any]:
-    """A ready, idle model as a neuron's /health lists it (the wire record's JSON)."""
-    return ModelHealth(
-        model_id=model_id,
-        state="ready",
-        in_flight=0,
-        queue_depth=0,
-        phase="idle",
-        decode_tps=None,
-        ttft_s=None,
-        last_used=0.0,
-    ).to_json()
-
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@attrs.define
-class Procs:
-    """Child processes, each in its own session, stopped in reverse start order."""
-
-    root: Path
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = attrs.Factory(list)
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.root / "logs" / f"{name}.log").open("ab")
-        # Children run in the scratch dir: `-m bench.x` must still find this checkout
-        # (bench/ is not an installed package).
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        proc = subprocess.Popen(
-            argv,
-            cwd=self.root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def check(self) -> None:
-        dead = [name for name, p in self.procs if p.poll() is not None]
-        if dead:
-            raise RuntimeError(f"{', '.join(dead)} exited early; see {self.root}/logs/")
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for _, p in reversed(self.procs):
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        # The runner lives in its own process group under the neuron; should the
-        # neuron not have stopped it, kill anything still running from our temp dir.
-        for pid in _pids_mentioning(str(self.root)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Our own leftovers: processes whose command line names our unique temp dir."""
-    out = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            out.append(int(entry.name))
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process (all its threads) so far; 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    # utime and stime are fields 14 and 15 of stat(5); [0] here is field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def _wait_http(url: str, procs: Procs, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        procs.check()
-        with contextlib.suppress(OSError):
-            status, _, _ = request_json("GET", url, timeout=2.0)
-            if status < 500:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f}s")
-
-
 # -- the fleet under test ----------------------------------------------------------------
-
-
-@attrs.frozen
-class Target:
-    name: str
-    base_url: str
-    model: str
 
 
 def write_configs(
@@ -302,20 +163,11 @@ def start_nginx(nginx: str, root: Path, upstream: int, procs: Procs) -> str:
         "nginx", [nginx, "-p", str(root), "-c", str(conf), "-e", str(root / "logs/nginx-error.log")]
     )
     url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/v1/models", procs, 15.0)
+    wait_http(f"{url}/v1/models", procs, 15.0)
     return url
 
 
 # -- the workload ------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Sample:
-    ok: bool
-    ttft_s: float
-    total_s: float
-    tokens: int
-    error: str = ""
 
 
 @attrs.define
@@ -332,56 +184,6 @@ def prompt(i: int, nonce: str) -> str:
     # temperature 0); the per-request prefix keeps the runner's small prompt
     # cache (4 entries) from serving them, as long as a round has > 8 requests.
     return f"[{nonce}-{i:04d}] Write a short story about a lighthouse keeper and a storm."
-
-
-async def one_request(
-    session: aiohttp.ClientSession, t: Target, text: str, max_tokens: int
-) -> Sample:
-    body = {
-        "model": t.model,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": True,
-    }
-    start = time.perf_counter()
-    ttft: float | None = None
-    tokens = 0
-    buf = b""
-    try:
-        async with session.post(f"{t.base_url}/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                text_ = (await resp.read())[:200].decode(errors="replace")
-                return Sample(False, 0.0, time.perf_counter() - start, 0, f"{resp.status} {text_}")
-            async for chunk in resp.content.iter_any():
-                buf = (buf + chunk).replace(b"\r\n", b"\n")
-                *events, buf = buf.split(b"\n\n")
-                for ev in events:
-                    if not ev.startswith(b"data:"):
-                        continue  # neuron keepalive comments are not tokens
-                    data = ev[5:].strip()
-                    if data == b"[DONE]":
-                        continue
-                    if _has_content(data):
-                        if ttft is None:
-                            ttft = time.perf_counter() - start
-                        tokens += 1
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return Sample(False, 0.0, time.perf_counter() - start, tokens, repr(exc))
-    total = time.perf_counter() - start
-    return Sample(True, ttft if ttft is not None else total, total, tokens)
-
-
-def _has_content(data: bytes) -> bool:
-    try:
-        frame = json.loads(data)
-    except ValueError:
-        return False
-    for choice in frame.get("choices") or ():
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            return True
-    return False
 
 
 async def run_batch(
@@ -405,19 +207,6 @@ async def run_batch(
 def rotated(targets: Sequence[Target], k: int) -> list[Target]:
     k %= len(targets)
     return [*targets[k:], *targets[:k]]
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def cpu_now(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -599,7 +388,7 @@ def _run(args: argparse.Namespace, root: Path, procs: Procs) -> int:
     model_id = f"bench-{uuid.uuid4().hex[:12]}"
     t0 = time.monotonic()
     subprocess.run(
-        [_bin("neuron"), "demo-model", str(model_dir)],
+        [console_script("neuron"), "demo-model", str(model_dir)],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -611,10 +400,10 @@ def _run(args: argparse.Namespace, root: Path, procs: Procs) -> int:
         root, model_dir, model_id, nport, cport, args.concurrency
     )
     neuron, cortex = f"http://127.0.0.1:{nport}", f"http://127.0.0.1:{cport}"
-    procs.start("neuron", [_bin("neuron"), "serve", "-c", str(neuron_conf)])
-    procs.start("cortex", [_bin("cortex"), "serve", "-c", str(cortex_conf)])
-    _wait_http(f"{neuron}/health", procs, 60.0)
-    _wait_http(f"{cortex}/health", procs, 60.0)
+    procs.start("neuron", [console_script("neuron"), "serve", "-c", str(neuron_conf)])
+    procs.start("cortex", [console_script("cortex"), "serve", "-c", str(cortex_conf)])
+    wait_http(f"{neuron}/health", procs, 60.0)
+    wait_http(f"{cortex}/health", procs, 60.0)
     runner_port = load_model(cortex, neuron, model_id, procs, 300.0)
     targets = [Target("direct", f"http://127.0.0.1:{runner_port}", RUNNER_MODEL_NAME)]
     nginx = None if args.no_nginx else shutil.which("nginx")
@@ -635,8 +424,8 @@ def _run(args: argparse.Namespace, root: Path, procs: Procs) -> int:
     # in a process group of its own, named by our temp dir on its command line.
     # (The neuron's own figure must not include its runner child.)
     pids = {name: [p.pid, *(children(p.pid) if name == "nginx" else ())] for name, p in procs.procs}
-    mine = set(_pids_mentioning(str(root)))
-    runner = [pid for pid in _pids_mentioning("neuron.runner.main") if pid in mine]
+    mine = set(pids_mentioning(str(root)))
+    runner = [pid for pid in pids_mentioning("neuron.runner.main") if pid in mine]
     pids = {"runner": runner, **pids}
     tallies = asyncio.run(
         measure(targets, args.requests, args.concurrency, args.max_tokens, args.rounds, pids)

@@ -139,6 +139,55 @@ def time_ns(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter_ns() - start) / calls
 
 
+def _baselines(
+    snap: Any, cat: Any, reqs: list[tuple[str, Any]], replicas: dict[str, list[Any]]
+) -> list[tuple[str, Callable[[], None]]]:
+    """The trivial pickers the router is held against."""
+    plain = [(name.removeprefix("alias-"), keys) for name, keys in reqs]
+
+    def min_load() -> None:
+        for mid, _ in plain:
+            min(replicas[mid], key=lambda nm: nm[1].load)
+
+    def lookup_min() -> None:
+        for name, _ in reqs:
+            spec = cat.resolve(name)
+            assert spec is not None
+            ready = [(n, m) for n, m in snap.locations(spec.id) if n.healthy and m.state == "ready"]
+            min(ready, key=lambda nm: nm[1].load)
+
+    return [("min-load", min_load), ("lookup+min", lookup_min)]
+
+
+def _router_calls(
+    fleet: Any, snap: Any, cat: Any, reqs: list[tuple[str, Any]], aff: Any, body: dict[str, Any]
+) -> list[tuple[str, Callable[[], None]]]:
+    """The router with and without affinity, and the per-request work around it."""
+
+    def route_plain() -> None:
+        for name, keys in reqs:
+            route(snap, cat, name, prefix=keys)
+
+    def route_aff() -> None:
+        for name, keys in reqs:
+            route(snap, cat, name, prefix=keys, affinity=aff)
+
+    def snapshots() -> None:
+        for _ in reqs:
+            fleet.snapshot()
+
+    def keys() -> None:
+        for _ in reqs:
+            prefix_keys(body)
+
+    return [
+        ("route", route_plain),
+        ("route+aff", route_aff),
+        ("snapshot()", snapshots),
+        ("prefix_keys", keys),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.router_micro",
@@ -160,49 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         mid: [(n, m) for n, m in snap.locations(mid) if n.healthy and m.state == "ready"]
         for mid in ids
     }
-    plain = [(name.removeprefix("alias-"), keys) for name, keys in reqs]
-    body = _body(ids[0], 0)
-
-    def min_load() -> None:
-        for mid, _ in plain:
-            min(replicas[mid], key=lambda nm: nm[1].load)
-
-    def lookup_min() -> None:
-        for name, _ in reqs:
-            spec = cat.resolve(name)
-            assert spec is not None
-            ready = [(n, m) for n, m in snap.locations(spec.id) if n.healthy and m.state == "ready"]
-            min(ready, key=lambda nm: nm[1].load)
-
-    def route_plain() -> None:
-        for name, keys in reqs:
-            route(snap, cat, name, prefix=keys)
-
-    def route_aff() -> None:
-        for name, keys in reqs:
-            route(snap, cat, name, prefix=keys, affinity=aff)
-
-    def snapshots() -> None:
-        for _ in reqs:
-            fleet.snapshot()
-
-    def keys() -> None:
-        for _ in reqs:
-            prefix_keys(body)
+    variants = _baselines(snap, cat, reqs, replicas) + _router_calls(
+        fleet, snap, cat, reqs, aff, _body(ids[0], 0)
+    )
 
     # Sanity: the router does answer Routes, and affinity does change some picks.
     picks = [route(snap, cat, n, prefix=k, affinity=aff) for n, k in reqs[:200]]
     assert all(isinstance(p, Route) for p in picks)
     by_aff = sum(1 for p in picks if isinstance(p, Route) and p.reason == "affinity")
 
-    variants: list[tuple[str, Callable[[], None]]] = [
-        ("min-load", min_load),
-        ("lookup+min", lookup_min),
-        ("route", route_plain),
-        ("route+aff", route_aff),
-        ("snapshot()", snapshots),
-        ("prefix_keys", keys),
-    ]
     best = {name: float("inf") for name, _ in variants}
     for r in range(args.repeat):
         # Rotate the order each run so no variant always runs on a cold cache.

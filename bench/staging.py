@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.proxy_overhead import cpu_seconds
+from bench.common import cpu_seconds
 from neuron.store.demo_model import build_demo_model
 from tests.conftest import NeuronProcess, http_json, stop_quietly, wait_until
 

@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 import attrs
 
-from bench.proxy_overhead import Procs, _wait_http, cpu_seconds, free_port
+from bench.common import Procs, cpu_seconds, free_port, wait_http
 from neuron.config import NeuronConfig
 from shared.blocking_http import request_json
 
@@ -68,8 +68,8 @@ def start_fleet(root: Path, procs: Procs, model_dir: Path) -> tuple[str, dict[st
     )
     cortex = f"http://127.0.0.1:{port}"
     for u, _ in neurons.values():
-        _wait_http(u + "/health", procs, 60)
-    _wait_http(cortex + "/health", procs, 60)
+        wait_http(u + "/health", procs, 60)
+    wait_http(cortex + "/health", procs, 60)
     return cortex, neurons
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 import attrs
 
-from shared.config import NOT_IN_TOML, check_token, load_config, read_token
+from shared.config import ServerConfig, load_config, read_token
 
 
 @attrs.frozen
@@ -51,8 +51,10 @@ class ApiKey:
 
 
 @attrs.frozen
-class CortexConfig:
-    host: str = "127.0.0.1"
+class CortexConfig(ServerConfig):
+    """Cortex's settings; the ones a neuron shares (listening, drain, fleet token,
+    journals) are ServerConfig's."""
+
     port: int = 9400
     catalogue: str = "models.toml"
     neurons: tuple[NeuronRef, ...] = ()
@@ -77,11 +79,6 @@ class CortexConfig:
     # not waited for this long: polls mark it down and its attempts end at once.
     response_timeout_s: float = 600.0
     max_body_bytes: int = 8 * 1024 * 1024
-    # On SIGTERM: requests in flight may finish for this long, then streams still
-    # running end with an error frame. Service managers must wait longer than this.
-    drain_s: float = 30.0
-    # aiohttp's line per request (off: it costs more than routing the request).
-    access_log: bool = False
     # Attempts on distinct replicas for a request that failed before its first byte.
     retry_attempts: int = 3
     # Prefix affinity: stay on the remembered replica unless its load exceeds the
@@ -93,12 +90,6 @@ class CortexConfig:
     affinity_entries: int = 8192
     api_keys: tuple[ApiKey, ...] = ()
     admin_token: str | None = attrs.field(default=None, repr=False)
-    # The fleet token cortex sends to every neuron (the same as theirs): from this
-    # environment variable if set, else from this file.
-    fleet_token_env: str | None = None
-    fleet_token_file: str | None = None
-    # The token itself, resolved by from_file; never read from TOML, never in repr.
-    fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
     # How long a request for a model being loaded waits for it (most clients time
     # out far later) before it is told 503 model_loading.
     load_wait_s: float = 60.0
@@ -130,16 +121,6 @@ class CortexConfig:
     doctor_probe_timeout_s: float = 10.0
     # A runner restart this recent is reported (warn).
     doctor_restart_window_s: float = 3600.0
-    # -- traces and the event log (shared.journal) --
-    # JSONL files here (events.jsonl, traces.jsonl) beside the rings; None: memory only.
-    journal_dir: str | None = None
-    # Each file rotates past this size, keeping this many rotated ones.
-    journal_max_mb: float = 16.0
-    journal_keep: int = 4
-    # Below this much free disk the files only count the lines they drop.
-    journal_min_free_mb: float = 512.0
-    journal_events_kept: int = 2000
-    journal_traces_kept: int = 1000
     # -- what cortex keeps across restarts --
     # Operators' holds (a forced unload) as JSON. In a file read with `from_file`,
     # unset means `cortex-state.json` in journal_dir if set, else beside this file;
@@ -147,46 +128,10 @@ class CortexConfig:
     state_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} outside 0..65535")
-        names = [n.name for n in self.neurons]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"neuron name {sorted(dup)[0]!r} used twice")
-        keys = [k.key for k in self.api_keys]
-        if len(keys) != len(set(keys)):
-            raise ValueError("an api key is listed twice")
-        for name in ("poll_interval_s", "poll_timeout_s", "connect_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        for name in ("idle_read_timeout_s", "response_timeout_s", "load_poll_interval_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if self.poll_concurrency < 1:
-            raise ValueError("poll_concurrency must be >= 1")
-        if self.failure_threshold < 1:
-            raise ValueError("failure_threshold must be >= 1")
-        if self.retry_attempts < 1:
-            raise ValueError("retry_attempts must be >= 1")
-        if self.max_body_bytes < 1024:
-            raise ValueError("max_body_bytes must be >= 1024")
-        if self.drain_s < 0:
-            raise ValueError("drain_s must be >= 0")
-        if self.load_wait_s < 0 or self.discovery_wait_s < 0:
-            raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
-        # Ring ports come from base .. base + 16000 (lifecycle.RingPorts), one block a group.
-        if not 1024 <= self.ring_base_port <= 65535 - 1000 * 16:
-            raise ValueError(f"ring_base_port must be in 1024..{65535 - 1000 * 16}")
-        if self.admin_token is not None and len(self.admin_token) < 8:
-            raise ValueError("admin_token must be at least 8 characters")
-        if self.fleet_token is not None:
-            check_token(self.fleet_token)
-        if self.max_waiting < 0:
-            raise ValueError("max_waiting must be >= 0")
-        if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:
-            raise ValueError("journal_max_mb must be > 0, journal_keep >= 1, min_free_mb >= 0")
-        if self.journal_events_kept < 1 or self.journal_traces_kept < 1:
-            raise ValueError("journal_events_kept and journal_traces_kept must be >= 1")
+        self.check_server()
+        self._check_unique()
+        self._check_polling()
+        self._check_limits()
         for name in (
             "load_backoff_s",
             "max_keep_alive_s",
@@ -197,6 +142,40 @@ class CortexConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+
+    def _check_unique(self) -> None:
+        names = [n.name for n in self.neurons]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"neuron name {sorted(dup)[0]!r} used twice")
+        keys = [k.key for k in self.api_keys]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an api key is listed twice")
+
+    def _check_polling(self) -> None:
+        for name in ("poll_interval_s", "poll_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("response_timeout_s", "load_poll_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.poll_concurrency < 1:
+            raise ValueError("poll_concurrency must be >= 1")
+        if self.failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+
+    def _check_limits(self) -> None:
+        if self.retry_attempts < 1:
+            raise ValueError("retry_attempts must be >= 1")
+        if self.load_wait_s < 0 or self.discovery_wait_s < 0:
+            raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
+        # Ring ports come from base .. base + 16000 (lifecycle.RingPorts), one block a group.
+        if not 1024 <= self.ring_base_port <= 65535 - 1000 * 16:
+            raise ValueError(f"ring_base_port must be in 1024..{65535 - 1000 * 16}")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise ValueError("admin_token must be at least 8 characters")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
 
     @classmethod
     def from_file(cls, path: str | Path) -> CortexConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import attrs
 
-from shared.config import NOT_IN_TOML, check_token, load_config, read_token
+from shared.config import ServerConfig, load_config, read_token
 
 
 @attrs.frozen
@@ -113,8 +113,10 @@ class LoadEntry:
 
 
 @attrs.frozen
-class NeuronConfig:
-    host: str = "127.0.0.1"
+class NeuronConfig(ServerConfig):
+    """A neuron's settings; the ones cortex shares (listening, drain, fleet token,
+    journals) are ServerConfig's."""
+
     port: int = 9410
     store_dir: str = "~/.neuron"
     node_name: str | None = None
@@ -127,23 +129,12 @@ class NeuronConfig:
     # SSE comment sent to the client while the runner is silent (long prefill).
     heartbeat_s: float = 1.0
     max_body_bytes: int = 16 * 1024 * 1024
-    # On SIGTERM: requests in flight may finish for this long, then streams still
-    # running end with an error frame. Service managers must wait longer than this.
-    drain_s: float = 30.0
-    # aiohttp's line per request (off: it costs more than proxying a small one).
-    access_log: bool = False
     # Failed models stay listed (with their error) this long, and at most this many.
     failed_record_ttl_s: float = 600.0
     max_failed_records: int = 16
     # Directories local model sources may live in, besides the store (a load of
     # any other path is refused: the API must not open paths of a caller's choosing).
     model_roots: tuple[str, ...] = ()
-    # The fleet token (shared with cortex): from this environment variable if set,
-    # else from this file. Once set, every endpoint but /health and /metrics needs it.
-    fleet_token_env: str | None = None
-    fleet_token_file: str | None = None
-    # The token itself, resolved by from_file; never read from TOML, never in repr.
-    fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
     # Staged copies no runner uses are kept, most recently used first, up to this
     # many GB (1e9 bytes); beyond it the least recently used are deleted when a
     # runner stops, at startup, and on POST /store/purge-staging.
@@ -158,45 +149,23 @@ class NeuronConfig:
     # Loads of jaccl-group ranks since the neuron started past which doctor and the
     # dashboard advise a reboot (RDMA queue pairs degrade over many load cycles).
     jaccl_reload_budget: int = 20
-    # Traces and the event log (shared.journal): JSONL files in journal_dir beside the
-    # rings (None: memory only), rotated past journal_max_mb keeping journal_keep of
-    # them; below journal_min_free_mb free they only count the lines they drop.
-    journal_dir: str | None = None
-    journal_max_mb: float = 16.0
-    journal_keep: int = 4
-    journal_min_free_mb: float = 512.0
-    journal_events_kept: int = 2000
-    journal_traces_kept: int = 1000
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
     load: tuple[LoadEntry, ...] = ()
 
     def __attrs_post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} outside 0..65535")
+        self.check_server()
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be > 0")
-        if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:
-            raise ValueError("journal_max_mb must be > 0, journal_keep >= 1, min_free_mb >= 0")
-        if self.journal_events_kept < 1 or self.journal_traces_kept < 1:
-            raise ValueError("journal_events_kept and journal_traces_kept must be >= 1")
-        if self.idle_read_timeout_s <= 0:
-            raise ValueError("idle_read_timeout_s must be > 0")
-        if self.drain_s < 0:
-            raise ValueError("drain_s must be >= 0")
         if self.failed_record_ttl_s <= 0 or self.max_failed_records < 0:
             raise ValueError("failed_record_ttl_s must be > 0, max_failed_records >= 0")
         if self.staging_keep_recent_gb < 0 or self.min_free_gb < 0:
             raise ValueError("staging_keep_recent_gb and min_free_gb must be >= 0")
         if self.stage_read_timeout_s <= 0:
             raise ValueError("stage_read_timeout_s must be > 0")
-        if self.max_body_bytes < 1024:
-            raise ValueError("max_body_bytes must be >= 1024")
         if self.jaccl_reload_budget < 1:
             raise ValueError("jaccl_reload_budget must be >= 1")
-        if self.fleet_token is not None:
-            check_token(self.fleet_token)
         ids = [e.model_id for e in self.load]
         if len(ids) != len(set(ids)):
             raise ValueError("[[load]] names a model_id twice")

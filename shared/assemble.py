@@ -13,6 +13,8 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import attrs
+
 from shared.sse import DONE
 
 
@@ -50,59 +52,77 @@ def _merge_tool_calls(calls: list[dict[str, Any]], delta: list[Any]) -> None:
 
 def assemble(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The non-streamed answer equal to these stream chunks (chat or text completion)."""
-    head: dict[str, Any] = {}
-    text: list[str] = []
-    reasoning: list[str] = []
-    tool_calls: list[dict[str, Any]] = []
+    parts = _Parts()
+    for chunk in chunks:
+        parts.add(chunk)
+    return parts.answer()
+
+
+@attrs.define
+class _Parts:
+    """What the chunks said so far, gathered for the one answer."""
+
+    head: dict[str, Any] = attrs.Factory(dict)
+    text: list[str] = attrs.Factory(list)
+    reasoning: list[str] = attrs.Factory(list)
+    tool_calls: list[dict[str, Any]] = attrs.Factory(list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    chat = False
-    role = "assistant"
-    for chunk in chunks:
+    chat: bool = False
+    role: str = "assistant"
+
+    def add(self, chunk: dict[str, Any]) -> None:
         if isinstance(chunk.get("usage"), dict):
-            usage = chunk["usage"]
+            self.usage = chunk["usage"]
         if is_usage_frame(chunk):
-            continue
-        if not head:
-            head = chunk
+            return
+        if not self.head:
+            self.head = chunk
         choices = chunk.get("choices") or []
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
         if choice.get("finish_reason") is not None:
-            finish_reason = choice["finish_reason"]
+            self.finish_reason = choice["finish_reason"]
         if "delta" in choice or str(chunk.get("object", "")).startswith("chat."):
-            chat = True
-            delta = choice.get("delta") or {}
-            role = delta.get("role") or role
-            if isinstance(delta.get("content"), str):
-                text.append(delta["content"])
-            if isinstance(delta.get("reasoning"), str):
-                reasoning.append(delta["reasoning"])
-            if isinstance(delta.get("tool_calls"), list):
-                _merge_tool_calls(tool_calls, delta["tool_calls"])
+            self.chat = True
+            self._add_delta(choice.get("delta") or {})
         elif isinstance(choice.get("text"), str):
-            text.append(choice["text"])
-    out: dict[str, Any] = {
-        "id": head.get("id"),
-        "object": "chat.completion" if chat else "text_completion",
-        "created": head.get("created"),
-        "model": head.get("model"),
-        "system_fingerprint": head.get("system_fingerprint"),
-    }
-    final: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
-    content = "".join(text)
-    if chat:
-        message: dict[str, Any] = {"role": role, "content": content or None}
-        if reasoning:
-            message["reasoning"] = "".join(reasoning)
-        if tool_calls:
+            self.text.append(choice["text"])
+
+    def _add_delta(self, delta: dict[str, Any]) -> None:
+        self.role = delta.get("role") or self.role
+        if isinstance(delta.get("content"), str):
+            self.text.append(delta["content"])
+        if isinstance(delta.get("reasoning"), str):
+            self.reasoning.append(delta["reasoning"])
+        if isinstance(delta.get("tool_calls"), list):
+            _merge_tool_calls(self.tool_calls, delta["tool_calls"])
+
+    def answer(self) -> dict[str, Any]:
+        head = self.head
+        out: dict[str, Any] = {
+            "id": head.get("id"),
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": head.get("created"),
+            "model": head.get("model"),
+            "system_fingerprint": head.get("system_fingerprint"),
+        }
+        final: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
+        if self.chat:
+            final["message"] = self._message()
+        else:
+            final["text"] = "".join(self.text)
+        out["choices"] = [final]
+        if self.usage is not None:
+            out["usage"] = self.usage
+        return out
+
+    def _message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": "".join(self.text) or None}
+        if self.reasoning:
+            message["reasoning"] = "".join(self.reasoning)
+        if self.tool_calls:
             # The unstreamed answer carries no `index` per call.
             message["tool_calls"] = [
-                {k: v for k, v in c.items() if k != "index"} for c in tool_calls
+                {k: v for k, v in c.items() if k != "index"} for c in self.tool_calls
             ]
-        final["message"] = message
-    else:
-        final["text"] = content
-    out["choices"] = [final]
-    if usage is not None:
-        out["usage"] = usage
-    return out
+        return message

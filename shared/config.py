@@ -10,6 +10,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,59 @@ MIN_TOKEN_CHARS = 16
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names file and key."""
+
+
+@attrs.frozen
+class ServerConfig:
+    """The settings cortex and neuron share: how each listens, drains, and journals.
+
+    Each service redeclares `port`, `max_body_bytes` and `idle_read_timeout_s` with
+    its own default; subclasses call `check_server` first in their own check.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_body_bytes: int = 8 * 1024 * 1024
+    # The longest an upstream may stay silent once its answer has begun.
+    idle_read_timeout_s: float = 5.0
+    # On SIGTERM: requests in flight may finish for this long, then streams still
+    # running end with an error frame. Service managers must wait longer than this.
+    drain_s: float = 30.0
+    # aiohttp's line per request (off: it costs more than handling a small request).
+    access_log: bool = False
+    # The fleet token cortex and every neuron share: from this environment variable
+    # if set, else from this file. On a neuron, every endpoint but /health and
+    # /metrics needs it once set.
+    fleet_token_env: str | None = None
+    fleet_token_file: str | None = None
+    # The token itself, resolved by from_file; never read from TOML, never in repr.
+    fleet_token: str | None = attrs.field(default=None, repr=False, metadata=NOT_IN_TOML)
+    # Traces and the event log (shared.journal): JSONL files in journal_dir beside the
+    # rings (None: memory only), rotated past journal_max_mb keeping journal_keep of
+    # them; below journal_min_free_mb free they only count the lines they drop.
+    journal_dir: str | None = None
+    journal_max_mb: float = 16.0
+    journal_keep: int = 4
+    journal_min_free_mb: float = 512.0
+    journal_events_kept: int = 2000
+    journal_traces_kept: int = 1000
+
+    def check_server(self) -> None:
+        """ValueError naming the first shared setting out of range."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} outside 0..65535")
+        if self.idle_read_timeout_s <= 0:
+            raise ValueError("idle_read_timeout_s must be > 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.drain_s < 0:
+            raise ValueError("drain_s must be >= 0")
+        if self.fleet_token is not None:
+            check_token(self.fleet_token)
+        if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:
+            raise ValueError("journal_max_mb must be > 0, journal_keep >= 1, min_free_mb >= 0")
+        if self.journal_events_kept < 1 or self.journal_traces_kept < 1:
+            raise ValueError("journal_events_kept and journal_traces_kept must be >= 1")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -80,17 +134,7 @@ def _convert(tp: Any, value: Any, *, file: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, file=file, key=key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{file}: bad value for {key!r}")
+        return _convert_union(args, value, file=file, key=key)
     if origin is typing.Literal:
         if value not in args:
             allowed = " | ".join(repr(a) for a in args)
@@ -107,22 +151,40 @@ def _convert(tp: Any, value: Any, *, file: str, key: str) -> Any:
         return {k: _convert(args[1], v, file=file, key=f"{key}.{k}") for k, v in value.items()}
     if attrs.has(tp):
         return structure(tp, value, file=file, where=key)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    else:
+    return _convert_scalar(tp, value, file=file, key=key)
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, *, file: str, key: str) -> Any:
+    """The first member type `value` converts to; else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(arg, value, file=file, key=key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if errors else f"{file}: bad value for {key!r}")
+
+
+# A TOML value a scalar type takes as it is (float also takes an int); bool is no number.
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    Any: lambda v: True,
+}
+
+
+def _convert_scalar(tp: Any, value: Any, *, file: str, key: str) -> Any:
+    fits = _SCALARS.get(tp)
+    if fits is None:
         raise ConfigError(f"{file}: key {key!r} has an unsupported type {tp!r}")
+    if fits(value):
+        return float(value) if tp is float else value
     raise ConfigError(
         f"{file}: key {key!r} must be {getattr(tp, '__name__', tp)}, not {_tname(value)} "
         f"({value!r})"

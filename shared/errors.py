@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -150,6 +150,22 @@ class InvalidApiKey(ApiError):
 class ModelNotAllowed(ApiError):
     status = 403
     code = "model_not_allowed"
+    type = "permission_error"
+
+
+class ModelKeptLoaded(ApiError):
+    """An unload the reconciler would undo at once (keep_loaded or pinned_on)."""
+
+    status = 409
+    code = "model_kept_loaded"
+    type = "invalid_request_error"
+
+
+class ForceNeedsAdminToken(ApiError):
+    """A forced load overrides placement's refusal: only an operator holding the token."""
+
+    status = 403
+    code = "admin_token_required"
     type = "permission_error"
 
 
@@ -311,6 +327,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
     return body
+
+
+def reject_unknown(body: dict[str, Any], known: Iterable[str]) -> None:
+    """InvalidRequest naming every field of `body` not in `known` (an admin body is strict)."""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
 
 
 class _ClientFaultFilter(logging.Filter):

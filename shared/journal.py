@@ -276,6 +276,19 @@ class Journal(Generic[R]):
             self.file.close()
 
 
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Rid = TypeVar("Rid", bound=_Identified)
+
+
+def find(records: Iterable[Rid], rid: str) -> Rid | None:
+    """The newest record with id `rid` (a trace looked up by its request id), or None."""
+    return next((r for r in reversed(list(records)) if r.id == rid), None)
+
+
 def journal_health(journals: dict[str, Journal[Any]]) -> dict[str, Any]:
     """/health's `journal` (one line: "counting-only, N dropped" when it is) and
     `journal_files` (each journal's own status). Never part of the ok/degraded

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ from neuron.http.app import create_app
 from neuron.store.demo_model import build_demo_model
 from neuron.store.real_model import REAL_MODEL_ID, build_real_model, default_cache_dir
 from shared.blocking_http import request_json
+from tests.support.waiting import READY_TIMEOUT_S
+from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
 
-READY_TIMEOUT_S = 120.0
 # Every test's files (the demo model, broken copies of it) live under pytest's base
 # temp dir: neurons started here take it as their model root unless told otherwise.
 TEST_ROOT: list[Path] = []
@@ -73,17 +73,6 @@ async def read_until(resp: aiohttp.ClientResponse, marker: bytes) -> bytes:
         assert chunk, f"stream ended before {marker!r}: {buf!r}"
         buf += chunk
     return buf
-
-
-def wait_until(predicate: Any, timeout: float = READY_TIMEOUT_S, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def http_json(

@@ -22,6 +22,7 @@ from cortex.cli.remote import (
     Target,
     Unreachable,
     add_connection_args,
+    follow,
     run,
 )
 from shared.progress import StageProgress
@@ -140,15 +141,24 @@ def _follow(target: Target, model_id: str, nodes: Any, timeout_s: float, out: Te
     progress = _Progress(out, out.isatty())
     failures = 0
     wanted = set(nodes) if isinstance(nodes, list) and nodes else None
+
+    def poll() -> dict[str, Any] | None:
+        nonlocal failures
+        state, failures = _poll_state(target, failures)
+        return state
+
     try:
-        while time.monotonic() - started < timeout_s:
-            state, failures = _poll_state(target, failures)
-            rc = None if state is None else _step(state, model_id, wanted, started, progress)
-            if rc is not None:
-                return rc
-            time.sleep(POLL_S)
+        rc = follow(
+            poll,
+            lambda state: _step(state, model_id, wanted, started, progress),
+            started=started,
+            timeout_s=timeout_s,
+            interval_s=POLL_S,
+        )
     finally:
         progress.end()
+    if rc is not None:
+        return rc
     print(f"cortex load: {model_id} not ready after {timeout_s:g} s", file=sys.stderr)
     return EXIT_FAILED
 

@@ -141,71 +141,69 @@ def status_rc(state: dict[str, Any]) -> int:
 def render_status(state: dict[str, Any], target: Target | None = None) -> str:
     now = time.time()
     lines = [] if target is None else [f"cortex {target.url}  ({target.source})", ""]
-    rows = []
-    for n in state.get("nodes", []):
-        total = n.get("memory_total_bytes")
-        free = n.get("memory_available_bytes")
-        mem = "-"
-        if isinstance(total, int) and total > 0 and isinstance(free, int):
-            used = max(0, total - free)
-            mem = f"{gib(used)}/{gib(total)} {used / total:.0%}"
-        health = "healthy" if n.get("healthy") else f"DOWN ({n.get('failures', 0)} failed polls)"
-        if not n.get("seen"):
-            health = "never seen" if not n.get("healthy") else health
-        rows.append(
-            [
-                str(n.get("name")),
-                health,
-                str(n.get("status") or "-"),
-                mem,
-                _disk(n),
-                str(len(n.get("models", []))),
-                str(max(int(n.get("load", 0)), int(n.get("outstanding", 0)))),
-                "; ".join(n.get("advice", [])) or (n.get("last_error") or "")[:60],
-            ]
-        )
     lines.append(
         table(
             ["NODE", "HEALTH", "STATUS", "MEMORY USED", "DISK FREE", "RUNNERS", "LOAD", "NOTE"],
-            rows,
+            [_node_row(n) for n in state.get("nodes", [])],
         )
     )
     lines.append("")
-    mrows = []
-    for m in state.get("models", []):
-        places = m.get("placements", [])
-        life = m.get("life") or {}
-        wish = life.get("wish") or {}
-        tps = [p["decode_tps"] for p in places if isinstance(p.get("decode_tps"), int | float)]
-        busy = sum(int(p.get("in_flight", 0)) for p in places)
-        queued = sum(int(p.get("queue_depth", 0)) for p in places)
-        ttl = wish.get("idle_ttl_s")
-        last = max((float(p.get("last_used") or 0) for p in places), default=0.0)
-        idle = f"{now - last:.0f}s" if last > 0 else "-"
-        stage = [
-            f"{p['node']} {s.summary()}"
-            for p in places
-            if (s := StageProgress.from_json(p.get("staging"))) is not None and s.active
-        ]
-        mrows.append(
-            [
-                str(m.get("id")),
-                model_state(m),
-                _replicas(life, places),
-                where(places),
-                f"{sum(tps):.1f}" if tps else "-",
-                f"{busy}/{queued}",
-                f"{'never' if ttl is None else f'{ttl:g}s'} / {idle}",
-                "; ".join(stage) or "-",
-            ]
-        )
     lines.append(
         table(
             ["MODEL", "STATE", "REPLICAS", "WHERE", "TOK/S", "RUN/QUEUE", "TTL / IDLE", "STAGING"],
-            mrows,
+            [_model_row(m, now) for m in state.get("models", [])],
         )
     )
     return "\n".join(lines)
+
+
+def _node_row(n: dict[str, Any]) -> list[str]:
+    total = n.get("memory_total_bytes")
+    free = n.get("memory_available_bytes")
+    mem = "-"
+    if isinstance(total, int) and total > 0 and isinstance(free, int):
+        used = max(0, total - free)
+        mem = f"{gib(used)}/{gib(total)} {used / total:.0%}"
+    health = "healthy" if n.get("healthy") else f"DOWN ({n.get('failures', 0)} failed polls)"
+    if not n.get("seen"):
+        health = "never seen" if not n.get("healthy") else health
+    return [
+        str(n.get("name")),
+        health,
+        str(n.get("status") or "-"),
+        mem,
+        _disk(n),
+        str(len(n.get("models", []))),
+        str(max(int(n.get("load", 0)), int(n.get("outstanding", 0)))),
+        "; ".join(n.get("advice", [])) or (n.get("last_error") or "")[:60],
+    ]
+
+
+def _model_row(m: dict[str, Any], now: float) -> list[str]:
+    places = m.get("placements", [])
+    life = m.get("life") or {}
+    wish = life.get("wish") or {}
+    tps = [p["decode_tps"] for p in places if isinstance(p.get("decode_tps"), int | float)]
+    busy = sum(int(p.get("in_flight", 0)) for p in places)
+    queued = sum(int(p.get("queue_depth", 0)) for p in places)
+    ttl = wish.get("idle_ttl_s")
+    last = max((float(p.get("last_used") or 0) for p in places), default=0.0)
+    idle = f"{now - last:.0f}s" if last > 0 else "-"
+    stage = [
+        f"{p['node']} {s.summary()}"
+        for p in places
+        if (s := StageProgress.from_json(p.get("staging"))) is not None and s.active
+    ]
+    return [
+        str(m.get("id")),
+        model_state(m),
+        _replicas(life, places),
+        where(places),
+        f"{sum(tps):.1f}" if tps else "-",
+        f"{busy}/{queued}",
+        f"{'never' if ttl is None else f'{ttl:g}s'} / {idle}",
+        "; ".join(stage) or "-",
+    ]
 
 
 def where(places: list[dict[str, Any]]) -> str:

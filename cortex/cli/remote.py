@@ -15,16 +15,19 @@ import argparse
 import json
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
 from shared.blocking_http import request_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+T = TypeVar("T")
+
 DEFAULT_URL = "http://127.0.0.1:9400"
 # Where `make run` (`cortex fleet --dir run`) writes the local fleet's config.
 LOCAL_FLEET_DIR = "run"
@@ -102,6 +105,25 @@ def run(args: argparse.Namespace, name: str, body: Callable[[Target], int]) -> i
     except ApiFailure as exc:
         print(f"cortex {name}: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def follow(
+    poll: Callable[[], T | None],
+    step: Callable[[T], int | None],
+    *,
+    started: float,
+    timeout_s: float,
+    interval_s: float,
+) -> int | None:
+    """Poll until `step` gives an exit code; None once `timeout_s` has passed since
+    `started`. A poll that gives None (nothing to look at yet) is waited out."""
+    while time.monotonic() - started < timeout_s:
+        got = poll()
+        rc = None if got is None else step(got)
+        if rc is not None:
+            return rc
+        time.sleep(interval_s)
+    return None
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from cortex.cli.remote import (
     Target,
     Unreachable,
     add_connection_args,
+    follow,
     run,
 )
 
@@ -146,11 +147,14 @@ class _Follower:
 
 def _follow(target: Target, node: str, models: list[str], timeout_s: float, out: TextIO) -> int:
     follower = _Follower(node, models, out)
-    while time.monotonic() - follower.started < timeout_s:
-        state = _state(target)
-        rc = None if state is None else follower.step(state)
-        if rc is not None:
-            return rc
-        time.sleep(POLL_S)
+    rc = follow(
+        lambda: _state(target),
+        follower.step,
+        started=follower.started,
+        timeout_s=timeout_s,
+        interval_s=POLL_S,
+    )
+    if rc is not None:
+        return rc
     print(f"cortex restart: {node} not back after {timeout_s:g} s", file=sys.stderr)
     return EXIT_FAILED

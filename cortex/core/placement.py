@@ -350,19 +350,16 @@ def _evaluate(
     spec: ModelSpec, facts: ModelFacts, members: Sequence[NodeInfo], *, now: bool
 ) -> Candidate:
     names = tuple(m.name for m in members)
-    n = len(members)
-    multi = n > 1
-    sharding: str | None = spec.sharding if multi else None
+    sharding: str | None = spec.sharding if len(members) > 1 else None
     staged = sum(spec.id in m.staged for m in members)
     pinned = sum(m.name in spec.pinned_on for m in members)
     holding = tuple(m.name for m in members if spec.id in m.loaded) if now else ()
-    reasons: list[str] = []
 
     pending = tuple(m.name for m in members if m.discovery is None)
     if pending:
-        reasons.extend(f"node {p} has not reported discovery yet" for p in pending)
+        reasons = [f"node {p} has not reported discovery yet" for p in pending]
         if now:
-            reasons.extend(f"node {m.name} is unhealthy" for m in members if not m.healthy)
+            reasons.extend(_unhealthy(members))
         return Candidate(
             nodes=names,
             feasible=False,
@@ -376,103 +373,9 @@ def _evaluate(
             holding=holding,
         )
     discs = [m.discovery for m in members if m.discovery is not None]
-
-    backend: str | None = None
-    if multi:
-        backend, refusals = _backend(spec, members, discs)
-        reasons.extend(refusals)
-    if now:
-        reasons.extend(f"node {m.name} is unhealthy" for m in members if not m.healthy)
-        reasons.extend(
-            f"node {m.name} already holds model {spec.id}" for m in members if spec.id in m.loaded
-        )
-
-    usable = [usable_bytes(m, now=now) or 0 for m in members]
-    shares: list[int]
-    kvs: list[int]
-    layer_counts: list[int | None] = [facts.layers] * n
-    if not multi:
-        shares, kvs = [facts.weights_bytes], [facts.kv_bytes]
-    elif spec.sharding == "tensor":
-        heads, kv_heads = facts.heads, facts.kv_heads
-        if heads is None or kv_heads is None:
-            reasons.append(
-                f"tensor sharding over {n} nodes needs the model's head counts"
-                f" (set heads and kv_heads for {spec.id} in the catalogue)"
-            )
-        elif heads % n or kv_heads % n:
-            reasons.append(
-                f"tensor sharding over {n} nodes needs head counts divisible by {n}:"
-                f" model has {heads} attention heads and {kv_heads} KV heads"
-            )
-        shares = [_ceil_div(facts.weights_bytes, n)] * n
-        kvs = [_ceil_div(facts.kv_bytes, n)] * n
-        layer_counts = [None] * n
-    else:
-        total_layers = facts.layers
-        if total_layers is None or total_layers < n:
-            if total_layers is None:
-                reasons.append(
-                    f"pipeline sharding needs the model's layer count"
-                    f" (set layers for {spec.id} in the catalogue)"
-                )
-            else:
-                reasons.append(
-                    f"pipeline sharding over {n} nodes needs at least {n} layers:"
-                    f" model has {total_layers}"
-                )
-            # Show the even split anyway so the memory picture stays visible.
-            shares = [_ceil_div(facts.weights_bytes, n)] * n
-            kvs = [_ceil_div(facts.kv_bytes, n)] * n
-            layer_counts = [None] * n
-        else:
-            split = split_layers(total_layers, usable)
-            shares = [_ceil_div(facts.weights_bytes * k, total_layers) for k in split]
-            kvs = [_ceil_div(facts.kv_bytes * k, total_layers) for k in split]
-            layer_counts = list(split)
-
-    fits: list[NodeFit] = []
-    for m, d, share, kv, use, layers in zip(
-        members, discs, shares, kvs, usable, layer_counts, strict=True
-    ):
-        need = math.ceil(share * OVERHEAD_FACTOR) + kv + RESERVE_BYTES
-        cap_fraction = UNIFIED_CAP if d.unified_memory else 1.0
-        fit = NodeFit(
-            node=m.name,
-            share_bytes=share,
-            kv_bytes=kv,
-            overhead_factor=OVERHEAD_FACTOR,
-            reserve_bytes=RESERVE_BYTES,
-            need_bytes=need,
-            usable_bytes=use,
-            ok=need < use,
-            reason=None,
-            available_bytes=m.memory_available_bytes if now else 0,
-            reclaimable_bytes=m.reclaimable_bytes if now else 0,
-            total_bytes=d.memory_total_bytes,
-            cap_fraction=cap_fraction,
-            now=now,
-            layers=layers if sharding == "pipeline" else None,
-            disk_need_bytes=disk_need(spec, facts, m) if now else 0,
-            disk_free_bytes=d.disk_free_bytes,
-        )
-        if fit.disk_need_bytes and fit.disk_need_bytes >= d.disk_free_bytes:
-            # Every member stages the whole model (each rank opens every file).
-            reasons.append(
-                f"node {m.name} lacks the disk: staging {spec.id} needs"
-                f" {gib(fit.disk_need_bytes)}, its store has {gib(d.disk_free_bytes)} free"
-            )
-        if not fit.ok:
-            verdict = (
-                "exactly its usable memory (need must be strictly less)"
-                if need == use
-                else f"more than its usable {gib(use)}"
-            )
-            reason = f"node {m.name}: needs {gib(need)}, {verdict}: {fit.arithmetic()}"
-            fit = attrs.evolve(fit, reason=reason)
-            reasons.append(reason)
-        fits.append(fit)
-
+    backend, reasons = _refusals(spec, members, discs, now=now)
+    fits, fit_reasons = _fits(spec, facts, members, discs, sharding, now=now)
+    reasons.extend(fit_reasons)
     return Candidate(
         nodes=names,
         feasible=not reasons,
@@ -483,6 +386,173 @@ def _evaluate(
         staged=staged,
         pinned=pinned,
         holding=holding,
+    )
+
+
+def _unhealthy(members: Sequence[NodeInfo]) -> Iterable[str]:
+    return (f"node {m.name} is unhealthy" for m in members if not m.healthy)
+
+
+def _refusals(
+    spec: ModelSpec, members: Sequence[NodeInfo], discs: Sequence[Discovery], *, now: bool
+) -> tuple[str | None, list[str]]:
+    """The backend a group of `members` would use, and what refuses the set before memory."""
+    backend: str | None = None
+    reasons: list[str] = []
+    if len(members) > 1:
+        backend, refusals = _backend(spec, members, discs)
+        reasons.extend(refusals)
+    if now:
+        reasons.extend(_unhealthy(members))
+        reasons.extend(
+            f"node {m.name} already holds model {spec.id}" for m in members if spec.id in m.loaded
+        )
+    return backend, reasons
+
+
+@attrs.frozen
+class _Split:
+    """Each member's share of the weights and KV cache, its layers (pipeline), and
+    why the model cannot be split this way."""
+
+    shares: list[int]
+    kvs: list[int]
+    layers: list[int | None]
+    reasons: list[str] = attrs.Factory(list)
+
+
+def _even_split(facts: ModelFacts, n: int, reasons: list[str]) -> _Split:
+    return _Split(
+        shares=[_ceil_div(facts.weights_bytes, n)] * n,
+        kvs=[_ceil_div(facts.kv_bytes, n)] * n,
+        layers=[None] * n,
+        reasons=reasons,
+    )
+
+
+def _split(spec: ModelSpec, facts: ModelFacts, usable: Sequence[int]) -> _Split:
+    n = len(usable)
+    if n == 1:
+        return _Split([facts.weights_bytes], [facts.kv_bytes], [facts.layers])
+    if spec.sharding == "tensor":
+        return _even_split(facts, n, _tensor_refusals(spec, facts, n))
+    total_layers = facts.layers
+    # Short of layers: show the even split anyway so the memory picture stays visible.
+    if total_layers is None:
+        return _even_split(
+            facts,
+            n,
+            [
+                f"pipeline sharding needs the model's layer count"
+                f" (set layers for {spec.id} in the catalogue)"
+            ],
+        )
+    if total_layers < n:
+        return _even_split(
+            facts,
+            n,
+            [
+                f"pipeline sharding over {n} nodes needs at least {n} layers:"
+                f" model has {total_layers}"
+            ],
+        )
+    split = split_layers(total_layers, usable)
+    return _Split(
+        shares=[_ceil_div(facts.weights_bytes * k, total_layers) for k in split],
+        kvs=[_ceil_div(facts.kv_bytes * k, total_layers) for k in split],
+        layers=list(split),
+    )
+
+
+def _tensor_refusals(spec: ModelSpec, facts: ModelFacts, n: int) -> list[str]:
+    heads, kv_heads = facts.heads, facts.kv_heads
+    if heads is None or kv_heads is None:
+        return [
+            f"tensor sharding over {n} nodes needs the model's head counts"
+            f" (set heads and kv_heads for {spec.id} in the catalogue)"
+        ]
+    if heads % n or kv_heads % n:
+        return [
+            f"tensor sharding over {n} nodes needs head counts divisible by {n}:"
+            f" model has {heads} attention heads and {kv_heads} KV heads"
+        ]
+    return []
+
+
+def _fits(
+    spec: ModelSpec,
+    facts: ModelFacts,
+    members: Sequence[NodeInfo],
+    discs: Sequence[Discovery],
+    sharding: str | None,
+    *,
+    now: bool,
+) -> tuple[list[NodeFit], list[str]]:
+    """Each member's memory fit under the split, and every reason one does not fit."""
+    usable = [usable_bytes(m, now=now) or 0 for m in members]
+    split = _split(spec, facts, usable)
+    reasons = list(split.reasons)
+    fits: list[NodeFit] = []
+    for m, d, share, kv, use, layers in zip(
+        members, discs, split.shares, split.kvs, usable, split.layers, strict=True
+    ):
+        fit = _fit(
+            spec, facts, m, d, share, kv, use, layers if sharding == "pipeline" else None, now=now
+        )
+        if fit.disk_need_bytes and fit.disk_need_bytes >= d.disk_free_bytes:
+            # Every member stages the whole model (each rank opens every file).
+            reasons.append(
+                f"node {m.name} lacks the disk: staging {spec.id} needs"
+                f" {gib(fit.disk_need_bytes)}, its store has {gib(d.disk_free_bytes)} free"
+            )
+        if fit.reason is not None:
+            reasons.append(fit.reason)
+        fits.append(fit)
+    return fits, reasons
+
+
+def _fit(
+    spec: ModelSpec,
+    facts: ModelFacts,
+    m: NodeInfo,
+    d: Discovery,
+    share: int,
+    kv: int,
+    use: int,
+    layers: int | None,
+    *,
+    now: bool,
+) -> NodeFit:
+    """`m`'s fit for its share; `reason` says why it does not fit, if it does not."""
+    need = math.ceil(share * OVERHEAD_FACTOR) + kv + RESERVE_BYTES
+    fit = NodeFit(
+        node=m.name,
+        share_bytes=share,
+        kv_bytes=kv,
+        overhead_factor=OVERHEAD_FACTOR,
+        reserve_bytes=RESERVE_BYTES,
+        need_bytes=need,
+        usable_bytes=use,
+        ok=need < use,
+        reason=None,
+        available_bytes=m.memory_available_bytes if now else 0,
+        reclaimable_bytes=m.reclaimable_bytes if now else 0,
+        total_bytes=d.memory_total_bytes,
+        cap_fraction=UNIFIED_CAP if d.unified_memory else 1.0,
+        now=now,
+        layers=layers,
+        disk_need_bytes=disk_need(spec, facts, m) if now else 0,
+        disk_free_bytes=d.disk_free_bytes,
+    )
+    if fit.ok:
+        return fit
+    verdict = (
+        "exactly its usable memory (need must be strictly less)"
+        if need == use
+        else f"more than its usable {gib(use)}"
+    )
+    return attrs.evolve(
+        fit, reason=f"node {m.name}: needs {gib(need)}, {verdict}: {fit.arithmetic()}"
     )
 
 

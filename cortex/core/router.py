@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import attrs
 
@@ -103,11 +103,7 @@ def route(
     model_id = spec.id if spec is not None else model
     locs = snap.locations(model_id)
     if spec is None and not locs:
-        if not snap.healthy and any(not n.seen for n in snap.nodes):
-            # We cannot know what an unseen node has loaded: transient, never 404.
-            raise NoHealthyNodes(f"no healthy node to serve model {model!r} (none answered yet)")
-        _wait_for_unheard(snap, model)
-        raise ModelNotFound(f"model {model!r} is not in the catalogue and loaded nowhere")
+        _unknown(snap, model)
     if node is not None:
         return _pinned(snap, model_id, node, locs, exclude, full)
 
@@ -125,6 +121,30 @@ def route(
         return _pick(
             snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation, policy
         )
+    _not_ready(snap, model_id, serving)
+    if spec is None:
+        raise FeasibleNodeUnhealthy(
+            f"model {model_id!r} is loaded only on unhealthy node(s):"
+            f" {', '.join(n.name for n, _ in locs)}"
+        )
+    # A node not heard from yet may hold a copy: no second one loaded beside it.
+    _wait_for_unheard(snap, model_id)
+    return _cold_load(snap, catalogue, spec, facts(spec))
+
+
+def _unknown(snap: FleetSnapshot, model: str) -> NoReturn:
+    """A model neither catalogued nor loaded: 404, unless a node we cannot see may have it."""
+    if not snap.healthy and any(not n.seen for n in snap.nodes):
+        # We cannot know what an unseen node has loaded: transient, never 404.
+        raise NoHealthyNodes(f"no healthy node to serve model {model!r} (none answered yet)")
+    _wait_for_unheard(snap, model)
+    raise ModelNotFound(f"model {model!r} is not in the catalogue and loaded nowhere")
+
+
+def _not_ready(
+    snap: FleetSnapshot, model_id: str, serving: Sequence[tuple[NodeState, NodeModel]]
+) -> None:
+    """No replica is ready: raises if one is loading or its load failed, else returns."""
     if model_id in snap.loading or any(m.state in LOADING_STATES for _, m in serving):
         raise ModelLoading(f"model {model_id!r} is loading; retry shortly")
     failure = snap.failure(model_id)
@@ -134,14 +154,6 @@ def route(
     if failed:
         reason = failed[0].error or "its runner failed"
         raise ColdLoadFailed(f"model {model_id!r} failed on its node: {reason}")
-    if spec is None:
-        raise FeasibleNodeUnhealthy(
-            f"model {model_id!r} is loaded only on unhealthy node(s):"
-            f" {', '.join(n.name for n, _ in locs)}"
-        )
-    # A node not heard from yet may hold a copy: no second one loaded beside it.
-    _wait_for_unheard(snap, model_id)
-    return _cold_load(snap, catalogue, spec, facts(spec))
 
 
 def _pinned(

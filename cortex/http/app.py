@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import attrs
 from aiohttp import web
 
 from cortex.config import ApiKey, CortexConfig
@@ -50,31 +51,18 @@ from shared.catalogue import Catalogue, ModelSpec
 from shared.drain import SSE_RESPONSE, Drain
 from shared.errors import (
     ApiError,
+    ForceNeedsAdminToken,
     InvalidRequest,
+    ModelKeptLoaded,
     ModelNotFound,
     error_middleware,
     quiet_bad_requests,
     read_json_object,
+    reject_unknown,
 )
 from shared.journal import Event, Journal, journal_health
 
 log = logging.getLogger(__name__)
-
-
-class ModelKeptLoaded(ApiError):
-    """An unload the reconciler would undo at once (keep_loaded or pinned_on)."""
-
-    status = 409
-    code = "model_kept_loaded"
-    type = "invalid_request_error"
-
-
-class ForceNeedsAdminToken(ApiError):
-    """A forced load overrides placement's refusal: only an operator holding the token."""
-
-    status = 403
-    code = "admin_token_required"
-    type = "permission_error"
 
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -135,98 +123,125 @@ def create_app(
 
 def _services(events: Journal[Event], *, background: bool) -> Any:
     async def services(app: web.Application) -> AsyncIterator[None]:
-        cfg = app[CONFIG]
-        metrics = app[METRICS]
-        # The fleet token on every call to a neuron (poller, loader, proxy). The
-        # proxy drops the client's own Authorization, so this is the one that arrives.
-        headers = {} if cfg.fleet_token is None else {"Authorization": f"Bearer {cfg.fleet_token}"}
-        poll_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), headers=headers
-        )
-        # No pool limit: every stream holds a connection for its whole life.
-        proxy_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), headers=headers
-        )
-        # The poller's own pool, capped: loads and unloads never queue behind polls.
-        status_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.poll_concurrency), headers=headers
-        )
-        poller = Poller(
-            fleet=app[FLEET],
-            session=status_session,
-            interval_s=cfg.poll_interval_s,
-            timeout_s=cfg.poll_timeout_s,
-            listeners=[metrics.observe_node],
-            concurrency=cfg.poll_concurrency,
-            on_round=metrics.poll_round.set,
-        )
-        for name in app[FLEET].names:
-            metrics.observe_node(app[FLEET].node(name))
-        loader = Loader(
-            fleet=app[FLEET],
-            catalogue=app[CATALOGUE],
-            session=poll_session,
-            config=cfg,
-            metrics=metrics,
-            poller=poller,
-        )
-        # The one owner of every model's life; the loader is its I/O.
-        life = Lifecycle(
-            fleet=app[FLEET],
-            catalogue=app[CATALOGUE],
-            config=cfg,
-            loader=loader,
-            journal=events,
-            state_file=cfg.state_file,
-        )
-        life.restore()
-        app[LIFECYCLE] = life
-        poller.listeners += [life.polled, life.transitions]
-        app[POLLER] = poller
-        app[LOADER] = loader
-        app[PROXY] = Proxy(
-            fleet=app[FLEET],
-            poller=poller,
-            loader=loader,
-            life=life,
-            catalogue=app[CATALOGUE],
-            config=cfg,
-            metrics=metrics,
-            session=proxy_session,
-            affinity=app[AFFINITY],
-        )
-        reconciler = Reconciler(
-            life=app[LIFECYCLE],
-            catalogue=app[CATALOGUE],
-            loader=loader,
-            interval_s=cfg.poll_interval_s,
-        )
-        app[RECONCILER] = reconciler
-        tasks = (
-            [
-                asyncio.create_task(poller.run(), name="cortex poller"),
-                asyncio.create_task(reconciler.run(), name="cortex reconciler"),
-            ]
+        sessions = _Sessions.open(app[CONFIG])
+        poller, reconciler = _wire(app, events, sessions)
+        task = (
+            asyncio.create_task(_background(poller, reconciler), name="cortex background")
             if background
-            else []
+            else None
         )
         try:
             yield
         finally:
-            for task in tasks:
+            if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await app[LIFECYCLE].close()
-            await proxy_session.close()
-            await poll_session.close()
+            await sessions.proxy.close()
+            await sessions.calls.close()
             poller.close()
-            await status_session.close()
+            await sessions.status.close()
             # The writer threads write what is queued, off the loop.
             await asyncio.to_thread(events.close)
             await asyncio.to_thread(app[TRACES].close)
 
     return services
+
+
+async def _background(poller: Poller, reconciler: Reconciler) -> None:
+    """Poll and reconcile for the app's life (each loop survives its own errors)."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(poller.run(), name="cortex poller")
+        tg.create_task(reconciler.run(), name="cortex reconciler")
+
+
+@attrs.frozen
+class _Sessions:
+    """cortex's client pools towards the neurons."""
+
+    calls: aiohttp.ClientSession  # the loader's: loads, unloads, staging
+    proxy: aiohttp.ClientSession
+    status: aiohttp.ClientSession  # the poller's
+
+    @classmethod
+    def open(cls, cfg: CortexConfig) -> _Sessions:
+        # The fleet token on every call to a neuron (poller, loader, proxy). The
+        # proxy drops the client's own Authorization, so this is the one that arrives.
+        headers = {} if cfg.fleet_token is None else {"Authorization": f"Bearer {cfg.fleet_token}"}
+        calls = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
+        # No pool limit: every stream holds a connection for its whole life.
+        proxy = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
+        # The poller's own pool, capped: loads and unloads never queue behind polls.
+        status = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.poll_concurrency), headers=headers
+        )
+        return cls(calls=calls, proxy=proxy, status=status)
+
+
+def _poller(app: web.Application, session: aiohttp.ClientSession) -> Poller:
+    cfg, metrics = app[CONFIG], app[METRICS]
+    poller = Poller(
+        fleet=app[FLEET],
+        session=session,
+        interval_s=cfg.poll_interval_s,
+        timeout_s=cfg.poll_timeout_s,
+        listeners=[metrics.observe_node],
+        concurrency=cfg.poll_concurrency,
+        on_round=metrics.poll_round.set,
+    )
+    for name in app[FLEET].names:
+        metrics.observe_node(app[FLEET].node(name))
+    return poller
+
+
+def _wire(
+    app: web.Application, events: Journal[Event], sessions: _Sessions
+) -> tuple[Poller, Reconciler]:
+    """The services, each under its key: poller, loader, lifecycle, proxy, reconciler."""
+    cfg = app[CONFIG]
+    poller = _poller(app, sessions.status)
+    loader = Loader(
+        fleet=app[FLEET],
+        catalogue=app[CATALOGUE],
+        session=sessions.calls,
+        config=cfg,
+        metrics=app[METRICS],
+        poller=poller,
+    )
+    # The one owner of every model's life; the loader is its I/O.
+    life = Lifecycle(
+        fleet=app[FLEET],
+        catalogue=app[CATALOGUE],
+        config=cfg,
+        loader=loader,
+        journal=events,
+        state_file=cfg.state_file,
+    )
+    life.restore()
+    app[LIFECYCLE] = life
+    poller.listeners += [life.polled, life.transitions]
+    app[POLLER] = poller
+    app[LOADER] = loader
+    app[PROXY] = Proxy(
+        fleet=app[FLEET],
+        poller=poller,
+        loader=loader,
+        life=life,
+        catalogue=app[CATALOGUE],
+        config=cfg,
+        metrics=app[METRICS],
+        session=sessions.proxy,
+        affinity=app[AFFINITY],
+    )
+    reconciler = Reconciler(
+        life=app[LIFECYCLE],
+        catalogue=app[CATALOGUE],
+        loader=loader,
+        interval_s=cfg.poll_interval_s,
+    )
+    app[RECONCILER] = reconciler
+    return poller, reconciler
 
 
 # -- inference -----------------------------------------------------------------------
@@ -536,9 +551,7 @@ async def _admin_load(request: web.Request) -> web.Response:
     spec = _spec(request, request.match_info["model_id"])
     body = await read_json_object(request) if request.can_read_body else {}
     nodes, exclude = _names(body, "nodes"), _names(body, "exclude")
-    unknown = sorted(set(body) - {"nodes", "exclude", "force"})
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    reject_unknown(body, {"nodes", "exclude", "force"})
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false", param="force")
@@ -583,9 +596,7 @@ async def _admin_unload(request: web.Request) -> web.Response:
     app = request.app
     model_id = request.match_info["model_id"]
     body = await read_json_object(request) if request.can_read_body else {}
-    unknown = sorted(set(body) - {"force", "nodes"})
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    reject_unknown(body, {"force", "nodes"})
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false", param="force")
@@ -628,9 +639,7 @@ async def _admin_store_purge(request: web.Request) -> web.Response:
     """
     app = request.app
     body = await read_json_object(request) if request.can_read_body else {}
-    unknown = sorted(set(body) - {"model_id"})
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    reject_unknown(body, {"model_id"})
     model_id = body.get("model_id")
     if model_id is not None and (not isinstance(model_id, str) or not model_id):
         raise InvalidRequest("'model_id' must be a non-empty string", param="model_id")

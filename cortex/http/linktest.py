@@ -28,7 +28,13 @@ from aiohttp import web
 
 from cortex.http.keys import FLEET, LIFECYCLE, LOADER
 from cortex.run.loader import ibv_rows
-from shared.errors import ApiError, InvalidRequest, PlacementInfoPending, read_json_object
+from shared.errors import (
+    ApiError,
+    InvalidRequest,
+    PlacementInfoPending,
+    read_json_object,
+    reject_unknown,
+)
 from shared.wire import Backend, Discovery, GroupSpec
 
 FORMULA = "algbw = size_bytes / max_rank_seconds; busbw = algbw * 2(n-1)/n"
@@ -51,9 +57,7 @@ class LinkTestPlan:
 
     @classmethod
     def from_json(cls, body: dict[str, Any], healthy: Sequence[str]) -> LinkTestPlan:
-        unknown = sorted(set(body) - {"nodes", "backend", "sizes", "rounds", "warmup", "timeout_s"})
-        if unknown:
-            raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+        reject_unknown(body, {"nodes", "backend", "sizes", "rounds", "warmup", "timeout_s"})
         nodes = body.get("nodes") or list(healthy)
         if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
             raise InvalidRequest("'nodes' must be an array of node names", param="nodes")
@@ -118,6 +122,35 @@ def summarize(plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]) -> di
     `answers[i]` is rank i's answer, or a string saying why it has none.
     """
     n = len(plan.nodes)
+    ranks, failures = _ranks(plan, answers)
+    # A rank that failed as a whole is said once (in `failures`), not again per round.
+    rank_failed = any(f.get("rank") is not None for f in failures)
+    sizes = []
+    for size in plan.sizes:
+        rounds = []
+        for r in range(plan.rounds):
+            entry, bad_result = _round(plan, answers, size, r)
+            if not entry["ok"] and (not rank_failed or bad_result):
+                failures.append({"size": size, "round": r, "error": entry["error"]})
+            rounds.append(entry)
+        sizes.append(_size_summary(size, rounds, n))
+    ok = not failures and all(r["ok"] for r in ranks)
+    return {
+        "ok": ok,
+        "backend": plan.backend,
+        "nodes": list(plan.nodes),
+        "world_size": n,
+        "formula": FORMULA,
+        "sizes": sizes,
+        "ranks": ranks,
+        "failures": failures,
+    }
+
+
+def _ranks(
+    plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each rank's own verdict, and the failures of ranks as a whole."""
     failures: list[dict[str, Any]] = []
     ranks = []
     for i, (node, a) in enumerate(zip(plan.nodes, answers, strict=True)):
@@ -137,68 +170,66 @@ def summarize(plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str]) -> di
         )
         if a.get("error"):
             failures.append({"node": node, "rank": i, "error": a["error"]})
-    sizes = []
-    for size in plan.sizes:
-        rounds = []
-        for r in range(plan.rounds):
-            seen: list[float] = []
-            errors: list[str] = []
-            bad_result = False
-            for node, a in zip(plan.nodes, answers, strict=True):
-                if isinstance(a, str):
-                    errors.append(f"{node}: no answer")
-                    continue
-                got = [x for x in a.get("rounds", []) if x["size"] == size and x["round"] == r]
-                if not got:
-                    errors.append(f"{node}: did not run it")
-                    continue
-                seen.append(float(got[0]["seconds"]))
-                if not got[0].get("ok"):
-                    bad_result = True
-                    errors.append(f"{node}: {got[0].get('error')}")
-            ok = not errors and len(seen) == n
-            entry: dict[str, Any] = {"round": r, "ok": ok}
-            if ok:
-                secs = max(seen)
-                algbw = size / secs if secs > 0 else math.inf
-                entry.update(seconds=secs, algbw_Bps=algbw, busbw_Bps=algbw * 2 * (n - 1) / n)
-            else:
-                entry["error"] = "; ".join(errors)
-                # A rank that failed as a whole is said once (above), not again per round.
-                if not any(f.get("rank") is not None for f in failures) or bad_result:
-                    failures.append({"size": size, "round": r, "error": entry["error"]})
-            rounds.append(entry)
-        good = [x["seconds"] for x in rounds if x["ok"]]
-        summary: dict[str, Any] = {"size_bytes": size, "rounds": rounds, "ok": len(good)}
-        if good:
-            bw = [x["algbw_Bps"] for x in rounds if x["ok"]]
-            summary.update(
-                latency_s={
-                    "min": min(good),
-                    "p50": statistics.median(good),
-                    "p99": _pct(good, 99),
-                    "max": max(good),
-                    "mean": statistics.fmean(good),
-                },
-                algbw_Bps={"p50": statistics.median(bw), "max": max(bw)},
-                busbw_Bps={"p50": statistics.median(bw) * 2 * (n - 1) / n},
-                jitter_s={
-                    "stdev": statistics.pstdev(good),
-                    "p99_minus_p50": _pct(good, 99) - statistics.median(good),
-                },
-            )
-        sizes.append(summary)
-    ok = not failures and all(r["ok"] for r in ranks)
-    return {
-        "ok": ok,
-        "backend": plan.backend,
-        "nodes": list(plan.nodes),
-        "world_size": n,
-        "formula": FORMULA,
-        "sizes": sizes,
-        "ranks": ranks,
-        "failures": failures,
+    return ranks, failures
+
+
+def _round(
+    plan: LinkTestPlan, answers: Sequence[dict[str, Any] | str], size: int, r: int
+) -> tuple[dict[str, Any], bool]:
+    """Round `r` of `size` over every rank: its slowest time and bandwidth, or its
+    errors; and whether a rank ran it and reported a failure."""
+    n = len(plan.nodes)
+    seen: list[float] = []
+    errors: list[str] = []
+    bad_result = False
+    for node, a in zip(plan.nodes, answers, strict=True):
+        if isinstance(a, str):
+            errors.append(f"{node}: no answer")
+            continue
+        got = [x for x in a.get("rounds", []) if x["size"] == size and x["round"] == r]
+        if not got:
+            errors.append(f"{node}: did not run it")
+            continue
+        seen.append(float(got[0]["seconds"]))
+        if not got[0].get("ok"):
+            bad_result = True
+            errors.append(f"{node}: {got[0].get('error')}")
+    if errors or len(seen) != n:
+        return {"round": r, "ok": False, "error": "; ".join(errors)}, bad_result
+    secs = max(seen)
+    algbw = size / secs if secs > 0 else math.inf
+    entry = {
+        "round": r,
+        "ok": True,
+        "seconds": secs,
+        "algbw_Bps": algbw,
+        "busbw_Bps": algbw * 2 * (n - 1) / n,
     }
+    return entry, bad_result
+
+
+def _size_summary(size: int, rounds: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    good = [x["seconds"] for x in rounds if x["ok"]]
+    summary: dict[str, Any] = {"size_bytes": size, "rounds": rounds, "ok": len(good)}
+    if not good:
+        return summary
+    bw = [x["algbw_Bps"] for x in rounds if x["ok"]]
+    summary.update(
+        latency_s={
+            "min": min(good),
+            "p50": statistics.median(good),
+            "p99": _pct(good, 99),
+            "max": max(good),
+            "mean": statistics.fmean(good),
+        },
+        algbw_Bps={"p50": statistics.median(bw), "max": max(bw)},
+        busbw_Bps={"p50": statistics.median(bw) * 2 * (n - 1) / n},
+        jitter_s={
+            "stdev": statistics.pstdev(good),
+            "p99_minus_p50": _pct(good, 99) - statistics.median(good),
+        },
+    )
+    return summary
 
 
 async def run(app: web.Application, plan: LinkTestPlan) -> dict[str, Any]:
@@ -257,11 +288,14 @@ async def _gather(
     groups: Sequence[GroupSpec],
     test_id: str,
 ) -> list[dict[str, Any] | str]:
+    """Every rank's answer; the first to fail stops the ranks still running."""
     fleet = app[FLEET]
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s + ANSWER_GRACE_S, sock_connect=5.0)
+    results: dict[str, dict[str, Any] | str] = {}
+    stopped = False
 
-    async def one(node: str, group: GroupSpec) -> dict[str, Any] | str:
-        url = fleet.node(node).url.rstrip("/") + "/linktest"
+    async def rank(node: str, group: GroupSpec) -> None:
+        nonlocal stopped
         body = {
             "test_id": test_id,
             "group": group.to_json(),
@@ -270,49 +304,54 @@ async def _gather(
             "warmup": plan.warmup,
             "timeout_s": plan.timeout_s,
         }
-        try:
-            async with session.post(url, json=body, timeout=timeout) as resp:
-                answer = await resp.json(content_type=None)
-        except aiohttp.ClientConnectorError as exc:
-            return f"node {node} is unreachable: {exc}"
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            return f"node {node} did not answer: {exc!r}"
-        if resp.status != 200 or not isinstance(answer, dict):
-            err = ApiError.from_envelope(resp.status, answer, None)
-            return f"node {node} refused the test: {resp.status} {err.message}"
-        return answer
+        answer = results[node] = await _ask(session, fleet.node(node).url, node, body, timeout)
+        failed = isinstance(answer, str) or not answer.get("ok")
+        pending = [p for p in plan.nodes if p not in results]
+        if failed and pending and not stopped:
+            # A peer that failed never comes: the others would wait for it.
+            stopped = True
+            reason = f"{node} failed"
+            await asyncio.gather(
+                *(_stop(session, fleet.node(p).url, test_id, reason) for p in pending)
+            )
 
-    async def stop(node: str, reason: str) -> None:
-        url = fleet.node(node).url.rstrip("/") + "/linktest/stop"
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-            async with session.post(
-                url,
-                json={"test_id": test_id, "reason": reason},
-                timeout=aiohttp.ClientTimeout(total=5.0),
-            ) as resp:
-                await resp.read()
-
-    tasks = {asyncio.create_task(one(n, g)): n for n, g in zip(plan.nodes, groups, strict=True)}
-    results: dict[str, dict[str, Any] | str] = {}
-    stopped = False
-    try:
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                node = tasks[t]
-                results[node] = t.result()
-                answer = results[node]
-                failed = isinstance(answer, str) or not answer.get("ok")
-                if failed and pending and not stopped:
-                    # A peer that failed never comes: the others would wait for it.
-                    stopped = True
-                    reason = f"{node} failed"
-                    await asyncio.gather(*(stop(tasks[p], reason) for p in pending))
-    finally:
-        for t in tasks:
-            t.cancel()
+    async with asyncio.TaskGroup() as tg:
+        for n, g in zip(plan.nodes, groups, strict=True):
+            tg.create_task(rank(n, g))
     return [results[n] for n in plan.nodes]
+
+
+async def _ask(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    node: str,
+    body: dict[str, Any],
+    limit: aiohttp.ClientTimeout,
+) -> dict[str, Any] | str:
+    """`node`'s answer to the test, or a string saying why there is none."""
+    url = base_url.rstrip("/") + "/linktest"
+    try:
+        async with session.post(url, json=body, timeout=limit) as resp:
+            answer = await resp.json(content_type=None)
+    except aiohttp.ClientConnectorError as exc:
+        return f"node {node} is unreachable: {exc}"
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return f"node {node} did not answer: {exc!r}"
+    if resp.status != 200 or not isinstance(answer, dict):
+        err = ApiError.from_envelope(resp.status, answer, None)
+        return f"node {node} refused the test: {resp.status} {err.message}"
+    return answer
+
+
+async def _stop(session: aiohttp.ClientSession, base_url: str, test_id: str, reason: str) -> None:
+    url = base_url.rstrip("/") + "/linktest/stop"
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with session.post(
+            url,
+            json={"test_id": test_id, "reason": reason},
+            timeout=aiohttp.ClientTimeout(total=5.0),
+        ) as resp:
+            await resp.read()
 
 
 async def post_admin_linktest(request: web.Request) -> web.Response:

@@ -51,6 +51,8 @@ from shared.sse import ANSWER_MODEL_HEADER, HOP_HEADERS
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The client left: what writing to its response raises then.
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 # Never copied from a replica to the client: the server stamps its own.
 _RESPONSE_SKIP = HOP_HEADERS | {"server", "date"}
 
@@ -77,6 +79,36 @@ def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
     if request.remote:
         out["X-Forwarded-For"] = request.remote
     return out
+
+
+def _upstream(
+    request: web.Request,
+    catalogue: Catalogue,
+    model: str,
+    body: dict[str, Any],
+    raw: bytes,
+    rid: str,
+) -> tuple[bytes, tuple[str, ...], dict[str, str]]:
+    """What goes to a replica: the body, its affinity keys, the headers."""
+    spec = catalogue.resolve(model)
+    payload = raw
+    if (spec is not None and model != spec.id) or "keep_alive" in body:
+        # Neurons know models by id only; keep_alive is cortex's, not the runner's.
+        fwd = {k: v for k, v in body.items() if k != "keep_alive"}
+        payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
+    keys = prefix_keys({**body, "model": spec.id if spec else model})
+    headers = upstream_headers(request, rid)
+    if spec is not None and model != spec.id and model.isascii():
+        headers[ANSWER_MODEL_HEADER] = model  # an alias: the answer says it, not the id
+    return payload, keys, headers
+
+
+def _client_left(up: aiohttp.ClientResponse, r: Route, rid: str, out: Outcome) -> None:
+    # Closing our side tells the neuron to stop generating.
+    up.close()
+    if out.code is None:
+        out.code = CLIENT_CLOSED
+    log.info("%s: client disconnected from %s", rid, r.node)
 
 
 def _client_headers(headers: Mapping[str, str], rid: str) -> dict[str, str]:
@@ -147,17 +179,8 @@ class Proxy:
         trace = trace if trace is not None else TraceDraft(rid)
         request[_TRACE] = trace
         model = str(body["model"])
-        spec = self.catalogue.resolve(model)
-        payload = raw
         keep_alive = parse_keep_alive(body.get("keep_alive"))
-        if (spec is not None and model != spec.id) or "keep_alive" in body:
-            # Neurons know models by id only; keep_alive is cortex's, not the runner's.
-            fwd = {k: v for k, v in body.items() if k != "keep_alive"}
-            payload = json.dumps({**fwd, "model": spec.id if spec else model}).encode()
-        keys = prefix_keys({**body, "model": spec.id if spec else model})
-        headers = upstream_headers(request, rid)
-        if spec is not None and model != spec.id and model.isascii():
-            headers[ANSWER_MODEL_HEADER] = model  # an alias: the answer says it, not the id
+        payload, keys, headers = _upstream(request, self.catalogue, model, body, raw, rid)
         stream = bool(body.get("stream"))
         tries = _Tries()
         out = outcome if outcome is not None else Outcome()
@@ -266,25 +289,8 @@ class Proxy:
                             timeout=timeout,
                         )
                     )
-                except aiohttp.ClientConnectorError as exc:
-                    # Nobody listens: the node is out of routing now, not after three polls.
-                    self.poller.record_failure(r.node, f"connect: {exc}", fatal=True)
-                    self.metrics.passive_failures.labels(r.node).inc()
-                    self._retry(r, tries, "connect")
-                    raise _TryAnother(
-                        UpstreamUnavailable(f"no replica of {r.model_id!r} reachable: {exc}")
-                    ) from exc
-                except NodeLost as exc:
-                    self._retry(r, tries, "node_down")
-                    raise _TryAnother(
-                        UpstreamUnavailable(f"replica {r.node} did not answer: {exc}")
-                    ) from exc
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    self.poller.record_failure(r.node, f"request: {exc!r}", fatal=False)
-                    self._retry(r, tries, "no_answer")
-                    raise _TryAnother(
-                        UpstreamUnavailable(f"replica {r.node} did not answer: {exc!r}")
-                    ) from exc
+                except (NodeLost, aiohttp.ClientError, TimeoutError) as exc:
+                    raise self._not_opened(r, tries, exc) from exc
                 att.watch(up)
                 try:
                     return await self._answer(request, up, r, rid, tries, keys, started, out)
@@ -298,6 +304,25 @@ class Proxy:
         finally:
             self.fleet.end_request(r.node, r.model_id)
             self.metrics.in_flight.labels(label).dec()
+
+    def _not_opened(
+        self, r: Route, tries: _Tries, exc: NodeLost | aiohttp.ClientError | TimeoutError
+    ) -> _TryAnother:
+        """A replica that took no request: counted, excluded, and the error to try another."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            # Nobody listens: the node is out of routing now, not after three polls.
+            self.poller.record_failure(r.node, f"connect: {exc}", fatal=True)
+            self.metrics.passive_failures.labels(r.node).inc()
+            self._retry(r, tries, "connect")
+            return _TryAnother(
+                UpstreamUnavailable(f"no replica of {r.model_id!r} reachable: {exc}")
+            )
+        if isinstance(exc, NodeLost):
+            self._retry(r, tries, "node_down")
+            return _TryAnother(UpstreamUnavailable(f"replica {r.node} did not answer: {exc}"))
+        self.poller.record_failure(r.node, f"request: {exc!r}", fatal=False)
+        self._retry(r, tries, "no_answer")
+        return _TryAnother(UpstreamUnavailable(f"replica {r.node} did not answer: {exc!r}"))
 
     def _retry(self, r: Route, tries: _Tries, reason: str) -> None:
         tries.exclude.add(r.node)
@@ -411,38 +436,47 @@ class Proxy:
                 # The neuron ended the body without [DONE]: the client's stream is cut.
                 out.code = STREAM_ERROR
                 self.metrics.stream_errors.labels(label, "lost").inc()
-                with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                with contextlib.suppress(*_CLIENT_GONE):
                     await resp.write(sse_error_frame(f"replica {r.node} ended the stream early"))
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            # The client left: closing our side tells the neuron to stop generating.
-            up.close()
-            if out.code is None:
-                out.code = CLIENT_CLOSED
-            log.info("%s: client disconnected from %s", rid, r.node)
+        except _CLIENT_GONE:
+            _client_left(up, r, rid, out)
             return resp
         except (NodeLost, aiohttp.ClientError, TimeoutError) as exc:
             up.close()
-            if isinstance(exc, NodeLost):
-                reason, what = "node_down", f"was lost ({exc})"
-            elif isinstance(exc, TimeoutError):
-                reason, what = "stalled", "stalled"
-            else:
-                reason, what = "lost", "was lost"
-            out.code = STREAM_ERROR
-            if trace is not None:
-                trace.error = f"replica {r.node} {what} mid-stream"
-            self.metrics.stream_errors.labels(label, reason).inc()
-            log.warning("%s: stream from %s broke after its first byte: %r", rid, r.node, exc)
+            frame = self._broke(r, rid, label, out, trace, exc)
             try:
-                await resp.write(sse_error_frame(f"replica {r.node} {what} mid-stream"))
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                await resp.write(frame)
+            except _CLIENT_GONE:
                 return resp
         finally:
             reads.close()
-        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+        with contextlib.suppress(*_CLIENT_GONE):
             # A client that closes right after [DONE] is no failure.
             await resp.write_eof()
         return resp
+
+    def _broke(
+        self,
+        r: Route,
+        rid: str,
+        label: str,
+        out: Outcome,
+        trace: TraceDraft | None,
+        exc: NodeLost | aiohttp.ClientError | TimeoutError,
+    ) -> bytes:
+        """A stream that broke after its first byte, counted; the frame that ends it."""
+        if isinstance(exc, NodeLost):
+            reason, what = "node_down", f"was lost ({exc})"
+        elif isinstance(exc, TimeoutError):
+            reason, what = "stalled", "stalled"
+        else:
+            reason, what = "lost", "was lost"
+        out.code = STREAM_ERROR
+        if trace is not None:
+            trace.error = f"replica {r.node} {what} mid-stream"
+        self.metrics.stream_errors.labels(label, reason).inc()
+        log.warning("%s: stream from %s broke after its first byte: %r", rid, r.node, exc)
+        return sse_error_frame(f"replica {r.node} {what} mid-stream")
 
     def _upstream_error(
         self, up: aiohttp.ClientResponse, raw: bytes, r: Route, tries: _Tries

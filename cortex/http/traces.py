@@ -12,6 +12,7 @@ from aiohttp import web
 from cortex.core.tracing import select
 from cortex.http.keys import CONFIG, FLEET, LIFECYCLE, LOADER, TRACES
 from shared.errors import InvalidRequest, NotFound
+from shared.journal import find
 
 MAX_LIMIT = 1000
 
@@ -57,7 +58,7 @@ async def admin_trace(request: web.Request) -> web.Response:
     """Cortex's trace and, for each node it tried, the neuron's own (or why not)."""
     rid = request.match_info["id"]
     traces = request.app[TRACES]
-    mine = next((t for t in reversed(list(traces)) if t.id == rid), None)
+    mine = find(traces, rid)
     if mine is None:
         raise NotFound(f"no trace {rid[:200]!r} (never seen, or aged out of the ring)")
     fleet = request.app[FLEET]

@@ -95,61 +95,62 @@ def node_checks(live: NodeLive, state: NodeState | None) -> list[Check]:
             )
         ]
     h = live.health
-    out = [_c("node answering", "pass", f"{n} answers (uptime {h.uptime_s:.0f} s)", node=n)]
-    if state is not None and not state.healthy:
-        out.append(
-            _c(
-                "node healthy",
-                "fail",
-                f"cortex counts {n} unhealthy ({state.failures} failed polls: {state.last_error})",
-                "wait one poll interval; if it persists, the network between cortex and "
-                f"{n} drops requests",
-                node=n,
-            )
-        )
-    elif h.status == "degraded":
-        bad = [f"{m.model_id} {m.state}" for m in h.models if m.state in ("failed", "recovering")]
-        out.append(
-            _c(
-                "node healthy",
-                "warn",
-                f"{n} is degraded: {', '.join(bad)}",
-                "see the model's error in `cortex status`; `cortex unload` then `cortex load` it",
-                node=n,
-            )
-        )
-    else:
-        out.append(_c("node healthy", "pass", f"{n} is {h.status}", node=n))
     d = live.discovery
-    if d is None or d.memory_total_bytes <= 0 or not d.mlx_version:
-        why = live.discovery_error or (
-            "MLX not importable" if d is not None and not d.mlx_version else "no memory figure"
-        )
-        out.append(
-            _c(
-                "discovery complete",
-                "fail",
-                f"{n}: discovery incomplete: {why}",
-                f"on {n}: `neuron discover` shows what is missing; reinstall with the neuron extra",
-                node=n,
-            )
-        )
-    else:
-        out.append(
-            _c(
-                "discovery complete",
-                "pass",
-                f"{n}: {d.chip}, {d.memory_total_bytes / 2**30:.0f} GiB, mlx {d.mlx_version} "
-                f"({d.mlx_device})",
-                node=n,
-            )
-        )
-    out.append(_skew(live))
+    out = [
+        _c("node answering", "pass", f"{n} answers (uptime {h.uptime_s:.0f} s)", node=n),
+        _node_healthy(n, h, state),
+        _discovery(live),
+        _skew(live),
+    ]
     out.extend(_memory(n, h, d))
     out.extend(_disk(n, h, d))
     out.extend(_rdma(n, d))
     out.extend(_jaccl_budget(n, h))
     return out
+
+
+def _node_healthy(n: str, h: NodeHealth, state: NodeState | None) -> Check:
+    if state is not None and not state.healthy:
+        return _c(
+            "node healthy",
+            "fail",
+            f"cortex counts {n} unhealthy ({state.failures} failed polls: {state.last_error})",
+            "wait one poll interval; if it persists, the network between cortex and "
+            f"{n} drops requests",
+            node=n,
+        )
+    if h.status == "degraded":
+        bad = [f"{m.model_id} {m.state}" for m in h.models if m.state in ("failed", "recovering")]
+        return _c(
+            "node healthy",
+            "warn",
+            f"{n} is degraded: {', '.join(bad)}",
+            "see the model's error in `cortex status`; `cortex unload` then `cortex load` it",
+            node=n,
+        )
+    return _c("node healthy", "pass", f"{n} is {h.status}", node=n)
+
+
+def _discovery(live: NodeLive) -> Check:
+    n, d = live.name, live.discovery
+    if d is None or d.memory_total_bytes <= 0 or not d.mlx_version:
+        why = live.discovery_error or (
+            "MLX not importable" if d is not None and not d.mlx_version else "no memory figure"
+        )
+        return _c(
+            "discovery complete",
+            "fail",
+            f"{n}: discovery incomplete: {why}",
+            f"on {n}: `neuron discover` shows what is missing; reinstall with the neuron extra",
+            node=n,
+        )
+    return _c(
+        "discovery complete",
+        "pass",
+        f"{n}: {d.chip}, {d.memory_total_bytes / 2**30:.0f} GiB, mlx {d.mlx_version} "
+        f"({d.mlx_device})",
+        node=n,
+    )
 
 
 def _skew(live: NodeLive) -> Check:

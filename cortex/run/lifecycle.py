@@ -598,46 +598,62 @@ class Lifecycle:
         waiting = False
         try:
             while True:
-                try:
-                    decision = decide(self.snapshot())
-                except ModelLoading:
-                    decision = None
-                if isinstance(decision, Route):
-                    return decision
-                job = self._handles.get(model_id)
-                if isinstance(decision, ColdLoad) and job is None:
-                    # No await between the routing decision and the claim: one load.
-                    job = self.start_load(decision.spec, decision.candidate, why="a request")
+                found, job = self._decide(model_id, decide)
+                if found is not None:
+                    return found
                 left = deadline - self.clock()
                 if left <= 0:
                     raise self._still_loading(model_id)
                 if not waiting:
-                    if self._waiting[model_id] >= self.config.max_waiting:
-                        raise ModelLoading(
-                            f"model {model_id!r} is loading and {self._waiting[model_id]}"
-                            " requests already wait for it; retry shortly"
-                        )
-                    self._waiting[model_id] += 1
+                    self._join_waiters(model_id)
                     waiting = True
                     if on_wait is not None:
                         on_wait()  # the request's trace: this is a cold-load wait
-                if job is not None and job.task is not None:
-                    try:
-                        await self.wait_job(job, left)
-                    except TimeoutError:
-                        raise self._still_loading(model_id) from None
-                    except ApiError:
-                        if job.kind == "load":
-                            raise
-                else:
-                    # A node reports it loading (recovering, or a load cortex did not
-                    # start): look again shortly.
-                    await asyncio.sleep(min(left, max(0.05, self.config.load_poll_interval_s)))
+                await self._wait_once(model_id, job, left)
         finally:
             if waiting:
                 self._waiting[model_id] -= 1
                 if self._waiting[model_id] <= 0:
                     del self._waiting[model_id]
+
+    def _decide(
+        self, model_id: str, decide: Callable[[FleetSnapshot], Route | ColdLoad]
+    ) -> tuple[Route | None, Job | None]:
+        """The route if there is one now, else the job to wait for (a cold load starts one)."""
+        try:
+            decision = decide(self.snapshot())
+        except ModelLoading:
+            decision = None
+        if isinstance(decision, Route):
+            return decision, None
+        job = self._handles.get(model_id)
+        if isinstance(decision, ColdLoad) and job is None:
+            # No await between the routing decision and the claim: one load.
+            job = self.start_load(decision.spec, decision.candidate, why="a request")
+        return None, job
+
+    def _join_waiters(self, model_id: str) -> None:
+        if self._waiting[model_id] >= self.config.max_waiting:
+            raise ModelLoading(
+                f"model {model_id!r} is loading and {self._waiting[model_id]}"
+                " requests already wait for it; retry shortly"
+            )
+        self._waiting[model_id] += 1
+
+    async def _wait_once(self, model_id: str, job: Job | None, left: float) -> None:
+        """Wait for `job` (up to `left` s), or a moment when none runs; then look again."""
+        if job is None or job.task is None:
+            # A node reports it loading (recovering, or a load cortex did not
+            # start): look again shortly.
+            await asyncio.sleep(min(left, max(0.05, self.config.load_poll_interval_s)))
+            return
+        try:
+            await self.wait_job(job, left)
+        except TimeoutError:
+            raise self._still_loading(model_id) from None
+        except ApiError:
+            if job.kind == "load":
+                raise
 
     def _still_loading(self, model_id: str) -> ModelLoading:
         job = self.life(model_id).job

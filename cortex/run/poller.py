@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -163,16 +163,18 @@ class Poller:
     async def _poll_legacy(self, name: str) -> NodeState:
         node = self.fleet.node(name)
         started = time.monotonic()
-        health_t = asyncio.ensure_future(self._get(node.url, "/health"))
-        models_t = asyncio.ensure_future(self._get(node.url, "/models"))
-        staged_t = asyncio.ensure_future(self._get(node.url, "/store/storage"))
+        # The three calls at once; /health decides, so only its failure cancels the others.
+        failed: Exception | None = None
         try:
-            health = NodeHealth.from_json(await health_t)
-        except (PollError, *_BAD) as exc:
-            for t in (models_t, staged_t):
-                t.cancel()
-            await asyncio.gather(models_t, staged_t, return_exceptions=True)
-            return self._failed(node, f"/health: {exc}")
+            async with asyncio.TaskGroup() as tg:
+                health_t = tg.create_task(self._health(node.url))
+                models_t = tg.create_task(_caught(self._get(node.url, "/models")))
+                staged_t = tg.create_task(_settle(self._get(node.url, "/store/storage")))
+        except* (PollError, *_BAD) as group:
+            failed = group.exceptions[0]
+        if failed is not None:
+            return self._failed(node, f"/health: {failed}")
+        health = health_t.result()
         if (
             name in self._legacy
             and node.health is not None
@@ -180,15 +182,12 @@ class Poller:
         ):
             # A restart may be an upgrade: ask for /status again next round.
             self._legacy.discard(name)
-        statuses: tuple[ModelStatus, ...] | None
-        try:
-            statuses = tuple(ModelStatus.from_json(m) for m in (await models_t)["models"])
-        except (PollError, *_BAD) as exc:
-            # Health answered, so the node is up; keep the model list we had.
-            log.debug("poll of %s: /models unreadable: %s", name, exc)
-            statuses = None
-        staged = _parse_staged(await _settle(staged_t))
+        statuses = _statuses(name, models_t.result())
+        staged = _parse_staged(staged_t.result())
         return await self._succeeded(node, health, started, statuses, staged)
+
+    async def _health(self, base: str) -> NodeHealth:
+        return NodeHealth.from_json(await self._get(base, "/health"))
 
     def _failed(self, node: NodeState, reason: str) -> NodeState:
         new = self.fleet.poll_failed(node.name, reason)
@@ -293,10 +292,30 @@ def _rediscover(node: NodeState, health: NodeHealth) -> bool:
     return d is None or d.node_id != health.node_id or d.started_at != health.started_at
 
 
-async def _settle(task: asyncio.Future[Any]) -> Any:
+async def _settle(task: Awaitable[Any]) -> Any:
     try:
         return await task
     except PollError:
+        return None
+
+
+async def _caught(call: Awaitable[Any]) -> Any:
+    """`call`'s answer, or the PollError it raised (for the caller to judge)."""
+    try:
+        return await call
+    except PollError as exc:
+        return exc
+
+
+def _statuses(name: str, body: Any) -> tuple[ModelStatus, ...] | None:
+    """The models a legacy /models answered; None (keep the list we had) if unreadable."""
+    try:
+        if isinstance(body, PollError):
+            raise body
+        return tuple(ModelStatus.from_json(m) for m in body["models"])
+    except (PollError, *_BAD) as exc:
+        # Health answered, so the node is up; keep the model list we had.
+        log.debug("poll of %s: /models unreadable: %s", name, exc)
         return None
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from neuron.tracing import Trace
 from shared.errors import InvalidRequest, NotFound
-from shared.journal import Event, Journal
+from shared.journal import Event, Journal, find
 
 TRACES = web.AppKey("traces", Journal[Trace])
 EVENTS = web.AppKey("events", Journal[Event])
@@ -49,7 +49,7 @@ async def get_traces(request: web.Request) -> web.Response:
 async def get_trace(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
     traces = request.app[TRACES]
-    found = next((t for t in reversed(list(traces)) if t.id == rid), None)
+    found = find(traces, rid)
     if found is None:
         raise NotFound(f"no trace {rid[:200]!r} on this node")
     return web.json_response(found.to_json())

@@ -298,24 +298,45 @@ def _tools(v: Any) -> list[dict[str, Any]]:
 def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
     """The checked fields of `body`; cheap (no tokenizing), so on the event loop."""
     out: dict[str, Any] = {"model": RUNNER_MODEL_NAME}
-    texts: list[str]
-    overhead = 0
-    if kind == "chat":
-        out["messages"], texts = _messages(body.get("messages"))
-        overhead = PER_PROMPT_TOKENS + PER_MESSAGE_TOKENS * len(out["messages"])
-        choice = body.get("tool_choice")
-        if choice is not None and not isinstance(choice, (str, dict)):
-            raise _bad("tool_choice", "must be a string or an object")
-        # mlx_lm has no tool_choice: "none" is honoured by not showing the tools.
-        if body.get("tools") is not None and choice != "none":
-            out["tools"] = _tools(body["tools"])
-            texts.append(_json_text(out["tools"], "tools"))
-    else:
-        if "prompt" not in body:
-            raise _bad("prompt", "is required (a string)")
-        out["prompt"] = _text(body["prompt"], "prompt")
-        texts = [out["prompt"]]
-        overhead = 1  # a BOS token the runner's tokenizer may add
+    texts, overhead = _chat(body, out) if kind == "chat" else _completion(body, out)
+    _sampling(body, info, out)
+    stream, include_usage = _streaming(body)
+    _refuse_unsupported(body)
+    return Draft(
+        kind=kind,
+        body=out,
+        stream=stream,
+        include_usage=include_usage,
+        wants_logprobs=bool(out.get("logprobs")) or bool(out.get("top_logprobs")),
+        max_tokens=_max_tokens(body),
+        texts=texts,
+        overhead=overhead,
+        prompt_bytes=sum(len(t) for t in texts),
+    )
+
+
+def _chat(body: dict[str, Any], out: dict[str, Any]) -> tuple[list[str], int]:
+    """Messages and tools into `out`; (the texts that make the prompt, token overhead)."""
+    out["messages"], texts = _messages(body.get("messages"))
+    overhead = PER_PROMPT_TOKENS + PER_MESSAGE_TOKENS * len(out["messages"])
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise _bad("tool_choice", "must be a string or an object")
+    # mlx_lm has no tool_choice: "none" is honoured by not showing the tools.
+    if body.get("tools") is not None and choice != "none":
+        out["tools"] = _tools(body["tools"])
+        texts.append(_json_text(out["tools"], "tools"))
+    return texts, overhead
+
+
+def _completion(body: dict[str, Any], out: dict[str, Any]) -> tuple[list[str], int]:
+    if "prompt" not in body:
+        raise _bad("prompt", "is required (a string)")
+    out["prompt"] = _text(body["prompt"], "prompt")
+    return [out["prompt"]], 1  # a BOS token the runner's tokenizer may add
+
+
+def _sampling(body: dict[str, Any], info: ModelInfo, out: dict[str, Any]) -> None:
     for name, check in SAMPLING.items():
         if body.get(name) is not None:
             out[name] = check(body[name], name)
@@ -324,15 +345,22 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
         out["top_k"] = _integer(0, (vocab or 2**31) - 1)(body["top_k"], "top_k")
     if body.get("logit_bias") is not None:
         out["logit_bias"] = _logit_bias(body["logit_bias"], info.vocab_size)
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "must be a boolean")
-    include_usage = False
     options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _bad("stream_options", "must be an object")
-        include_usage = _boolean(options.get("include_usage", False), "stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise _bad("stream_options", "must be an object")
+    return stream, _boolean(options.get("include_usage", False), "stream_options")
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("n") not in (None, 1):
         raise _bad("n", "must be 1 (one choice per request)")
     fmt = body.get("response_format")
@@ -341,22 +369,14 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
         raise _bad("response_format", "is not supported (only {'type': 'text'})")
     if body.get("user") is not None:
         _text(body["user"], "user")
-    max_tokens = None
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:
-            max_tokens = _integer(1, 2**62)(body[name], name)
-            break
-    return Draft(
-        kind=kind,
-        body=out,
-        stream=stream,
-        include_usage=include_usage,
-        wants_logprobs=bool(out.get("logprobs")) or bool(out.get("top_logprobs")),
-        max_tokens=max_tokens,
-        texts=texts,
-        overhead=overhead,
-        prompt_bytes=sum(len(t) for t in texts),
-    )
+            n: int = _integer(1, 2**62)(body[name], name)
+            return n
+    return None
 
 
 def prompt_param(kind: Kind) -> str:

@@ -482,13 +482,15 @@ class Stager:
                 await self._fetch_file(job, entry, order, root)
                 job.files_done += 1
 
-        tasks = [asyncio.ensure_future(one(i, e)) for i, e in enumerate(entries)]
+        # One file failing stops the others: the stage has failed.
         try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            async with asyncio.TaskGroup() as files:
+                for i, e in enumerate(entries):
+                    files.create_task(one(i, e))
+        except BaseExceptionGroup as group:
+            # The first failure itself (StageFailed...), which _run reports; its own
+            # __cause__ kept, so no `from`.
+            raise group.exceptions[0]  # noqa: B904
 
     async def _fetch_file(
         self, job: StageJob, entry: FileEntry, origins: list[Origin], root: Path

@@ -19,16 +19,13 @@ from cortex.http.keys import FLEET, POLLER
 from shared.catalogue import ModelSpec
 from shared.errors import sse_error_frame
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, sse_frames, stop_all
+from tests.support.clients import CHAT, chat
+from tests.support.waiting import until
 
 Client = TestClient[web.Request, web.Application]
-CHAT = "/v1/chat/completions"
 KEEPALIVE = b": keepalive\n\n"
 # What a neuron sends when its runner fails a stream before any token.
 RUNNER_FRAME = sse_error_frame("runner answered 404: generation thread died")
-
-
-def chat(model: str = "m1", *, stream: bool = False) -> dict[str, Any]:
-    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
@@ -189,10 +186,7 @@ async def test_non_stream_on_a_silent_node_is_retried_when_polls_mark_it_down(
     async with gateway(three) as client:
         assert client.app is not None
         pending = asyncio.ensure_future(client.post(CHAT, json=chat()))
-        for _ in range(500):
-            if silent.calls["chat"]:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: silent.calls["chat"], what="the request at the silent node")
         assert silent.calls["chat"] == 1 and not pending.done()
         silent.health_ok = False
         for _ in range(3):
@@ -315,17 +309,15 @@ async def test_streams_closed_right_after_done_count_as_200(three: list[FakeNeur
         for _ in range(200):
             await _stream_then_slam(str(server.host), int(server.port or 0), body)
 
-        async def counted() -> float:
+        async def all_counted() -> bool:
             text = await _metrics(client)
-            return sum(
+            counted = sum(
                 float(v)
                 for v in re.findall(r'cortex_requests_total\{code="[^"]+",model="m1"\} (\S+)', text)
             )
+            return counted >= 200
 
-        for _ in range(500):
-            if await counted() >= 200:
-                break
-            await asyncio.sleep(0.01)
+        await until(all_counted, what="200 requests counted")
         text = await _metrics(client)
     codes = {
         code: float(v)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,10 @@ from shared.config import ConfigError
 from shared.errors import sse_error_frame
 from shared.wire import GroupSpec
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, sse_frames, stop_all
+from tests.support.clients import CHAT, chat
+from tests.support.waiting import until
 
 Client = TestClient[web.Request, web.Application]
-CHAT = "/v1/chat/completions"
-
-
-def chat(model: str = "m1", *, stream: bool = False, text: str = "hello") -> dict[str, Any]:
-    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
 
 
 @pytest.fixture
@@ -34,15 +31,6 @@ async def two() -> AsyncIterator[list[FakeNeuron]]:
     nodes = await fleet("n1", "n2")
     yield nodes
     await stop_all(nodes)
-
-
-async def _until(check: Callable[[], Awaitable[bool]], tries: int = 500) -> None:
-    """Wait for a condition by polling it, without asserting on how long it took."""
-    for _ in range(tries):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never became true")
 
 
 async def _error(resp: Any) -> tuple[int, str, str | None]:
@@ -131,7 +119,7 @@ async def test_client_disconnect_cancels_upstream(two: list[FakeNeuron]) -> None
         async def cancelled() -> bool:
             return two[0].cancelled == 1
 
-        await _until(cancelled)
+        await until(cancelled)
 
 
 async def test_passive_health_marks_at_once_and_retries_elsewhere(
@@ -254,7 +242,7 @@ async def test_burst_for_unloaded_model_makes_one_load(two: list[FakeNeuron]) ->
         async def served() -> bool:
             return (await client.post(CHAT, json=chat())).status == 200
 
-        await _until(served)
+        await until(served)
         assert sum(n.calls["load"] for n in two) == 1
 
 
@@ -496,7 +484,7 @@ async def test_admin_load_then_unload(two: list[FakeNeuron]) -> None:
             r = await client.post("/admin/models/m1/load")
             return bool((await r.json())["state"] == "ready")
 
-        await _until(ready)
+        await until(ready)
         resp = await client.post("/admin/models/m1/unload")
         assert resp.status == 200 and (await resp.json())["unloaded"] == [node]
         assert client.app is not None
@@ -540,17 +528,13 @@ async def test_an_admin_unload_ends_a_load_under_way(two: list[FakeNeuron]) -> N
         assert job is not None and job.kind == "load"
         hi = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
         chat = asyncio.create_task(client.post("/v1/chat/completions", json=hi))
-        await _until(lambda: _true(life.waiting("m1") == 1))
+        await until(lambda: life.waiting("m1") == 1)
         resp = await client.post("/admin/models/m1/unload", json={"nodes": ["n1"]})
         assert resp.status == 200, await resp.text()
         assert two[0].unload_requests == ["m1"]
         gate.set()
         answer = await asyncio.wait_for(chat, 60)
         assert answer.status in (200, 503), await answer.text()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_admin_load_on_a_named_node_and_with_exclusions(two: list[FakeNeuron]) -> None:
@@ -566,7 +550,7 @@ async def test_admin_load_on_a_named_node_and_with_exclusions(two: list[FakeNeur
             r = await client.post("/admin/models/m1/load")
             return bool((await r.json())["state"] == "ready")
 
-        await _until(loaded_on_n2)
+        await until(loaded_on_n2)
         # A body asks for one more copy: n2 holds it, so exclusions leave only n1.
         resp = await client.post("/admin/models/m1/load", json={"exclude": []})
         assert resp.status == 202 and (await resp.json())["nodes"] == ["n1"]

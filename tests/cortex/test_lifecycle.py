@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,22 +20,11 @@ from shared.catalogue import GIB, ModelSpec
 from shared.errors import InvalidRequest
 from shared.wire import GroupSpec
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
+from tests.support.clients import CHAT, chat
 from tests.support.clock import SkewedTime
+from tests.support.waiting import until
 
-CHAT = "/v1/chat/completions"
 MISSING = (400, "invalid_model_path", "model path '/nowhere/broken' does not exist")
-
-
-def chat(model: str = "m1", **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-
-
-async def _until(check: Callable[[], Awaitable[bool]], tries: int = 1000) -> None:
-    for _ in range(tries):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never became true")
 
 
 async def _error(resp: Any) -> tuple[int, str, str | None, str]:
@@ -86,7 +74,7 @@ async def test_missing_source_is_one_load_per_backoff_window() -> None:
             return n1.calls["load"] == 2
 
         skew[0] += 21.0
-        await _until(second_load, tries=500)  # the window ended: exactly one more load
+        await until(second_load)  # the window ended: exactly one more load
         assert n1.calls["load"] == 2
     await stop_all([n1])
 
@@ -117,7 +105,7 @@ async def test_burst_of_50_for_a_cold_model_makes_one_load_and_50_answers() -> N
         async def all_waiting() -> bool:
             return life.waiting("m1") == 50
 
-        await _until(all_waiting)
+        await until(all_waiting)
         n1.load_gate.set()
         resps = await asyncio.gather(*sent)
         assert [r.status for r in resps] == [200] * 50
@@ -137,7 +125,7 @@ async def test_waiting_is_bounded_and_a_client_that_leaves_frees_its_place() -> 
         async def three() -> bool:
             return life.waiting("m1") == 3
 
-        await _until(three)
+        await until(three)
         over = await _error(await client.post(CHAT, json=chat()))
         assert over[:3] == (503, "model_loading", "2") and "already wait" in over[3]
         for f in sent:
@@ -147,7 +135,7 @@ async def test_waiting_is_bounded_and_a_client_that_leaves_frees_its_place() -> 
         async def freed() -> bool:
             return life.waiting("m1") == 0
 
-        await _until(freed)
+        await until(freed)
         assert n1.calls["load"] == 1
         n1.load_gate.set()
     await stop_all([n1])
@@ -242,7 +230,7 @@ async def test_member_failing_mid_group_load_leaves_nothing_behind() -> None:
         async def undone() -> bool:  # n1's answer came, and its rank was unloaded again
             return "big" in n1.unload_requests and "big" not in n1.models
 
-        await _until(undone, tries=6000)
+        await until(undone, timeout=120, what="the load undone")
         await client.app[POLLER].poll_once()
         snap = life.snapshot()
         assert snap.locations("big") == ()
@@ -306,7 +294,7 @@ async def test_idle_model_unloads_after_its_ttl_and_a_kept_one_never(
             await rec.step()
             return n1.unload_requests == ["m1"]
 
-        await _until(unloaded, tries=1000)
+        await until(unloaded)
         for _ in range(3):
             await rec.step()
         assert n2.unload_requests == [] and "m2" in n2.models
@@ -330,7 +318,7 @@ async def test_keep_alive_zero_unloads_after_the_answer() -> None:
         async def unloaded() -> bool:
             return n1.unload_requests == ["m1"]
 
-        await _until(unloaded)
+        await until(unloaded)
         assert all("keep_alive" not in b for b in n1.chat_bodies)
         bad = await _error(await client.post(CHAT, json=chat("m2", keep_alive="soon")))
         assert bad[:2] == (400, "invalid_request")
@@ -379,7 +367,7 @@ async def test_forced_unload_then_admin_load_restores_the_wished_replicas() -> N
             loaded = all(n.models.get("m1") is not None for n in (n1, n2))
             return loaded and client.app[LIFECYCLE].job("m1") is None
 
-        await _until(both)
+        await until(both)
         await client.app[POLLER].poll_once()
         state = (await (await client.get("/admin/state")).json())["models"][0]
         assert state["why"] == "2 wanted / 2 present: as wished"
@@ -460,10 +448,7 @@ async def test_one_hung_member_does_not_stall_teardowns() -> None:
     async with gateway([n1, n2, n3], unload_timeout_s=5.0) as client:
         assert client.app is not None
         step = asyncio.ensure_future(client.app[RECONCILER].step())
-        for _ in range(6000):
-            if n1.unload_requests and n2.unload_requests:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: n1.unload_requests and n2.unload_requests, timeout=120)
         assert n1.unload_requests == ["x"] and n2.unload_requests == ["y"]
         # Both members are asked at once: one after the other, the second would be
         # asked only after the first's 5 s timeout had ended its wait.

@@ -12,6 +12,7 @@ import pytest
 from cortex.core.state import Fleet, NodeState
 from cortex.run.poller import Poller
 from tests.cortex.fakes import FakeNeuron
+from tests.support.waiting import until
 
 
 @pytest.fixture(params=["status", "legacy"])
@@ -158,10 +159,7 @@ async def test_malformed_models_entry_keeps_the_node_and_the_poller(
     poller.interval_s = 0.01
     task = asyncio.create_task(poller.run())
     try:
-        for _ in range(500):
-            if node.calls["health"] + node.calls["status"] >= 3 or task.done():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: node.calls["health"] + node.calls["status"] >= 3 or task.done())
         assert not task.done()
         state = poller.fleet.node("n1")
         assert state.healthy and [m.model_id for m in state.models] == ["m1"]
@@ -182,11 +180,8 @@ async def test_poller_survives_an_exception_in_a_round(
     poller.listeners.append(broken)
     task = asyncio.create_task(poller.run())
     try:
-        for _ in range(500):
-            assert not task.done()
-            if node.calls["health"] + node.calls["status"] >= 3:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: node.calls["health"] + node.calls["status"] >= 3 or task.done())
+        assert not task.done()
         assert node.calls["health"] + node.calls["status"] >= 3
     finally:
         task.cancel()

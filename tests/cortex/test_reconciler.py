@@ -13,6 +13,7 @@ from shared.catalogue import GIB, ModelSpec
 from shared.retry import LOAD_RETRY_WAIT, backoff_s
 from shared.wire import GroupSpec, ModelState
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
+from tests.support.waiting import until
 
 
 def _member(rank: int, state: ModelState = "ready", gid: str = "g1") -> NodeModel:
@@ -82,10 +83,7 @@ async def test_step_waits_until_every_node_was_heard_from() -> None:
             job = app[LIFECYCLE].job("m1")
             assert job is not None and job.nodes == ("n1",)
             # The job's POST may still be on its way (a new connection): let it land.
-            for _ in range(500):
-                if n1.calls["load"]:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: n1.calls["load"], what="the load request")
     finally:
         await stop_all(nodes)
     assert n1.calls["load"] == 1 and n2.calls["load"] == 0
@@ -165,10 +163,8 @@ async def test_prefetch_stages_on_every_node_that_could_hold_it_once() -> None:
             app = client.app
             rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(spec), loader=app[LOADER])
             await rec.step()
-            for _ in range(6000):  # the stage request is posted in the background
-                if n2.stage_requests:
-                    break
-                await asyncio.sleep(0.01)
+            # The stage request is posted in the background.
+            await until(lambda: n2.stage_requests, timeout=120, what="the stage request")
             await rec.step()
             # Asking again would be journalled at once (a "prefetch" event per ask).
             events = [e.kind for e in app[LIFECYCLE].events("m1")]

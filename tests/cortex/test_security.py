@@ -20,9 +20,9 @@ from cortex.http.keys import FLEET, POLLER
 from neuron.config import NeuronConfig
 from tests.cortex.fakes import FakeNeuron, gateway, stop_all
 from tests.support import rawhttp
+from tests.support.clients import CHAT, chat
 
 TOKEN = "fleet-token-for-tests-0123456789"
-CHAT = "/v1/chat/completions"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEYS = (ApiKey(key="sk-client-key-1", models=("*",)),)
 
@@ -57,10 +57,6 @@ async def guarded() -> AsyncIterator[list[FakeNeuron]]:
     await stop_all(nodes)
 
 
-def _chat(model: str = "m1") -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-
-
 async def test_cortex_sends_the_fleet_token_never_the_clients_key(
     guarded: list[FakeNeuron],
 ) -> None:
@@ -71,7 +67,7 @@ async def test_cortex_sends_the_fleet_token_never_the_clients_key(
     async with gateway(guarded, api_keys=KEYS, admin_token="admin-token-1", fleet_token=TOKEN) as c:
         assert c.app[FLEET].node("n1").healthy
         client_auth = {"Authorization": "Bearer sk-client-key-1", "X-Api-Key": "sk-client-key-1"}
-        resp = await c.post(CHAT, json=_chat(), headers=client_auth)
+        resp = await c.post(CHAT, json=chat(), headers=client_auth)
         assert resp.status == 200, await resp.text()
         resp = await c.post(
             "/admin/models/m2/load", headers={"Authorization": "Bearer admin-token-1"}
@@ -91,7 +87,7 @@ async def test_cortex_without_the_token_cannot_use_a_guarded_neuron(
         for _ in range(3):
             await c.app[POLLER].poll_once()
         assert not c.app[FLEET].node("n1").healthy
-        assert (await c.post(CHAT, json=_chat())).status == 503
+        assert (await c.post(CHAT, json=chat())).status == 503
 
 
 def test_cortex_config_repr_hides_secrets(tmp_path: Path) -> None:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from cortex.core.placement import candidates
 from shared.catalogue import GIB, ModelSpec
 from tests.cortex.fakes import FakeNeuron, fleet, gateway, stop_all
 from tests.cortex.records import node
+from tests.support.waiting import until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
-
-
-async def _posted(nodes: list[FakeNeuron]) -> None:
-    async with asyncio.timeout(10):
-        while not any(n.load_requests for n in nodes):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_load_on_a_node_without_the_copy_names_the_peers_that_hold_it() -> None:
@@ -27,7 +20,7 @@ async def test_load_on_a_node_without_the_copy_names_the_peers_that_hold_it() ->
         async with gateway(nodes, admin_token="admin-secret") as client:
             r = await client.post("/admin/models/m1/load", json={}, headers=ADMIN)
             assert r.status in (200, 202), await r.text()
-            await _posted(nodes)
+            await until(lambda: any(n.load_requests for n in nodes), what="a load request")
             assert [b.get("peers") for b in empty.load_requests] == [[holder.url]]
             assert holder.load_requests == []
     finally:
@@ -41,7 +34,7 @@ async def test_load_on_a_node_with_the_copy_names_no_peers() -> None:
         async with gateway(nodes, admin_token="admin-secret") as client:
             r = await client.post("/admin/models/m1/load", json={}, headers=ADMIN)
             assert r.status in (200, 202), await r.text()
-            await _posted(nodes)
+            await until(lambda: any(n.load_requests for n in nodes), what="a load request")
             sent = [b for n in nodes for b in n.load_requests]
             assert len(sent) == 1 and "peers" not in sent[0]
     finally:

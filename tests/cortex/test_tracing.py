@@ -6,13 +6,13 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from cortex.core.tracing import TraceDraft
 from cortex.http.keys import TRACES
 from neuron.tracing import usage_comment
 from shared.journal import MB
 from tests.cortex.fakes import fleet, gateway, stop_all
+from tests.support.clients import CHAT, chat
 
 STREAM = (
     b'data: {"choices":[{"delta":{"content":"a: usage {\\"x\\":1}"}}]}\n\n'
@@ -50,13 +50,6 @@ def test_a_usage_frame_gives_the_counts_and_is_no_token() -> None:
     assert (t.prompt_tokens, t.completion_tokens, t.frames) == (3, 1, 1)
 
 
-CHAT = "/v1/chat/completions"
-
-
-def _chat(stream: bool = False, text: str = "hi") -> dict[str, Any]:
-    return {"model": "m1", "messages": [{"role": "user", "content": text}], "stream": stream}
-
-
 async def test_a_retried_request_names_every_node_tried_and_asks_each() -> None:
     """A node that fails before its first byte, then another that answers: the trace
     lists both in order, the answer's node, and the joined view has a part per node
@@ -69,7 +62,7 @@ async def test_a_retried_request_names_every_node_tried_and_asks_each() -> None:
         async with gateway([a, b]) as client:
             for i in range(4):
                 # A prompt each: prefix affinity must not pin them all to one node.
-                body = _chat(stream=i % 2 == 0, text=f"prompt number {i} " * 8)
+                body = chat(stream=i % 2 == 0, text=f"prompt number {i} " * 8)
                 r = await client.post(CHAT, json=body, headers={"X-Request-Id": f"t{i}"})
                 assert r.status == 200 and r.headers["X-Request-Id"] == f"t{i}"
                 await r.read()
@@ -103,7 +96,7 @@ async def test_cortex_health_says_when_its_journal_only_counts(tmp_path: Path) -
         ) as client:
             counts = []
             for _ in range(3):
-                assert (await client.post(CHAT, json=_chat())).status == 200
+                assert (await client.post(CHAT, json=chat())).status == 200
                 assert client.app is not None
                 traces = client.app[TRACES]
                 assert traces.file is not None

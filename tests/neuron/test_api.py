@@ -32,6 +32,7 @@ from tests.conftest import (
     stop_quietly,
     wait_until,
 )
+from tests.support.waiting import until
 
 # Unique: other test sessions on this machine may run runners for "demo" too.
 MODEL = f"demo-{uuid.uuid4().hex[:8]}"
@@ -160,10 +161,7 @@ async def test_full_queue_answers_429(neuron: NeuronProcess) -> None:
                     h = NodeHealth.from_json(await r.json())
                 return next(m.queue_depth for m in h.models if m.model_id == MODEL)
 
-            for _ in range(1000):
-                if (depth := await queue_depth()) >= 1:
-                    break
-                await asyncio.sleep(0.05)
+            depth = await until(queue_depth, timeout=120, what="the second request queued")
             assert depth >= 1, "the second request never queued"
             async with s.post(url, json=short) as over:
                 assert over.status == 429

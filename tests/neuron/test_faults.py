@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
@@ -27,8 +26,8 @@ from neuron.runner.process import LINE_LIMIT
 from neuron.runner.supervisor import describe
 from tests.conftest import InProcessFactory
 from tests.support.clock import SkewedTime
+from tests.support.waiting import until
 
-T = TypeVar("T")
 WAIT_S = 60.0  # an upper bound for waits, never a measured duration
 
 FAKE_RUNNER = """\
@@ -161,24 +160,6 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def until(check: Callable[[], Awaitable[T | None]], what: str) -> T:
-    """The first value of `check()` that is not None (polled)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while (value := await check()) is None:
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
-
-
-async def until_true(predicate: Callable[[], bool], what: str) -> None:
-    async def check() -> bool | None:
-        return True if predicate() else None
-
-    await until(check, what)
-
-
 class Client:
     def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
         self.server = server
@@ -194,17 +175,17 @@ class Client:
         return next((m for m in models if m["model_id"] == model_id), None)
 
     async def state_in(self, model_id: str, *states: str) -> str:
-        async def check() -> str | None:
+        async def check() -> str:
             m = await self.model(model_id)
-            return m["state"] if m is not None and m["state"] in states else None
+            return str(m["state"]) if m is not None and m["state"] in states else ""
 
-        return await until(check, f"{model_id} to be {'/'.join(states)}")
+        return await until(check, timeout=WAIT_S, what=f"{model_id} to be {'/'.join(states)}")
 
     async def gone(self, model_id: str) -> None:
-        async def check() -> bool | None:
-            return True if await self.model(model_id) is None else None
+        async def check() -> bool:
+            return await self.model(model_id) is None
 
-        await until(check, f"{model_id} to be removed")
+        await until(check, timeout=WAIT_S, what=f"{model_id} to be removed")
 
     async def load(self, model_id: str, source: Path) -> None:
         status, body = await self.post(
@@ -238,9 +219,9 @@ async def test_warmup_disconnect_restarts_the_runner(
         await c.load("m", model_dir(tmp_path))
         # The second runner holds its warmup until "go": `recovering` stays visible.
         assert await c.state_in("m", "recovering", "failed") == "recovering"
-        await until_true((state / "start-1").exists, "the restarted runner")
+        await until((state / "start-1").exists, timeout=WAIT_S, what="the restarted runner")
         first = pid_of(state, 0)
-        await until_true(lambda: not alive(first), "the lost runner's death")
+        await until(lambda: not alive(first), timeout=WAIT_S, what="the lost runner's death")
         (state / "go").touch()
         assert await c.state_in("m", "ready", "failed") == "ready"
         assert alive(pid_of(state, 1))
@@ -268,7 +249,7 @@ async def test_unload_survives_its_client_leaving_during_the_grace(
         # ...and its client goes away meanwhile (the handler is cancelled).
         unload.cancel()
         await asyncio.gather(unload, return_exceptions=True)
-        await until_true(lambda: not alive(first), "the runner's SIGKILL")
+        await until(lambda: not alive(first), timeout=WAIT_S, what="the runner's SIGKILL")
         await c.gone("m")
         # A new load starts a new runner.
         await c.load("m", source)
@@ -361,7 +342,9 @@ async def test_generation_thread_died_answer_restarts_the_runner(
         assert m is not None and "generation thread died" in m["error"], m
         async with session.get(server.make_url("/health")) as r:
             assert (await r.json())["status"] == "degraded"
-        await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        await until(
+            lambda: not alive(pid_of(state, 0)), timeout=WAIT_S, what="the broken runner's death"
+        )
         (state / "go").touch()
         assert await c.state_in("m", "ready", "failed") == "ready"
         assert alive(pid_of(state, 1))
@@ -385,7 +368,9 @@ async def test_consecutive_5xx_make_a_runner_broken(
         assert alive(pid_of(state, 0))
         status, body = await c.post("/v1/completions", {"model": "m", "prompt": "x"})
         assert status == 502 and "broken" in body["error"]["message"], body
-        await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        await until(
+            lambda: not alive(pid_of(state, 0)), timeout=WAIT_S, what="the broken runner's death"
+        )
         m = await c.model("m")
         assert m is not None and "3 failed requests in a row" in (m["error"] or ""), m
 
@@ -402,7 +387,9 @@ async def test_health_503_restarts_the_runner(
         await c.state_in("m", "ready")
         status, body = await c.post("/v1/completions", {"model": "m", "prompt": "x"})
         assert status == 200, body  # ...and from now on its /health says 503
-        await until_true(lambda: not alive(pid_of(state, 0)), "the broken runner's death")
+        await until(
+            lambda: not alive(pid_of(state, 0)), timeout=WAIT_S, what="the broken runner's death"
+        )
         m = await c.model("m")
         assert m is not None and "/health" in (m["error"] or ""), m
         assert await c.state_in("m", "ready", "failed") == "ready"

@@ -15,6 +15,7 @@ import pytest
 
 from shared.serve import new_event_loop
 from tests.conftest import NeuronProcess
+from tests.support.waiting import wait_until
 
 WAIT_S = 120.0  # an upper bound for the whole exchange, never a measured duration
 EOS = 1  # the demo model's eos_token_id (neuron/store/demo_model.py)
@@ -141,10 +142,8 @@ def test_serve_logs_requests_only_when_asked(neuron_factory: Any, access_log: bo
     n: NeuronProcess = neuron_factory({"access_log": access_log} if access_log else None)
     for _ in range(3):
         assert n.get("/health")[0] == 200
-    deadline = time.monotonic() + WAIT_S
-    # Log lines are written as each request ends; give the last one a moment.
-    while access_log and len(_access_lines(n)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if access_log:  # log lines are written as each request ends; give the last one a moment
+        wait_until(lambda: len(_access_lines(n)) >= 3, WAIT_S, "three access log lines")
     assert (len(_access_lines(n)) >= 3) is access_log
 
 

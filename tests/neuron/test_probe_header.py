@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
 
 from shared.wire import PROBE_HEADER
 from tests.conftest import InProcessFactory
+from tests.support.waiting import until
 
 BODY = {"model": "p", "prompt": "hi", "max_tokens": 2}
 
@@ -27,11 +27,10 @@ async def test_a_probe_leaves_last_used_as_it_was(
                 (m,) = (await r.json())["models"]
                 return m["state"], float(m["last_used"])
 
-        async with asyncio.timeout(120):
-            while True:
-                if (await last_used())[0] == "ready":
-                    break
-                await asyncio.sleep(0.2)
+        async def ready() -> bool:
+            return (await last_used())[0] == "ready"
+
+        await until(ready, timeout=120, what="the model ready", interval=0.2)
         before = (await last_used())[1]
         async with s.post(f"{base}/v1/completions", json=BODY, headers={PROBE_HEADER: "x"}) as r:
             assert r.status == 200, await r.text()

@@ -14,6 +14,7 @@ from cortex.core.state import Fleet
 from cortex.run.poller import Poller
 from neuron.http import app as neuron_app
 from tests.conftest import InProcessFactory
+from tests.support.waiting import until
 
 
 @pytest.fixture(autouse=True)
@@ -70,12 +71,13 @@ async def test_status_etag_304_and_a_load_changes_it(
             assert r.status == 202, await r.text()
         status, changed, raw = await _status(s, url, etag)
         assert status == 200 and changed != etag
-        for _ in range(600):
+
+        async def all_ready() -> Any:
             async with s.get(url) as r:
                 body = await r.json()
-            if [m["state"] for m in body["models"]] == ["ready"]:
-                break
-            await asyncio.sleep(0.1)
+            return body if [m["state"] for m in body["models"]] == ["ready"] else None
+
+        body = await until(all_ready, timeout=120, what="the model ready", interval=0.1)
         assert [(m["model_id"], m["state"]) for m in body["models"]] == [("demo", "ready")]
         ready = await _settled(s, url)
         assert ready not in (etag, changed)
