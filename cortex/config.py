@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
+from aiohttp import web
 
 from shared.config import ServerConfig, load_config, read_token
 
@@ -196,3 +197,7 @@ class CortexConfig(ServerConfig):
         return attrs.evolve(
             cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal, state_file=str(state)
         )
+
+
+# Where the app keeps its settings.
+CONFIG = web.AppKey("config", CortexConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
+from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -261,3 +262,7 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Where the app keeps its metrics.
+METRICS = web.AppKey("metrics", Metrics)

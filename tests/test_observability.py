@@ -20,8 +20,9 @@ import attrs
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import NeuronProcess, free_port, http_json, wait_until
+from tests.conftest import NeuronProcess, free_port, wait_until
 from tests.e2e.conftest import CortexProcess
+from tests.support.clients import post_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus")
@@ -36,8 +37,7 @@ class Fleet:
 
 
 def _chat(cortex: CortexProcess, model: str) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    return http_json(cortex.url + "/v1/chat/completions", body, timeout=120)[0]
+    return post_chat(cortex.url, model, max_tokens=4)[0]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from shared.catalogue import Catalogue, ModelFacts, ModelSpec
 from shared.errors import PlacementRefused
 from shared.retry import LOAD_RETRY_WAIT, backoff_s
 
-JobKind = Literal["load", "unload", "teardown"]
+JobKind = Literal["load", "unload", "teardown", "evict"]
 OPERATOR_WAIT_FACTOR = 6
 OPERATOR_WAIT_MAX_S = 600.0
 
@@ -104,6 +104,7 @@ class JobState:
     # Memory promised on each node until the job ends.
     reserved: Mapping[str, int] = attrs.field(factory=dict)
     ring_port: int | None = None
+    why: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -397,7 +398,8 @@ def _job_ended(e: LoadCancelled, life: ModelLife) -> ModelLife:
 
 
 def _unload_started(e: UnloadStarted, life: ModelLife) -> ModelLife:
-    return attrs.evolve(life, job=JobState(e.kind, e.nodes, e.started, phase="posting"))
+    job = JobState(e.kind, e.nodes, e.started, phase="posting", why=e.why)
+    return attrs.evolve(life, job=job)
 
 
 def _unload_finished(e: UnloadFinished, life: ModelLife) -> ModelLife:
@@ -493,19 +495,23 @@ def describe(event: LifeEvent, before: ModelLife) -> list[tuple[str, str, str | 
             return [("load failed", f"{reason}; next try in {wait:.0f} s", None)]
         case LoadCancelled():
             return [("load cancelled", "cortex stopping", None)]
+        case UnloadStarted(kind="evict"):
+            return []  # said once it is done ("evicted")
         case UnloadStarted(nodes=nodes, why=why):
             return [("unload", f"from {', '.join(nodes)} ({why})", ",".join(nodes))]
         case UnloadFinished():
-            return _unload_lines(event)
+            return _unload_lines(event, before.job)
         case Noted(kind=kind, detail=detail, node=node):
             return [(kind, detail, node)]
     return []
 
 
-def _unload_lines(e: UnloadFinished) -> list[tuple[str, str, str | None]]:
+def _unload_lines(e: UnloadFinished, job: JobState | None) -> list[tuple[str, str, str | None]]:
     out: list[tuple[str, str, str | None]] = []
     done = [n for n in e.nodes if n not in e.failed]
-    if done:
+    if done and job is not None and job.kind == "evict":
+        out.append(("evicted", f"from {', '.join(done)}, {job.why}", ",".join(done)))
+    elif done:
         out.append(("unloaded", f"from {', '.join(done)}", ",".join(done)))
     if e.failed:
         out.append(("unload failed", "; ".join(f"{n}: {r}" for n, r in e.failed.items()), None))

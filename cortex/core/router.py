@@ -1,8 +1,9 @@
 """Routing: a pure function from one fleet snapshot and one request to a decision.
 
 `route` answers a `Route` (a ready replica), a `ColdLoad` (catalogued, placeable,
-loaded nowhere: the caller loads it), or raises the typed error of DESIGN's
-error table. Nothing here does I/O, so every row is unit-testable.
+loaded nowhere: the caller loads it), a `Loading` (a replica or a job is loading
+it: the caller waits, then asks again), or raises the typed error of DESIGN's
+error table for what waiting cannot fix. Nothing here does I/O, so every row is unit-testable.
 
 Replica choice: the least loaded ready replica, where load is in_flight +
 queue_depth from the last poll, or cortex's own count of requests in flight
@@ -74,6 +75,24 @@ class ColdLoad:
     candidate: Candidate
 
 
+@attrs.frozen
+class Loading:
+    """A replica of `model_id` (or cortex's own job) is loading: wait, then route again.
+
+    Returned, not raised: waiting is the caller's decision (the lifecycle waits up
+    to load_wait_s); `error()` is the 503 model_loading for a caller that cannot wait.
+    """
+
+    model_id: str
+    why: str
+
+    def error(self) -> ModelLoading:
+        return ModelLoading(self.why)
+
+
+Decision = Route | ColdLoad | Loading
+
+
 def route(
     snap: FleetSnapshot,
     catalogue: Catalogue,
@@ -88,7 +107,7 @@ def route(
     rotation: int = 0,
     node: str | None = None,
     policy: Policy = "affinity",
-) -> Route | ColdLoad:
+) -> Decision:
     """Where a request for `model` goes now, or the typed reason it cannot.
 
     `prefix` are the request's affinity keys, longest prefix first; `affinity`
@@ -121,7 +140,9 @@ def route(
         return _pick(
             snap, model_id, ready, prefix, affinity or {}, exclude, full, margin, rotation, policy
         )
-    _not_ready(snap, model_id, serving)
+    loading = _not_ready(snap, model_id, serving)
+    if loading is not None:
+        return loading
     if spec is None:
         raise FeasibleNodeUnhealthy(
             f"model {model_id!r} is loaded only on unhealthy node(s):"
@@ -143,10 +164,10 @@ def _unknown(snap: FleetSnapshot, model: str) -> NoReturn:
 
 def _not_ready(
     snap: FleetSnapshot, model_id: str, serving: Sequence[tuple[NodeState, NodeModel]]
-) -> None:
-    """No replica is ready: raises if one is loading or its load failed, else returns."""
+) -> Loading | None:
+    """No replica is ready: Loading if one is loading, raises if its load failed, else None."""
     if model_id in snap.loading or any(m.state in LOADING_STATES for _, m in serving):
-        raise ModelLoading(f"model {model_id!r} is loading; retry shortly")
+        return Loading(model_id, f"model {model_id!r} is loading; retry shortly")
     failure = snap.failure(model_id)
     if failure is not None:
         raise load_failed(model_id, failure, snap.taken_at)
@@ -154,6 +175,7 @@ def _not_ready(
     if failed:
         reason = failed[0].error or "its runner failed"
         raise ColdLoadFailed(f"model {model_id!r} failed on its node: {reason}")
+    return None
 
 
 def _pinned(
@@ -163,7 +185,7 @@ def _pinned(
     locs: Sequence[tuple[NodeState, NodeModel]],
     exclude: Collection[str],
     full: Collection[str],
-) -> Route:
+) -> Route | Loading:
     """The replica on `node`, or why it cannot take the request now."""
     if snap.node(node) is None:
         raise InvalidRequest(
@@ -176,7 +198,7 @@ def _pinned(
     if not n.healthy and node not in exclude:
         raise ServiceUnavailable(f"node {node} is not healthy ({n.last_error or 'not heard from'})")
     if m.state in LOADING_STATES:
-        raise ModelLoading(f"model {model_id!r} is {m.state} on node {node}; retry shortly")
+        return Loading(model_id, f"model {model_id!r} is {m.state} on node {node}; retry shortly")
     if m.state != "ready":
         raise ServiceUnavailable(f"model {model_id!r} is {m.state} on node {node}")
     if node in full:
@@ -324,8 +346,9 @@ def eviction_order(
     """Models cortex may unload from `node` to make room, least recently used first.
 
     Only idle ones (nothing in flight or queued, by the poll or by cortex's own
-    count), never a pinned or keep_loaded one, never one mid-load, and never a
-    member of a multi-node group (unloading one rank would kill the whole group).
+    count), never a pinned or keep_loaded one, never one mid-load or with a job of
+    its own under way (one job per model), and never a member of a multi-node group
+    (unloading one rank would kill the whole group).
     """
     out = [
         m
@@ -335,6 +358,7 @@ def eviction_order(
         and m.load == 0
         and snap.outstanding_on(node.name, m.model_id) == 0
         and (m.group is None or m.group.world_size == 1)
+        and m.model_id not in snap.busy
         and not pinned_here(catalogue, node.name, m.model_id)
     ]
     return tuple(sorted(out, key=lambda m: (m.last_used, m.model_id)))

@@ -212,6 +212,8 @@ class FleetSnapshot:
     # (Fleet.snapshot gives a live read-only view of its counts).
     outstanding: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
     loading: frozenset[str] = frozenset()
+    # Models with a job under way (load, unload, eviction): no other job touches them.
+    busy: frozenset[str] = frozenset()
     load_failures: Mapping[str, LoadFailure] = attrs.field(factory=dict)
     # Memory promised to loads under way, per (node, model).
     reservations: Mapping[tuple[str, str], int] = attrs.field(factory=dict)

@@ -13,40 +13,23 @@ import aiohttp
 import attrs
 from aiohttp import web
 
-from cortex.config import ApiKey, CortexConfig
+from cortex.config import CONFIG, ApiKey, CortexConfig
 from cortex.core.life import loading, unload_targets, where_now
 from cortex.core.placement import candidates
 from cortex.core.router import node_infos
 from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
 from cortex.core.tracing import TraceDraft, journals
 from cortex.http import linktest, recycle
-from cortex.http.auth import NODE_HEADER, REQUEST_KEY, Auth
+from cortex.http.auth import AUTH, NODE_HEADER, REQUEST_KEY, Auth
 from cortex.http.dashboard import dashboard
-from cortex.http.keys import (
-    AFFINITY,
-    AUTH,
-    CATALOGUE,
-    CONFIG,
-    DRAIN,
-    FLEET,
-    LIFECYCLE,
-    LOADER,
-    METRICS,
-    POLLER,
-    PROXY,
-    RECONCILER,
-    STARTED,
-    TRACES,
-    Started,
-)
-from cortex.http.proxy import Outcome, Proxy, request_id
-from cortex.http.traces import add_trace_routes
-from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, STREAM_ERROR, Metrics
+from cortex.http.proxy import AFFINITY, PROXY, Outcome, Proxy, request_id
+from cortex.http.traces import TRACES, add_trace_routes
+from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, METRICS, STREAM_ERROR, Metrics
 from cortex.run import doctor
-from cortex.run.lifecycle import Lifecycle, replica_counts
-from cortex.run.loader import Loader
-from cortex.run.poller import Poller
-from cortex.run.reconciler import Reconciler
+from cortex.run.lifecycle import LIFECYCLE, Lifecycle, replica_counts
+from cortex.run.loader import LOADER, Loader
+from cortex.run.poller import FLEET, POLLER, Poller
+from cortex.run.reconciler import RECONCILER, Reconciler
 from shared.catalogue import Catalogue, ModelSpec
 from shared.drain import SSE_RESPONSE, Drain
 from shared.errors import (
@@ -63,6 +46,21 @@ from shared.errors import (
 from shared.journal import Event, Journal, journal_health
 
 log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Started:
+    """When this app was created, for uptime (monotonic) and display (wall clock)."""
+
+    monotonic: float
+    wall: float
+
+
+# Where the app keeps what only this module sets up; each service's key lives
+# beside the service (CONFIG in cortex.config, LIFECYCLE in cortex.run.lifecycle, ...).
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+STARTED = web.AppKey("started", Started)
+DRAIN = web.AppKey("drain", Drain)
 
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})

@@ -118,3 +118,7 @@ class Auth:
             return await handler(request)
 
         return auth_middleware
+
+
+# Where the app keeps its key check.
+AUTH = web.AppKey("auth", Auth)

@@ -17,7 +17,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from cortex.http.keys import AUTH
+from cortex.http.auth import AUTH
 
 PAGE = resources.files("cortex.http").joinpath("dashboard.html").read_text(encoding="utf-8")
 # Endpoints the page uses only where this cortex has them (it never asks for a 404).

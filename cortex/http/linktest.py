@@ -26,8 +26,9 @@ import aiohttp
 import attrs
 from aiohttp import web
 
-from cortex.http.keys import FLEET, LIFECYCLE, LOADER
-from cortex.run.loader import ibv_rows
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.loader import LOADER, ibv_rows
+from cortex.run.poller import FLEET
 from shared.errors import (
     ApiError,
     InvalidRequest,

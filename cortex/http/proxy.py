@@ -26,7 +26,7 @@ import attrs
 from aiohttp import web
 
 from cortex.config import CortexConfig
-from cortex.core.router import ColdLoad, Route, prefix_keys, route
+from cortex.core.router import Decision, Route, prefix_keys, route
 from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
 from cortex.core.tracing import QUEUE_WAIT_HEADER, TraceDraft
 from cortex.metrics import CLIENT_CLOSED, STREAM_ERROR, Metrics
@@ -226,7 +226,7 @@ class Proxy:
     ) -> Route:
         spec = self.catalogue.resolve(model)
 
-        def decide(snap: FleetSnapshot) -> Route | ColdLoad:
+        def decide(snap: FleetSnapshot) -> Decision:
             return route(
                 snap,
                 self.catalogue,
@@ -605,3 +605,8 @@ def _first_error_frame(first: bytes) -> dict[str, Any] | None:
             return {"message": line.decode(errors="replace")[:500]}
         return err if isinstance(err, dict) else {"message": str(err)}
     return None
+
+
+# Where the app keeps the proxy and the affinity table the proxy alone writes.
+PROXY = web.AppKey("proxy", Proxy)
+AFFINITY = web.AppKey("affinity", AffinityTable)

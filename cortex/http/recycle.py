@@ -15,7 +15,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cortex.http.keys import CONFIG, FLEET, LIFECYCLE, LOADER
+from cortex.config import CONFIG
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.loader import LOADER
+from cortex.run.poller import FLEET
 from shared.errors import ApiError, NotFound, UpstreamUnavailable
 
 

@@ -9,10 +9,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cortex.core.tracing import select
-from cortex.http.keys import CONFIG, FLEET, LIFECYCLE, LOADER, TRACES
+from cortex.config import CONFIG
+from cortex.core.tracing import Trace, select
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.loader import LOADER
+from cortex.run.poller import FLEET
 from shared.errors import InvalidRequest, NotFound
-from shared.journal import find
+from shared.journal import Journal, find
 
 MAX_LIMIT = 1000
 
@@ -106,3 +109,7 @@ async def admin_events(request: web.Request) -> web.Response:
     return web.json_response(
         {"events": [e.to_json() for e in found], "last_seq": life.journal.last_seq}
     )
+
+
+# Finished requests' traces (the events journal is the lifecycle's).
+TRACES = web.AppKey("traces", Journal[Trace])

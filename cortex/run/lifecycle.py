@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from aiohttp import web
 
 from cortex.config import CortexConfig
 from cortex.core.life import (
@@ -53,6 +54,7 @@ from cortex.core.life import (
     LoadSucceeded,
     ModelLife,
     Noted,
+    PhaseChanged,
     Polled,
     PortsTaken,
     Prefetch,
@@ -71,7 +73,15 @@ from cortex.core.life import (
 from cortex.core.life import expires_at as life_expires_at
 from cortex.core.life import ttl_s as life_ttl_s
 from cortex.core.placement import Candidate, PlacementPending, best, candidates, explain
-from cortex.core.router import ColdLoad, Route, load_failed, node_infos
+from cortex.core.router import (
+    ColdLoad,
+    Decision,
+    Route,
+    eviction_order,
+    load_failed,
+    node_infos,
+    plan_evictions,
+)
 from cortex.core.state import Fleet, FleetSnapshot, LoadFailure, NodeModel, NodeState
 from cortex.run.loader import Gone, Loader, Recorded, Report
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
@@ -297,12 +307,15 @@ class Lifecycle:
         reservations: dict[tuple[str, str], int] = {}
         per_node = Counter[str]()
         loading = set()
+        busy = set()
         failures = {}
         for mid, life in self._lives.items():
             if life.job is None and life.failure is None and not (life.settling or life.credits):
                 continue  # only idle clocks or a hold: nothing the router needs
-            if life.job is not None and life.job.kind == "load":
-                loading.add(mid)
+            if life.job is not None:
+                busy.add(mid)
+                if life.job.kind == "load":
+                    loading.add(mid)
             if life.failure is not None:
                 f = life.failure
                 failures[mid] = LoadFailure(
@@ -331,6 +344,7 @@ class Lifecycle:
             nodes=nodes,
             by_model=None if per_node else snap.by_model,
             loading=frozenset(loading),
+            busy=frozenset(busy),
             load_failures=failures,
             reservations=reservations,
             taken_at=now,
@@ -526,7 +540,8 @@ class Lifecycle:
                 # A block of ports no live group uses, from the fleet's table.
                 ring_port = self.take_ports(len(cand.nodes))
                 self._apply(PortsTaken(spec.id, ring_port))
-            await self.loader.load(spec, cand, ring_port, self.snapshot, self._reporter(job))
+            await self._make_room(spec, job)
+            await self.loader.load(spec, cand, ring_port, self._reporter(job))
             ok = True
         except asyncio.CancelledError:
             self._apply(LoadCancelled(spec.id))
@@ -546,6 +561,47 @@ class Lifecycle:
             if ok:
                 cap = self.clock() + 3 * self.config.poll_interval_s + self.config.poll_timeout_s
                 self._apply(LoadSucceeded(spec.id, time.time(), cap))
+
+    async def _make_room(self, spec: ModelSpec, job: Job) -> None:
+        """Evict, least recently used first, what the load of `spec` needs. Each eviction
+        is the evicted model's own job: it never crosses that model's load or unload."""
+        assert job.candidate is not None
+        self._apply(PhaseChanged(spec.id, "evicting"))
+        for node, model_id in plan_evictions(
+            job.candidate, self.snapshot(), self.catalogue, keep=spec.id
+        ):
+            evicting = self._start_eviction(node, model_id, spec.id)
+            assert evicting.task is not None
+            # Shielded: a cancelled load does not leave the eviction half said.
+            await asyncio.shield(evicting.task)
+            if evicting.failed:
+                raise ColdLoadFailed(
+                    f"could not make room on {node}: unloading {model_id} failed:"
+                    f" {evicting.failed[node]}"
+                )
+
+    def _start_eviction(self, node: str, model_id: str, for_model: str) -> Job:
+        """Claim `model_id`'s one job to evict it from `node`, re-checked at the last
+        moment (a request or a job of its own may have come since the plan)."""
+        snap = self.snapshot()
+        state = snap.node(node)
+        evictable = state is not None and model_id in {
+            m.model_id for m in eviction_order(state, self.catalogue, snap)
+        }
+        job = (
+            self.start_unload(
+                model_id,
+                (node,),
+                kind="evict",
+                why=f"idle, to make room for {for_model}",
+                forget_failed=False,
+            )
+            if evictable
+            else None
+        )
+        if job is None:
+            raise ColdLoadFailed(f"could not make room on {node}: {model_id} is in use again")
+        return job
 
     def _reporter(self, job: Job) -> Report:
         def report(event: LifeEvent | Recorded | Gone) -> None:
@@ -586,7 +642,7 @@ class Lifecycle:
     async def routed(
         self,
         model_id: str,
-        decide: Callable[[FleetSnapshot], Route | ColdLoad],
+        decide: Callable[[FleetSnapshot], Decision],
         on_wait: Callable[[], None] | None = None,
     ) -> Route:
         """Route a request, loading or waiting for the model up to load_wait_s.
@@ -617,13 +673,10 @@ class Lifecycle:
                     del self._waiting[model_id]
 
     def _decide(
-        self, model_id: str, decide: Callable[[FleetSnapshot], Route | ColdLoad]
+        self, model_id: str, decide: Callable[[FleetSnapshot], Decision]
     ) -> tuple[Route | None, Job | None]:
         """The route if there is one now, else the job to wait for (a cold load starts one)."""
-        try:
-            decision = decide(self.snapshot())
-        except ModelLoading:
-            decision = None
+        decision = decide(self.snapshot())
         if isinstance(decision, Route):
             return decision, None
         job = self._handles.get(model_id)
@@ -668,11 +721,13 @@ class Lifecycle:
 
     # -- unloads ----------------------------------------------------------------------
 
-    async def _unload_nodes(self, model_id: str, nodes: Sequence[str]) -> dict[str, str]:
+    async def _unload_nodes(
+        self, model_id: str, nodes: Sequence[str], kind: JobKind
+    ) -> dict[str, str]:
         """Unload `model_id` from `nodes` concurrently (short timeouts); failures by node."""
         if self.loader is None:
             raise RuntimeError("lifecycle has no loader")
-        run = self.loader.unload
+        run = self.loader.evict if kind == "evict" else self.loader.unload
         results = await asyncio.gather(*(run(n, model_id) for n in nodes), return_exceptions=True)
         failed: dict[str, str] = {}
         for n, r in zip(nodes, results, strict=True):
@@ -705,7 +760,7 @@ class Lifecycle:
         async def run() -> None:
             failed: dict[str, str] = {}
             try:
-                failed = await self._unload_nodes(model_id, job.nodes)
+                failed = await self._unload_nodes(model_id, job.nodes, kind)
                 job.failed = failed
                 for node, reason in failed.items():
                     log.info("could not unload %s from %s: %s", model_id, node, reason)
@@ -1026,3 +1081,7 @@ def live_ring_ports(snap: FleetSnapshot) -> set[int]:
                 with contextlib.suppress(ValueError):
                     out.add(int(m.group.coordinator.rsplit(":", 1)[1]))
     return out
+
+
+# Where the app keeps the lifecycle.
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -22,12 +22,12 @@ from typing import Any
 
 import aiohttp
 import attrs
+from aiohttp import web
 
 from cortex.config import CortexConfig
-from cortex.core.life import Accepted, LifeEvent, Noted, PhaseChanged
+from cortex.core.life import Accepted, LifeEvent, PhaseChanged
 from cortex.core.placement import Candidate
-from cortex.core.router import eviction_order, plan_evictions
-from cortex.core.state import Fleet, FleetSnapshot, NodeModel, NodeState
+from cortex.core.state import Fleet, NodeModel, NodeState
 from cortex.metrics import Metrics
 from cortex.run.poller import Poller
 from shared.catalogue import Catalogue, ModelFacts, ModelSpec
@@ -55,7 +55,6 @@ class Gone:
 
 
 Report = Callable[[LifeEvent | Recorded | Gone], None]
-Look = Callable[[], FleetSnapshot]
 
 
 @attrs.define
@@ -83,17 +82,17 @@ class Loader:
         spec: ModelSpec,
         cand: Candidate,
         ring_port: int | None,
-        look: Look,
         report: Report,
     ) -> None:
-        """The load job's body (run by the lifecycle): evict, post to every member, wait.
+        """The load job's body (run by the lifecycle once room is made): post to every
+        member, wait.
 
-        `ring_port`: the first of a group's block of ports; `look`: the lifecycle's
-        snapshot; `report`: where each step goes as it happens."""
+        `ring_port`: the first of a group's block of ports; `report`: where each step
+        goes as it happens."""
         started = time.monotonic()
         label = self.metrics.model(spec.id)
         try:
-            await self._load(spec, cand, ring_port, look, report)
+            await self._load(spec, cand, ring_port, report)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -104,11 +103,8 @@ class Loader:
         log.info("%s ready on %s", spec.id, ", ".join(cand.nodes))
 
     async def _load(
-        self, spec: ModelSpec, cand: Candidate, ring_port: int | None, look: Look, report: Report
+        self, spec: ModelSpec, cand: Candidate, ring_port: int | None, report: Report
     ) -> None:
-        report(PhaseChanged(spec.id, "evicting"))
-        for node, model_id in plan_evictions(cand, look(), self.catalogue, keep=spec.id):
-            await self._evict(node, model_id, look, report)
         report(PhaseChanged(spec.id, "posting"))
         requests = self._requests(spec, cand, ring_port)
         if len(requests) == 1:
@@ -153,19 +149,11 @@ class Loader:
         # Shielded: even a cancelled load (cortex stopping) takes its ranks down.
         await asyncio.shield(asyncio.gather(*(one(n) for n in nodes)))
 
-    async def _evict(self, node: str, model_id: str, look: Look, report: Report) -> None:
-        # Re-check at the last moment: a request may have arrived since the plan.
-        snap = look()
-        state = snap.node(node)
-        if state is None or model_id not in {
-            m.model_id for m in eviction_order(state, self.catalogue, snap)
-        }:
-            raise ColdLoadFailed(f"could not make room on {node}: {model_id} is in use again")
+    async def evict(self, node: str, model_id: str) -> None:
+        """Unload an idle model to make room (the lifecycle runs it as that model's job)."""
         log.info("evicting idle %s from %s to make room", model_id, node)
         await self.unload(node, model_id)
-        report(Gone(model_id, node))
         self.metrics.evictions.labels(self.metrics.model(model_id)).inc()
-        report(Noted(model_id, "evicted", f"from {node}, idle, to make room", node))
 
     async def unload(self, node: str, model_id: str) -> None:
         """POST /models/unload on `node` (a short timeout: one hung node must not stall
@@ -339,3 +327,7 @@ def ibv_rows(discs: Sequence[Discovery]) -> tuple[tuple[str | None, ...], ...]:
         active = iter(p.device for p in d.rdma_ports if p.active)
         rows.append(tuple(None if j == i else next(active, None) for j in range(n)))
     return tuple(rows)
+
+
+# Where the app keeps the loader.
+LOADER = web.AppKey("loader", Loader)

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import attrs
+from aiohttp import web
 from yarl import URL
 
 from cortex.core.state import Fleet, NodeState
@@ -346,3 +347,8 @@ def _parse_staged(body: Any) -> frozenset[str] | None:
         elif isinstance(e, str):
             ids.add(e)
     return frozenset(ids)
+
+
+# Where the app keeps the poller and the fleet store it alone fills.
+POLLER = web.AppKey("poller", Poller)
+FLEET = web.AppKey("fleet", Fleet)

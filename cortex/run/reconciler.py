@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 import attrs
+from aiohttp import web
 
 from cortex.core.life import BrokenGroup, broken_groups, replicas, wanted_replicas
 from cortex.run.lifecycle import Lifecycle
@@ -46,3 +47,7 @@ class Reconciler:
 
     async def step(self) -> None:
         await self.life.converge(self.catalogue, self.loader.facts)
+
+
+# Where the app keeps the reconciler.
+RECONCILER = web.AppKey("reconciler", Reconciler)

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cortex.config import CortexConfig, NeuronRef
 from cortex.http.app import create_app
-from cortex.http.keys import POLLER
+from cortex.run.poller import POLLER
 from shared.catalogue import GIB, Catalogue, ModelSpec
 from shared.wire import Discovery, ModelState
 

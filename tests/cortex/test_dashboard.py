@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cortex.http.keys import POLLER
+from cortex.run.poller import POLLER
 from shared.catalogue import ModelSpec
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, stop_all
 from tests.cortex.test_staging_view import HOSTILE_ERROR, _job

@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from cortex.cli import ops as ops_cli
-from cortex.http.keys import POLLER
 from cortex.run import doctor
 from cortex.run.doctor import Check, Limits, NodeLive, Probe
+from cortex.run.poller import POLLER
 from shared.catalogue import GIB
 from shared.wire import NodeHealth
 from tests.cortex.fakes import FakeNeuron, fleet, gateway, stop_all

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from cortex.http.keys import FLEET, POLLER
+from cortex.run.poller import FLEET, POLLER
 from shared.catalogue import ModelSpec
 from shared.errors import sse_error_frame
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, sse_frames, stop_all

@@ -14,7 +14,9 @@ from aiohttp.test_utils import TestClient
 
 from cortex.cli import main as cli
 from cortex.config import ApiKey, CortexConfig
-from cortex.http.keys import FLEET, LIFECYCLE, POLLER, RECONCILER
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.poller import FLEET, POLLER
+from cortex.run.reconciler import RECONCILER
 from shared.catalogue import GIB, ModelSpec
 from shared.config import ConfigError
 from shared.errors import sse_error_frame

@@ -101,7 +101,7 @@ ROWS: list[tuple[str, ModelLife, LifeEvent, ModelLife]] = [
         "unload started",
         EMPTY,
         UnloadStarted("m", "teardown", ("a", "b"), 3.0, "group broken"),
-        ModelLife(job=JobState("teardown", ("a", "b"), 3.0, phase="posting")),
+        ModelLife(job=JobState("teardown", ("a", "b"), 3.0, phase="posting", why="group broken")),
     ),
     (
         "unload finished: idle clocks of those nodes go",
@@ -192,6 +192,18 @@ JOURNAL: list[tuple[str, ModelLife, LifeEvent, list[tuple[str, str, str | None]]
         EMPTY,
         UnloadFinished("m", ("a", "b"), {"b": "timeout"}),
         [("unloaded", "from a", "a"), ("unload failed", "b: timeout", None)],
+    ),
+    (
+        "eviction started: said once done",
+        EMPTY,
+        UnloadStarted("m", "evict", ("a",), 1.0, "idle, to make room for n"),
+        [],
+    ),
+    (
+        "evicted",
+        ModelLife(job=JobState("evict", ("a",), 1.0, why="idle, to make room for n")),
+        UnloadFinished("m", ("a",), {}),
+        [("evicted", "from a, idle, to make room for n", "a")],
     ),
 ]
 

@@ -13,9 +13,10 @@ from typing import Any, Literal
 import pytest
 
 from cortex.cli import main as cli
-from cortex.http.keys import LIFECYCLE, POLLER, RECONCILER
 from cortex.run import lifecycle
-from cortex.run.lifecycle import RingPorts, parse_keep_alive
+from cortex.run.lifecycle import LIFECYCLE, RingPorts, parse_keep_alive
+from cortex.run.poller import POLLER
+from cortex.run.reconciler import RECONCILER
 from shared.catalogue import GIB, ModelSpec
 from shared.errors import InvalidRequest
 from shared.wire import GroupSpec

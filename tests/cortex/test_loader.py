@@ -7,7 +7,8 @@ import contextlib
 
 from cortex.core.placement import best
 from cortex.core.router import node_infos
-from cortex.http.keys import LIFECYCLE, LOADER
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.loader import LOADER
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 
 

@@ -7,7 +7,9 @@ import asyncio
 import attrs
 
 from cortex.core.state import FleetSnapshot, NodeModel, NodeState
-from cortex.http.keys import LIFECYCLE, LOADER, POLLER
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.loader import LOADER
+from cortex.run.poller import POLLER
 from cortex.run.reconciler import Reconciler, broken_groups, replicas, wanted_replicas
 from shared.catalogue import GIB, ModelSpec
 from shared.retry import LOAD_RETRY_WAIT, backoff_s

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from cortex.http.keys import LIFECYCLE, POLLER
+from cortex.run.lifecycle import LIFECYCLE
+from cortex.run.poller import POLLER
 from shared.catalogue import GIB, ModelSpec
 from tests.cortex.fakes import catalogue, fleet, gateway, stop_all
 from tests.support.clients import CHAT, chat

@@ -15,6 +15,7 @@ import pytest
 from cortex.core import router as router_module
 from cortex.core.router import (
     ColdLoad,
+    Loading,
     Route,
     eviction_order,
     plan_evictions,
@@ -109,7 +110,11 @@ def snap(
 
 
 def go(s: FleetSnapshot, model: str, **kw: Any) -> Route | ColdLoad:
-    return route(s, CAT, model, **kw)
+    """The router's decision; a Loading one as the 503 a caller that cannot wait answers."""
+    d = route(s, CAT, model, **kw)
+    if isinstance(d, Loading):
+        raise d.error()
+    return d
 
 
 # -- one test per row of the error table ------------------------------------------------
@@ -483,6 +488,14 @@ def test_eviction_never_takes_a_model_cortex_has_in_flight() -> None:
     """A model idle at the last poll but with a request cortex is proxying now is kept."""
     n = _busy_node()
     s = snap(n, outstanding={("a", "y"): 1})
+    assert [m.model_id for m in eviction_order(n, CAT, s)] == ["x"]
+
+
+def test_eviction_never_takes_a_model_with_a_job_of_its_own() -> None:
+    """One job per model: a model being unloaded, torn down or loaded elsewhere is not
+    evicted by another model's load (the two jobs would cross)."""
+    n = _busy_node()
+    s = attrs.evolve(snap(n), busy=frozenset({"y"}))
     assert [m.model_id for m in eviction_order(n, CAT, s)] == ["x"]
 
 

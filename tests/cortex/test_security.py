@@ -16,7 +16,7 @@ from aiohttp import web
 from cortex.cli import local_fleet as fleet
 from cortex.cli import main as cli
 from cortex.config import ApiKey, CortexConfig
-from cortex.http.keys import FLEET, POLLER
+from cortex.run.poller import FLEET, POLLER
 from neuron.config import NeuronConfig
 from tests.cortex.fakes import FakeNeuron, gateway, stop_all
 from tests.support import rawhttp

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from cortex.core.tracing import TraceDraft
-from cortex.http.keys import TRACES
+from cortex.http.traces import TRACES
 from neuron.tracing import usage_comment
 from shared.journal import MB
 from tests.cortex.fakes import fleet, gateway, stop_all

@@ -7,7 +7,6 @@ click loads and unloads the demo model, and nothing in the page logs an error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import struct
@@ -22,6 +21,7 @@ from tests.conftest import NeuronProcess, wait_until
 from tests.e2e.conftest import CortexProcess
 from tests.support import chromium
 from tests.support.chromium import Browser
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.skipif(chromium.missing() is not None, reason=str(chromium.missing()))
 
@@ -133,19 +133,24 @@ async def test_dashboard_live_data_actions_and_no_console_errors(
             completion = (await r.json())["usage"]["completion_tokens"]
         assert completion > 0
 
+        counters: dict[str, Any] = {}
+
         async def counted() -> bool:
+            nonlocal counters
             node = (await _state(http, c))["nodes"][0]
+            counters = {m["model_id"]: m["completion_tokens"] for m in node["models"]}
             return any(
                 m["model_id"] == model_id and m["completion_tokens"] == completion
                 for m in node["models"]
             )
 
-        for _ in range(200):
-            if await counted():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the completion-token counter never reached /admin/state")
+        await until(
+            counted,
+            timeout=30,
+            interval=0.1,
+            what=f"the completion-token counter ({completion}) to reach /admin/state",
+            seen=lambda: counters,
+        )
         peak = await b.wait_js(
             f'Number(document.querySelector("{card} svg.spark").dataset.max) > 0'
             f' && document.querySelector("{card} svg.spark").dataset.max',

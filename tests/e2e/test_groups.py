@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import LONG_STREAM, NeuronProcess, runner_pids, wait_until
 from tests.e2e.conftest import CortexProcess
 from tests.support import netns
+from tests.support.clients import answer_text, post_chat
+from tests.support.waiting import until
 
 Wrap = Callable[[list[str]], list[str]] | None
 
@@ -55,21 +57,26 @@ def _group_ready(c: CortexProcess, model_id: str) -> str | None:
 
 
 async def _chat(c: CortexProcess, model: str, max_tokens: int = 24) -> str:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Tell me about the ring."}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-    async with aiohttp.ClientSession() as s:
-        for _ in range(60):
-            async with s.post(c.url + "/v1/chat/completions", json=body) as r:
-                if r.status == 503:  # loading: honour Retry-After
-                    await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
-                    continue
-                assert r.status == 200, await r.text()
-                return str((await r.json())["choices"][0]["message"]["content"])
-    raise AssertionError(f"{model} never answered")
+    last: Any = None
+
+    async def answered() -> tuple[int, Any] | None:
+        nonlocal last
+        status, last = await asyncio.to_thread(
+            post_chat,
+            c.url,
+            model,
+            text="Tell me about the ring.",
+            timeout=300,
+            max_tokens=max_tokens,
+            temperature=0,
+        )
+        return None if status == 503 else (status, last)  # 503: still loading, ask again
+
+    status, answer = await until(
+        answered, timeout=180, interval=1.0, what=f"{model} to answer", seen=lambda: last
+    )
+    assert status == 200, answer
+    return answer_text(answer)
 
 
 async def test_tensor_sharded_ring_group_through_cortex(

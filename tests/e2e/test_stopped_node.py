@@ -28,6 +28,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.e2e.conftest import CortexProcess
+from tests.support.clients import chat
 
 # Polls mark a stopped node down after ~3 rounds of poll_timeout_s (1.5 s); a stream's
 # idle timeout is 5 s: ~5 s on a quiet machine. Before: 75 s unstreamed, 60 s streamed.
@@ -66,7 +67,7 @@ def fleet(
 
 def _body(model_id: str, text: str = "Hello", **extra: Any) -> dict[str, Any]:
     # Distinct texts: prefix affinity would send a repeated prompt to the same replica.
-    return {"model": model_id, "messages": [{"role": "user", "content": text}], **extra}
+    return chat(model_id, text=text, **extra)
 
 
 def _metric(c: CortexProcess, prefix: str) -> float:

@@ -21,6 +21,7 @@ from tests.conftest import (
     runner_pids,
     wait_until,
 )
+from tests.support.clients import answer_text, post_chat
 
 Factory = Callable[..., NeuronProcess]
 
@@ -41,15 +42,16 @@ def group(group_id: str, rank: int, hosts: list[str]) -> dict[str, Any]:
 
 
 def chat_text(n: NeuronProcess, model_id: str) -> str:
-    body = {
-        "model": model_id,
-        "messages": [{"role": "user", "content": "Count with me: one, two, three"}],
-        "max_tokens": 24,
-        "temperature": 0.0,
-    }
-    status, answer = n.post("/v1/chat/completions", body)
+    status, answer = post_chat(
+        n.url,
+        model_id,
+        text="Count with me: one, two, three",
+        token=n.token,
+        max_tokens=24,
+        temperature=0.0,
+    )
     assert status == 200, answer
-    return str(answer["choices"][0]["message"]["content"])
+    return answer_text(answer)
 
 
 def test_ring_group_matches_single_rank_and_fails_on_lost_rank(

@@ -15,6 +15,7 @@ import pytest
 
 from shared.serve import new_event_loop
 from tests.conftest import NeuronProcess
+from tests.support.clients import chat
 from tests.support.waiting import wait_until
 
 WAIT_S = 120.0  # an upper bound for the whole exchange, never a measured duration
@@ -22,15 +23,15 @@ EOS = 1  # the demo model's eos_token_id (neuron/store/demo_model.py)
 
 
 def _body(text: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": "default_model",
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": True,
+    return chat(
+        "default_model",
+        stream=True,
+        text=text,
+        max_tokens=max_tokens,
+        temperature=0.0,
         # Never stop early: the long request must outlast the late one.
-        "logit_bias": {str(EOS): -1000.0},
-    }
+        logit_bias={str(EOS): -1000.0},
+    )
 
 
 def _token(line: bytes) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import stat
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import aiohttp
 from neuron.config import RunnerConfig
 from neuron.runner.rdma_quirk import classify, quirk_errno
 from tests.conftest import InProcessFactory
+from tests.support.waiting import until
 
 
 def test_the_quirk_errnos_are_recognised_in_their_usual_spellings() -> None:
@@ -53,13 +53,23 @@ def _jaccl_group(group_id: str) -> dict[str, Any]:
 
 
 async def _failed(session: aiohttp.ClientSession, base: str, model_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(60):
-        while True:
-            async with session.get(f"{base}/models") as r:
-                models = {m["model_id"]: m for m in (await r.json())["models"]}
-            if models.get(model_id, {}).get("state") == "failed":
-                return dict(models[model_id])
-            await asyncio.sleep(0.1)
+    last: dict[str, Any] = {}
+
+    async def failed() -> dict[str, Any] | None:
+        nonlocal last
+        async with session.get(f"{base}/models") as r:
+            models = {m["model_id"]: m for m in (await r.json())["models"]}
+        last = dict(models.get(model_id, {}))
+        return last if last.get("state") == "failed" else None
+
+    failed_model = await until(
+        failed,
+        timeout=60,
+        interval=0.1,
+        what=f"{model_id} failed",
+        seen=lambda: last or f"{model_id} not listed",
+    )
+    return dict(failed_model)
 
 
 async def test_a_rank_dying_with_errno_16_names_the_quirk_and_counts_against_the_budget(

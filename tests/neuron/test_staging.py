@@ -28,6 +28,7 @@ from neuron.http.app import CONFIG, STAGER
 from neuron.store.staging import StageJob, Stager
 from tests.conftest import InProcessFactory, NeuronProcess
 from tests.support.fake_hub import repo_info
+from tests.support.waiting import until
 
 TOKEN = "fleet-token-for-staging-0123456789"
 REPO = "test-org/big-demo"
@@ -103,6 +104,22 @@ async def _job(server: TestServer) -> StageJob:
     return job
 
 
+async def _fetched(job: StageJob, at_least: int) -> None:
+    """Wait until the stage has fetched `at_least` bytes; fail if it stops first."""
+
+    def far_enough() -> bool:
+        assert job.active, job.error
+        return job.bytes_done >= at_least
+
+    await until(
+        far_enough,
+        timeout=120,
+        interval=0.002,
+        what=f"{at_least} bytes fetched",
+        seen=lambda: f"{job.bytes_done} bytes fetched, state {job.state}",
+    )
+
+
 async def test_stage_from_peer_killed_halfway_resumes_from_another(
     neuron_factory: Any, neuron_app_factory: InProcessFactory, big_model: Path, tmp_path: Path
 ) -> None:
@@ -121,9 +138,7 @@ async def test_stage_from_peer_killed_halfway_resumes_from_another(
     assert status == 202, body
     job = await _job(stager)
     # big.safetensors is the first file, so peer A (the first peer) serves it.
-    while job.bytes_done < BIG // 5:
-        assert job.active, job.error
-        await asyncio.sleep(0.002)
+    await _fetched(job, BIG // 5)
     at_kill = job.bytes_done
     a.process.send_signal(signal.SIGKILL)
     a.process.wait()
@@ -188,27 +203,42 @@ async def test_load_stages_first_with_monotonic_progress(
     job = await _job(node)
     seen: list[int] = []
     listed = None
-    while job.active:
+
+    async def sampled_to_the_end() -> bool:
+        nonlocal listed
+        if not job.active:
+            return True
         seen.append(job.bytes_done)
         if listed is None and job.state == "fetching":
             _, models = await _get(node, "/models")
             listed = models["models"][0]["staging"]
-        await asyncio.sleep(0.002)
+        return False
+
+    await until(
+        sampled_to_the_end,
+        timeout=120,
+        interval=0.002,
+        what="the stage to end",
+        seen=lambda: (job.state, job.bytes_done, job.bytes_total),
+    )
     assert job.state == "staged", job.error
     seen.append(job.bytes_done)
     assert seen == sorted(seen)
     assert seen[-1] == job.bytes_total == _tree_size(big_model)
     assert listed is not None and listed["state"] == "fetching"
     assert listed["bytes_total"] == job.bytes_total and listed["rate_bytes_per_s"] is not None
-    deadline = time.monotonic() + 120
-    while True:
+    m: dict[str, Any] = {}
+
+    async def ready() -> bool:
+        nonlocal m
         _, models = await _get(node, "/models")
         m = models["models"][0]
         if m["state"] == "ready":
-            break
+            return True
         assert m["state"] in ("loading", "warming"), m
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.2)
+        return False
+
+    await until(ready, timeout=120, interval=0.2, what="big ready", seen=lambda: m)
     assert m["staging"] is None
     assert m["source"] == REPO
     _, events = await _get(node, "/events?model=big")
@@ -229,9 +259,7 @@ async def test_purge_during_stage_deletes_nothing_of_it(
     peer_url = str(peer.make_url("")).rstrip("/")
     await _post(node, "/store/stage", {"model_id": "big", "source": REPO, "peers": [peer_url]})
     job = await _job(node)
-    while job.bytes_done < BIG // 10:
-        assert job.active, job.error
-        await asyncio.sleep(0.002)
+    await _fetched(job, BIG // 10)
     status, out = await _post(node, "/store/purge-staging", {})
     assert status == 200
     assert [c["name"] for c in out["removed"]] == ["old-copy"]
@@ -274,10 +302,13 @@ async def test_budget_evicts_least_recently_used_never_in_use(
     status, _ = await _post(node, "/models/unload", {"model_id": "u"})
     assert status == 200
     # The runner stopped: the budget (smaller than this copy) now removes it.
-    deadline = time.monotonic() + 30
-    while used.exists():
-        assert time.monotonic() < deadline, "the budget kept a copy beyond it"
-        await asyncio.sleep(0.05)
+    await until(
+        lambda: not used.exists(),
+        timeout=30,
+        interval=0.05,
+        what="the budget to remove a copy beyond it",
+        seen=lambda: sorted(p.name for p in (store / "models").iterdir()),
+    )
 
 
 async def test_floor_refuses_a_stage_with_the_numbers(
@@ -446,13 +477,19 @@ async def test_stalled_hub_does_not_stall_health_and_resumes_after_cancel(
     # all the bytes off the sockets (states, not times: the stage then holds the 1000
     # bytes, the one file still under way, and a cancel must keep them).
     await asyncio.wait_for(ctl["sent"].wait(), 60)
-    for _ in range(6000):
-        others_done = job.files_total is not None and job.files_done == job.files_total - 1
-        if others_done and (unread := _unread_bytes(hub.port or 0)) == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert others_done, f"{job.files_done} of {job.files_total} files fetched"
-    assert unread == 0, f"the stage never read what the hub sent: {unread} bytes unread"
+
+    def others_done() -> bool:
+        return job.files_total is not None and job.files_done == job.files_total - 1
+
+    await until(
+        lambda: others_done() and _unread_bytes(hub.port or 0) == 0,
+        timeout=90,
+        what="every other file fetched and all the hub sent read",
+        seen=lambda: (
+            f"{job.files_done} of {job.files_total} files fetched, "
+            f"{_unread_bytes(hub.port or 0)} bytes unread"
+        ),
+    )
     for _ in range(5):
         await asyncio.sleep(0)  # the read's data reaches the stage's buffer
         status, _ = await _get(node, "/health")

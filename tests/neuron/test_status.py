@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,14 +36,24 @@ async def _status(
 
 async def _settled(s: aiohttp.ClientSession, url: str) -> str:
     """The ETag once two reads in a row agree (a 304): the node has settled."""
-    status, etag, _ = await _status(s, url)
-    for _ in range(50):
+    _, etag, _ = await _status(s, url)
+
+    async def agreed() -> bool:
+        nonlocal etag
         status, new, _ = await _status(s, url, etag)
         if status == 304:
-            return etag
+            return True
         etag = new
-        await asyncio.sleep(0.1)
-    raise AssertionError("GET /status never answered 304 to its own ETag")
+        return False
+
+    await until(
+        agreed,
+        timeout=10,
+        interval=0.1,
+        what="GET /status to answer 304 to its own ETag",
+        seen=lambda: f"a new ETag each time, the last {etag!r}",
+    )
+    return etag
 
 
 async def test_status_etag_304_and_a_load_changes_it(

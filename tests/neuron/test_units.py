@@ -20,6 +20,7 @@ from shared.config import ConfigError
 from shared.errors import InvalidModelPath, QueueFull
 from shared.wire import GroupSpec, NodeHealth
 from tests.conftest import InProcessFactory
+from tests.support.waiting import until
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -138,10 +139,12 @@ async def test_admission_caps_queues_and_times_out() -> None:
                 order.append("queued ran")
 
         task = asyncio.create_task(waiter())
-        for _ in range(100):
-            if a.queue_depth >= 1:
-                break
-            await asyncio.sleep(0)
+        await until(
+            lambda: a.queue_depth >= 1,
+            interval=0,
+            what="a queued waiter",
+            seen=lambda: a.queue_depth,
+        )
         with pytest.raises(QueueFull):
             async with a.slot():
                 pass
@@ -164,10 +167,12 @@ async def test_admission_cancelled_waiter_frees_its_place() -> None:
     a = Admission(max_in_flight=1, max_queue=1, queue_timeout_s=10)
     async with a.slot():
         task = asyncio.create_task(a.slot().__aenter__())
-        for _ in range(100):
-            if a.queue_depth >= 1:
-                break
-            await asyncio.sleep(0)
+        await until(
+            lambda: a.queue_depth >= 1,
+            interval=0,
+            what="a queued waiter",
+            seen=lambda: a.queue_depth,
+        )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -25,6 +25,8 @@ from typing import Any
 import aiohttp
 import attrs
 
+from tests.support.waiting import until
+
 CHROMIUM = "/usr/bin/chromium"
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 30.0
@@ -152,8 +154,10 @@ class Browser:
     async def goto(self, url: str) -> None:
         loaded = len(self.events)
         await self.call("Page.navigate", {"url": url})
-        await self.until(
+        await until(
             lambda: any(e.get("method") == "Page.loadEventFired" for e in self.events[loaded:]),
+            timeout=30.0,
+            interval=0.05,
             what=f"{url} to load",
         )
 
@@ -169,23 +173,12 @@ class Browser:
 
     async def wait_js(self, expression: str, *, within_s: float = 30.0, what: str = "") -> Any:
         """Poll `expression` until it is truthy; its value."""
-        deadline = asyncio.get_running_loop().time() + within_s
-        while True:
-            value = await self.js(expression)
-            if value:
-                return value
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out after {within_s} s: {what or expression}")
-            await asyncio.sleep(0.1)
-
-    async def until(
-        self, predicate: Callable[[], bool], *, within_s: float = 30.0, what: str = ""
-    ) -> None:
-        deadline = asyncio.get_running_loop().time() + within_s
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out after {within_s} s: {what}")
-            await asyncio.sleep(0.05)
+        return await until(
+            lambda: self.js(expression),
+            timeout=within_s,
+            interval=0.1,
+            what=what or expression,
+        )
 
     async def type_into(self, selector: str, text: str) -> None:
         """Focus the element and type as a keyboard would (Input.insertText)."""

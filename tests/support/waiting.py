@@ -3,7 +3,8 @@
 Both poll a predicate until it returns something truthy and return that value.
 Their bounds are generous upper limits, never measured durations: a slow machine
 only waits longer, and a timeout fails naming what was awaited and the last value
-the predicate gave.
+the predicate gave (for an `until()` predicate that answers only yes or no, what
+its `seen` describes instead).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ async def until(
     timeout: float = ...,  # noqa: ASYNC109
     what: str = ...,
     interval: float = ...,
+    seen: Callable[[], object] | None = ...,
 ) -> T: ...
 
 
@@ -38,6 +40,7 @@ async def until(
     timeout: float = ...,  # noqa: ASYNC109
     what: str = ...,
     interval: float = ...,
+    seen: Callable[[], object] | None = ...,
 ) -> T: ...
 
 
@@ -47,10 +50,12 @@ async def until(
     timeout: float = UNTIL_TIMEOUT_S,  # noqa: ASYNC109
     what: str = "condition",
     interval: float = 0.01,
+    seen: Callable[[], object] | None = None,
 ) -> Any:
     """Await (or call) `predicate` until it returns something truthy; that value.
 
-    Fails after `timeout` seconds with `what` and the last value seen.
+    Fails after `timeout` seconds with `what` and the last value seen: the
+    predicate's, or `seen()` (the state it looked at) when that is given.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -61,8 +66,9 @@ async def until(
         if value:
             return value
         if loop.time() > deadline:
+            last = value if seen is None else seen()
             raise AssertionError(
-                f"timed out after {timeout} s waiting for {what}; last saw {value!r}"
+                f"timed out after {timeout} s waiting for {what}; last saw {last!r}"
             )
         await asyncio.sleep(interval)
 
