@@ -12,6 +12,7 @@ from typing import Literal
 import attrs
 from aiohttp import web
 
+from shared.catalogue import Catalogue
 from shared.config import ServerConfig, load_config, read_token
 
 
@@ -201,3 +202,5 @@ class CortexConfig(ServerConfig):
 
 # Where the app keeps its settings.
 CONFIG = web.AppKey("config", CortexConfig)
+# ... and the catalogue (models.toml) it names.
+CATALOGUE = web.AppKey("catalogue", Catalogue)

@@ -119,8 +119,8 @@ class Metrics:
             registry=r,
             requests=Counter(
                 "cortex_requests_total",
-                "Requests answered, by model and HTTP status",
-                ["model", "code"],
+                "Requests answered, by model, HTTP status and client API",
+                ["model", "code", "api"],
                 registry=r,
             ),
             request_duration=Histogram(
@@ -225,7 +225,8 @@ class Metrics:
     def _preinitialise(self, nodes: tuple[str, ...]) -> None:
         for model in (*sorted(self.models), "other"):
             for code in REQUEST_CODES:
-                self.requests.labels(model, code)
+                # Series start at 0 for the chat API; the others appear when first used.
+                self.requests.labels(model, code, "chat")
             for reason in STREAM_ERROR_REASONS:
                 self.stream_errors.labels(model, reason)
             for result in COLD_LOAD_RESULTS:

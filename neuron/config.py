@@ -13,6 +13,7 @@ from pathlib import Path
 import attrs
 
 from shared.config import ServerConfig, load_config, read_token
+from shared.kinds import ModelKind
 
 
 @attrs.frozen
@@ -52,6 +53,9 @@ class RunnerConfig:
     max_consecutive_errors: int = 3
     # How often GET /health of a ready runner is read (503: its generation thread died).
     health_check_interval_s: float = 5.0
+    # Embedding runners: tokens (padded) computed in one batch, across the requests
+    # that queued while the previous batch ran.
+    embed_batch_tokens: int = 8192
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -61,6 +65,7 @@ class RunnerConfig:
             "prefill_step_size",
             "max_tokens",
             "max_consecutive_errors",
+            "embed_batch_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name} must be >= 1")
@@ -110,6 +115,8 @@ class LoadEntry:
 
     model_id: str
     source: str
+    # "chat" (mlx_lm.server) or "embedding" (the embedding runner).
+    kind: ModelKind = "chat"
 
 
 @attrs.frozen

@@ -23,6 +23,37 @@ def is_usage_frame(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and isinstance(chunk.get("usage"), dict)
 
 
+# A whole answer up to this size is parsed as it is; a bigger one (embeddings as floats:
+# ~1 s per 40 MB) only from its last `"usage":` on.
+WHOLE_PARSE_BYTES = 64 * 1024
+_USAGE_KEY = b'"usage":'
+
+
+def answer_usage(raw: bytes) -> dict[str, Any] | None:
+    """The `usage` object of a one-piece JSON answer, or None.
+
+    For a big body, read from the last `"usage":` on (both runners write it last);
+    only if that fails is the whole body parsed.
+    """
+    if len(raw) > WHOLE_PARSE_BYTES:
+        at = raw.rfind(_USAGE_KEY)
+        if at >= 0:
+            text = raw[at + len(_USAGE_KEY) :].decode(errors="replace")
+            start = len(text) - len(text.lstrip())
+            try:
+                usage, _ = json.JSONDecoder().raw_decode(text, start)
+            except ValueError:
+                usage = None
+            if isinstance(usage, dict):
+                return usage
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return None
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 def data_events(raw: bytes) -> Iterator[dict[str, Any]]:
     """The JSON objects of the `data:` events of a whole SSE body (not [DONE])."""
     for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
@@ -67,6 +98,8 @@ class _Parts:
     reasoning: list[str] = attrs.Factory(list)
     tool_calls: list[dict[str, Any]] = attrs.Factory(list)
     finish_reason: str | None = None
+    # The stop sequence that ended the text, as the runner names it (vLLM's field).
+    stop_reason: Any = None
     usage: dict[str, Any] | None = None
     chat: bool = False
     role: str = "assistant"
@@ -82,6 +115,7 @@ class _Parts:
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
+            self.stop_reason = choice.get("stop_reason")
         if "delta" in choice or str(chunk.get("object", "")).startswith("chat."):
             self.chat = True
             self._add_delta(choice.get("delta") or {})
@@ -107,6 +141,8 @@ class _Parts:
             "system_fingerprint": head.get("system_fingerprint"),
         }
         final: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
+        if self.stop_reason is not None:
+            final["stop_reason"] = self.stop_reason
         if self.chat:
             final["message"] = self._message()
         else:

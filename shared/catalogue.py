@@ -14,6 +14,7 @@ from typing import Any, Literal
 import attrs
 
 from shared.config import ConfigError, load_toml, structure
+from shared.kinds import ModelKind
 
 GIB = 1024**3
 
@@ -58,8 +59,16 @@ class ModelSpec:
     # Load `replicas` copies whenever memory is free for them (never evicting for it);
     # unlike keep_loaded, a default model may itself be evicted to make room.
     default: bool = False
+    # "chat" (a decoder: chat, completions and the APIs translated onto them) or
+    # "embedding" (an encoder: POST /v1/embeddings only).
+    kind: ModelKind = "chat"
 
     def __attrs_post_init__(self) -> None:
+        if self.kind == "embedding" and self.min_nodes != 1:
+            # The embedding runner has no distributed mode: an encoder is small.
+            raise ValueError(
+                f"model {self.id!r}: an embedding model runs on one node (min_nodes 1)"
+            )
         if self.replicas < 0:
             raise ValueError(f"model {self.id!r}: replicas must be >= 0")
         if self.min_nodes < 1:
@@ -91,6 +100,8 @@ class ModelSpec:
         kv_heads = self.kv_heads or config.get("num_key_value_heads") or heads
         if self.kv_gb is not None:
             kv = int(self.kv_gb * GIB)
+        elif self.kind == "embedding":
+            kv = 0  # an encoder keeps no cache between requests
         elif layers and kv_heads and heads and config.get("hidden_size"):
             head_dim = config.get("head_dim") or config["hidden_size"] // heads
             # K and V, fp16, one sequence at the full context.

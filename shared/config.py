@@ -45,6 +45,14 @@ class ServerConfig:
     drain_s: float = 30.0
     # aiohttp's line per request (off: it costs more than handling a small request).
     access_log: bool = False
+    # What one client may cost before a handler runs (shared.serve): a request's headers
+    # must arrive within header_timeout_s of its first byte (a new connection's, of its
+    # opening), its body within body_timeout_s (else 408, the connection closed); one
+    # address may hold max_connections_per_address connections (more get 429
+    # too_many_connections and are closed; 0: no cap).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections_per_address: int = 1024
     # The fleet token cortex and every neuron share: from this environment variable
     # if set, else from this file. On a neuron, every endpoint but /health and
     # /metrics needs it once set.
@@ -72,6 +80,10 @@ class ServerConfig:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.drain_s < 0:
             raise ValueError("drain_s must be >= 0")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("header_timeout_s and body_timeout_s must be > 0")
+        if self.max_connections_per_address < 0:
+            raise ValueError("max_connections_per_address must be >= 0 (0: no cap)")
         if self.fleet_token is not None:
             check_token(self.fleet_token)
         if self.journal_max_mb <= 0 or self.journal_keep < 1 or self.journal_min_free_mb < 0:

@@ -29,9 +29,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_RESPONSE = web.RequestKey("sse_response", web.StreamResponse)
 
 
-def mark_streaming(request: web.Request, response: web.StreamResponse) -> None:
-    """Tell the drain that this request's answer is a stream that has begun."""
+# How a stream in another API than chat says it was cut: (message, status) -> its bytes.
+SSE_FAIL = web.RequestKey("sse_fail", object)
+
+
+def mark_streaming(
+    request: web.Request,
+    response: web.StreamResponse,
+    fail: Callable[[str, int], bytes] | None = None,
+) -> None:
+    """Tell the drain that this request's answer is a stream that has begun; `fail`
+    writes its last event when it is not a chat stream (a translated API's)."""
     request[SSE_RESPONSE] = response
+    if fail is not None:
+        request[SSE_FAIL] = fail
 
 
 @attrs.define
@@ -90,8 +101,15 @@ async def _end(request: web.Request) -> web.StreamResponse:
     resp: web.StreamResponse | None = request.get(SSE_RESPONSE)
     if resp is None:
         return ShuttingDown("server shut down before answering; retry").to_response()
-    # A leading blank line ends any event the stream was in the middle of.
-    frame = b"\n\n" + sse_error_frame("server shutting down mid-stream", 503, "shutting_down")
+    message = "server shutting down mid-stream"
+    fail = request.get(SSE_FAIL)
+    # A leading blank line ends any event the stream was in the middle of (a
+    # translated API's stream is written in whole events).
+    frame = (
+        fail(message, 503)
+        if callable(fail)
+        else b"\n\n" + sse_error_frame(message, 503, "shutting_down")
+    )
     with contextlib.suppress(ConnectionError, RuntimeError):
         await resp.write(frame)
         await resp.write_eof()

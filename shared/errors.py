@@ -7,13 +7,17 @@ LiteLLM benches an upstream that answers 404.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, ClassVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeGuard
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+
+from shared.inflate import ENCODINGS, InflatedTooLarge, InflateError, inflate
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +177,32 @@ class RequestTooLarge(ApiError):
     status = 413
     code = "request_too_large"
     type = "invalid_request_error"
+    # The rest of the body is never read: the connection cannot carry another request.
+    close_connection = True
+
+
+class RequestTimeout(ApiError):
+    """A body that did not arrive within the server's body_timeout_s."""
+
+    status = 408
+    code = "request_timeout"
+    type = "invalid_request_error"
+    close_connection = True
 
 
 class QueueFull(ApiError):
     status = 429
     code = "queue_full"
+    type = "rate_limit_error"
+    default_retry_after = 1
+
+
+class TooManyConnections(ApiError):
+    """A client address over max_connections_per_address; answered, then closed, before
+    any request on the connection is read (shared.serve)."""
+
+    status = 429
+    code = "too_many_connections"
     type = "rate_limit_error"
     default_retry_after = 1
 
@@ -277,32 +302,124 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return resp
     except web.HTTPException:
         raise
+    except ConnectionResetError as exc:  # aiohttp's "Cannot write to closing transport" too
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            return _unhandled(request)  # an upstream's reset that nobody handled: ours
+        # The client reset its connection while we wrote: its loss, not our fault. The
+        # answer returned here is never sent (aiohttp finds the transport gone); an
+        # access log shows nginx's 499, "client closed request".
+        log.debug("%s %s: the client went away: %s", request.method, request.path, exc)
+        return web.Response(status=499)
     except Exception:
-        # A bug of ours: still the envelope (clients parse it), and the traceback logged.
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return InternalError("internal error; see the server log").to_response()
+        return _unhandled(request)
 
 
-# What aiohttp decodes; any other Content-Encoding would reach us as raw bytes.
-CONTENT_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+def _unhandled(request: web.Request) -> web.Response:
+    # A bug of ours: still the envelope (clients parse it), and the traceback logged.
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return InternalError("internal error; see the server log").to_response()
+
+
+# The decoded body once read: a handler may ask twice (cortex forwards the very bytes).
+BODY = web.RequestKey("body", bytes)
+# Seconds the whole body may take to arrive; shared.serve's guard sets it per request.
+BODY_TIMEOUT = web.RequestKey("body_timeout_s", float)
+DEFAULT_BODY_TIMEOUT_S = 60.0
+IDENTITY = frozenset({"", "identity"})
+# Inflating runs here, off the event loop, one body at a time: a body holds at most its
+# limit of output, so eight gzip bombs at once cost one limit of memory, not eight (a
+# body inflates in milliseconds, and compressed requests are rare).
+_INFLATE_THREADS = 1
+_inflaters: ThreadPoolExecutor | None = None
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The (decoded) request body, or the typed error: 413, or 400 for bytes we cannot read."""
+    """The (decoded) request body, or the typed error: 413 past `client_max_size` (raw
+    or inflated), 408 past the body timeout, 400 for bytes we cannot read."""
+    if BODY in request:
+        return request[BODY]
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in CONTENT_ENCODINGS:
-        raise InvalidRequest(f"unsupported Content-Encoding {encoding[:40]!r}")
+    # Apps served with shared.serve.HANDLER_ARGS get the raw bytes; another aiohttp
+    # server (a runner's) may have decoded them already.
+    decoded = getattr(request.content, "total_compressed_bytes", None) is not None
+    if not decoded and encoding not in IDENTITY | ENCODINGS:
+        raise InvalidRequest(
+            f"unsupported Content-Encoding {encoding[:40]!r} (gzip and deflate are)"
+        )
+    limit = request.client_max_size
+    raw = await _read_raw(request, limit, decoded)
+    body = raw if decoded or encoding in IDENTITY else await _inflated(raw, encoding, limit)
+    request[BODY] = body
+    return body
+
+
+async def _read_raw(request: web.Request, limit: int, decoded: bool) -> bytes:
+    """The body's bytes as they came, at most `limit` of them, within the body timeout."""
+    length = request.content_length
+    if length is not None and length > limit:
+        _too_large(request, decoded)
+        raise RequestTooLarge(f"request body of {length} bytes over the limit of {limit}")
+    timeout = request.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT_S)
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestTooLarge(f"request body over the limit ({exc.text})") from exc
+        async with asyncio.timeout(timeout):
+            return await _read_capped(request.content, limit)
+    except _OverLimit as exc:
+        _too_large(request, decoded)
+        raise RequestTooLarge(f"request body over the limit of {limit} bytes") from exc
+    except TimeoutError as exc:
+        _abandon(request)
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from exc
     except web.RequestPayloadError as exc:
-        # The parser gave up on this body. Marked ended, so aiohttp does not read the
-        # rest after we answer (which raises again, logged as a crash); the answer
-        # closes the connection.
-        request.content.feed_eof()
+        # The parser gave up on this body (bad chunked framing, cut short...).
+        _abandon(request)
         cause = exc.__cause__ or exc
         raise BadRequestBody(f"cannot read the request body: {_describe(cause)}") from exc
+
+
+class _OverLimit(Exception):
+    pass
+
+
+async def _read_capped(stream: StreamReader, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await stream.readany():
+        total += len(chunk)
+        if total > limit:
+            raise _OverLimit
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(request: web.Request, decoded: bool) -> None:
+    # Raw bytes past the limit cost aiohttp little to read and drop (for up to its
+    # lingering time, so that the client can still read the 413); bytes aiohttp
+    # inflates would be inflated to the end of the bomb first.
+    if decoded:
+        _abandon(request)
+
+
+def _abandon(request: web.Request) -> None:
+    """Read no more of this body: the connection closes once the answer is written.
+    Else aiohttp reads on and discards what is left of it, for up to its lingering time:
+    inflating it, when it decodes the body; raising again (logged as a crash) when its
+    parser had given up on it."""
+    request.protocol.close()
+    request.content.feed_eof()
+
+
+async def _inflated(raw: bytes, encoding: str, limit: int) -> bytes:
+    global _inflaters
+    if _inflaters is None:
+        _inflaters = ThreadPoolExecutor(_INFLATE_THREADS, thread_name_prefix="inflate")
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(_inflaters, inflate, raw, encoding, limit)
+    except InflatedTooLarge as exc:
+        raise RequestTooLarge(f"request body over the limit of {limit} bytes") from exc
+    except InflateError as exc:
+        raise InvalidRequest(f"cannot read the request body: {exc}") from exc
 
 
 def _describe(exc: BaseException) -> str:
@@ -363,7 +480,40 @@ def quiet_bad_requests() -> None:
         logger.addFilter(_ClientFaultFilter())
 
 
-def sse_error_frame(message: str, code: int = 502, kind: str = "upstream_error") -> bytes:
-    """The frame that ends a stream which failed after its first byte."""
-    payload = {"error": {"message": message, "type": kind, "code": code, "param": None}}
-    return b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+def sse_error_frame(message: str, status: int = 502, code: str = "upstream_error") -> bytes:
+    """The frame that ends a stream which failed after its first byte: the envelope's
+    fields (`code` the machine code, as in every other error) and the HTTP `status` the
+    error would have had before the first byte (cortex answers a 4xx one as such)."""
+    err = {
+        "message": message,
+        "type": _type_of(code, status),
+        "code": code,
+        "param": None,
+        "status": status,
+    }
+    return b"data: " + json.dumps({"error": err}).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def _type_of(code: str, status: int) -> str:
+    for sub in _all_subclasses(ApiError):
+        if sub.code == code:
+            return sub.type
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def frame_error(err: Any) -> tuple[int, str]:
+    """(HTTP status, machine code) of a stream's error frame's `error`.
+
+    A neuron older than issue 19 put the status in `code` and the machine code in
+    `type`; a cortex reads both shapes, so either may be upgraded first.
+    """
+    if not isinstance(err, dict):
+        return 502, UpstreamError.code
+    status, code = err.get("status"), err.get("code")
+    if _is_int(code):  # the old shape
+        return code, str(err.get("type") or UpstreamError.code)
+    return (status if _is_int(status) else 502), str(code or UpstreamError.code)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import attrs
 
+from shared.kinds import ModelKind, parse_kind
+
 ModelState = Literal["loading", "warming", "ready", "recovering", "failed", "unloading"]
 Phase = Literal["prefill", "decode", "idle"]
 NodeStatus = Literal["idle", "busy", "degraded"]
@@ -222,6 +224,8 @@ class LoadRequest:
     context_limit: int | None = None
     # Neurons (base URLs) holding a staged copy of a hub source: staged from them first.
     peers: tuple[str, ...] = ()
+    # Which runner serves it: mlx_lm.server (chat) or the embedding runner.
+    kind: ModelKind = "chat"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -233,6 +237,8 @@ class LoadRequest:
         }
         if self.peers:  # absent otherwise: a neuron that predates peers still parses it
             out["peers"] = list(self.peers)
+        if self.kind != "chat":  # likewise; an older neuron refuses it, rightly
+            out["kind"] = self.kind
         return out
 
     @classmethod
@@ -262,13 +268,21 @@ class LoadRequest:
             not isinstance(context, int) or isinstance(context, bool) or context < 1
         ):
             raise FieldError("context_limit", "must be a positive integer")
+        try:
+            kind = parse_kind(d.get("kind", "chat"))
+        except ValueError as exc:
+            raise FieldError("kind", str(exc).removeprefix("kind ")) from exc
+        spec = None if group is None else GroupSpec.from_json(group)
+        if kind == "embedding" and spec is not None and spec.world_size > 1:
+            raise FieldError("group", "must be absent: an embedding model runs on one node")
         return cls(
             model_id=model_id,
             source=source,
-            group=None if group is None else GroupSpec.from_json(group),
+            group=spec,
             warmup_deadline_s=None if deadline is None else float(deadline),
             context_limit=context,
             peers=parse_peers(d.get("peers")),
+            kind=kind,
         )
 
 
@@ -329,6 +343,8 @@ class ModelStatus:
     # Runner restarts since this load began, and the wall time of the last one.
     restarts: int = 0
     restarted_at: float | None = None
+    # Which runner serves it (what a probe of it must ask).
+    kind: ModelKind = "chat"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -343,6 +359,7 @@ class ModelStatus:
             "staging": self.staging,
             "restarts": self.restarts,
             "restarted_at": self.restarted_at,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -360,6 +377,8 @@ class ModelStatus:
             staging=d.get("staging") if isinstance(d.get("staging"), dict) else None,
             restarts=int(d.get("restarts", 0) or 0),
             restarted_at=_opt_float(d.get("restarted_at")),
+            # An older neuron says nothing: it runs chat models only.
+            kind="embedding" if d.get("kind") == "embedding" else "chat",
         )
 
 

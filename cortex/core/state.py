@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from shared.kinds import ModelKind
 from shared.progress import StageProgress
 from shared.wire import (
     Discovery,
@@ -58,6 +59,8 @@ class NodeModel:
     # Runner restarts the neuron made since this load, and when the last one was.
     restarts: int = 0
     restarted_at: float | None = None
+    # "embedding": its runner is an encoder (POST /v1/embeddings only).
+    kind: ModelKind = "chat"
 
     @property
     def load(self) -> int:
@@ -84,6 +87,7 @@ class NodeModel:
             "completion_tokens": self.completion_tokens,
             "restarts": self.restarts,
             "restarted_at": self.restarted_at,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -111,6 +115,7 @@ class NodeModel:
             completion_tokens=health.completion_tokens if health is not None else 0,
             restarts=status.restarts if status is not None else 0,
             restarted_at=status.restarted_at if status is not None else None,
+            kind=status.kind if status is not None else "chat",
         )
 
 

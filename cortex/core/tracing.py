@@ -48,6 +48,8 @@ class Trace:
     tok_s: float | None
     seq: int = 0
     ts: float = 0.0  # wall clock at arrival
+    # The client API it came in ("chat", "completions", "messages", "responses").
+    api: str = "chat"
 
     def to_json(self) -> dict[str, Any]:
         d = attrs.asdict(self)
@@ -62,6 +64,8 @@ class TraceDraft:
     id: str
     t0: float = attrs.Factory(time.monotonic)
     ts: float = attrs.Factory(time.time)
+    # The client API it came in ("chat", "completions", "messages", "responses").
+    api: str = "chat"
     model: str | None = None
     key: str | None = None
     stream: bool = False
@@ -148,6 +152,7 @@ class TraceDraft:
             tokens_from=source if completion is not None else None,
             tok_s=tok_s,
             ts=self.ts,
+            api=self.api,
         )
 
 

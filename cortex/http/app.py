@@ -13,27 +13,28 @@ import aiohttp
 import attrs
 from aiohttp import web
 
-from cortex.config import CONFIG, ApiKey, CortexConfig
+from cortex.config import CATALOGUE, CONFIG, ApiKey, CortexConfig
 from cortex.core.life import loading, unload_targets, where_now
 from cortex.core.placement import candidates
 from cortex.core.router import node_infos
 from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
-from cortex.core.tracing import TraceDraft, journals
-from cortex.http import linktest, recycle
-from cortex.http.auth import AUTH, NODE_HEADER, REQUEST_KEY, Auth
+from cortex.core.tracing import journals
+from cortex.http import anthropic, inference, linktest, recycle, responses
+from cortex.http.auth import AUTH, REQUEST_KEY, Auth
 from cortex.http.dashboard import dashboard
-from cortex.http.proxy import AFFINITY, PROXY, Outcome, Proxy, request_id
+from cortex.http.dialect import dialect_errors
+from cortex.http.inference import DRAIN
+from cortex.http.proxy import AFFINITY, PROXY, Proxy
 from cortex.http.traces import TRACES, add_trace_routes
-from cortex.metrics import CLIENT_CLOSED, CONTENT_TYPE, METRICS, STREAM_ERROR, Metrics
+from cortex.metrics import CONTENT_TYPE, METRICS, Metrics
 from cortex.run import doctor
 from cortex.run.lifecycle import LIFECYCLE, Lifecycle, replica_counts
 from cortex.run.loader import LOADER, Loader
 from cortex.run.poller import FLEET, POLLER, Poller
 from cortex.run.reconciler import RECONCILER, Reconciler
 from shared.catalogue import Catalogue, ModelSpec
-from shared.drain import SSE_RESPONSE, Drain
+from shared.drain import Drain
 from shared.errors import (
-    ApiError,
     ForceNeedsAdminToken,
     InvalidRequest,
     ModelKeptLoaded,
@@ -44,6 +45,7 @@ from shared.errors import (
     reject_unknown,
 )
 from shared.journal import Event, Journal, journal_health
+from shared.serve import HANDLER_ARGS, guard_middleware
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,9 @@ class Started:
 
 
 # Where the app keeps what only this module sets up; each service's key lives
-# beside the service (CONFIG in cortex.config, LIFECYCLE in cortex.run.lifecycle, ...).
-CATALOGUE = web.AppKey("catalogue", Catalogue)
+# beside the service (CONFIG and CATALOGUE in cortex.config, DRAIN in
+# cortex.http.inference, LIFECYCLE in cortex.run.lifecycle, ...).
 STARTED = web.AppKey("started", Started)
-DRAIN = web.AppKey("drain", Drain)
-
-
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 async def _drain(app: web.Application) -> None:
@@ -77,10 +75,17 @@ def create_app(
     quiet_bad_requests()
     cat = catalogue if catalogue is not None else Catalogue.load(config.catalogue)
     auth = Auth(keys=config.api_keys, admin_token=config.admin_token)
-    drain = Drain(paths=INFERENCE_PATHS)
+    drain = Drain(paths=inference.PATHS | anthropic.PATHS | responses.PATHS)
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[error_middleware, drain.middleware(), auth.middleware()],
+        middlewares=[
+            guard_middleware,
+            error_middleware,
+            dialect_errors,
+            drain.middleware(),
+            auth.middleware(),
+        ],
+        handler_args=HANDLER_ARGS,
     )
     app[DRAIN] = drain
     app.on_shutdown.append(_drain)
@@ -100,8 +105,8 @@ def create_app(
         lambda: replica_counts(cat, app[LIFECYCLE].snapshot()) if LIFECYCLE in app else []
     )
     app.cleanup_ctx.append(_services(events, background=background))
-    app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_post("/v1/completions", _completions)
+    for api in (inference, anthropic, responses):
+        api.add_routes(app)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/health", _health)
@@ -242,67 +247,6 @@ def _wire(
     return poller, reconciler
 
 
-# -- inference -----------------------------------------------------------------------
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    return await _inference(request, "/v1/chat/completions", "messages")
-
-
-async def _completions(request: web.Request) -> web.StreamResponse:
-    return await _inference(request, "/v1/completions", "prompt")
-
-
-async def _inference(request: web.Request, path: str, field: str) -> web.StreamResponse:
-    app = request.app
-    metrics = app[METRICS]
-    started = time.monotonic()
-    label = "other"
-    outcome = Outcome()
-    rid = request_id(request)
-    trace = TraceDraft(rid)
-    error: str | None = None
-    try:
-        body = await read_json_object(request)
-        raw = await request.read()
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("missing or empty 'model'", param="model")
-        spec = app[CATALOGUE].resolve(model)
-        label = metrics.model(spec.id if spec is not None else None)
-        if field not in body:
-            raise InvalidRequest(f"missing {field!r}", param=field)
-        if field == "messages" and (not isinstance(body["messages"], list) or not body[field]):
-            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
-        key: ApiKey | None = request.get(REQUEST_KEY)
-        trace.model, trace.stream = spec.id if spec is not None else model, bool(body.get("stream"))
-        trace.key = None if key is None else key.label
-        app[AUTH].check_model(key, model, app[CATALOGUE])
-        # X-Cortex-Node (admin token checked by the auth middleware): that replica only.
-        node = request.headers.get(NODE_HEADER) or None
-        resp = await app[PROXY].handle(request, path, body, raw, rid, outcome, trace, node=node)
-        # A stream's outcome is what it sent (set by the proxy as it went).
-        outcome.code = outcome.code or str(resp.status)
-        return resp
-    except ApiError as exc:
-        outcome.code = outcome.code or str(exc.status)
-        error = exc.message
-        raise
-    except asyncio.CancelledError:
-        if app[DRAIN].closing and outcome.code is None:
-            # Cut by the drain at shutdown (it sends the error frame or a 503), not
-            # by the client.
-            outcome.code = STREAM_ERROR if SSE_RESPONSE in request else "503"
-            if SSE_RESPONSE in request:
-                metrics.stream_errors.labels(label, "shutdown").inc()
-        outcome.code = outcome.code or CLIENT_CLOSED
-        raise
-    finally:
-        metrics.requests.labels(label, outcome.code or "500").inc()
-        metrics.request_duration.labels(label).observe(time.monotonic() - started)
-        app[TRACES].append(trace.done(outcome.code or "500", error))
-
-
 # -- models, health, metrics ----------------------------------------------------------
 
 
@@ -316,6 +260,7 @@ def _model_entry(
     aliases: tuple[str, ...] = (),
     feasible_on: list[list[str]] | None = None,
     context_length: int | None = None,
+    kind: str = "chat",
 ) -> dict[str, Any]:
     """One /v1/models entry; `locations` only where the model takes requests (rank 0)."""
     locs = snap.locations(model_id)
@@ -326,6 +271,9 @@ def _model_entry(
         "created": created,
         "owned_by": owned_by,
         "aliases": list(aliases),
+        # "chat" or "embedding" (which endpoints serve it); a model outside the
+        # catalogue is taken for chat.
+        "kind": kind,
         "loaded": any(n.healthy and m.state == "ready" for n, m in locs),
         "locations": [
             {
@@ -387,6 +335,7 @@ def _model_list(request: web.Request) -> list[dict[str, Any]]:
                 aliases=spec.aliases,
                 feasible_on=feasible,
                 context_length=spec.context_limit,
+                kind=spec.kind,
             )
         )
     # Models a neuron serves that the catalogue does not name are routable too.

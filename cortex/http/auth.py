@@ -70,7 +70,7 @@ class Auth:
             return None
         given = presented_key(request)
         if given is None:
-            raise InvalidApiKey("missing API key: send Authorization: Bearer <key>")
+            raise InvalidApiKey("missing API key: send Authorization: Bearer <key> or X-Api-Key")
         found = None
         for k in self.keys:
             # Compare with every key in constant time: no timing hint of a near miss.

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -29,11 +29,13 @@ from cortex.config import CortexConfig
 from cortex.core.router import Decision, Route, prefix_keys, route
 from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
 from cortex.core.tracing import QUEUE_WAIT_HEADER, TraceDraft
+from cortex.http.dialect import DIALECT, Dialect, Transcoder
 from cortex.metrics import CLIENT_CLOSED, STREAM_ERROR, Metrics
 from cortex.run.inflight import InFlight, NodeLost
 from cortex.run.lifecycle import Lifecycle, parse_keep_alive
 from cortex.run.loader import Loader
 from cortex.run.poller import Poller
+from shared.assemble import answer_usage
 from shared.catalogue import Catalogue
 from shared.drain import mark_streaming
 from shared.errors import (
@@ -42,6 +44,7 @@ from shared.errors import (
     QueueFull,
     UpstreamError,
     UpstreamUnavailable,
+    frame_error,
     sse_error_frame,
 )
 from shared.quiet import QuietReads
@@ -388,6 +391,9 @@ class Proxy:
         if up.status < 400:
             self.affinity.remember(keys, r.node)
         headers = _client_headers(up.headers, rid)
+        dialect = request.get(DIALECT)
+        if dialect is not None:
+            first = _translated(dialect, up, first, is_sse)
         if not is_sse:
             return web.Response(body=first, status=up.status, headers=headers)
         return await self._relay(request, up, r, rid, first, headers, out)
@@ -406,7 +412,12 @@ class Proxy:
         label = self.metrics.model(r.model_id)
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)
-        mark_streaming(request, resp)
+        # A translated API's stream: every byte through its transcoder, cortex's own
+        # error frames as its error event (chosen once: the chat path pays nothing).
+        xl = _transcoder(request)
+        write = resp.write if xl is None else _feeding(resp, xl)
+        end = sse_error_frame if xl is None else xl.fail
+        mark_streaming(request, resp, None if xl is None else xl.fail)
         relayed_error = False
         trace = _trace(request)
         chunk: bytes | None = first
@@ -420,7 +431,7 @@ class Proxy:
                     # stream failed though every byte of it arrived.
                     relayed_error = True
                     self.metrics.stream_errors.labels(label, "upstream_error").inc()
-                await resp.write(chunk)
+                await write(chunk)
                 if trace is not None:
                     trace.scan(chunk)
                 if _holds(_DONE, tail, chunk):
@@ -437,15 +448,15 @@ class Proxy:
                 out.code = STREAM_ERROR
                 self.metrics.stream_errors.labels(label, "lost").inc()
                 with contextlib.suppress(*_CLIENT_GONE):
-                    await resp.write(sse_error_frame(f"replica {r.node} ended the stream early"))
+                    await resp.write(end(f"replica {r.node} ended the stream early", 502))
         except _CLIENT_GONE:
             _client_left(up, r, rid, out)
             return resp
         except (NodeLost, aiohttp.ClientError, TimeoutError) as exc:
             up.close()
-            frame = self._broke(r, rid, label, out, trace, exc)
+            message = self._broke(r, rid, label, out, trace, exc)
             try:
-                await resp.write(frame)
+                await resp.write(end(message, 502))
             except _CLIENT_GONE:
                 return resp
         finally:
@@ -463,8 +474,8 @@ class Proxy:
         out: Outcome,
         trace: TraceDraft | None,
         exc: NodeLost | aiohttp.ClientError | TimeoutError,
-    ) -> bytes:
-        """A stream that broke after its first byte, counted; the frame that ends it."""
+    ) -> str:
+        """A stream that broke after its first byte, counted; what its last frame says."""
         if isinstance(exc, NodeLost):
             reason, what = "node_down", f"was lost ({exc})"
         elif isinstance(exc, TimeoutError):
@@ -476,7 +487,7 @@ class Proxy:
             trace.error = f"replica {r.node} {what} mid-stream"
         self.metrics.stream_errors.labels(label, reason).inc()
         log.warning("%s: stream from %s broke after its first byte: %r", rid, r.node, exc)
-        return sse_error_frame(f"replica {r.node} {what} mid-stream")
+        return f"replica {r.node} {what} mid-stream"
 
     def _upstream_error(
         self, up: aiohttp.ClientResponse, raw: bytes, r: Route, tries: _Tries
@@ -511,16 +522,14 @@ class Proxy:
 
     def _error_frame(self, frame: dict[str, Any], r: Route, tries: _Tries) -> None:
         """A stream whose first event is an error: answer it as the error it is."""
-        status = frame.get("code")
+        status, code = frame_error(frame)
         message = str(frame.get("message", "error before the first token"))
-        if isinstance(status, int) and 400 <= status < 500:
+        if 400 <= status < 500:
             # The neuron (or its runner) refused the request itself, after its first
             # keepalive: the client gets the 4xx, as if it had come before.
-            err = ApiError.from_envelope(
-                status, {"error": {**frame, "code": frame.get("type")}}, None
-            )
+            err = ApiError.from_envelope(status, {"error": {**frame, "code": code}}, None)
             raise err if 400 <= err.status < 500 else InvalidRequest(message)
-        if frame.get("type") not in _RUNNER_FAULTS:
+        if code not in _RUNNER_FAULTS:
             # Not the runner's doing (a neuron shutting down...): another replica, no fault.
             self._retry(r, tries, "upstream_5xx")
             raise _TryAnother(UpstreamUnavailable(f"replica {r.node}: {message}"))
@@ -545,6 +554,37 @@ class Proxy:
 _TRACE = web.RequestKey("cortex.trace", TraceDraft)
 
 
+def _transcoder(request: web.Request) -> Transcoder | None:
+    dialect = request.get(DIALECT)
+    return None if dialect is None else dialect.transcoder()
+
+
+def _feeding(resp: web.StreamResponse, xl: Transcoder) -> Callable[[bytes], Awaitable[None]]:
+    async def write(chunk: bytes) -> None:
+        data = xl.feed(chunk)
+        if data:
+            await resp.write(data)
+
+    return write
+
+
+def _translated(dialect: Dialect, up: aiohttp.ClientResponse, first: bytes, is_sse: bool) -> bytes:
+    """A whole answer in the client's API; a replica's 4xx raised, for the API's envelope."""
+    if up.status >= 400:
+        try:
+            body = json.loads(first)
+        except ValueError:
+            body = None
+        raise ApiError.from_envelope(up.status, body, up.headers.get("Retry-After"))
+    if is_sse:
+        return first  # the relay feeds it to the transcoder with the rest
+    try:
+        chat = json.loads(first)
+    except ValueError as exc:
+        raise UpstreamError(f"the replica's answer is not JSON: {exc}") from exc
+    return json.dumps(dialect.answer(chat)).encode()
+
+
 def _trace(request: web.Request) -> TraceDraft | None:
     return request.get(_TRACE)
 
@@ -565,8 +605,8 @@ def _traced_answer(
     trace.first_at = now
     if is_sse:
         return  # the relay scans every chunk, the first included
-    with contextlib.suppress(ValueError, AttributeError):
-        trace.usage(json.loads(first).get("usage"))
+    # Not json.loads(first): an embeddings answer in floats can be tens of MB.
+    trace.usage(answer_usage(first))
     trace.last_at = now
 
 

@@ -17,6 +17,7 @@ import aiohttp
 import attrs
 
 from cortex.core.state import FleetSnapshot, NodeModel, NodeState
+from shared.kinds import EMBEDDINGS_PATH
 from shared.wire import PROBE_HEADER, Discovery, NodeHealth
 
 Verdict = Literal["pass", "warn", "fail"]
@@ -470,10 +471,12 @@ async def probe(
     session: aiohttp.ClientSession, node: str, url: str, model: NodeModel, limits: Limits
 ) -> Probe:
     t0 = time.monotonic()
-    body = {"model": model.model_id, **PROBE_BODY}
+    path, body = "/v1/completions", {"model": model.model_id, **PROBE_BODY}
+    if model.kind == "embedding":  # an encoder serves embeddings only
+        path, body = EMBEDDINGS_PATH, {"model": model.model_id, "input": "hi"}
     try:
         async with session.post(
-            url.rstrip("/") + "/v1/completions",
+            url.rstrip("/") + path,
             json=body,
             headers={PROBE_HEADER: "doctor"},
             timeout=aiohttp.ClientTimeout(total=limits.probe_timeout_s),

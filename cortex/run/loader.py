@@ -172,6 +172,7 @@ class Loader:
                 source=spec.source,
                 context_limit=limit,
                 peers=self._peers(spec, cand.nodes[0]),
+                kind=spec.kind,
             )
             return [(cand.nodes[0], req)]
         assert ring_port is not None  # the lifecycle takes a block for every group

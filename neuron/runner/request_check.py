@@ -7,7 +7,9 @@ choosing, image URLs make it fetch them.  So the runner's body is built here,
 field by field, from checked values; unknown fields are dropped (OpenAI clients
 send extras), a bad one is `InvalidRequest` naming it.  The prompt is counted
 with the model's own tokenizer and refused when it does not fit the context;
-`max_tokens` is capped at the context left.
+`max_tokens` is capped at the context left.  `response_format` and a forced
+`tool_choice` become a constraint (neuron.runner.grammar) that the runner
+enforces token by token; its schemas are compiled here first.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Literal
 
 import attrs
 
+from neuron.runner import grammar
+from neuron.runner.grammar import WIRE_FIELD, Constraint, GrammarError, Tool
 from shared.errors import InvalidRequest
 
 Kind = Literal["chat", "completions"]
@@ -107,6 +111,9 @@ class Draft:
     texts: list[str]  # the prompt's text, to count
     overhead: int  # tokens the template adds around those texts
     prompt_bytes: int
+    # What the runner must force (structured output, a tool call); compiled by
+    # neuron.runner.grammar.check off the event loop before the request goes on.
+    constraint: Constraint | None = None
 
 
 @attrs.frozen
@@ -302,6 +309,9 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
     _sampling(body, info, out)
     stream, include_usage = _streaming(body)
     _refuse_unsupported(body)
+    constraint = _constraint(body) if kind == "chat" else _no_constraint(body)
+    if constraint is not None:
+        out[WIRE_FIELD] = constraint.to_wire()
     return Draft(
         kind=kind,
         body=out,
@@ -312,6 +322,7 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
         texts=texts,
         overhead=overhead,
         prompt_bytes=sum(len(t) for t in texts),
+        constraint=constraint,
     )
 
 
@@ -319,11 +330,8 @@ def _chat(body: dict[str, Any], out: dict[str, Any]) -> tuple[list[str], int]:
     """Messages and tools into `out`; (the texts that make the prompt, token overhead)."""
     out["messages"], texts = _messages(body.get("messages"))
     overhead = PER_PROMPT_TOKENS + PER_MESSAGE_TOKENS * len(out["messages"])
-    choice = body.get("tool_choice")
-    if choice is not None and not isinstance(choice, (str, dict)):
-        raise _bad("tool_choice", "must be a string or an object")
-    # mlx_lm has no tool_choice: "none" is honoured by not showing the tools.
-    if body.get("tools") is not None and choice != "none":
+    # "none" is honoured by not showing the tools; a forced choice by the runner's grammar.
+    if body.get("tools") is not None and _tool_choice(body)[0] != "none":
         out["tools"] = _tools(body["tools"])
         texts.append(_json_text(out["tools"], "tools"))
     return texts, overhead
@@ -363,12 +371,94 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("n") not in (None, 1):
         raise _bad("n", "must be 1 (one choice per request)")
-    fmt = body.get("response_format")
-    # mlx_lm.server has no constrained decoding: promising JSON would be a lie.
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise _bad("response_format", "is not supported (only {'type': 'text'})")
     if body.get("user") is not None:
         _text(body["user"], "user")
+
+
+# --- structured output and forced tool calls (enforced by the runner's grammar) ------
+
+
+def _tool_choice(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(mode, function name): mode "none", "auto", "required" or "function"; None if not given."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice, None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if (
+        not isinstance(choice, dict)
+        or choice.get("type") != "function"
+        or not isinstance(fn, dict)
+        or not isinstance(fn.get("name"), str)
+    ):
+        raise _bad(
+            "tool_choice",
+            'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+        )
+    return "function", fn["name"]
+
+
+def _answer_schema(body: dict[str, Any]) -> Any:
+    """The JSON schema `response_format` asks for; None for text (or none given)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise _bad("response_format", 'must be {"type": "text" | "json_object" | "json_schema"}')
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _bad("response_format", "of type json_schema needs a `json_schema` object")
+    if spec.get("name") is not None:
+        _text(spec["name"], "response_format")
+    if spec.get("strict") is not None:
+        _boolean(spec["strict"], "response_format")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, (dict, bool)):
+        raise _bad("response_format", "`json_schema.schema` must be a JSON schema (an object)")
+    return schema
+
+
+def _tool_specs(body: dict[str, Any]) -> tuple[Tool, ...]:
+    """The tools as the grammar needs them (their shape was checked by _tools)."""
+    out = []
+    for tool in body.get("tools") or ():
+        fn = tool["function"]
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise _bad("tools", f"{fn['name']!r}: `parameters` must be a JSON schema (an object)")
+        out.append(Tool(fn["name"], params))
+    return tuple(out)
+
+
+def _constraint(body: dict[str, Any]) -> Constraint | None:
+    """What the runner must force, from `response_format` and `tool_choice`."""
+    schema = _answer_schema(body)
+    mode, name = _tool_choice(body)
+    tools = () if mode == "none" else _tool_specs(body)
+    if mode == "required":
+        if not tools:
+            raise _bad("tool_choice", '"required" needs a non-empty `tools` list')
+        return Constraint(tools=tools, tool_required=True)
+    if mode == "function":
+        named = tuple(t for t in tools if t.name == name)
+        if not named:
+            raise _bad("tool_choice", f"names {str(name)[:64]!r}, which is not one of `tools`")
+        return Constraint(tools=named, tool_required=True)
+    if schema is None:
+        return None
+    # Tools the model may call next to a JSON answer: the grammar allows either.
+    return Constraint(schema=schema, tools=tools)
+
+
+def _no_constraint(body: dict[str, Any]) -> Constraint | None:
+    """None: completions take no `response_format` (OpenAI's have none)."""
+    if _answer_schema(body) is not None:
+        raise _bad("response_format", "is supported on /v1/chat/completions only")
+    return None
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
@@ -391,6 +481,20 @@ def check_size(draft: Draft, info: ModelInfo) -> None:
             prompt_param(draft.kind),
             f"is far over the model's context of {limit} tokens ({draft.prompt_bytes} characters)",
         )
+
+
+def check_constraint(draft: Draft) -> None:
+    """Compile the constraint's schemas and grammar (blocking, cached by their text).
+
+    A schema llguidance cannot compile is the client's: a 400 naming it, before
+    the request waits for a runner.
+    """
+    if draft.constraint is None:
+        return
+    try:
+        grammar.check(draft.constraint)
+    except GrammarError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from exc
 
 
 def count_prompt(draft: Draft, info: ModelInfo) -> int | None:

@@ -43,6 +43,7 @@ import attrs
 from neuron.config import NeuronConfig
 from neuron.metrics import NeuronMetrics
 from neuron.runner.admission import Admission
+from neuron.runner.embed_request import EmbedLimits
 from neuron.runner.health import FailureKind, RunnerHealth
 from neuron.runner.process import RunnerProcess
 from neuron.runner.rdma_quirk import classify as classify_rdma
@@ -52,6 +53,7 @@ from neuron.store.sources import Store, copy_name, is_local_source
 from neuron.store.staging import PLAN_WAIT_S, StageJob, Stager
 from shared.errors import InvalidRequest, ModelFailed, ModelLoading, ModelNotFound
 from shared.journal import Event, Journal
+from shared.kinds import EMBEDDINGS_PATH, ModelKind
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
 
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WARMUP_BODY = json.dumps({"model": "default_model", "prompt": "hi", "max_tokens": 1}).encode()
+# An embedding runner's warmup: one real (tiny) batch through the encoder.
+WARMUP_EMBED_BODY = json.dumps({"model": "default_model", "input": "hi"}).encode()
 POLL_S = 0.2
 # The journal's event for entering these states (the others have none).
 _JOURNALLED: dict[ModelState, str] = {"ready": "ready", "failed": "failed", "unloading": "stop"}
@@ -108,6 +112,11 @@ class ModelSupervisor:
     admission: Admission
     stager: Stager
     peers: tuple[str, ...] = ()
+    # Which runner serves it: mlx_lm.server (chat) or the embedding runner.
+    kind: ModelKind = "chat"
+    # An embedding model's bounds (dimensions, vocabulary, tokens per input), read
+    # with its files; None for a chat model.
+    embed_limits: EmbedLimits | None = None
     # The stage this load waits for (a hub source), while it is under way.
     stage: StageJob | None = None
     # What the proxy saw of the runner; it alone decides "broken" and "stalled".
@@ -161,6 +170,7 @@ class ModelSupervisor:
             context_limit=req.context_limit,
             stager=stager,
             peers=req.peers,
+            kind=req.kind,
             journal=journal if journal is not None else Journal[Event](),
         )
 
@@ -188,6 +198,7 @@ class ModelSupervisor:
             staging=None if self.stage is None or not self.stage.active else self.stage.to_json(),
             restarts=max(0, self._starts - 1),
             restarted_at=self.restarted_at,
+            kind=self.kind,
         )
 
     def health(self) -> ModelHealth:
@@ -246,6 +257,10 @@ class ModelSupervisor:
             self.store.touch(self.model_dir)
             # A tokenizer takes a moment to read: off the event loop.
             self.info = await asyncio.to_thread(ModelInfo.load, self.model_dir, self.context_limit)
+            if self.kind == "embedding":
+                self.embed_limits = await asyncio.to_thread(
+                    EmbedLimits.load, self.model_dir, self.context_limit
+                )
             while True:
                 try:
                     await self._run_once()
@@ -276,6 +291,8 @@ class ModelSupervisor:
             model_dir=self.model_dir,
             log_dir=self.store.logs_dir,
             group=self.group,
+            kind=self.kind,
+            context_limit=self.context_limit,
         )
         self.runner = runner
         self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state})")
@@ -406,11 +423,14 @@ class ModelSupervisor:
     async def _warmup(self, runner: RunnerProcess) -> tuple[int, str]:
         # A runner dying mid-request breaks the connection before its exit is
         # noticed: that is a lost runner (restarted), not a failed model.
+        path, body = (
+            (EMBEDDINGS_PATH, WARMUP_EMBED_BODY)
+            if self.kind == "embedding"
+            else ("/v1/completions", WARMUP_BODY)
+        )
         try:
             async with self.session.post(
-                runner.base_url + "/v1/completions",
-                data=WARMUP_BODY,
-                headers={"Content-Type": "application/json"},
+                runner.base_url + path, data=body, headers={"Content-Type": "application/json"}
             ) as r:
                 return r.status, await r.text()
         except (aiohttp.ClientError, TimeoutError) as exc:

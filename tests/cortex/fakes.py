@@ -206,6 +206,8 @@ class FakeNeuron:
         app.router.add_post("/store/stage", self._stage)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
+        # An embeddings answer is one JSON body, as an unstreamed chat answer is.
+        app.router.add_post("/v1/embeddings", self._chat)
         return app
 
     async def start(self, port: int = 0) -> FakeNeuron:

@@ -69,7 +69,7 @@ async def test_runner_fault_is_retried_once_then_502(three: list[FakeNeuron]) ->
         text = await _metrics(client)
     assert _chats(three) == 2
     assert _metric(text, "cortex_upstream_retries_total", reason="runner_fault") == 1
-    assert _metric(text, "cortex_requests_total", model="m1", code="502") == 1
+    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="502") == 1
 
 
 async def test_one_runner_fault_is_served_by_another_replica(three: list[FakeNeuron]) -> None:
@@ -218,8 +218,8 @@ async def test_stream_on_a_node_marked_down_ends_with_error_frame(
         assert b"marked unhealthy" in rest and rest.endswith(b"data: [DONE]\n\n")
         text = await _metrics(client)
     assert _metric(text, "cortex_stream_errors_total", model="m1", reason="node_down") == 1
-    assert _metric(text, "cortex_requests_total", model="m1", code="stream_error") == 1
-    assert _metric(text, "cortex_requests_total", model="m1", code="200") == 0
+    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="stream_error") == 1
+    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 0
 
 
 async def test_attempts_on_healthy_nodes_are_left_alone(three: list[FakeNeuron]) -> None:
@@ -254,8 +254,8 @@ async def test_relayed_neuron_error_frame_is_a_stream_error(three: list[FakeNeur
         assert await resp.read() == b"".join(three[0].stream_chunks)
         text = await _metrics(client)
     assert _metric(text, "cortex_stream_errors_total", model="m1", reason="upstream_error") == 1
-    assert _metric(text, "cortex_requests_total", model="m1", code="stream_error") == 1
-    assert _metric(text, "cortex_requests_total", model="m1", code="200") == 0
+    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="stream_error") == 1
+    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 0
 
 
 async def test_every_labelled_series_exists_before_its_first_event(
@@ -267,7 +267,7 @@ async def test_every_labelled_series_exists_before_its_first_event(
         text = await _metrics(client)
     for model in ("m1", "m2", "other"):
         for code in ("200", "429", "503", "stream_error", "client_closed"):
-            assert _metric(text, "cortex_requests_total", model=model, code=code) == 0
+            assert _metric(text, "cortex_requests_total", api="chat", model=model, code=code) == 0
         assert _metric(text, "cortex_stream_errors_total", model=model, reason="lost") == 0
         assert _metric(text, "cortex_cold_loads_total", model=model, result="failed") == 0
         assert _metric(text, "cortex_evictions_total", model=model) == 0
@@ -313,7 +313,9 @@ async def test_streams_closed_right_after_done_count_as_200(three: list[FakeNeur
             text = await _metrics(client)
             counted = sum(
                 float(v)
-                for v in re.findall(r'cortex_requests_total\{code="[^"]+",model="m1"\} (\S+)', text)
+                for v in re.findall(
+                    r'cortex_requests_total\{api="chat",code="[^"]+",model="m1"\} (\S+)', text
+                )
             )
             return counted >= 200
 
@@ -321,7 +323,9 @@ async def test_streams_closed_right_after_done_count_as_200(three: list[FakeNeur
         text = await _metrics(client)
     codes = {
         code: float(v)
-        for code, v in re.findall(r'cortex_requests_total\{code="([^"]+)",model="m1"\} (\S+)', text)
+        for code, v in re.findall(
+            r'cortex_requests_total\{api="chat",code="([^"]+)",model="m1"\} (\S+)', text
+        )
         if float(v)
     }
     assert codes == {"200": 200.0}
@@ -341,7 +345,7 @@ async def test_nothing_after_done_counts_or_reaches_the_client(three: list[FakeN
         body = await resp.read()
         text = await _metrics(client)
     assert body == b"".join(sse_frames()) and body.count(b"[DONE]") == 1
-    assert _metric(text, "cortex_requests_total", model="m1", code="200") == 1
+    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 1
     assert _metric(text, "cortex_stream_errors_total", model="m1", reason="stalled") == 0
 
 

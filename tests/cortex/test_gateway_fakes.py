@@ -105,7 +105,7 @@ async def test_death_after_first_byte_ends_with_error_frame_and_done(
     rest = body[len(first) :]
     assert rest.endswith(b"data: [DONE]\n\n")
     frame = json.loads(rest.split(b"\n\n")[0].removeprefix(b"data: "))
-    assert frame["error"]["code"] == 502
+    assert (frame["error"]["code"], frame["error"]["status"]) == ("upstream_error", 502)
     assert rest == sse_error_frame(frame["error"]["message"])
 
 
@@ -445,8 +445,8 @@ async def test_metrics_use_cortex_names(two: list[FakeNeuron]) -> None:
         await client.post(CHAT, json=chat())
         await client.post(CHAT, json=chat("nope"))
         text = await (await client.get("/metrics")).text()
-    assert 'cortex_requests_total{code="200",model="m1"} 1.0' in text
-    assert 'cortex_requests_total{code="404",model="other"} 1.0' in text
+    assert 'cortex_requests_total{api="chat",code="200",model="m1"} 1.0' in text
+    assert 'cortex_requests_total{api="chat",code="404",model="other"} 1.0' in text
     assert "cortex_request_duration_seconds_bucket" in text
 
 

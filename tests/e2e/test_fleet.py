@@ -53,6 +53,13 @@ def test_fleet_prints_a_curl_line_that_returns_tokens(tmp_path: Path) -> None:
         body = json.loads(answer)
         assert body["choices"][0]["message"]["content"]
         assert body["usage"]["completion_tokens"] > 0
+        # The second curl line: demo-embed, loaded by that first request.
+        start = next(i for i, line in enumerate(lines) if "/v1/embeddings" in line)
+        curl = "".join(lines[start : start + 2]).replace("\\\n", " ")
+        answer = subprocess.run(
+            ["bash", "-c", curl], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
+        assert [len(d["embedding"]) for d in json.loads(answer)["data"]] == [32, 32], answer
     finally:
         fleet.send_signal(signal.SIGINT)
         rest = fleet.communicate(timeout=60)[0]

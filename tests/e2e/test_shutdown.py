@@ -88,7 +88,7 @@ async def test_neuron_sigterm_drains_then_ends_streams_cleanly(
 
     tail, took = await _cut_by_sigterm(n.url, "d", runner, sigterm)
     err = _error_frame(tail)
-    assert err["type"] == "shutting_down"
+    assert (err["code"], err["status"]) == ("shutting_down", 503)
     # Tokens kept coming during the drain: the stream was not cut at once.
     assert tail.count(b'"text"') > 1
     assert took >= DRAIN_S * 0.9
@@ -116,7 +116,7 @@ async def test_cortex_sigterm_drains_then_ends_streams_cleanly(
 
     tail, took = await _cut_by_sigterm(c.url, "d", runner, sigterm)
     err = _error_frame(tail)
-    assert err["type"] == "shutting_down"
+    assert (err["code"], err["status"]) == ("shutting_down", 503)
     assert took >= DRAIN_S * 0.9
     assert c.process is not None and c.process.wait(30) == 0, c.log()
     assert n.model("d") is not None and n.model("d")["state"] == "ready"  # type: ignore[index]

@@ -170,7 +170,9 @@ async def test_a_stream_on_a_node_that_stops_ends_with_an_error_frame(
     assert b'"error"' not in raw2 and raw2.rstrip().endswith(b"data: [DONE]"), raw2[-500:]
     assert took < BOUND_S, f"error frame after {took:.1f} s"
     wait_until(
-        lambda: _metric(c, f'cortex_requests_total{{code="stream_error",model="{model_id}"}}'),
+        lambda: _metric(
+            c, f'cortex_requests_total{{api="chat",code="stream_error",model="{model_id}"}}'
+        ),
         60,
         "the broken stream counted",
     )

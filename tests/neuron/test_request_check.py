@@ -108,7 +108,7 @@ def test_runner_body_is_built_from_the_allow_list_only(info: ModelInfo) -> None:
         ({"n": 2}, "n"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": "y"}}, "stream_options"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"tools": "x"}, "tools"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"top_logprobs": 99}, "top_logprobs"),
