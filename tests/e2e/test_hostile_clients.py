@@ -48,7 +48,9 @@ from tests.support.waiting import until
 # +90 to +500 MB; after, tens of ms and +10 to +30 MB.
 HEALTH_BOUND_S = 2.0
 RSS_GROWTH_BOUND_MB = 120.0
-SLOWLORIS = 2000
+# The test holds the mechanism with fewer than the 2,000 (kept short for
+# the suite's time); `python -m bench.hostile` measures the 2,000.
+SLOWLORIS = 500
 HEADER_TIMEOUT_S = 2.0
 
 
@@ -84,7 +86,7 @@ async def test_gzip_bombs_leave_health_answering(start: Callable[..., Served]) -
     body = gzip_bomb()
     rest = rss_mb(s.pid)
     print(f"\n{s.name}: RSS at rest {rest:.0f} MB; bombs of {len(body)} bytes -> 1 GiB")
-    for n in (1, 4, 8):
+    for n in (8,):  # the worst case; bench.hostile also measures 1 and 4
         r = await bomb_round(s.port, s.pid, "/v1/chat/completions", n, body)
         print(
             f"  {n} bomb(s): /health {r.health}; RSS {r.rss_before_mb:.0f} -> peak "

@@ -78,11 +78,14 @@ def test_the_try_it_section_parses_into_commands() -> None:
 
 
 def _settled(base: str) -> bool:
-    """Every catalogued model has its wished replicas ready (the README unloads one)."""
+    """Every catalogued model the catalogue wishes loaded (keep_loaded or pinned) has
+    its replicas ready (the README unloads one); one loaded on first use is not waited for."""
     status, state, _ = request_json("GET", f"{base}/admin/state", None, 10.0)
     if status != 200:
         return False
     for m in state["models"]:
+        if not (m.get("keep_loaded") or m.get("pinned_on")):
+            continue
         ready = [p for p in m["placements"] if p["state"] == "ready" and p.get("healthy")]
         if len(ready) < int(m.get("replicas") or 1):
             return False
