@@ -300,9 +300,13 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         name, schema = tool.get("name"), tool.get("input_schema")
         if not isinstance(name, str) or not isinstance(schema, dict):
             raise _bad(f"tools.{i}", "needs a `name` and an `input_schema` object")
-        fn: dict[str, Any] = {"name": name, "parameters": schema}
+        # OpenAI's own key order (name, description, parameters): the chat template
+        # renders the JSON as sent, and the same tools then make the same prompt
+        # prefix whichever API asked (the runner's prompt cache reuses it).
+        fn: dict[str, Any] = {"name": name}
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
+        fn["parameters"] = schema
         out.append({"type": "function", "function": fn})
     return out
 

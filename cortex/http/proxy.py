@@ -412,12 +412,7 @@ class Proxy:
         label = self.metrics.model(r.model_id)
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)
-        # A translated API's stream: every byte through its transcoder, cortex's own
-        # error frames as its error event (chosen once: the chat path pays nothing).
-        xl = _transcoder(request)
-        write = resp.write if xl is None else _feeding(resp, xl)
-        end = sse_error_frame if xl is None else xl.fail
-        mark_streaming(request, resp, None if xl is None else xl.fail)
+        write, end = _writers(request, resp)
         relayed_error = False
         trace = _trace(request)
         chunk: bytes | None = first
@@ -554,9 +549,19 @@ class Proxy:
 _TRACE = web.RequestKey("cortex.trace", TraceDraft)
 
 
-def _transcoder(request: web.Request) -> Transcoder | None:
+def _writers(
+    request: web.Request, resp: web.StreamResponse
+) -> tuple[Callable[[bytes], Awaitable[None]], Callable[[str, int], bytes]]:
+    """How a stream's bytes are written and how cortex ends it: as they are, or for a
+    translated API through its transcoder, cortex's own cuts as its error event
+    (chosen once per stream: the chat path pays nothing per chunk)."""
     dialect = request.get(DIALECT)
-    return None if dialect is None else dialect.transcoder()
+    if dialect is None:
+        mark_streaming(request, resp)
+        return resp.write, sse_error_frame
+    xl = dialect.transcoder()
+    mark_streaming(request, resp, xl.fail)
+    return _feeding(resp, xl), xl.fail
 
 
 def _feeding(resp: web.StreamResponse, xl: Transcoder) -> Callable[[bytes], Awaitable[None]]:

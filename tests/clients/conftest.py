@@ -22,6 +22,7 @@ os.environ["LITELLM_TELEMETRY"] = "False"
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -69,3 +70,23 @@ def real_fleet(
     finally:
         cortex.stop()
         stop_quietly(neuron)
+
+
+# One tool for the real-model tool tests, as LangChain sends its `City` model: the same
+# JSON makes the same prompt prefix in every API, so the runner's prompt cache prefills
+# it once per session (this CPU prefills ~10 tokens/s; a cold tool prompt costs 15-20 s).
+CITY_DESCRIPTION = "A city and the country it is in."
+CITY_PARAMETERS: dict[str, Any] = {
+    "properties": {
+        "city": {"type": "string"},
+        "country": {"type": "string"},
+        "size": {"enum": ["small", "large"], "type": "string"},
+    },
+    "required": ["city", "country", "size"],
+    "type": "object",
+}
+CITY_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "City", "description": CITY_DESCRIPTION, "parameters": CITY_PARAMETERS},
+}
+ASK_CITY = "Name the capital of France, its country, and whether it is small or large."

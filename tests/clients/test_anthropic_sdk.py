@@ -24,19 +24,19 @@ import pytest
 from aiohttp import web
 
 from cortex.config import ApiKey
-from tests.clients.conftest import REAL_MODEL, RealFleet
+from tests.clients.conftest import (
+    ASK_CITY,
+    CITY_DESCRIPTION,
+    CITY_PARAMETERS,
+    REAL_MODEL,
+    RealFleet,
+)
 from tests.cortex.fakes import FakeNeuron, gateway, sse_frames
 
 QUESTION: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER: Any = {
-    "name": "get_weather",
-    "description": "The current weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
+ASK: list[Any] = [{"role": "user", "content": ASK_CITY}]
+# The session's one tool (see tests/clients/conftest.py), in Anthropic's shape.
+CITY: Any = {"name": "City", "description": CITY_DESCRIPTION, "input_schema": CITY_PARAMETERS}
 
 
 @pytest.fixture
@@ -134,9 +134,9 @@ def test_count_tokens_is_the_runners_prompt_count(
         )
     assert chat.usage is not None
     assert counted.input_tokens == chat.usage.prompt_tokens > 10
-    # No system prompt here, as in the forced tool call below: the two share a prompt
-    # prefix, so the runner's prompt cache prefills the tools once (this CPU is slow).
-    with_tools = client.messages.count_tokens(model=REAL_MODEL, messages=QUESTION, tools=[WEATHER])
+    # The very prompt of the forced tool call below: the runner's prompt cache then
+    # prefills it once (this CPU prefills ~10 tokens/s).
+    with_tools = client.messages.count_tokens(model=REAL_MODEL, messages=ASK, tools=[CITY])
     assert with_tools.input_tokens > counted.input_tokens + 20
     assert _requests(real_fleet, "count_tokens") >= 2
 
@@ -144,28 +144,28 @@ def test_count_tokens_is_the_runners_prompt_count(
 def test_a_forced_tool_call_and_its_result_on_the_wire(client: anthropic.Anthropic) -> None:
     """tool_choice {"type": "tool"}: the runner must call it; the tool_result goes back
     as a tool message and the model answers it."""
-    ask: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    ask = ASK
     msg = client.messages.create(
         model=REAL_MODEL,
         max_tokens=48,
         messages=ask,
-        tools=[WEATHER],
-        tool_choice={"type": "tool", "name": "get_weather"},
+        tools=[CITY],
+        tool_choice={"type": "tool", "name": "City"},
     )
     calls = [b for b in msg.content if b.type == "tool_use"]
     assert msg.stop_reason == "tool_use" and len(calls) >= 1, msg
     call = calls[0]
-    assert call.name == "get_weather" and isinstance(call.input, dict), call
+    assert call.name == "City" and isinstance(call.input, dict), call
     assert isinstance(call.input.get("city"), str), call.input
     turn: list[Any] = [
         *ask,
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
         {
             "role": "user",
-            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 24 C"}],
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Noted."}],
         },
     ]
-    reply = client.messages.create(model=REAL_MODEL, max_tokens=16, messages=turn, tools=[WEATHER])
+    reply = client.messages.create(model=REAL_MODEL, max_tokens=16, messages=turn, tools=[CITY])
     assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use"), reply
     assert reply.content, reply
 

@@ -18,9 +18,10 @@ from typing import Literal
 
 import jsonschema
 import pydantic
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_openai import ChatOpenAI
 
-from tests.clients.conftest import REAL_MODEL, RealFleet
+from tests.clients.conftest import ASK_CITY, CITY_TOOL, REAL_MODEL, RealFleet
 
 LLM = Path(sys.executable).parent / "llm"
 
@@ -45,7 +46,7 @@ def _chat(fleet: RealFleet) -> ChatOpenAI:
     )
 
 
-PROMPT = "Name the capital of France, its country, and whether it is small or large."
+PROMPT = ASK_CITY
 
 
 def test_langchain_structured_output_with_json_schema(real_fleet: RealFleet) -> None:
@@ -59,6 +60,8 @@ def test_langchain_structured_output_with_json_schema(real_fleet: RealFleet) -> 
 def test_langchain_structured_output_with_function_calling(real_fleet: RealFleet) -> None:
     """`with_structured_output(method="function_calling")` forces a tool call: a City,
     never the silent None an ignored tool_choice gave."""
+    # The session's one tool, as the other tool tests send it (one prompt prefix).
+    assert convert_to_openai_tool(City) == CITY_TOOL
     structured = _chat(real_fleet).with_structured_output(City, method="function_calling")
     got = structured.invoke(PROMPT)
     assert isinstance(got, City), got

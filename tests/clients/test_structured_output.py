@@ -1,6 +1,7 @@
 """Structured output and forced tool calls on the real model, through cortex, with the
 openai SDK: the runner's grammar makes the answer parse and validate, and a forced
-call come back as `tool_calls` with finish_reason "tool_calls", streamed or not.
+call come back as `tool_calls` with finish_reason "tool_calls" (streamed here; a named
+forced call unstreamed is LangChain's `function_calling` in test_structured_clients.py).
 
 (LangChain's and `llm`'s own ways of asking are in test_structured_clients.py.)
 """
@@ -13,7 +14,7 @@ from typing import Any
 import jsonschema
 from openai import OpenAI
 
-from tests.clients.conftest import REAL_MODEL, RealFleet
+from tests.clients.conftest import ASK_CITY, CITY_PARAMETERS, CITY_TOOL, REAL_MODEL, RealFleet
 
 PERSON = {
     "type": "object",
@@ -31,27 +32,13 @@ PERSON = {
     "required": ["name", "age", "role", "address"],
     "additionalProperties": False,
 }
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 24},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
+# The session's one tool first (the prompt prefix the other tool tests share), then one
+# without parameters.
 TOOLS: Any = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": WEATHER,
-        },
-    },
+    CITY_TOOL,
     {"type": "function", "function": {"name": "get_time", "description": "The time now"}},
 ]
-ASK_WEATHER: Any = [{"role": "user", "content": "What is the weather like in Paris?"}]
+ASK: Any = [{"role": "user", "content": ASK_CITY}]
 
 
 def _client(fleet: RealFleet) -> OpenAI:
@@ -74,26 +61,10 @@ def test_json_schema_answer_validates(real_fleet: RealFleet) -> None:
     jsonschema.validate(json.loads(choice.message.content or ""), PERSON)
 
 
-def test_named_tool_call_unstreamed(real_fleet: RealFleet) -> None:
-    answer = _client(real_fleet).chat.completions.create(
-        model=REAL_MODEL,
-        messages=ASK_WEATHER,
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=60,
-        temperature=0.0,
-    )
-    choice = answer.choices[0]
-    assert choice.finish_reason == "tool_calls", choice
-    [call] = choice.message.tool_calls or []
-    assert call.type == "function" and call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
-
-
 def test_required_tool_call_streamed(real_fleet: RealFleet) -> None:
     stream = _client(real_fleet).chat.completions.create(
         model=REAL_MODEL,
-        messages=ASK_WEATHER,
+        messages=ASK,
         tools=TOOLS,
         tool_choice="required",
         max_tokens=60,
@@ -112,8 +83,8 @@ def test_required_tool_call_streamed(real_fleet: RealFleet) -> None:
                 call["arguments"] += (d.function and d.function.arguments) or ""
     assert finish == "tool_calls" and not text.strip(), (finish, text)
     [call] = calls.values()
-    assert call["name"] in ("get_weather", "get_time")
+    assert call["name"] in ("City", "get_time")
     arguments = json.loads(call["arguments"])
     assert isinstance(arguments, dict)
-    if call["name"] == "get_weather":
-        jsonschema.validate(arguments, WEATHER)
+    if call["name"] == "City":
+        jsonschema.validate(arguments, CITY_PARAMETERS)

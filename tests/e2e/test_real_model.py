@@ -30,7 +30,7 @@ GREEDY_PROMPTS = [
     "Name three colours.",
     "Write one sentence about the sea.",
 ]
-GREEDY_TOKENS = 12
+GREEDY_TOKENS = 8
 
 
 @attrs.frozen
