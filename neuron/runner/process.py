@@ -81,14 +81,14 @@ def write_group_files(group: GroupSpec | None, files_dir: Path) -> None:
         (files_dir / "ibv_devices.json").write_text(ibv_devices_json(group))
 
 
-def embed_runner_argv(
-    config: RunnerConfig, model_id: str, model_dir: Path, port: int, max_input_tokens: int | None
+def _argv_head(
+    config: RunnerConfig, module: str, model_id: str, model_dir: Path, port: int
 ) -> list[str]:
-    """The embedding runner's command line (an encoder: no mlx_lm.server arguments)."""
-    argv = [
+    """What every runner's command line starts with: its shim, model and loopback port."""
+    return [
         config.python,
         "-m",
-        "neuron.runner.embed_main",
+        module,
         MODEL_ID_FLAG,
         model_id,
         "--model",
@@ -97,6 +97,15 @@ def embed_runner_argv(
         "127.0.0.1",
         "--port",
         str(port),
+    ]
+
+
+def embed_runner_argv(
+    config: RunnerConfig, model_id: str, model_dir: Path, port: int, max_input_tokens: int | None
+) -> list[str]:
+    """The embedding runner's command line (an encoder: no mlx_lm.server arguments)."""
+    argv = [
+        *_argv_head(config, "neuron.runner.embed_main", model_id, model_dir, port),
         "--max-batch-tokens",
         str(config.embed_batch_tokens),
     ]
@@ -109,17 +118,7 @@ def runner_argv(
     config: RunnerConfig, model_id: str, model_dir: Path, port: int, group: GroupSpec | None
 ) -> list[str]:
     argv = [
-        config.python,
-        "-m",
-        "neuron.runner.main",
-        MODEL_ID_FLAG,
-        model_id,
-        "--model",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        *_argv_head(config, "neuron.runner.main", model_id, model_dir, port),
         "--decode-concurrency",
         str(config.decode_concurrency),
         "--prompt-concurrency",

@@ -11,17 +11,14 @@ runner included, run and be tested on any CPU in seconds.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from neuron.store.demo_model import _CORPUS, NotADemoModel
+from neuron.store.demo_model import _CORPUS, building
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 README_MARK = "Demo encoder for cortex + neuron"
@@ -120,18 +117,12 @@ def build_demo_encoder(
     non-empty `path` that is not a demo encoder is refused (NotADemoModel).
     """
     path = Path(path).resolve()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not is_demo_encoder(path):
-        raise NotADemoModel(f"{path} exists and is not a demo encoder; pick another directory")
-
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from neuron.runner.encoder import Encoder, EncoderConfig
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
+    with building(path, is_demo_encoder, "demo encoder") as tmp:
         vocab = _write_tokenizer(tmp, vocab_size)
         config = encoder_config(vocab, shape)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -144,10 +135,4 @@ def build_demo_encoder(
             f"{README_MARK} (seed {seed}): random weights; vectors of the right shape that "
             "mean nothing.\n"
         )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -7,10 +7,12 @@ The shape (4 attention heads, 2 KV heads) lets it be tensor-sharded over 2 ranks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,26 @@ def is_demo_model(path: Path) -> bool:
     return readme.is_file() and readme.read_text(errors="replace").startswith(README_MARK)
 
 
+@contextlib.contextmanager
+def building(path: Path, ours: Callable[[Path], bool], what: str) -> Iterator[Path]:
+    """A temp dir beside `path` to write a model into; on success it replaces `path`
+    at once (an earlier build of ours), on failure it is removed. A non-empty `path`
+    that `ours` does not recognise is refused: never delete an operator's files."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not ours(path):
+        raise NotADemoModel(f"{path} exists and is not a {what}; pick another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_demo_model(
     path: Path, seed: int = 0, vocab_size: int = 512, shape: Shape = Shape()
 ) -> Path:
@@ -132,17 +154,11 @@ def build_demo_model(
     An existing non-empty `path` that is not a demo model is refused.
     """
     path = Path(path).resolve()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not is_demo_model(path):
-        raise NotADemoModel(f"{path} exists and is not a demo model; pick another directory")
-
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
+    with building(path, is_demo_model, "demo model") as tmp:
         vocab = _train_tokenizer(tmp, vocab_size)
         config = demo_config(vocab, shape)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -158,10 +174,4 @@ def build_demo_model(
         (tmp / "README.md").write_text(
             f"{README_MARK} (seed {seed}): random weights, noise not language.\n"
         )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
