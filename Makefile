@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron bench-control bench-affinity clean
+.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron bench-control bench-affinity bench-heartbeat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,9 @@ sysdeps:
 	    --no-install-recommends $(SYSDEPS_PKGS) >/dev/null) || echo "apt-get failed; tests needing them skip"; \
 	fi
 
+# Two workers, one test file each at a time (a module's shared fleet stays in one).
 unit: setup sysdeps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
 
@@ -64,6 +65,10 @@ bench-control: setup sysdeps
 # Two real replicas, multi-turn chats: cached prompt-token share and TTFT per routing.
 bench-affinity: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.affinity $(BENCH_ARGS)
+
+# The runner heartbeat's cost: CPU per GET /health probe; decode tok/s, heartbeat off/1 s/0.05 s (~3 min).
+bench-heartbeat: setup
+	$(BIN)/python -m bench.heartbeat $(BENCH_ARGS)
 
 # All four, one after another (never two at once: 2 cores), each writing its
 # BENCHMARKS.md section.

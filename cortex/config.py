@@ -59,7 +59,17 @@ class CortexConfig(ServerConfig):
 
     port: int = 9400
     catalogue: str = "models.toml"
+    # Reload cortex.toml and the catalogue when either changes on disk (as SIGHUP does).
+    watch_config: bool = False
     neurons: tuple[NeuronRef, ...] = ()
+    # Poll neurons that announce themselves over mDNS (DNS-SD `_cortex-neuron._tcp`)
+    # besides [[neurons]] (which win a conflict). One is polled only once it proves it
+    # holds this cortex's fleet token; one that cannot is listed as a `stranger`. A
+    # discovered node unheard from for `discover_forget_s` leaves the poll set.
+    discover: bool = False
+    discover_forget_s: float = 60.0
+    # `cortex join-code`: how long a code stays good (single use; `--ttl` shortens it).
+    join_code_ttl_s: float = 600.0
     # Health polling: every node concurrently, each call with its own timeout.
     poll_interval_s: float = 2.0
     poll_timeout_s: float = 1.5
@@ -100,8 +110,12 @@ class CortexConfig(ServerConfig):
     load_poll_interval_s: float = 0.25
     # An explicit load waits this long for a node's discovery before answering 503.
     discovery_wait_s: float = 5.0
-    # First TCP port for multi-node ring groups (rank i of a group uses base + offset + i).
-    ring_base_port: int = 47000
+    # Ring groups' TCP ports: each group takes a block of consecutive ports (rank i on
+    # the block's first + i), blocks taken in turn through ring_base_port .. +
+    # ring_port_span - 1. Below 32768: outside Linux's (32768-60999) and macOS's
+    # (49152-65535) ephemeral ranges, where any outgoing connection may take a port.
+    ring_base_port: int = 28000
+    ring_port_span: int = 4000
     # A node restarted by an operator (POST /admin/nodes/{name}/restart) is kept out of
     # routing until it answers as a new process, or at most this long.
     recycle_timeout_s: float = 600.0
@@ -118,11 +132,30 @@ class CortexConfig(ServerConfig):
     # One unload POST (teardowns, idle unloads): a hung node must not stall the others.
     unload_timeout_s: float = 10.0
     # -- doctor (GET /admin/doctor, `cortex doctor`) --
-    # A replica's 2-token probe: slower than this warns, none within the timeout fails.
+    # A replica's 2-token probe: slower than slow warns, slower than critical fails (the
+    # Hydra runbook's 2 s and 5 s); none within the timeout fails as "no answer".
     doctor_probe_slow_s: float = 2.0
+    doctor_probe_critical_s: float = 5.0
     doctor_probe_timeout_s: float = 10.0
+    # A node's 5-minute load average per core: past 1.0 runnable threads wait for a
+    # core (the usual saturation line). No fail line by default: a node doing CPU
+    # work is busy, not broken, and the probe's latency fails it once it is too slow
+    # to serve; set one (> 0) to fail past it.
+    doctor_load_warn: float = 1.0
+    doctor_load_fail: float = 0.0
+    # The hottest temperature sensor (°C): CPUs and GPUs throttle from about 90-100
+    # (Intel TjMax 100, AMD Tctl 95, NVIDIA's slowdown near 90), so 80 leaves a margin
+    # and 90 is at the throttle line. macOS reports a pressure level instead.
+    doctor_temp_warn_c: float = 80.0
+    doctor_temp_fail_c: float = 90.0
+    # Power at or past this share of a device's own cap (NVIDIA power.limit, hwmon
+    # power*_cap) warns: it throttles there. Never a fail: under full load it is normal.
+    doctor_power_warn_frac: float = 0.95
     # A runner restart this recent is reported (warn).
     doctor_restart_window_s: float = 3600.0
+    # -- the dashboard's charts (cortex.run.history): a point every step, kept this long --
+    history_step_s: float = 5.0
+    history_span_s: float = 600.0
     # -- what cortex keeps across restarts --
     # Operators' holds (a forced unload) as JSON. In a file read with `from_file`,
     # unset means `cortex-state.json` in journal_dir if set, else beside this file;
@@ -139,8 +172,16 @@ class CortexConfig(ServerConfig):
             "max_keep_alive_s",
             "unload_timeout_s",
             "doctor_probe_slow_s",
+            "doctor_probe_critical_s",
             "doctor_probe_timeout_s",
+            "doctor_load_warn",
+            "doctor_temp_warn_c",
+            "doctor_temp_fail_c",
+            "doctor_power_warn_frac",
             "doctor_restart_window_s",
+            "discover_forget_s",
+            "join_code_ttl_s",
+            "history_step_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
@@ -171,13 +212,23 @@ class CortexConfig(ServerConfig):
             raise ValueError("retry_attempts must be >= 1")
         if self.load_wait_s < 0 or self.discovery_wait_s < 0:
             raise ValueError("load_wait_s and discovery_wait_s must be >= 0")
-        # Ring ports come from base .. base + 16000 (lifecycle.RingPorts), one block a group.
-        if not 1024 <= self.ring_base_port <= 65535 - 1000 * 16:
-            raise ValueError(f"ring_base_port must be in 1024..{65535 - 1000 * 16}")
+        # Ring ports come from base .. base + span - 1 (lifecycle.RingPorts), a block a group.
+        last = self.ring_base_port + self.ring_port_span - 1
+        if self.ring_port_span < 2 or not 1024 <= self.ring_base_port <= last <= 65535:
+            raise ValueError(
+                "ring ports ring_base_port .. ring_base_port + ring_port_span - 1"
+                f" ({self.ring_base_port}..{last}) must lie within 1024..65535,"
+                " with ring_port_span >= 2"
+            )
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("admin_token must be at least 8 characters")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if self.doctor_load_fail < 0:
+            raise ValueError("doctor_load_fail must be >= 0 (0: load never fails)")
+        step = self.history_step_s
+        if step > 0 and not 1 <= self.history_span_s / step <= 10_000:
+            raise ValueError("history_span_s / history_step_s must be 1 .. 10000 points")
 
     @classmethod
     def from_file(cls, path: str | Path) -> CortexConfig:
@@ -198,6 +249,30 @@ class CortexConfig(ServerConfig):
         return attrs.evolve(
             cfg, catalogue=str(cat), fleet_token=token, journal_dir=journal, state_file=str(state)
         )
+
+
+def catalogue_problems(config: CortexConfig, catalogue: Catalogue) -> list[str]:
+    """What would make a load fail for sure: a local source missing, an unknown pinned node.
+
+    (A local source is checked on this host; a neuron elsewhere may see other files.)
+    """
+    names = {n.name for n in config.neurons}
+    out = []
+    for spec in catalogue.models:
+        if spec.is_local:
+            path = Path(spec.source).expanduser()
+            if not path.exists():
+                out.append(f"model {spec.id!r}: local source {str(path)!r} does not exist")
+            elif not (path / "config.json").is_file():
+                out.append(f"model {spec.id!r}: {str(path)!r} is not a model dir (no config.json)")
+        out += spec.option_problems()  # its draft model and adapters (shared.catalogue)
+        unknown = sorted(set(spec.pinned_on) - names)
+        # With discovery a pin may name a node no [[neurons]] lists: it announces itself.
+        if unknown and not config.discover:
+            out.append(
+                f"model {spec.id!r}: pinned_on names node(s) not configured: {', '.join(unknown)}"
+            )
+    return out
 
 
 # Where the app keeps its settings.

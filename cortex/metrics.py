@@ -219,11 +219,18 @@ class Metrics:
             models=frozenset(models),
         )
         out.build_info.labels(*build_labels()).set(1)
-        out._preinitialise(tuple(nodes))
+        out._preinitialise((*sorted(out.models), "other"), tuple(nodes))
         return out
 
-    def _preinitialise(self, nodes: tuple[str, ...]) -> None:
-        for model in (*sorted(self.models), "other"):
+    def add_models(self, ids: Iterable[str]) -> None:
+        """Models a reload added to the catalogue: labelled by name from now on (a
+        removed one keeps its series; its name stays a bounded label)."""
+        new = tuple(sorted(set(ids) - self.models))
+        self.models = self.models | set(new)
+        self._preinitialise(new, ())
+
+    def _preinitialise(self, models: tuple[str, ...], nodes: tuple[str, ...]) -> None:
+        for model in models:
             for code in REQUEST_CODES:
                 # Series start at 0 for the chat API; the others appear when first used.
                 self.requests.labels(model, code, "chat")

@@ -14,6 +14,7 @@ import attrs
 
 from shared.config import ServerConfig, load_config, read_token
 from shared.kinds import ModelKind
+from shared.model_id import check as check_model_id
 
 
 @attrs.frozen
@@ -35,24 +36,37 @@ class RunnerConfig:
     warmup_deadline_s: float = 300.0
     # The same for a multi-rank group (rank 0 answers only once every rank joined).
     group_connect_deadline_s: float = 120.0
-    # Heartbeat watchdog: a runner with requests in flight that sends no byte for
-    # this long and leaves GET /health unanswered for `health_probe_timeout_s`
-    # is killed (a lost peer can make a rank spin or block forever). A streaming
-    # runner sends a keepalive during prefill and a frame per token, so 15 s of
-    # silence is already far outside normal; the probe guards against false kills.
-    stall_timeout_s: float = 15.0
-    health_probe_timeout_s: float = 5.0
+    # The heartbeat: every `health_check_interval_s` each runner, idle or busy, is
+    # looked at (its process stopped?) and, if it serves HTTP, asked GET /health
+    # (answered on its HTTP thread: no generation slot is taken). A runner whose
+    # process is stopped, or whose /health goes unanswered for
+    # `health_probe_timeout_s`, is `stalled` at once (not routable); still stalled
+    # `stall_timeout_s` later, it is killed and replaced (a rank of a group: the
+    # group is torn down and re-formed).
+    stall_timeout_s: float = 2.5
+    health_probe_timeout_s: float = 2.0
+    # Rank 0 of a multi-rank group with requests in flight and no byte from its
+    # runner for this long is hung on a collective (a lost or frozen peer: its
+    # /health still answers, and MLX's ring spins, so its CPU time says nothing).
+    # The runner is always asked to stream, and streams a keepalive per prefill
+    # step and a frame per token, so this much silence is far outside normal.
+    group_stall_timeout_s: float = 8.0
     # Unload: SIGTERM to the process group, this long, then SIGKILL.
     stop_grace_s: float = 5.0
     # Appended to every runner's command line (e.g. ["--kv-bits", "8"]).
     extra_args: tuple[str, ...] = ()
     # Lines of runner stderr kept in memory for the `failed` error.
     stderr_tail_lines: int = 40
+    # Each runner's whole output, store/logs/<model>.log, is rotated (`.1`, `.2` ...)
+    # past log_max_mb keeping log_keep old files, as the journals are; below the
+    # journals' free-space floor (journal_min_free_mb) it is only counted.
+    log_max_mb: float = 64.0
+    log_keep: int = 3
     # A runner whose requests fail this many times in a row (5xx, or a stream cut
     # before its end) is broken: restarted like a crash.
     max_consecutive_errors: int = 3
-    # How often GET /health of a ready runner is read (503: its generation thread died).
-    health_check_interval_s: float = 5.0
+    # The heartbeat's period (above); a 503 from /health means its generation thread died.
+    health_check_interval_s: float = 1.0
     # Embedding runners: tokens (padded) computed in one batch, across the requests
     # that queued while the previous batch ran.
     embed_batch_tokens: int = 8192
@@ -66,13 +80,17 @@ class RunnerConfig:
             "max_tokens",
             "max_consecutive_errors",
             "embed_batch_tokens",
+            "log_keep",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name} must be >= 1")
+        if self.log_max_mb <= 0:
+            raise ValueError("runner.log_max_mb must be > 0")
         for name in (
             "warmup_deadline_s",
             "group_connect_deadline_s",
             "stall_timeout_s",
+            "group_stall_timeout_s",
             "health_probe_timeout_s",
             "health_check_interval_s",
         ):
@@ -118,6 +136,9 @@ class LoadEntry:
     # "chat" (mlx_lm.server) or "embedding" (the embedding runner).
     kind: ModelKind = "chat"
 
+    def __attrs_post_init__(self) -> None:
+        check_model_id(self.model_id, "[[load]] model_id")  # as a load request's (shared.wire)
+
 
 @attrs.frozen
 class NeuronConfig(ServerConfig):
@@ -156,6 +177,25 @@ class NeuronConfig(ServerConfig):
     # Loads of jaccl-group ranks since the neuron started past which doctor and the
     # dashboard advise a reboot (RDMA queue pairs degrade over many load cycles).
     jaccl_reload_budget: int = 20
+    # Announce this node over mDNS (DNS-SD `_cortex-neuron._tcp`) while `neuron serve`
+    # runs, for a cortex with `discover = true`. On by default: it is what makes a
+    # node join without a config edit, it carries no secret, and it takes effect only
+    # once `host` is beyond loopback (no other host could reach a loopback neuron).
+    announce: bool = True
+    # CPU load, temperatures and power for /health and `cortex doctor` (neuron.sensors):
+    # read every sensors_interval_s on a thread of their own (0: not read). The hwmon
+    # root is Linux's; sensors_powermetrics_sudo runs macOS's powermetrics (root only)
+    # as `sudo -n powermetrics`, for a neuron user a sudoers rule allows it.
+    sensors_interval_s: float = 10.0
+    sensors_hwmon_dir: str = "/sys/class/hwmon"
+    sensors_powermetrics_sudo: bool = False
+    # POST /admin/reboot (cortex: `cortex reboot NODE --confirm NODE`) reboots this
+    # machine with reboot_command, for RDMA queue pairs only a reboot frees. Off by
+    # default; on, it needs a fleet token, and the neuron's user the right to run it
+    # (a sudoers rule for the command, or root). The minute lets the answer and the
+    # drain happen first.
+    allow_reboot: bool = False
+    reboot_command: tuple[str, ...] = ("sudo", "-n", "/sbin/shutdown", "-r", "+1")
     runner: RunnerConfig = attrs.Factory(RunnerConfig)
     admission: AdmissionConfig = attrs.Factory(AdmissionConfig)
     restart: RestartConfig = attrs.Factory(RestartConfig)
@@ -173,6 +213,10 @@ class NeuronConfig(ServerConfig):
             raise ValueError("stage_read_timeout_s must be > 0")
         if self.jaccl_reload_budget < 1:
             raise ValueError("jaccl_reload_budget must be >= 1")
+        if not self.reboot_command:
+            raise ValueError("reboot_command must name a command")
+        if self.sensors_interval_s < 0:
+            raise ValueError("sensors_interval_s must be >= 0 (0: sensors not read)")
         ids = [e.model_id for e in self.load]
         if len(ids) != len(set(ids)):
             raise ValueError("[[load]] names a model_id twice")

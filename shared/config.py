@@ -12,7 +12,7 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -45,6 +45,10 @@ class ServerConfig:
     drain_s: float = 30.0
     # aiohttp's line per request (off: it costs more than handling a small request).
     access_log: bool = False
+    # Log lines as text (to stderr), or "json": one object per line on stdout, with
+    # ts, level, logger, message, service, and the request id, model and node where
+    # known (shared.logjson). Read at start; a reload does not change it.
+    log_format: Literal["text", "json"] = "text"
     # What one client may cost before a handler runs (shared.serve): a request's headers
     # must arrive within header_timeout_s of its first byte (a new connection's, of its
     # opening), its body within body_timeout_s (else 408, the connection closed); one

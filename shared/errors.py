@@ -157,11 +157,49 @@ class ModelNotAllowed(ApiError):
     type = "permission_error"
 
 
+class RequestCancelled(ApiError):
+    """A request ended by DELETE /v1/requests/{id} (its sender or an operator).
+
+    499, nginx's "client closed request" (sglang and gRPC's CANCELLED use it too): a
+    4xx, so no client or gateway retries it (LiteLLM and the OpenAI SDKs retry only
+    408, 409, 429 and 5xx) and LiteLLM does not bench the upstream (it does on 404).
+    """
+
+    status = 499
+    code = "request_cancelled"
+    type = "invalid_request_error"
+
+    def to_response(self) -> web.Response:
+        resp = super().to_response()
+        resp.set_status(self.status, "Request Cancelled")  # no standard reason to fall back on
+        return resp
+
+
+class RequestNotYours(ApiError):
+    """A cancel of a request another API key sent: only its sender or the admin token."""
+
+    status = 403
+    code = "request_not_yours"
+    type = "permission_error"
+
+
 class ModelKeptLoaded(ApiError):
     """An unload the reconciler would undo at once (keep_loaded or pinned_on)."""
 
     status = 409
     code = "model_kept_loaded"
+    type = "invalid_request_error"
+
+
+class RingPortTaken(ApiError):
+    """A group load whose ring port this member cannot bind (another process holds it):
+    refused before any runner starts; cortex skips to another block of ports.
+
+    `details`: {"host", "port"}. No Retry-After: the same block would fail again.
+    """
+
+    status = 409
+    code = "ring_port_taken"
     type = "invalid_request_error"
 
 
@@ -171,6 +209,40 @@ class ForceNeedsAdminToken(ApiError):
     status = 403
     code = "admin_token_required"
     type = "permission_error"
+
+
+class JoinCodeRefused(ApiError):
+    """POST /join with a code that admits no one: unknown, expired or used (the message
+    says which). Never retried: a new code is an operator's `cortex join-code`."""
+
+    status = 403
+    code = "join_code_refused"
+    type = "permission_error"
+
+
+class NoFleetToken(ApiError):
+    """A join code asked of a cortex with no fleet token: it has nothing to hand out."""
+
+    status = 409
+    code = "no_fleet_token"
+    type = "invalid_request_error"
+
+
+class RebootNotAllowed(ApiError):
+    """POST /admin/reboot on a neuron not configured to (allow_reboot = false, or no
+    fleet token): the message gives the command to run by hand instead."""
+
+    status = 403
+    code = "reboot_not_allowed"
+    type = "permission_error"
+
+
+class RebootFailed(ApiError):
+    """The node's reboot command failed (no sudo right, say): its output is the message."""
+
+    status = 500
+    code = "reboot_failed"
+    type = "server_error"
 
 
 class RequestTooLarge(ApiError):
@@ -208,7 +280,9 @@ class TooManyConnections(ApiError):
 
 
 class InsufficientStorage(ApiError):
-    """A stage that would take the store's disk below its free-space floor (min_free_gb).
+    """A stage that would take the store's disk below its free-space floor (min_free_gb),
+    refused before a byte is written; or one the disk filled up under (ENOSPC), ended
+    as a job with this code and the same arithmetic, its partial files kept.
 
     Not retryable by itself: disk frees only when an operator (or the budget) acts.
     """

@@ -191,7 +191,7 @@ class JournalFile:
             if size and size + len(data) > s.max_bytes:
                 file.write(b"".join(pending))
                 file.close()
-                _rotate(s.path, s.keep)
+                rotate(s.path, s.keep)
                 file = s.path.open("ab")
                 size, pending = 0, []
             pending.append(data)
@@ -216,8 +216,10 @@ def _line(record: _Record) -> str:
     return json.dumps(record.to_json(), separators=(",", ":"), default=str)
 
 
-def _rotate(path: Path, keep: int) -> None:
-    """`path` becomes `path.1`, `.1` becomes `.2` ..., beyond `.keep` is deleted."""
+def rotate(path: Path, keep: int) -> None:
+    """`path` becomes `path.1`, `.1` becomes `.2` ..., beyond `.keep` is deleted.
+
+    Shared with the runners' log files (neuron.runner.runner_log)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"{path}.{keep}")
     for i in range(keep - 1, 0, -1):

@@ -1,5 +1,5 @@
-"""`web.run_app` as `cortex serve` and `neuron serve` use it: uvloop, no access log, and
-bounded work for every connection before any handler runs.
+"""`web.run_app` as `cortex serve` and `neuron serve` use it: uvloop, no access log,
+bounded work for every connection before any handler runs, and a drain on SIGTERM.
 
 uvloop's loop is a third or more cheaper per proxied chunk than asyncio's (the
 relay is mostly socket reads and writes); aiohttp's access log formats and
@@ -18,16 +18,25 @@ of a whole request only after `keepalive_timeout`, 75 s) and no hook per connect
 The least invasive place that sees every connection is the protocol factory the
 listening socket is created with: the loop this module makes wraps it, so that each
 connection's aiohttp RequestHandler sits inside a ConnectionGuard that forwards every
-event to it. Everything else (web.run_app, signals, the drain, shutdown) stays
-aiohttp's own. The guard learns that a request has reached the app from
+event to it. The guard learns that a request has reached the app from
 `guard_middleware` (through the transport's protocol: public API, no private state).
+
+Signals (issue 19): aiohttp's own handler closes the listener at once, so during a
+drain a neuron's /status and cortex's /health were refused, and cortex took a
+draining neuron for a dead one. Here SIGTERM (or SIGINT) begins the app's drain
+(shared.drain) with the listener open: new inference requests get 503
+`shutting_down`, the rest is answered as usual. When no request is left or
+`drain_s` has passed, GracefulExit ends web.run_app and aiohttp's shutdown runs as
+before. A second signal waits no longer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -35,8 +44,10 @@ from typing import Any, cast
 
 import attrs
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 
 from shared.config import ServerConfig
+from shared.drain import DRAIN, Drain
 from shared.errors import BODY_TIMEOUT, Handler, TooManyConnections
 
 log = logging.getLogger(__name__)
@@ -254,6 +265,67 @@ def _guarded(base: type[asyncio.AbstractEventLoop], guards: Guards) -> asyncio.A
     return loop
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@attrs.define
+class Stopper:
+    """What SIGTERM and SIGINT do: drain first (the listener stays open), then exit."""
+
+    drain: Drain | None
+    _waiting: asyncio.Task[None] | None = None
+    _exiting: bool = False
+
+    def signalled(self, sig: signal.Signals) -> None:
+        if self._waiting is None:
+            log.info("%s: draining, then shutting down (again: stop waiting)", sig.name)
+            self._waiting = asyncio.get_running_loop().create_task(
+                self._drain_then_exit(), name="drain on signal"
+            )
+            return
+        log.warning("%s again: not waiting for requests in flight any longer", sig.name)
+        if self.drain is not None:
+            self.drain.hurry()  # shutdown's Drain.close cuts what still runs, at once
+        self._exit()
+
+    async def _drain_then_exit(self) -> None:
+        if self.drain is not None:
+            await self.drain.drained()
+        self._exit()
+
+    def _exit(self) -> None:
+        if not self._exiting:
+            self._exiting = True
+            # Raised from a loop callback, GracefulExit (a SystemExit) leaves
+            # run_until_complete, and web.run_app runs aiohttp's shutdown (uvloop too).
+            asyncio.get_running_loop().call_soon(_graceful_exit)
+
+
+def _graceful_exit() -> None:
+    raise GracefulExit
+
+
+def _on_signals(app: web.Application) -> None:
+    """Install the signal handlers as the app starts, and remove them once it is cleaned up."""
+    stopper = Stopper(app.get(DRAIN))
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError):  # no signals on Windows
+                loop.add_signal_handler(sig, stopper.signalled, sig)
+
+    async def remove(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)
+
+    # First: a signal during startup (a slow [[load]]) already drains and exits.
+    app.on_startup.insert(0, install)
+    app.on_cleanup.append(remove)
+
+
 def run_app(
     app: web.Application,
     *,
@@ -261,12 +333,16 @@ def run_app(
     limits: ConnectionLimits | None = None,
     **kwargs: Any,
 ) -> None:
-    """Serve `app` until a signal; `access_log` logs a line per request (off by default)."""
+    """Serve `app` until a signal; `access_log` logs a line per request (off by default).
+
+    SIGTERM drains the app's DRAIN (shared.drain) before aiohttp's shutdown."""
     from aiohttp.log import access_logger
 
+    _on_signals(app)
     web.run_app(
         app,
         loop=new_event_loop(Guards(limits or ConnectionLimits())),
         access_log=access_logger if access_log else None,
+        handle_signals=False,
         **kwargs,
     )

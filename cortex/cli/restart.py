@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -25,15 +26,23 @@ from cortex.cli.remote import (
 POLL_S = 0.5
 
 HELP = f"""\
-Recycle NODE: cortex stops routing to it, the neuron drains (requests in
-flight finish, up to its drain_s), stops its runners and re-executes itself
-(same node_id); cortex routes to it again once it answers as the new process,
-and the reconciler loads back the models its wishes want there. Requests sent
-meanwhile go to the other replicas.
+Recycle NODE: cortex stops routing to it, the neuron drains (it reports
+`draining` while requests in flight finish, up to its drain_s), stops its
+runners and re-executes itself (same node_id); cortex routes to it again once
+it answers as the new process, and the reconciler loads back the models its
+wishes want there. Requests sent meanwhile go to the other replicas.
 
 With --wait, follow until the node is healthy and every model it served
 before is ready on it again (models loaded only on demand come back on demand,
 so --wait reports them but does not wait for them).
+
+This recycles the neuron process, not the machine. After jaccl errno 16 or 96
+(or past a node's jaccl reload budget) the runbooks say reboot: the RDMA queue
+pairs leak until the machine itself reboots, and no restart here frees them.
+Reboot it with `cortex reboot NODE --confirm NODE` where its neuron allows it
+(allow_reboot), else from a shell: `ssh HOST sudo shutdown -r now` (Linux and
+macOS; HOST as in the node's url); this command prints that for a node that ran
+jaccl groups.
 
 {CONNECTION_HELP}
 
@@ -63,6 +72,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def _restart(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    before = _state(target)  # for the reboot note: read before the count resets
     status, answer = target.call("POST", f"/admin/nodes/{args.node}/restart")
     if status != 202 or not isinstance(answer, dict):
         raise ApiFailure.of(status, answer)
@@ -73,6 +83,8 @@ def _restart(args: argparse.Namespace, target: Target, out: TextIO) -> int:
         file=out,
         flush=True,
     )
+    if (note := reboot_note(before, args.node)) is not None:
+        print(note, file=out, flush=True)
     if not args.wait:
         return EXIT_OK
     try:
@@ -80,6 +92,19 @@ def _restart(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     except KeyboardInterrupt:
         print("stopped following; the restart goes on", file=out)
         return EXIT_INTERRUPTED
+
+
+def reboot_note(state: dict[str, Any] | None, node: str) -> str | None:
+    """For a node that ran jaccl groups: a restart does not free RDMA queue pairs."""
+    n = next((x for x in (state or {}).get("nodes", []) if x.get("name") == node), None)
+    if n is None or not (n.get("jaccl_loads") or n.get("advice")):
+        return None
+    host = urlsplit(str(n.get("url", ""))).hostname or node
+    return (
+        f"note: this recycles the neuron process on {node} only, not the machine; RDMA queue "
+        f"pairs its jaccl groups leaked ({n.get('jaccl_loads', 0)} jaccl load(s)) stay leaked "
+        f"until it reboots: ssh {host} sudo shutdown -r now"
+    )
 
 
 def _state(target: Target) -> dict[str, Any] | None:
@@ -129,6 +154,11 @@ class _Follower:
         if n is None:
             print(f"cortex restart: {self.node} is gone from cortex's state", file=sys.stderr)
             return EXIT_FAILED
+        if n.get("draining"):
+            # The node's own word (its /status), not a guess from a closed port.
+            held = n.get("outstanding", 0)
+            self.say("draining", f"{self.node}: draining, {held} request(s) through cortex on it")
+            return None
         if not n.get("healthy") or n.get("recycling"):
             return None
         self.say("back", f"{self.node}: back, healthy")

@@ -145,6 +145,9 @@ class ModelLife:
     keep: Mapping[str, float] = attrs.field(factory=dict)
     # Per node: when its files were last asked to be staged (monotonic).
     prefetched: Mapping[str, float] = attrs.field(factory=dict)
+    # Removed from the catalogue by a reload: no new request, each copy unloaded
+    # once idle. Cleared if a later reload brings it back.
+    retired: bool = False
 
     def reserved(self, now: float) -> dict[str, int]:
         """Memory promised per node: the job's, and finished loads' not yet seen."""
@@ -287,6 +290,21 @@ class Prefetched:
 
 
 @attrs.frozen
+class Retired:
+    """A reload removed the model from the catalogue."""
+
+    model_id: str
+
+
+@attrs.frozen
+class Catalogued:
+    """A reload added the model to the catalogue (or brought a retired one back)."""
+
+    model_id: str
+    back: bool = False
+
+
+@attrs.frozen
 class Noted:
     """A transition that changes no record, only the event log (evicted, recycling...)."""
 
@@ -313,6 +331,8 @@ LifeEvent = (
     | Answered
     | Dropped
     | Prefetched
+    | Retired
+    | Catalogued
     | Noted
 )
 
@@ -445,6 +465,14 @@ def _prefetched(e: Prefetched, life: ModelLife) -> ModelLife:
     return attrs.evolve(life, prefetched={**life.prefetched, e.node: e.at})
 
 
+def _retired(e: Retired, life: ModelLife) -> ModelLife:
+    return attrs.evolve(life, retired=True)
+
+
+def _catalogued(e: Catalogued, life: ModelLife) -> ModelLife:
+    return attrs.evolve(life, retired=False) if life.retired else life
+
+
 def _noted(e: Noted, life: ModelLife) -> ModelLife:
     return life
 
@@ -466,6 +494,8 @@ _APPLY: Mapping[type[Any], Callable[[Any, ModelLife], ModelLife]] = {
     Answered: _answered,
     Dropped: _dropped,
     Prefetched: _prefetched,
+    Retired: _retired,
+    Catalogued: _catalogued,
     Noted: _noted,
 }
 
@@ -478,13 +508,10 @@ def apply(event: LifeEvent, life: ModelLife) -> ModelLife:
 def describe(event: LifeEvent, before: ModelLife) -> list[tuple[str, str, str | None]]:
     """The event log's lines for a transition: (kind, detail, node)."""
     match event:
-        case Held(reason=reason):
-            return [("held", reason, None)]
-        case Released():
-            return [] if before.hold is None else [("hold released", before.hold.reason, None)]
-        case FailureForgotten():
-            f = before.failure
-            return [] if f is None else [("failure cleared", f.reason, None)]
+        case Held() | Released() | FailureForgotten():
+            return _operator_lines(event, before)
+        case Retired() | Catalogued():
+            return [_catalogue_line(event)]
         case LoadStarted(nodes=nodes, why=why):
             return [("load started", f"on {', '.join(nodes)} ({why})", ",".join(nodes))]
         case LoadSucceeded():
@@ -504,6 +531,23 @@ def describe(event: LifeEvent, before: ModelLife) -> list[tuple[str, str, str | 
         case Noted(kind=kind, detail=detail, node=node):
             return [(kind, detail, node)]
     return []
+
+
+def _operator_lines(
+    e: Held | Released | FailureForgotten, before: ModelLife
+) -> list[tuple[str, str, str | None]]:
+    if isinstance(e, Held):
+        return [("held", e.reason, None)]
+    if isinstance(e, Released):
+        return [] if before.hold is None else [("hold released", before.hold.reason, None)]
+    f = before.failure
+    return [] if f is None else [("failure cleared", f.reason, None)]
+
+
+def _catalogue_line(e: Retired | Catalogued) -> tuple[str, str, str | None]:
+    if isinstance(e, Retired):
+        return ("retired", "removed from the catalogue by a reload: unloaded once idle", None)
+    return ("catalogued", "back in the catalogue" if e.back else "new in the catalogue", None)
 
 
 def _unload_lines(e: UnloadFinished, job: JobState | None) -> list[tuple[str, str, str | None]]:
@@ -536,8 +580,9 @@ def wanted_replicas(spec: ModelSpec) -> int:
     return spec.replicas if (spec.keep_loaded or spec.pinned_on) else 0
 
 
-def replicas(snap: FleetSnapshot, model_id: str) -> int:
-    """Copies loaded or on their way, on healthy nodes; a group counts once, at rank 0.
+def replicas(snap: FleetSnapshot, model_id: str, on: Collection[str] = ()) -> int:
+    """Copies loaded or on their way, on healthy nodes (of `on`, if given); a group
+    counts once, at rank 0.
 
     A recycling node's copies count: it comes back in moments, and a copy loaded
     elsewhere meanwhile (maybe evicting another model) would be one too many.
@@ -545,6 +590,8 @@ def replicas(snap: FleetSnapshot, model_id: str) -> int:
     count = 0
     for node, m in snap.locations(model_id):
         if not (node.healthy or node.recycling) or m.state not in SERVING_STATES | LOADING_STATES:
+            continue
+        if on and node.name not in on:
             continue
         if m.group is None or m.group.world_size == 1 or m.group.rank == 0:
             count += 1
@@ -593,7 +640,15 @@ class IdleUnload:
     nodes: tuple[str, ...]  # the members of one copy
 
 
-Effect = Teardown | EnsureLoad | Prefetch | IdleUnload
+@attrs.frozen
+class RetireUnload:
+    """A copy of a model a reload removed from the catalogue, idle now: unload it."""
+
+    model_id: str
+    nodes: tuple[str, ...]  # the members of one copy
+
+
+Effect = Teardown | EnsureLoad | Prefetch | IdleUnload | RetireUnload
 
 
 @attrs.frozen
@@ -628,6 +683,26 @@ def plan(
         if spec.prefetch and not spec.is_local:  # a local directory is used in place
             out.append(Prefetch(spec))
     out += expired(snap, lives, catalogue, clocks)
+    out += retiring(snap, lives)
+    return out
+
+
+def retiring(snap: FleetSnapshot, lives: Mapping[str, ModelLife]) -> list[Effect]:
+    """Idle copies of models a reload removed: one unload per copy. A copy with
+    requests in flight (the streams a reload must not cut) waits for them to end."""
+    out: list[Effect] = []
+    for model_id, life in sorted(lives.items()):
+        if not life.retired or life.job is not None:
+            continue
+        seen: set[str] = set()
+        for node, m in snap.locations(model_id):
+            if node.name in seen or not node.healthy:
+                continue
+            if m.load or snap.outstanding_on(node.name, model_id):
+                continue
+            members = copy_members(snap, model_id, node.name, m)
+            seen.update(members)
+            out.append(RetireUnload(model_id, members))
     return out
 
 
@@ -643,7 +718,9 @@ def _ensure(snap: FleetSnapshot, spec: ModelSpec, life: ModelLife, now: float) -
         want = spec.replicas
     if want == 0 or life.hold is not None or life.job is not None:
         return None
-    have = replicas(snap, spec.id)
+    # A pinned model's copies count where it is pinned: one left elsewhere by a reload
+    # that moved the pin is not what the wish asks (it goes once idle past its TTL).
+    have = replicas(snap, spec.id, on=spec.pinned_on)
     if have >= want or life.backing_off(now) is not None:
         return None
     return EnsureLoad(spec, want, have, soft)
@@ -804,11 +881,24 @@ def admin_candidate(
         return cand, None
     rest = [i for i in infos if i.name not in exclude]
     cands = candidates(spec, facts, rest)
-    refusal = explain(spec, cands)
+    refusal = _excluded(spec, infos, exclude) or explain(spec, cands)
     ever_best = best(spec, facts, rest, now=False) if force else None
     if ever_best is None:
         raise PlacementRefused(refusal, details={"candidates": [c.to_json() for c in cands[:10]]})
     return ever_best, f"forced despite: {refusal}"
+
+
+def _excluded(spec: ModelSpec, infos: Sequence[NodeInfo], exclude: Collection[str]) -> str | None:
+    """The refusal when the exclusions, not the fleet, left no node to consider (every
+    node known, or every node of `pinned_on`, excluded); None otherwise."""
+    allowed = [i.name for i in infos if not spec.pinned_on or i.name in spec.pinned_on]
+    if not allowed or any(name not in exclude for name in allowed):
+        return None
+    where = "every pinned_on node" if spec.pinned_on else "every node known"
+    return (
+        f"no node can hold model {spec.id}: your exclusions removed every candidate"
+        f" (excluded: {', '.join(sorted(allowed))}: {where})"
+    )
 
 
 def _exactly(

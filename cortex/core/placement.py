@@ -145,15 +145,23 @@ class NodeFit:
     # source is a local path), against the free disk discovery reported.
     disk_need_bytes: int = 0
     disk_free_bytes: int | None = None
+    # A draft model (speculative decoding) on this node: its weights, under the same
+    # overhead factor, and its KV cache.
+    draft_bytes: int = 0
+    draft_kv_bytes: int = 0
 
     @property
     def headroom_bytes(self) -> int:
         return self.usable_bytes - self.need_bytes
 
     def arithmetic(self) -> str:
+        share = f"share {gib(self.share_bytes)}"
+        kv = f"kv {gib(self.kv_bytes)}"
+        if self.draft_bytes or self.draft_kv_bytes:
+            share = f"({share} + draft {gib(self.draft_bytes)})"
+            kv += f" + draft kv {gib(self.draft_kv_bytes)}"
         need = (
-            f"need {gib(self.need_bytes)} = share {gib(self.share_bytes)}"
-            f" x {self.overhead_factor:g} + kv {gib(self.kv_bytes)}"
+            f"need {gib(self.need_bytes)} = {share} x {self.overhead_factor:g} + {kv}"
             f" + reserve {gib(self.reserve_bytes)}"
         )
         if self.layers is not None:
@@ -197,7 +205,8 @@ class Candidate:
     @property
     def headroom_bytes(self) -> int | None:
         """The smallest spare memory over the members, once the model is in."""
-        if len(self.fits) != len(self.nodes):
+        # No members (every pinned node excluded): no figure, not a ValueError.
+        if not self.fits or len(self.fits) != len(self.nodes):
             return None
         return min(f.headroom_bytes for f in self.fits)
 
@@ -524,7 +533,9 @@ def _fit(
     now: bool,
 ) -> NodeFit:
     """`m`'s fit for its share; `reason` says why it does not fit, if it does not."""
-    need = math.ceil(share * OVERHEAD_FACTOR) + kv + RESERVE_BYTES
+    # A draft model runs in the same runner: its weights and cache count here too.
+    draft, draft_kv = facts.draft_weights_bytes, facts.draft_kv_bytes
+    need = math.ceil((share + draft) * OVERHEAD_FACTOR) + kv + draft_kv + RESERVE_BYTES
     fit = NodeFit(
         node=m.name,
         share_bytes=share,
@@ -543,6 +554,8 @@ def _fit(
         layers=layers,
         disk_need_bytes=disk_need(spec, facts, m) if now else 0,
         disk_free_bytes=d.disk_free_bytes,
+        draft_bytes=draft,
+        draft_kv_bytes=draft_kv,
     )
     if fit.ok:
         return fit
@@ -617,7 +630,8 @@ def candidates(
     # Only nodes without a copy can form a new one ("ever" ignores what is loaded).
     free = [n for n in pool if not now or spec.id not in n.loaded]
     # The embedding runner has no distributed mode: an encoder gets one node or none.
-    largest = 1 if spec.kind == "embedding" else len(pool)
+    # Neither can a runner with a draft model or adapters (mlx_lm refuses them there).
+    largest = 1 if spec.single_node else len(pool)
     for size in range(spec.min_nodes, largest + 1):
         fits, fits_free = _size_could_fit(spec, facts, pool, size, now, out)
         # Stop at the first size some set of free nodes could hold it; or once some set

@@ -47,6 +47,8 @@ from shared.errors import (
     ServiceUnavailable,
     UpstreamUnavailable,
 )
+from shared.model_id import UNSHOWN
+from shared.model_id import is_valid as is_model_id
 
 FactsOf = Callable[[ModelSpec], ModelFacts]
 Policy = Literal["affinity", "least_loaded", "round_robin"]
@@ -120,6 +122,8 @@ def route(
     """
     spec = catalogue.resolve(model)
     model_id = spec.id if spec is not None else model
+    if spec is None and model in snap.retired:
+        raise ModelNotFound(f"model {model!r} was removed from the catalogue")
     locs = snap.locations(model_id)
     if spec is None and not locs:
         _unknown(snap, model)
@@ -155,6 +159,8 @@ def route(
 
 def _unknown(snap: FleetSnapshot, model: str) -> NoReturn:
     """A model neither catalogued nor loaded: 404, unless a node we cannot see may have it."""
+    if not is_model_id(model):  # no node can hold it (loads check the charset), nor echo it
+        raise ModelNotFound(f"model {UNSHOWN} is not in the catalogue and loaded nowhere")
     if not snap.healthy and any(not n.seen for n in snap.nodes):
         # We cannot know what an unseen node has loaded: transient, never 404.
         raise NoHealthyNodes(f"no healthy node to serve model {model!r} (none answered yet)")

@@ -30,8 +30,11 @@ from shared.wire import (
 )
 
 SERVING_STATES: frozenset[str] = frozenset({"ready"})
-# What a client is told to retry shortly for (503 model_loading).
-LOADING_STATES: frozenset[str] = frozenset({"loading", "warming", "recovering"})
+# A draining node's last_error: why it is not routed to, though it answers.
+DRAINING = "draining: no new requests; those in flight finish"
+# What a client is told to retry shortly for (503 model_loading). A stalled runner
+# (it missed its heartbeat) is ready again within seconds or killed and replaced.
+LOADING_STATES: frozenset[str] = frozenset({"loading", "warming", "stalled", "recovering"})
 # A load under way on a node. A recovering runner is not one: it crashed, and until
 # it is back /health names the model as without a working replica.
 LOAD_STATES: frozenset[str] = frozenset({"loading", "warming"})
@@ -61,6 +64,10 @@ class NodeModel:
     restarted_at: float | None = None
     # "embedding": its runner is an encoder (POST /v1/embeddings only).
     kind: ModelKind = "chat"
+    # The neuron's admission limits and median queue wait (None: not reported).
+    max_in_flight: int | None = None
+    queue_max: int | None = None
+    queue_wait_p50_s: float | None = None
 
     @property
     def load(self) -> int:
@@ -88,6 +95,9 @@ class NodeModel:
             "restarts": self.restarts,
             "restarted_at": self.restarted_at,
             "kind": self.kind,
+            "max_in_flight": self.max_in_flight,
+            "queue_max": self.queue_max,
+            "queue_wait_p50_s": self.queue_wait_p50_s,
         }
 
     @classmethod
@@ -116,7 +126,19 @@ class NodeModel:
             restarts=status.restarts if status is not None else 0,
             restarted_at=status.restarted_at if status is not None else None,
             kind=status.kind if status is not None else "chat",
+            # /health's are the fresher (it is polled as often, and read for load).
+            **_admission(health if health is not None else status),
         )
+
+
+def _admission(view: ModelStatus | ModelHealth | None) -> dict[str, Any]:
+    if view is None:
+        return {}
+    return {
+        "max_in_flight": view.max_in_flight,
+        "queue_max": view.queue_max,
+        "queue_wait_p50_s": view.queue_wait_p50_s,
+    }
 
 
 def merge_models(
@@ -154,10 +176,21 @@ class NodeState:
     # An operator's restart under way (POST /admin/nodes/{name}/restart): not routed
     # to until the node answers as a new process, or this monotonic deadline passes.
     recycling_until: float | None = None
+    # The node says it drains (SIGTERM, a restart): not routed to, but its streams
+    # go on; over once it answers otherwise or is gone (its polls fail).
+    draining: bool = False
+    # It answers, but refuses cortex's fleet token (401/403) or cannot show it holds
+    # it: not cortex's node. Never routed to nor loaded; `last_error` says why.
+    stranger: bool = False
 
     @property
     def recycling(self) -> bool:
         return self.recycling_until is not None
+
+    @property
+    def leaving(self) -> bool:
+        """Out of routing on purpose, not lost: the requests it holds may finish."""
+        return self.draining or self.recycling
 
     def model(self, model_id: str) -> NodeModel | None:
         for m in self.models:
@@ -179,6 +212,13 @@ class NodeState:
     def load(self) -> int:
         return sum(m.load for m in self.models)
 
+    @property
+    def status(self) -> str | None:
+        """What the node says of itself (/health's status), or `stranger`."""
+        if self.stranger:
+            return "stranger"
+        return None if self.health is None else self.health.status
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -186,7 +226,7 @@ class NodeState:
             "healthy": self.healthy,
             "failures": self.failures,
             "seen": self.seen,
-            "status": None if self.health is None else self.health.status,
+            "status": self.status,
             "node_id": None if self.discovery is None else self.discovery.node_id,
             "discovery": None if self.discovery is None else self.discovery.to_json(),
             "memory_available_bytes": self.memory_available_bytes,
@@ -196,6 +236,8 @@ class NodeState:
             "last_ok": self.last_ok,
             "last_error": self.last_error,
             "recycling": self.recycling,
+            "draining": self.draining,
+            "stranger": self.stranger,
         }
 
 
@@ -219,6 +261,9 @@ class FleetSnapshot:
     loading: frozenset[str] = frozenset()
     # Models with a job under way (load, unload, eviction): no other job touches them.
     busy: frozenset[str] = frozenset()
+    # Models a reload removed from the catalogue: copies still loaded serve the
+    # requests they have, and get no new one (404).
+    retired: frozenset[str] = frozenset()
     load_failures: Mapping[str, LoadFailure] = attrs.field(factory=dict)
     # Memory promised to loads under way, per (node, model).
     reservations: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
@@ -338,6 +383,23 @@ class Fleet:
     def node(self, name: str) -> NodeState:
         return self._nodes[name]
 
+    def add_node(self, name: str, url: str) -> NodeState:
+        """A node joins the poll set (discovered), not seen yet; a known name is kept."""
+        if name not in self._nodes:
+            self._nodes[name] = NodeState(name=name, url=url)
+            self._order[name] = max(self._order.values(), default=-1) + 1
+            self._nodes_t = None
+        return self._nodes[name]
+
+    def remove_node(self, name: str) -> None:
+        """A node leaves the poll set: its models leave routing with it."""
+        if name not in self._nodes:
+            return
+        self._put(name, attrs.evolve(self._nodes[name], models=()))
+        del self._nodes[name]
+        del self._order[name]
+        self._nodes_t = None
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._nodes)
@@ -374,14 +436,17 @@ class Fleet:
             # Cortex wrote fresher model states during this poll: take only the load.
             models = _refresh_load(old.models, health, states=False)
             polled_from = old.polled_from
-        # A recycling node answering as its old self is still draining: not routed to.
+        # A recycling node answering as its old self says `draining` (or is about to,
+        # its restart just asked): not routed to until a new process answers.
         recycling = old.recycling_until
         if recycling is not None and (restarted or time.monotonic() >= recycling):
             recycling = None
+        draining = health.status == "draining"
         new = attrs.evolve(
             old,
-            healthy=recycling is None,
+            healthy=recycling is None and not draining,
             recycling_until=recycling,
+            draining=draining,
             failures=0,
             seen=True,
             health=health,
@@ -391,7 +456,8 @@ class Fleet:
             polled_from=polled_from,
             staged=staged if staged is not None else old.staged,
             last_ok=time.time(),
-            last_error=None,
+            last_error=DRAINING if draining else None,
+            stranger=False,
         )
         self._put(name, new)
         return new
@@ -423,7 +489,33 @@ class Fleet:
         old = self._nodes[name]
         failures = old.failures + 1
         healthy = old.healthy and failures < self.threshold
-        new = attrs.evolve(old, failures=failures, healthy=healthy, last_error=reason)
+        # A draining node that stops answering is gone: its drain is over, or it died.
+        draining = old.draining and failures < self.threshold
+        new = attrs.evolve(
+            old,
+            failures=failures,
+            healthy=healthy,
+            draining=draining,
+            stranger=old.stranger and failures < self.threshold,
+            last_error=reason,
+        )
+        self._put(name, new)
+        return new
+
+    def poll_refused(self, name: str, reason: str) -> NodeState:
+        """It answered, refusing the fleet token: a stranger, out of routing and
+        placement at once, with nothing of what it held (no request would reach it)."""
+        old = self._nodes[name]
+        new = attrs.evolve(
+            old,
+            healthy=False,
+            failures=0,
+            seen=True,
+            draining=False,
+            stranger=True,
+            models=(),
+            last_error=reason,
+        )
         self._put(name, new)
         return new
 
@@ -436,19 +528,23 @@ class Fleet:
             old,
             failures=max(old.failures + 1, self.threshold),
             healthy=False,
+            draining=False,
             last_error=reason,
         )
         self._put(name, new)
         return new
 
-    def begin_recycle(self, name: str, timeout_s: float) -> NodeState:
-        """An operator restarts the node: out of routing at once, until it is back."""
+    def begin_recycle(
+        self, name: str, timeout_s: float, why: str = "restart requested"
+    ) -> NodeState:
+        """An operator restarts (or reboots) the node: out of routing at once, until it
+        is back."""
         old = self._nodes[name]
         new = attrs.evolve(
             old,
             healthy=False,
             recycling_until=time.monotonic() + timeout_s,
-            last_error="recycling (restart requested)",
+            last_error=f"recycling ({why})",
         )
         self._put(name, new)
         return new

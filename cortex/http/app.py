@@ -19,33 +19,49 @@ from cortex.core.placement import candidates
 from cortex.core.router import node_infos
 from cortex.core.state import AffinityTable, Fleet, FleetSnapshot
 from cortex.core.tracing import journals
-from cortex.http import anthropic, inference, linktest, recycle, responses
+from cortex.http import (
+    anthropic,
+    cancel,
+    inference,
+    join,
+    linktest,
+    reboot,
+    recycle,
+    reload,
+    responses,
+)
 from cortex.http.auth import AUTH, REQUEST_KEY, Auth
-from cortex.http.dashboard import dashboard
+from cortex.http.dashboard import setup as dashboard_setup
 from cortex.http.dialect import dialect_errors
 from cortex.http.inference import DRAIN
 from cortex.http.proxy import AFFINITY, PROXY, Proxy
 from cortex.http.traces import TRACES, add_trace_routes
 from cortex.metrics import CONTENT_TYPE, METRICS, Metrics
-from cortex.run import doctor
+from cortex.run import discover, doctor
 from cortex.run.lifecycle import LIFECYCLE, Lifecycle, replica_counts
 from cortex.run.loader import LOADER, Loader
 from cortex.run.poller import FLEET, POLLER, Poller
 from cortex.run.reconciler import RECONCILER, Reconciler
 from shared.catalogue import Catalogue, ModelSpec
+from shared.drain import DRAIN as SERVE_DRAIN
 from shared.drain import Drain
 from shared.errors import (
     ForceNeedsAdminToken,
     InvalidRequest,
     ModelKeptLoaded,
     ModelNotFound,
+    ShuttingDown,
     error_middleware,
     quiet_bad_requests,
     read_json_object,
     reject_unknown,
 )
 from shared.journal import Event, Journal, journal_health
+from shared.model_id import RULE as MODEL_ID_RULE
+from shared.model_id import is_valid as is_model_id
+from shared.model_id import shown
 from shared.serve import HANDLER_ARGS, guard_middleware
+from shared.versions import DISTRIBUTION, dist_version
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +78,12 @@ class Started:
 # beside the service (CONFIG and CATALOGUE in cortex.config, DRAIN in
 # cortex.http.inference, LIFECYCLE in cortex.run.lifecycle, ...).
 STARTED = web.AppKey("started", Started)
+# The package version /health names, read once (as `cortex --version` does).
+VERSION = web.AppKey("version", str)
 
 
 async def _drain(app: web.Application) -> None:
+    # On SIGTERM the drain had its time already (listener open): only the rest is cut.
     await app[DRAIN].close(app[CONFIG].drain_s)
 
 
@@ -75,7 +94,7 @@ def create_app(
     quiet_bad_requests()
     cat = catalogue if catalogue is not None else Catalogue.load(config.catalogue)
     auth = Auth(keys=config.api_keys, admin_token=config.admin_token)
-    drain = Drain(paths=inference.PATHS | anthropic.PATHS | responses.PATHS)
+    drain = Drain(paths=inference.PATHS | anthropic.PATHS | responses.PATHS, drain_s=config.drain_s)
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[
@@ -87,10 +106,12 @@ def create_app(
         ],
         handler_args=HANDLER_ARGS,
     )
-    app[DRAIN] = drain
+    # The inference APIs' key, and the one `shared.serve.run_app` drains on SIGTERM.
+    app[DRAIN] = app[SERVE_DRAIN] = drain
     app.on_shutdown.append(_drain)
     app[CONFIG] = config
     app[STARTED] = Started(monotonic=time.monotonic(), wall=time.time())
+    app[VERSION] = dist_version(DISTRIBUTION) or "0+unknown"
     app[CATALOGUE] = cat
     app[FIRST_SEEN] = {}
     app[AUTH] = auth
@@ -113,13 +134,18 @@ def create_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/state", _admin_state)
     app.router.add_get("/admin/placements", _admin_placements)
-    app.router.add_post("/admin/models/{model_id}/load", _admin_load)
-    app.router.add_post("/admin/models/{model_id}/unload", _admin_unload)
+    # `.+`: an id may hold a slash ("org/name"; see shared.model_id).
+    app.router.add_post("/admin/models/{model_id:.+}/load", _admin_load)
+    app.router.add_post("/admin/models/{model_id:.+}/unload", _admin_unload)
     app.router.add_post("/admin/store/purge", _admin_store_purge)
     app.router.add_get("/admin/doctor", _admin_doctor)
-    app.router.add_get("/dashboard", dashboard)
+    dashboard_setup(app, background=background)  # the page, its charts' history
     linktest.setup(app)
     recycle.setup(app)
+    reboot.setup(app)  # POST /admin/nodes/{name}/reboot (opt-in on the node)
+    join.setup(app)  # POST /admin/join-codes, POST /join
+    discover.setup(app, background=background)  # mDNS, with `discover = true`
+    cancel.setup(app)  # after the middlewares above: its own runs inside auth's
     add_trace_routes(app)
     return app
 
@@ -206,7 +232,6 @@ def _wire(
     poller = _poller(app, sessions.status)
     loader = Loader(
         fleet=app[FLEET],
-        catalogue=app[CATALOGUE],
         session=sessions.calls,
         config=cfg,
         metrics=app[METRICS],
@@ -231,7 +256,6 @@ def _wire(
         poller=poller,
         loader=loader,
         life=life,
-        catalogue=app[CATALOGUE],
         config=cfg,
         metrics=app[METRICS],
         session=sessions.proxy,
@@ -239,7 +263,6 @@ def _wire(
     )
     reconciler = Reconciler(
         life=app[LIFECYCLE],
-        catalogue=app[CATALOGUE],
         loader=loader,
         interval_s=cfg.poll_interval_s,
     )
@@ -303,19 +326,19 @@ async def _models(request: web.Request) -> web.Response:
 async def _model(request: web.Request) -> web.Response:
     """GET /v1/models/{id} (an id or an alias): what `client.models.retrieve(id)` reads."""
     asked = request.match_info["model_id"]
-    spec = request.app[CATALOGUE].resolve(asked)
+    spec = request.app[LIFECYCLE].catalogue.resolve(asked)
     model_id = spec.id if spec is not None else asked
     for entry in _model_list(request):
         if entry["id"] == model_id:
             return web.json_response(entry)
-    raise ModelNotFound(f"model {asked!r} is not in the catalogue nor loaded", param="model")
+    raise ModelNotFound(f"model {shown(asked)} is not in the catalogue nor loaded", param="model")
 
 
 def _model_list(request: web.Request) -> list[dict[str, Any]]:
     app = request.app
     life = app[LIFECYCLE]
     snap = life.snapshot()
-    cat = app[CATALOGUE]
+    cat = app[LIFECYCLE].catalogue
     key: ApiKey | None = request.get(REQUEST_KEY)
     infos = node_infos(snap, cat)
     data = []
@@ -338,9 +361,11 @@ def _model_list(request: web.Request) -> list[dict[str, Any]]:
                 kind=spec.kind,
             )
         )
-    # Models a neuron serves that the catalogue does not name are routable too.
+    # Models a neuron serves that the catalogue does not name are routable too (but
+    # for those a reload removed: they finish their requests, and are unloaded).
     extra = sorted(
         {m.model_id for n in snap.nodes for m in n.models if cat.resolve(m.model_id) is None}
+        - snap.retired
     )
     seen = app[FIRST_SEEN]
     now = int(time.time())
@@ -353,14 +378,18 @@ def _model_list(request: web.Request) -> list[dict[str, Any]]:
 
 
 async def _health(request: web.Request) -> web.Response:
+    if request.app[DRAIN].closing:
+        # A load balancer takes a draining gateway out; its streams go on meanwhile.
+        raise ShuttingDown("cortex is shutting down; use another gateway")
     # The lifecycle's snapshot: it knows the loads under way and the failed ones.
     snap = request.app[LIFECYCLE].snapshot()
     healthy, total = len(snap.healthy), len(snap.nodes)
-    broken = unserved_models(snap, request.app[CATALOGUE])
+    broken = unserved_models(snap, request.app[LIFECYCLE].catalogue)
     status = "ok" if total and healthy == total and not broken else "degraded"
     return web.json_response(
         {
             "status": status,
+            "version": request.app[VERSION],
             "nodes": {"healthy": healthy, "total": total},
             "models_without_replica": broken,
             # Informational: a journal that only counts serves every request all the same.
@@ -379,7 +408,7 @@ def unserved_models(snap: FleetSnapshot, cat: Catalogue) -> list[dict[str, Any]]
     not broken.
     """
     ids = [s.id for s in cat.models]
-    ids += sorted({m.model_id for n in snap.nodes for m in n.models} - set(ids))
+    ids += sorted({m.model_id for n in snap.nodes for m in n.models} - set(ids) - snap.retired)
     out = []
     for mid in ids:
         spec = cat.get(mid)
@@ -420,13 +449,14 @@ async def _admin_state(request: web.Request) -> web.Response:
     app = request.app
     life = app[LIFECYCLE]
     snap = life.snapshot()
-    cat = app[CATALOGUE]
+    cat = app[LIFECYCLE].catalogue
     nodes = []
     for n in snap.nodes:
         d = n.to_json()
         d["outstanding"] = snap.node_outstanding(n.name)
         d.update(doctor.node_extras(n))
         nodes.append(d)
+    nodes += discover.state_extras(app, nodes)  # who was discovered; the strangers
     models = []
     for spec in cat.models:
         failure = snap.failure(spec.id)
@@ -456,14 +486,23 @@ async def _admin_state(request: web.Request) -> web.Response:
             "models": models,
             "affinity_entries": len(app[AFFINITY]),
             "events": [e.to_json() for e in life.events(limit=100)],
+            # The last reload, and a refused edit still on disk (`cortex serve` only).
+            "config": app[reload.RELOADER].to_json() if reload.RELOADER in app else None,
         }
     )
+
+
+def _admin_model_id(model_id: object) -> str:
+    """An id the admin API was given, within the fleet's charset (never echoed if not)."""
+    if not is_model_id(model_id):
+        raise InvalidRequest(f"'model_id' must be a model id: {MODEL_ID_RULE}", param="model_id")
+    return model_id
 
 
 def _spec(request: web.Request, model_id: str | None) -> ModelSpec:
     if not model_id:
         raise InvalidRequest("missing model_id", param="model_id")
-    spec = request.app[CATALOGUE].resolve(model_id)
+    spec = request.app[LIFECYCLE].catalogue.resolve(_admin_model_id(model_id))
     if spec is None:
         raise ModelNotFound(f"model {model_id!r} is not in the catalogue", param="model_id")
     return spec
@@ -473,7 +512,7 @@ async def _admin_placements(request: web.Request) -> web.Response:
     app = request.app
     spec = _spec(request, request.query.get("model_id"))
     snap = app[LIFECYCLE].snapshot()
-    infos = node_infos(snap, app[CATALOGUE], loading=spec.id)
+    infos = node_infos(snap, app[LIFECYCLE].catalogue, loading=spec.id)
     facts = app[LOADER].facts(spec)
     return web.json_response(
         {
@@ -502,7 +541,7 @@ async def _admin_load(request: web.Request) -> web.Response:
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false", param="force")
-    if force and app[CONFIG].admin_token is None:
+    if force and app[AUTH].admin_token is None:
         raise ForceNeedsAdminToken(
             "a forced load needs admin_token set in cortex.toml (and presented)", param="force"
         )
@@ -541,14 +580,14 @@ async def _admin_unload(request: web.Request) -> web.Response:
     ranks). A keep_loaded or pinned one needs {"force": true}, and then stays unloaded
     (the reconciler leaves it) until the next admin load."""
     app = request.app
-    model_id = request.match_info["model_id"]
+    model_id = _admin_model_id(request.match_info["model_id"])
     body = await read_json_object(request) if request.can_read_body else {}
     reject_unknown(body, {"force", "nodes"})
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false", param="force")
     only = _names(body, "nodes")
-    spec = app[CATALOGUE].resolve(model_id)
+    spec = app[LIFECYCLE].catalogue.resolve(model_id)
     mid = spec.id if spec is not None else model_id
     did: list[str] = []
     life = app[LIFECYCLE]
@@ -588,12 +627,12 @@ async def _admin_store_purge(request: web.Request) -> web.Response:
     body = await read_json_object(request) if request.can_read_body else {}
     reject_unknown(body, {"model_id"})
     model_id = body.get("model_id")
-    if model_id is not None and (not isinstance(model_id, str) or not model_id):
-        raise InvalidRequest("'model_id' must be a non-empty string", param="model_id")
+    if model_id is not None:
+        model_id = _admin_model_id(model_id)
     forward: dict[str, Any] = {}
     if model_id is not None:
         # A catalogued model's copy is named after its source on every node.
-        spec = app[CATALOGUE].resolve(model_id)
+        spec = app[LIFECYCLE].catalogue.resolve(model_id)
         forward["model_id"] = spec.source if spec is not None else model_id
     fleet = app[FLEET]
     session = app[LOADER].session
@@ -624,12 +663,28 @@ async def _admin_doctor(request: web.Request) -> web.Response:
     app = request.app
     cfg = app[CONFIG]
     snap = app[LIFECYCLE].snapshot()
-    limits = doctor.Limits(
-        probe_slow_s=cfg.doctor_probe_slow_s,
-        probe_timeout_s=cfg.doctor_probe_timeout_s,
-        restart_window_s=cfg.doctor_restart_window_s,
-    )
+    limits = doctor.Limits.of(cfg)
     checks = await doctor.run(
-        app[LOADER].session, snap, unserved_models(snap, app[CATALOGUE]), limits, cfg.poll_timeout_s
+        app[LOADER].session,
+        snap,
+        unserved_models(snap, app[LIFECYCLE].catalogue),
+        limits,
+        cfg.poll_timeout_s,
     )
-    return web.json_response(doctor.report(checks))
+    return web.json_response(doctor.report([*checks, *reload_checks(app)]))
+
+
+def reload_checks(app: web.Application) -> list[doctor.Check]:
+    """A refused config edit on disk fails the checklist until it is fixed."""
+    problem = app[reload.RELOADER].problem if reload.RELOADER in app else None
+    if problem is None:
+        return []
+    return [
+        doctor.Check(
+            name="config reload",
+            verdict="fail",
+            detail=f"an edit was refused ({problem.why}), the running config stays: "
+            + problem.detail,
+            fix="fix the file, then `systemctl reload cortex` (SIGHUP) or save it again",
+        )
+    ]

@@ -9,7 +9,8 @@ without data that asks the operator for the token and sends it to /admin/*.
 It no longer prompts for Basic auth, so a browser holds no credential it would
 attach by itself to a cross-site POST.
 A /v1 request pinned to a node (X-Cortex-Node) needs the admin token in
-place of an API key.
+place of an API key; any /v1 request may present the admin token in place of
+one (every model: the dashboard's playground signs in with it).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from aiohttp.typedefs import Middleware
 from cortex.config import ApiKey
 from shared.catalogue import Catalogue
 from shared.errors import InvalidApiKey, ModelNotAllowed
+from shared.model_id import shown
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The key a request authenticated with (None when auth is off).
 REQUEST_KEY = web.RequestKey("api_key", ApiKey)
 OPEN_PATHS = frozenset({"/health", "/metrics", "/dashboard"})
+# DELETE /v1/requests/{id}: the admin token or the key that sent the request.
+CANCEL_PREFIX = "/v1/requests/"
 # Pins an inference request to one node's replica (benchmarks, probes): operators
 # only, so a request carrying it needs the admin token instead of an API key.
 NODE_HEADER = "X-Cortex-Node"
@@ -55,8 +59,10 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-@attrs.frozen
+@attrs.define
 class Auth:
+    # Replaced whole by a reload (cortex.http.reload), for the next request; nothing
+    # else writes them.
     keys: tuple[ApiKey, ...] = ()
     admin_token: str | None = attrs.field(default=None, repr=False)
 
@@ -80,6 +86,13 @@ class Auth:
             raise InvalidApiKey("unknown API key")
         return found
 
+    def is_admin(self, request: web.Request) -> bool:
+        """The request presents the admin token (constant-time compare)."""
+        given = presented_key(request)
+        if self.admin_token is None or given is None:
+            return False
+        return hmac.compare_digest(_bytes(self.admin_token), _bytes(given))
+
     def admin(self, request: web.Request) -> None:
         if self.admin_token is None:
             if self.enabled:
@@ -99,20 +112,20 @@ class Auth:
 
     def check_model(self, key: ApiKey | None, model: str, catalogue: Catalogue) -> None:
         if not self.allowed(key, model, catalogue):
-            raise ModelNotAllowed(f"this API key may not use model {model!r}", param="model")
+            raise ModelNotAllowed(f"this API key may not use model {shown(model)}", param="model")
 
     def middleware(self) -> Middleware:
         @web.middleware
         async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             path = request.path
-            if path in OPEN_PATHS:
-                pass
+            if path in OPEN_PATHS or path.startswith(CANCEL_PREFIX):
+                pass  # a cancel takes the admin token or a key: cortex.http.cancel checks
             elif path.startswith("/admin") or (
                 path.startswith("/v1") and NODE_HEADER in request.headers
             ):
                 self.admin(request)
             elif path.startswith("/v1"):
-                key = self.client(request)
+                key = None if self.is_admin(request) else self.client(request)
                 if key is not None:
                     request[REQUEST_KEY] = key
             return await handler(request)

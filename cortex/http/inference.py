@@ -16,13 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from cortex.config import CATALOGUE, ApiKey
+from cortex.config import ApiKey
 from cortex.core.tracing import TraceDraft
 from cortex.http.auth import AUTH, NODE_HEADER, REQUEST_KEY
 from cortex.http.dialect import DIALECT, Dialect
 from cortex.http.proxy import PROXY, Outcome, request_id
 from cortex.http.traces import TRACES
 from cortex.metrics import CLIENT_CLOSED, METRICS, STREAM_ERROR
+from cortex.run.lifecycle import LIFECYCLE
 from shared.drain import SSE_RESPONSE, Drain
 from shared.errors import ApiError, InvalidRequest, read_body, read_json_object
 from shared.kinds import EMBEDDINGS_PATH, wrong_kind
@@ -114,7 +115,7 @@ def _checked(request: web.Request, body: dict[str, Any], path: str, trace: Trace
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("missing or empty 'model'", param="model")
-    spec = app[CATALOGUE].resolve(model)
+    spec = app[LIFECYCLE].catalogue.resolve(model)
     label = app[METRICS].model(spec.id if spec is not None else None)
     if field not in body:
         raise InvalidRequest(f"missing {field!r}", param=field)
@@ -123,7 +124,7 @@ def _checked(request: web.Request, body: dict[str, Any], path: str, trace: Trace
     key: ApiKey | None = request.get(REQUEST_KEY)
     trace.model, trace.stream = spec.id if spec is not None else model, bool(body.get("stream"))
     trace.key = None if key is None else key.label
-    app[AUTH].check_model(key, model, app[CATALOGUE])
+    app[AUTH].check_model(key, model, app[LIFECYCLE].catalogue)
     if spec is not None and (wrong := wrong_kind(model, spec.kind, path)) is not None:
         raise wrong  # permanent: an embedding model asked to chat, or the other way round
     return label

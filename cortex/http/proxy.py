@@ -35,6 +35,7 @@ from cortex.run.inflight import InFlight, NodeLost
 from cortex.run.lifecycle import Lifecycle, parse_keep_alive
 from cortex.run.loader import Loader
 from cortex.run.poller import Poller
+from shared import logjson
 from shared.assemble import answer_usage
 from shared.catalogue import Catalogue
 from shared.drain import mark_streaming
@@ -69,9 +70,17 @@ class _TryAnother(Exception):
 
 
 def request_id(request: web.Request) -> str:
-    """The client's X-Request-Id if it is a sane token, else a fresh one."""
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    """The client's X-Request-Id if it is a sane token, else a fresh one (the same one
+    every time it is asked: a cancel finds the request under it, cortex.http.cancel)."""
+    rid = request.get(_RID)
+    if rid is None:
+        given = request.headers.get("X-Request-Id", "")
+        rid = request[_RID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return rid
+
+
+def is_request_id(value: str) -> bool:
+    return bool(_REQUEST_ID.match(value))
 
 
 def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
@@ -152,7 +161,6 @@ class Proxy:
     poller: Poller
     loader: Loader
     life: Lifecycle
-    catalogue: Catalogue
     config: CortexConfig
     metrics: Metrics
     session: aiohttp.ClientSession
@@ -181,12 +189,14 @@ class Proxy:
         `node` pins it to that node's replica (X-Cortex-Node, admin only)."""
         trace = trace if trace is not None else TraceDraft(rid)
         request[_TRACE] = trace
+        out = outcome if outcome is not None else Outcome()
+        request[OUTCOME] = out  # a cancel reads it (cortex.http.cancel)
         model = str(body["model"])
+        logjson.annotate(model=model)  # log_format = "json": on this request's lines
         keep_alive = parse_keep_alive(body.get("keep_alive"))
-        payload, keys, headers = _upstream(request, self.catalogue, model, body, raw, rid)
+        payload, keys, headers = _upstream(request, self.life.catalogue, model, body, raw, rid)
         stream = bool(body.get("stream"))
         tries = _Tries()
-        out = outcome if outcome is not None else Outcome()
         try:
             async for attempt in proxy_attempts(self.config.retry_attempts, _TryAnother):
                 with attempt:
@@ -204,6 +214,7 @@ class Proxy:
                         if trace.cold_load_s == 0.0:  # waited for a load: all of it
                             trace.cold_load_s = time.monotonic() - t_route
                     trace.nodes.append(r.node)
+                    logjson.annotate(node=r.node)
                     if tries.last is not None:
                         log.info("%s: retrying on %s", rid, r.node)
                     try:
@@ -227,12 +238,14 @@ class Proxy:
         trace: TraceDraft,
         node: str | None = None,
     ) -> Route:
-        spec = self.catalogue.resolve(model)
+        # One catalogue for the whole decision (a reload may replace it meanwhile).
+        cat = self.life.catalogue
+        spec = cat.resolve(model)
 
         def decide(snap: FleetSnapshot) -> Decision:
             return route(
                 snap,
-                self.catalogue,
+                cat,
                 model,
                 facts=self.loader.facts,
                 prefix=keys,
@@ -547,6 +560,9 @@ class Proxy:
 
 
 _TRACE = web.RequestKey("cortex.trace", TraceDraft)
+_RID = web.RequestKey("cortex.request_id", str)
+# How the request is ending, once the proxy has it (set as soon as known).
+OUTCOME = web.RequestKey("cortex.outcome", Outcome)
 
 
 def _writers(
@@ -590,8 +606,12 @@ def _translated(dialect: Dialect, up: aiohttp.ClientResponse, first: bytes, is_s
     return json.dumps(dialect.answer(chat)).encode()
 
 
-def _trace(request: web.Request) -> TraceDraft | None:
+def trace_of(request: web.Request) -> TraceDraft | None:
+    """What is known of a request in flight so far (model, nodes tried), once proxied."""
     return request.get(_TRACE)
+
+
+_trace = trace_of
 
 
 def _traced_answer(

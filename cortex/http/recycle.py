@@ -32,7 +32,7 @@ async def post_restart(request: web.Request) -> web.Response:
     # What it serves now: what `cortex restart --wait` expects back.
     models = [m.model_id for m in before.models if m.serves_http and m.state == "ready"]
     if before.recycling:
-        # Draining already (its port is closed): asking again must not undo the mark.
+        # Recycling already (draining, or gone): asking again must not undo the mark.
         return web.json_response(
             {"node": name, "recycling": True, "already": True, "models": models}, status=202
         )

@@ -12,12 +12,15 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
 
+from cortex.config import CortexConfig
 from cortex.core.state import FleetSnapshot, NodeModel, NodeState
 from shared.kinds import EMBEDDINGS_PATH
+from shared.sensors import Figure, Sensors
 from shared.wire import PROBE_HEADER, Discovery, NodeHealth
 
 Verdict = Literal["pass", "warn", "fail"]
@@ -69,9 +72,36 @@ class Probe:
 
 @attrs.frozen
 class Limits:
+    """The normal ranges doctor judges by (cortex.toml's doctor_* settings)."""
+
+    # A 2-token probe: warn past slow, fail past critical (the Hydra runbook's 2 s
+    # and 5 s), and stop waiting at the timeout ("no answer").
     probe_slow_s: float = 2.0
+    probe_critical_s: float = 5.0
     probe_timeout_s: float = 10.0
     restart_window_s: float = 3600.0
+    # CPU: the 5-minute load average per core (see cortex/config.py for the why).
+    load_warn: float = 1.0
+    load_fail: float | None = None
+    # Hottest temperature sensor, °C.
+    temp_warn_c: float = 80.0
+    temp_fail_c: float = 90.0
+    # Power at or past this share of the device's own cap warns (it throttles there).
+    power_warn_frac: float = 0.95
+
+    @classmethod
+    def of(cls, cfg: CortexConfig) -> Limits:
+        return cls(
+            probe_slow_s=cfg.doctor_probe_slow_s,
+            probe_critical_s=cfg.doctor_probe_critical_s,
+            probe_timeout_s=cfg.doctor_probe_timeout_s,
+            restart_window_s=cfg.doctor_restart_window_s,
+            load_warn=cfg.doctor_load_warn,
+            load_fail=cfg.doctor_load_fail or None,
+            temp_warn_c=cfg.doctor_temp_warn_c,
+            temp_fail_c=cfg.doctor_temp_fail_c,
+            power_warn_frac=cfg.doctor_power_warn_frac,
+        )
 
 
 def _c(name: str, verdict: Verdict, detail: str, fix: str = "", **kw: Any) -> Check:
@@ -81,7 +111,9 @@ def _c(name: str, verdict: Verdict, detail: str, fix: str = "", **kw: Any) -> Ch
 # -- pure checks -------------------------------------------------------------------------
 
 
-def node_checks(live: NodeLive, state: NodeState | None) -> list[Check]:
+def node_checks(
+    live: NodeLive, state: NodeState | None, limits: Limits | None = None
+) -> list[Check]:
     n = live.name
     if live.health is None:
         where = "" if state is None else f" at {state.url}"
@@ -106,11 +138,15 @@ def node_checks(live: NodeLive, state: NodeState | None) -> list[Check]:
     out.extend(_memory(n, h, d))
     out.extend(_disk(n, h, d))
     out.extend(_rdma(n, d))
-    out.extend(_jaccl_budget(n, h))
+    out.extend(_jaccl_budget(n, h, _host(state, n)))
+    out.extend(sensor_checks(n, h, limits or Limits()))
     return out
 
 
 def _node_healthy(n: str, h: NodeHealth, state: NodeState | None) -> Check:
+    if state is not None and state.draining:
+        why = f"{n} is draining (SIGTERM or a restart): no new requests; those it holds finish"
+        return _c("node healthy", "warn", why, "none: it stops or comes back by itself", node=n)
     if state is not None and not state.healthy:
         return _c(
             "node healthy",
@@ -121,7 +157,11 @@ def _node_healthy(n: str, h: NodeHealth, state: NodeState | None) -> Check:
             node=n,
         )
     if h.status == "degraded":
-        bad = [f"{m.model_id} {m.state}" for m in h.models if m.state in ("failed", "recovering")]
+        bad = [
+            f"{m.model_id} {m.state}"
+            for m in h.models
+            if m.state in ("failed", "stalled", "recovering")
+        ]
         return _c(
             "node healthy",
             "warn",
@@ -234,21 +274,135 @@ def _rdma(n: str, d: Discovery | None) -> list[Check]:
     return [_c("rdma ports", "pass", f"{n}: {len(d.rdma_ports)} RDMA port(s) active", node=n)]
 
 
-def _jaccl_budget(n: str, h: NodeHealth) -> list[Check]:
+def _jaccl_budget(n: str, h: NodeHealth, host: str) -> list[Check]:
     budget = h.jaccl_reload_budget
     if budget is None or h.jaccl_loads == 0:
         return []
     text = f"{n}: {h.jaccl_loads} jaccl load(s) since the neuron started (budget {budget})"
     if h.jaccl_loads > budget:
-        return [_c("jaccl reload budget", "warn", text, reboot_advice(n), node=n)]
+        return [_c("jaccl reload budget", "warn", text, reboot_advice(n, host), node=n)]
     return [_c("jaccl reload budget", "pass", text, node=n)]
 
 
-def reboot_advice(n: str) -> str:
+def reboot_advice(n: str, host: str | None = None) -> str:
+    """Reboot the machine, not the neuron: the queue pairs outlive the process."""
     return (
-        f"reboot {n} at a quiet moment: RDMA queue pairs degrade after many jaccl "
-        "load/unload cycles (the neuron's count resets when it restarts)"
+        f"reboot {n} at a quiet moment, the machine itself: `ssh {host or n} sudo shutdown -r "
+        "now`. RDMA queue pairs leak over many jaccl load/unload cycles and only a reboot "
+        f"frees them; `cortex restart {n}` recycles the neuron process only (it resets this "
+        "count, not the queue pairs)"
     )
+
+
+def _host(state: NodeState | None, n: str) -> str:
+    """The host to ssh to: the one in the node's url, else its name."""
+    if state is None:
+        return n
+    return urlsplit(state.url).hostname or n
+
+
+# -- sensors (the node's /health `sensors`: neuron.sensors) ------------------------------
+
+# macOS thermal pressure levels, as powermetrics names them: throttling begins past
+# Nominal, and from Heavy on the SoC runs well below its clocks.
+PRESSURE: dict[str, Verdict] = {"nominal": "pass", "light": "warn", "moderate": "warn"}
+# A reading older than this (node clock) is shown with its age: the reader may be stuck.
+SENSORS_STALE_S = 60.0
+
+
+def sensor_checks(n: str, h: NodeHealth, limits: Limits) -> list[Check]:
+    """CPU load, temperature and power, each against its normal range (Limits)."""
+    s = h.sensors
+    if s is None:
+        why = "the neuron sends no sensors (an older neuron, or sensors_interval_s = 0)"
+        return [
+            _c(name, "pass", f"{n}: {name} not reported: {why}", node=n)
+            for name in ("cpu load", "temperature", "power")
+        ]
+    age = h.started_at + h.uptime_s - s.read_at
+    stale = f" (read {age:.0f} s ago)" if age > SENSORS_STALE_S else ""
+    return [
+        attrs.evolve(c, detail=c.detail + stale)
+        for c in (_load(n, s, limits), _temperature(n, s, limits), _power(n, s, limits))
+    ]
+
+
+def _not_reported(n: str, name: str, s: Sensors, platform_says: str) -> Check:
+    why = "; ".join(s.notes) or platform_says
+    return _c(name, "pass", f"{n}: {name} not reported: {why}", node=n)
+
+
+def _load(n: str, s: Sensors, limits: Limits) -> Check:
+    if s.load is None or not s.cpu_count:
+        return _not_reported(n, "cpu load", s, "this platform has no load average")
+    per_core = s.load[1] / s.cpu_count
+    text = (
+        f"{n}: load {s.load[0]:.2f} {s.load[1]:.2f} {s.load[2]:.2f} on {s.cpu_count} cores "
+        f"({per_core:.2f} a core over 5 min; warn at {limits.load_warn:.1f})"
+    )
+    fix = (
+        f"see what runs on {n} besides the runners (`top`); a saturated node answers "
+        "slowly: move work or a model off it"
+    )
+    if limits.load_fail is not None and per_core >= limits.load_fail:
+        return _c("cpu load", "fail", text, fix, node=n)
+    if per_core >= limits.load_warn:
+        return _c("cpu load", "warn", text, fix, node=n)
+    return _c("cpu load", "pass", text, node=n)
+
+
+def _temperature(n: str, s: Sensors, limits: Limits) -> Check:
+    if not s.temperatures_c and s.thermal_pressure is None:
+        return _not_reported(n, "temperature", s, "the platform tells none")
+    parts: list[str] = []
+    verdicts: list[Verdict] = []
+    if s.temperatures_c:
+        hot = max(s.temperatures_c, key=lambda f: f.value)
+        parts.append(
+            f"hottest {hot.value:.0f} °C ({hot.source}) of {len(s.temperatures_c)} sensor(s); "
+            f"warn {limits.temp_warn_c:g}, fail {limits.temp_fail_c:g}"
+        )
+        verdicts.append(
+            "fail"
+            if hot.value >= limits.temp_fail_c
+            else "warn"
+            if hot.value >= limits.temp_warn_c
+            else "pass"
+        )
+    if s.thermal_pressure is not None:
+        parts.append(f"thermal pressure {s.thermal_pressure}")
+        verdicts.append(PRESSURE.get(s.thermal_pressure.lower(), "fail"))
+    worst = max(verdicts, key=ORDER.__getitem__)
+    fix = (
+        f"check the airflow and fans at {n}; a hot node throttles and serves slower "
+        "(its probe shows it)"
+    )
+    return _c(
+        "temperature", worst, f"{n}: {'; '.join(parts)}", "" if worst == "pass" else fix, node=n
+    )
+
+
+def _power(n: str, s: Sensors, limits: Limits) -> Check:
+    if not s.power_w:
+        return _not_reported(n, "power", s, "the platform tells none")
+    shown = ", ".join(_watts(f) for f in s.power_w[:4])
+    more = f" (+{len(s.power_w) - 4} more)" if len(s.power_w) > 4 else ""
+    capped = [f for f in s.power_w if f.limit and f.value >= limits.power_warn_frac * f.limit]
+    if capped:
+        return _c(
+            "power",
+            "warn",
+            f"{n}: at its power cap: {', '.join(_watts(f) for f in capped)}",
+            "a device at its cap throttles: expected under full load; idle, look for a "
+            "runaway process",
+            node=n,
+        )
+    return _c("power", "pass", f"{n}: {shown}{more}", node=n)
+
+
+def _watts(f: Figure) -> str:
+    cap = f" of {f.limit:.0f} W cap" if f.limit else ""
+    return f"{f.source} {f.value:.1f} W{cap}"
 
 
 def version_checks(lives: Iterable[NodeLive]) -> list[Check]:
@@ -332,7 +486,19 @@ def probe_checks(probes: Sequence[Probe], limits: Limits) -> list[Check]:
             )
             continue
         text = f"{where}: 2-token probe in {p.latency_s:.2f} s"
-        if p.latency_s > limits.probe_slow_s:
+        if p.latency_s > limits.probe_critical_s:
+            out.append(
+                _c(
+                    "model answers",
+                    "fail",
+                    text + f" (critical: over {limits.probe_critical_s:g} s)",
+                    "the node is saturated, swapping or throttled: see its queue in "
+                    "`cortex status` and its cpu load and temperature here",
+                    node=p.node,
+                    model=p.model,
+                )
+            )
+        elif p.latency_s > limits.probe_slow_s:
             out.append(
                 _c(
                     "model answers",
@@ -360,12 +526,12 @@ def runner_checks(snap: FleetSnapshot, now: float, limits: Limits) -> list[Check
                         "runner",
                         "fail",
                         f"{where} failed: {_first(m.error)}",
-                        f"fix the cause, then `cortex unload {m.model_id}` and `cortex load`",
+                        _failed_fix(n, m),
                         node=n.name,
                         model=m.model_id,
                     )
                 )
-            elif m.state == "recovering" or (
+            elif m.state in ("recovering", "stalled") or (
                 m.restarted_at is not None and now - m.restarted_at < limits.restart_window_s
             ):
                 ago = "" if m.restarted_at is None else f" {now - m.restarted_at:.0f} s ago"
@@ -380,6 +546,13 @@ def runner_checks(snap: FleetSnapshot, now: float, limits: Limits) -> list[Check
                     )
                 )
     return out
+
+
+def _failed_fix(n: NodeState, m: NodeModel) -> str:
+    # The neuron's rdma_quirk advice opens the error: a reboot, with the command here.
+    if "RDMA queue-pair quirk" in (m.error or ""):
+        return reboot_advice(n.name, _host(n, n.name)) + f"; then `cortex load {m.model_id}`"
+    return f"fix the cause, then `cortex unload {m.model_id}` and `cortex load`"
 
 
 def _first(text: str | None) -> str:
@@ -412,7 +585,7 @@ def node_advice(state: NodeState) -> list[str]:
         and h.jaccl_reload_budget is not None
         and h.jaccl_loads > h.jaccl_reload_budget
     ):
-        return [reboot_advice(state.name)]
+        return [reboot_advice(state.name, _host(state, state.name))]
     return []
 
 
@@ -515,7 +688,7 @@ async def run(
         _c("cortex reachable", "pass", f"cortex answers; {len(snap.nodes)} node(s) configured")
     ]
     for n in snap.nodes:
-        checks.extend(node_checks(lives[n.name], n))
+        checks.extend(node_checks(lives[n.name], n, limits))
     checks.extend(version_checks(lv for lv in lives_l if lv.health is not None))
     checks.extend(mesh_checks(snap, lives))
     checks.extend(probe_checks(probes, limits))

@@ -89,10 +89,10 @@ class InFlight:
     def node_changed(self, node: NodeState) -> None:
         """Poller listener: a node that is not healthy keeps no attempt waiting on it.
 
-        A recycling node is out of routing but drains what it holds: its streams go on
-        (a lost connection or the stream's idle timeout still ends them).
+        A draining or recycling node is out of routing but drains what it holds: its
+        streams go on (a lost connection or the stream's idle timeout still ends them).
         """
-        if node.healthy or node.recycling or node.name not in self._by_node:
+        if node.healthy or node.leaving or node.name not in self._by_node:
             return
         why = f"node {node.name} was marked unhealthy ({node.last_error or 'no answer'})"
         for a in list(self._by_node[node.name]):

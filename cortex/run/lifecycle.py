@@ -38,6 +38,7 @@ from cortex.core.life import (
     Accepted,
     Answered,
     BrokenGroup,
+    Catalogued,
     Clocks,
     Dropped,
     EnsureLoad,
@@ -60,6 +61,8 @@ from cortex.core.life import (
     Prefetch,
     Prefetched,
     Released,
+    Retired,
+    RetireUnload,
     Teardown,
     UnloadFinished,
     UnloadStarted,
@@ -90,6 +93,7 @@ from shared.errors import (
     ColdLoadFailed,
     InvalidRequest,
     ModelLoading,
+    RingPortTaken,
 )
 from shared.journal import Event, Journal
 
@@ -102,6 +106,10 @@ PREFETCH_AGAIN_S = 300.0
 # Neuron codes that mean the load cannot succeed until someone changes something.
 OPERATOR_CODES = frozenset({"invalid_model_path", "invalid_request", "placement_refused"})
 STATE_VERSION = 1
+# A ring port a member found taken is skipped this long; a group load tries at most
+# this many blocks before it fails.
+SHUN_S = 600.0
+RING_BLOCK_TRIES = 5
 
 
 @attrs.define(eq=False)
@@ -123,15 +131,22 @@ class Job:
 
 @attrs.define
 class RingPorts:
-    """Port blocks for ring groups, never overlapping a live group's (per fleet)."""
+    """Port blocks for ring groups (per fleet), never overlapping a live group's, a job's
+    under way, or a port a member lately found held by another process."""
 
     base: int
-    span: int = 16000
+    span: int = 4000
+    clock: Callable[[], float] = time.monotonic
     _next: int = 0
     _taken: dict[int, int] = attrs.Factory(dict)  # first port -> size, for jobs under way
+    _shunned: dict[int, float] = attrs.Factory(dict)  # port -> until (clock)
 
     def allocate(self, n: int, live: Iterable[int]) -> int:
-        used = set(live)
+        if not 1 <= n <= self.span:
+            raise ColdLoadFailed(f"a group of {n} ranks needs more than {self.span} ring ports")
+        now = self.clock()
+        self._shunned = {p: until for p, until in self._shunned.items() if until > now}
+        used = set(live) | self._shunned.keys()
         for first, size in self._taken.items():
             used.update(range(first, first + size))
         for step in range(self.span):
@@ -147,6 +162,13 @@ class RingPorts:
     def free(self, first: int | None) -> None:
         if first is not None:
             self._taken.pop(first, None)
+
+    def shun(self, ports: Iterable[int], for_s: float = SHUN_S) -> None:
+        """Skip `ports` for `for_s`: held by another process (a listener, an outgoing
+        connection), they are likely held still."""
+        until = self.clock() + for_s
+        for p in ports:
+            self._shunned[p] = until
 
 
 def parse_keep_alive(value: Any) -> float | None:
@@ -190,8 +212,9 @@ def load_failure(spec: ModelSpec, exc: BaseException) -> tuple[str, bool, dict[s
     """(reason, needs_operator, details) of a failed load, the reason said once."""
     if isinstance(exc, ApiError):
         reason = exc.message
+        # A taken ring port (every block tried) is the fleet's moment, not its config.
         needs_operator = exc.code in OPERATOR_CODES or (
-            400 <= exc.status < 500 and exc.code != "model_kept_loaded"
+            400 <= exc.status < 500 and exc.code not in ("model_kept_loaded", RingPortTaken.code)
         )
         details = exc.details
     else:
@@ -229,7 +252,10 @@ class Lifecycle:
     _seen_models: dict[str, dict[str, str]] = attrs.Factory(dict)
     _started_wall: float = attrs.Factory(time.time)
     ports: RingPorts = attrs.Factory(
-        lambda self: RingPorts(self.config.ring_base_port), takes_self=True
+        lambda self: RingPorts(
+            self.config.ring_base_port, self.config.ring_port_span, clock=self.clock
+        ),
+        takes_self=True,
     )
 
     # -- the one writer ---------------------------------------------------------------
@@ -308,8 +334,11 @@ class Lifecycle:
         per_node = Counter[str]()
         loading = set()
         busy = set()
+        retired = set()
         failures = {}
         for mid, life in self._lives.items():
+            if life.retired:
+                retired.add(mid)
             if life.job is None and life.failure is None and not (life.settling or life.credits):
                 continue  # only idle clocks or a hold: nothing the router needs
             if life.job is not None:
@@ -345,6 +374,7 @@ class Lifecycle:
             by_model=None if per_node else snap.by_model,
             loading=frozenset(loading),
             busy=frozenset(busy),
+            retired=frozenset(retired),
             load_failures=failures,
             reservations=reservations,
             taken_at=now,
@@ -541,7 +571,16 @@ class Lifecycle:
                 ring_port = self.take_ports(len(cand.nodes))
                 self._apply(PortsTaken(spec.id, ring_port))
             await self._make_room(spec, job)
-            await self.loader.load(spec, cand, ring_port, self._reporter(job))
+            tries = iter(range(2, RING_BLOCK_TRIES + 1))
+
+            def next_block(exc: RingPortTaken) -> int | None:
+                nonlocal ring_port
+                ring_port = self._next_block(spec, cand, ring_port, exc, next(tries, None))
+                return ring_port
+
+            await self.loader.load(
+                spec, cand, ring_port, self._reporter(job), next_block=next_block
+            )
             ok = True
         except asyncio.CancelledError:
             self._apply(LoadCancelled(spec.id))
@@ -619,6 +658,34 @@ class Lifecycle:
         assert f is not None
         log.warning("loading %s failed (%d in a row): %s", spec.id, f.count, reason)
         return self.cold_load_failed(spec.id, f)
+
+    def _next_block(
+        self,
+        spec: ModelSpec,
+        cand: Candidate,
+        first: int | None,
+        exc: RingPortTaken,
+        attempt: int | None,
+    ) -> int | None:
+        """A member found a port of block `first` taken (the loader undid the group's
+        other ranks): shun that port, and take the next block, the `attempt`-th;
+        None (attempt None: tries used up) fails the load. Not a failed load itself."""
+        n = len(cand.nodes)
+        details = exc.details or {}
+        port, node = details.get("port"), details.get("node")
+        held = [port] if isinstance(port, int) else range(first or 0, (first or 0) + n)
+        self.ports.shun(held)
+        self.free_ports(first)
+        nxt = None if attempt is None else self.take_ports(n)
+        if nxt is None:
+            then = f"{RING_BLOCK_TRIES} blocks tried: the load fails"
+        else:
+            self._apply(PortsTaken(spec.id, nxt))
+            then = f"trying ports {nxt}-{nxt + n - 1} (block {attempt} of {RING_BLOCK_TRIES})"
+        detail = f"{exc.message}; {then}"
+        log.info("%s: %s", spec.id, detail)
+        self.event(spec.id, "ring port taken", detail, node if isinstance(node, str) else None)
+        return nxt
 
     def take_ports(self, n: int) -> int:
         """A block of `n` ring ports no live group and no job under way uses."""
@@ -835,15 +902,38 @@ class Lifecycle:
                 self._ensure(effect, cat, look)
             elif isinstance(effect, Prefetch):
                 self._prefetch(effect.spec, cat, look)
-            elif isinstance(effect, IdleUnload):
-                nodes = ", ".join(effect.nodes)
-                log.info("%s idle past its TTL on %s: unloading", effect.spec.id, nodes)
-                job = self.start_unload(
-                    effect.spec.id, effect.nodes, kind="unload", why="idle past its TTL"
-                )
+            elif isinstance(effect, IdleUnload | RetireUnload):
+                job = self._unload_idle(effect)
                 if job is not None:
                     idle.append(job)
         await _settle(idle)
+
+    def _unload_idle(self, effect: IdleUnload | RetireUnload) -> Job | None:
+        """Unload one idle copy: past its TTL, or of a model a reload removed."""
+        if isinstance(effect, IdleUnload):
+            model_id, why = effect.spec.id, "idle past its TTL"
+        else:
+            model_id, why = effect.model_id, "removed from the catalogue"
+        log.info("%s on %s: %s, unloading", model_id, ", ".join(effect.nodes), why)
+        return self.start_unload(model_id, effect.nodes, kind="unload", why=why)
+
+    # -- a reload of the catalogue ------------------------------------------------------
+
+    def reload_catalogue(self, new: Catalogue) -> tuple[list[str], list[str], list[str]]:
+        """Take `new` as the catalogue: (added, removed, changed) model ids. A removed
+        model takes no new request and each copy is unloaded once idle (`retiring`);
+        a changed `replicas` or `pinned_on` converges through the next pass."""
+        old = {m.id: m for m in self.catalogue.models}
+        now = {m.id: m for m in new.models}
+        added = sorted(now.keys() - old.keys())
+        removed = sorted(old.keys() - now.keys())
+        changed = sorted(k for k in old.keys() & now.keys() if old[k] != now[k])
+        self.catalogue = new
+        for mid in added:
+            self._apply(Catalogued(mid, back=self.life(mid).retired))
+        for mid in removed:
+            self._apply(Retired(mid))
+        return added, removed, changed
 
     def _facts(self, spec: ModelSpec) -> ModelFacts:
         return self.loader.facts(spec) if self.loader is not None else spec.facts()

@@ -30,8 +30,8 @@ from cortex.core.placement import Candidate
 from cortex.core.state import Fleet, NodeModel, NodeState
 from cortex.metrics import Metrics
 from cortex.run.poller import Poller
-from shared.catalogue import Catalogue, ModelFacts, ModelSpec
-from shared.errors import ApiError, ColdLoadFailed, UpstreamUnavailable
+from shared.catalogue import ModelFacts, ModelSpec
+from shared.errors import ApiError, ColdLoadFailed, RingPortTaken, UpstreamUnavailable
 from shared.wire import Backend, Discovery, GroupSpec, LoadRequest, ModelStatus, Sharding
 
 log = logging.getLogger(__name__)
@@ -55,26 +55,30 @@ class Gone:
 
 
 Report = Callable[[LifeEvent | Recorded | Gone], None]
+# A group's next block of ring ports after a member found one taken; None: give up.
+NextBlock = Callable[[RingPortTaken], int | None]
 
 
 @attrs.define
 class Loader:
     fleet: Fleet
-    catalogue: Catalogue
     session: aiohttp.ClientSession
     config: CortexConfig
     metrics: Metrics
     poller: Poller
-    _facts: dict[str, ModelFacts] = attrs.field(factory=dict)
+    # model id -> the entry its facts were read for, and the facts.
+    _facts: dict[str, tuple[ModelSpec, ModelFacts]] = attrs.field(factory=dict)
 
     def facts(self, spec: ModelSpec) -> ModelFacts:
-        """A model's shape, read from its files once (they do not change under us)."""
-        f = self._facts.get(spec.id)
-        if f is None:
-            f = spec.facts()
-            # An absent local directory reads as zero bytes; do not cache that guess.
-            if f.weights_bytes:
-                self._facts[spec.id] = f
+        """A model's shape, read from its files once per catalogue entry (a reload that
+        changes the entry, its memory_gb or draft say, reads them anew)."""
+        cached = self._facts.get(spec.id)
+        if cached is not None and cached[0] == spec:
+            return cached[1]
+        f = spec.facts()
+        # An absent local directory reads as zero bytes; do not cache that guess.
+        if f.weights_bytes:
+            self._facts[spec.id] = (spec, f)
         return f
 
     async def load(
@@ -83,16 +87,26 @@ class Loader:
         cand: Candidate,
         ring_port: int | None,
         report: Report,
+        *,
+        next_block: NextBlock | None = None,
     ) -> None:
         """The load job's body (run by the lifecycle once room is made): post to every
         member, wait.
 
         `ring_port`: the first of a group's block of ports; `report`: where each step
-        goes as it happens."""
+        goes as it happens; `next_block`: another block, when a member found a port of
+        this one taken (the other ranks undone first), or None to fail the load."""
         started = time.monotonic()
         label = self.metrics.model(spec.id)
         try:
-            await self._load(spec, cand, ring_port, report)
+            while True:
+                try:
+                    await self._load(spec, cand, ring_port, report)
+                    break
+                except RingPortTaken as exc:
+                    ring_port = next_block(exc) if next_block is not None else None
+                    if ring_port is None:
+                        raise
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -117,8 +131,8 @@ class Loader:
                 if not all(s.state == "ready" for s in statuses):
                     await self._wait_ready(spec, cand.nodes, report)
                 return
-            except BaseException:
-                await self._undo_group(spec.id, cand.nodes, report)
+            except BaseException as exc:
+                await self._undo_group(spec.id, cand.nodes, report, exc)
                 raise
         report(Accepted(spec.id))
         if all(s.state == "ready" for s in statuses):
@@ -128,18 +142,36 @@ class Loader:
     async def _post_group(
         self, requests: list[tuple[str, LoadRequest]], report: Report
     ) -> list[ModelStatus]:
-        """Post to every member at once; the first failure cancels the others' posts."""
+        """Post to every member at once; the first failure cancels the others' posts.
+
+        A taken ring port is raised once every post has ended instead: the undo that
+        follows must find the ranks the others start, not miss a load still in flight."""
+
+        async def post(node: str, req: LoadRequest) -> ModelStatus | RingPortTaken:
+            try:
+                return await self._post_load(node, req, report)
+            except RingPortTaken as exc:
+                exc.details = {**(exc.details or {}), "node": node}
+                return exc
+
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._post_load(n, r, report)) for n, r in requests]
+                tasks = [tg.create_task(post(n, r)) for n, r in requests]
         except BaseExceptionGroup as group:
             first = group.exceptions[0]
             raise first from None
-        return [t.result() for t in tasks]
+        results = [t.result() for t in tasks]
+        for r in results:
+            if isinstance(r, RingPortTaken):
+                raise r
+        return [r for r in results if isinstance(r, ModelStatus)]
 
-    async def _undo_group(self, model_id: str, nodes: Sequence[str], report: Report) -> None:
+    async def _undo_group(
+        self, model_id: str, nodes: Sequence[str], report: Report, why: BaseException
+    ) -> None:
         """A group load that failed: no rank may stay loaded on any member."""
-        log.info("group load of %s failed: unloading it from %s", model_id, ", ".join(nodes))
+        what = "met a taken ring port" if isinstance(why, RingPortTaken) else "failed"
+        log.info("group load of %s %s: unloading it from %s", model_id, what, ", ".join(nodes))
 
         async def one(node: str) -> None:
             with contextlib.suppress(ApiError):
@@ -173,6 +205,8 @@ class Loader:
                 context_limit=limit,
                 peers=self._peers(spec, cand.nodes[0]),
                 kind=spec.kind,
+                # Checked when the catalogue was read; placement kept such a model on one node.
+                options=spec.runner_options(),
             )
             return [(cand.nodes[0], req)]
         assert ring_port is not None  # the lifecycle takes a block for every group
@@ -187,6 +221,8 @@ class Loader:
                     group=g,
                     context_limit=limit,
                     peers=self._peers(spec, n),
+                    # A group takes no draft or adapters (the catalogue refuses them).
+                    options=spec.runner_options(),
                 ),
             )
             for n, g in zip(cand.nodes, groups, strict=True)

@@ -2,12 +2,17 @@
 
 A node turns unhealthy only after `failure_threshold` failed polls in a row and
 one good poll restores it; a node never heard from starts unhealthy. A proxied
-request that cannot connect reports here at once (passive health).
+request that cannot connect reports here at once (passive health). A node that
+answers `draining` (SIGTERM, a restart) is out of routing but not lost: the
+streams it holds go on until it is gone (its polls fail) or says otherwise.
 
 One GET /status per node and interval (health, models and staged copies in one
 answer) with the last ETag in If-None-Match: an unchanged node answers 304 with
 no body and costs no parsing. A neuron without /status (404: an older version)
 is polled the old way, /health + /models + /store/storage, until it restarts.
+
+A node that answers 401 or 403 refuses cortex's fleet token: a `stranger`,
+never routed to nor loaded, until it answers as one of the fleet.
 """
 
 from __future__ import annotations
@@ -39,6 +44,18 @@ Listener = Callable[[NodeState], None]
 
 class PollError(Exception):
     """A neuron endpoint that did not answer usefully."""
+
+
+class Refused(PollError):
+    """The neuron refused cortex's fleet token (401/403): not this fleet's node."""
+
+
+# What a neuron answers a request whose fleet token it does not hold.
+REFUSED = (401, 403)
+
+
+def refusal(status: int) -> str:
+    return f"refuses this cortex's fleet token (HTTP {status}): run `neuron join` on it"
 
 
 class NoStatus(Exception):
@@ -99,9 +116,25 @@ class Poller:
     async def poll_once(self) -> None:
         """One round over every node; one slow node never delays another."""
         started = time.monotonic()
-        await asyncio.gather(*(self.poll_node(name) for name in self.fleet.names))
+        await asyncio.gather(*(self._poll_member(name) for name in self.fleet.names))
         if self.on_round is not None:
             self.on_round(time.monotonic() - started)
+
+    async def _poll_member(self, name: str) -> None:
+        try:
+            await self.poll_node(name)
+        except KeyError:
+            if name in self.fleet.names:
+                raise
+            # It left the poll set (a discovered node gone for good) while being polled.
+
+    def forget(self, name: str) -> None:
+        """`name` left the poll set: nothing cached of it may outlive it."""
+        self._seen.pop(name, None)
+        self._legacy.discard(name)
+        url = self.fleet.node(name).url if name in self.fleet.names else None
+        if url is not None:
+            self._urls.pop(url, None)
 
     def uses_status(self, name: str) -> bool:
         """False for a node polled the old way (it answered 404 on /status)."""
@@ -112,6 +145,8 @@ class Poller:
             try:
                 return await self._poll_status(name)
             except NoStatus as exc:
+                if exc.status in REFUSED:
+                    return self._refused(name, refusal(exc.status))
                 if exc.status == 404:
                     log.info(
                         "node %s has no /status (an older neuron): polling it the old way", name
@@ -176,6 +211,9 @@ class Poller:
         if failed is not None:
             return self._failed(node, f"/health: {failed}")
         health = health_t.result()
+        if isinstance(models_t.result(), Refused):
+            # /health is open to anyone; /models tells whether the token is ours.
+            return self._refused(name, str(models_t.result()))
         if (
             name in self._legacy
             and node.health is not None
@@ -189,6 +227,13 @@ class Poller:
 
     async def _health(self, base: str) -> NodeHealth:
         return NodeHealth.from_json(await self._get(base, "/health"))
+
+    def _refused(self, name: str, reason: str) -> NodeState:
+        old = self.fleet.node(name)
+        self._seen.pop(name, None)
+        if not old.stranger:
+            log.warning("node %s is a %s", name, reason)
+        return self._notify(old, self.fleet.poll_refused(name, reason))
 
     def _failed(self, node: NodeState, reason: str) -> NodeState:
         new = self.fleet.poll_failed(node.name, reason)
@@ -223,7 +268,9 @@ class Poller:
         return self._notify(old, new)
 
     def _notify(self, old: NodeState, new: NodeState) -> NodeState:
-        if old.healthy != new.healthy:
+        if new.draining and not old.draining:
+            log.info("node %s is draining: no new requests, its streams go on", new.name)
+        elif old.healthy != new.healthy:
             if new.healthy:
                 log.info("node %s is healthy", new.name)
             else:
@@ -242,6 +289,8 @@ class Poller:
         async with self._slot():
             try:
                 async with self.session.get(base.rstrip("/") + path, timeout=timeout) as resp:
+                    if resp.status in REFUSED:
+                        raise Refused(refusal(resp.status))
                     if resp.status != 200:
                         raise PollError(f"HTTP {resp.status}")
                     # Bytes straight to json: no charset sniffing of the text.

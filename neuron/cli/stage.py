@@ -21,8 +21,9 @@ from shared.progress import StageProgress, duration, size
 POLL_S = 0.5
 # Plain (non-TTY) output: one line this often, and on every change of state.
 PLAIN_EVERY_S = 5.0
-# Polls in a row that may fail (a neuron busy or restarting) before giving up.
-MAX_POLL_FAILURES = 10
+# How long polls may fail in a row (a neuron busy or restarting) before giving up: a
+# restarted neuron resumes the stage by itself, and the CLI follows it there.
+LOST_AFTER_S = 30.0
 BAR_WIDTH = 24
 
 EXIT_STAGED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -39,7 +40,11 @@ and needs no stage. Staging again a copy already staged returns at once.
 On a terminal one progress line updates in place (bytes done / total, percent,
 rate, ETA); otherwise, as in a log, a plain line every few seconds.
 Ctrl-C cancels the stage on the neuron (POST /store/cancel; the partial files
-are kept, so staging again resumes).
+are kept, so staging again resumes). A neuron restarted mid-stage (or killed and
+started again) resumes the stage by itself, and this command keeps following it
+across the restart. A disk that fills mid-stage fails it as insufficient_storage
+with the numbers; its partial files are kept, so once space is freed, staging
+again (or the neuron's next start) resumes it.
 
 exit status: 0 staged, 1 the stage failed (the error is printed),
              2 usage error, neuron unreachable or request refused, 130 Ctrl-C
@@ -198,21 +203,33 @@ def _start_and_follow(
     return _follow(client, model_id, name, pr, started)
 
 
+def _storage(
+    client: Client, lost_since: float | None
+) -> tuple[dict[str, Any] | None, float | None]:
+    """GET /store/storage, or None (and since when) while the neuron does not answer."""
+    try:
+        status, body = client.call("GET", "/store/storage")
+    except CliError:
+        status, body = 0, None
+    if status == 200 and isinstance(body, dict):
+        return body, None
+    now = time.monotonic()
+    since = now if lost_since is None else lost_since
+    if now - since >= LOST_AFTER_S:
+        raise CliError(
+            f"lost the neuron at {client.url} for {LOST_AFTER_S:g} s while following the stage"
+        )
+    return None, since
+
+
 def _follow(client: Client, model_id: str, name: str, pr: Printer, started: float) -> int:
-    failures = 0
+    lost_since: float | None = None
     last: StageProgress | None = None
     while True:
-        try:
-            status, body = client.call("GET", "/store/storage")
-        except CliError:
-            status, body = 0, None
-        if status != 200 or not isinstance(body, dict):
-            failures += 1
-            if failures >= MAX_POLL_FAILURES:
-                raise CliError(f"lost the neuron at {client.url} while following the stage")
+        body, lost_since = _storage(client, lost_since)
+        if body is None:
             time.sleep(POLL_S)
             continue
-        failures = 0
         jobs = [j for j in body.get("staging") or () if isinstance(j, dict)]
         job = next((j for j in jobs if j.get("name") == name), None)
         p = StageProgress.from_json(job)
@@ -221,7 +238,7 @@ def _follow(client: Client, model_id: str, name: str, pr: Printer, started: floa
             copies = [c for c in body.get("staged") or () if isinstance(c, dict)]
             copy = next((c for c in copies if c.get("name") == name), None)
             if copy is None:
-                raise CliError(f"the stage of {name} vanished (the neuron restarted?)", 1)
+                raise CliError(f"the stage of {name} is gone: neither under way nor staged", 1)
             total = copy.get("size_bytes")
             total = total if isinstance(total, int) else 0
             took = time.monotonic() - started

@@ -18,19 +18,28 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from neuron import sensors
 from neuron.config import NeuronConfig
-from neuron.discovery import discover, load_or_create_node_id, memory_available_bytes, memory_bytes
-from neuron.http import recycle
+from neuron.discovery import (
+    discover,
+    load_or_create_node_id,
+    memory_available_bytes,
+    memory_bytes,
+    package_version,
+)
+from neuron.http import cancel, reboot, recycle
 from neuron.http.auth import fleet_token_middleware
 from neuron.http.proxy import Proxy
 from neuron.http.traces import EVENTS, TRACES, add_trace_routes
 from neuron.metrics import NeuronMetrics, NodeFigures
-from neuron.runner import linktest
+from neuron.runner import linktest, model_options
+from neuron.runner.ports import check_ring_port
+from neuron.runner.runner_log import log_files
 from neuron.runner.supervisor import Supervisor
 from neuron.store.sources import COPY_NAME, Store, copy_name, is_local_source
 from neuron.store.staging import PLAN_WAIT_S, Stager
 from neuron.tracing import journals
-from shared.drain import Drain
+from shared.drain import DRAIN, Drain
 from shared.errors import (
     ApiError,
     InvalidRequest,
@@ -40,7 +49,7 @@ from shared.errors import (
     quiet_bad_requests,
     read_json_object,
 )
-from shared.journal import journal_health
+from shared.journal import MB, journal_health
 from shared.kinds import EMBEDDINGS_PATH
 from shared.serve import HANDLER_ARGS, guard_middleware
 from shared.wire import (
@@ -61,7 +70,8 @@ STORE = web.AppKey("store", Store)
 STAGER = web.AppKey("stager", Stager)
 STARTED = web.AppKey("started_at", float)
 NODE_ID = web.AppKey("node_id", str)
-DRAIN = web.AppKey("drain", Drain)
+# The package version /health names, read once (as /discovery's `version`).
+VERSION = web.AppKey("version", str)
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH})
 
 
@@ -89,6 +99,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # Stages this stop cuts (a load's too) stay wished: the next start resumes them.
+        app[STAGER].stopping()
         # Runners never outlive the neuron: stop them all before the loop ends.
         await supervisor.close()
         # The journals' writer threads write what is queued, off the loop.
@@ -97,7 +109,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _drain(app: web.Application) -> None:
-    # Before cleanup stops the runners: streams in flight may finish first.
+    # Before cleanup stops the runners: streams in flight may finish first (on SIGTERM
+    # they had their time already, listener open, and only what is left is cut here).
     await app[DRAIN].close(app[CONFIG].drain_s)
 
 
@@ -110,7 +123,7 @@ def _loopback(host: str) -> bool:
 
 def create_app(config: NeuronConfig) -> web.Application:
     quiet_bad_requests()
-    drain = Drain(paths=INFERENCE_PATHS)
+    drain = Drain(paths=INFERENCE_PATHS, drain_s=config.drain_s)
     middlewares: list[Middleware] = [guard_middleware, error_middleware, drain.middleware()]
     if config.fleet_token is not None:
         middlewares.append(fleet_token_middleware(config.fleet_token))
@@ -134,6 +147,7 @@ def create_app(config: NeuronConfig) -> web.Application:
     app[STORE] = store
     app[SUPERVISOR] = supervisor
     app[STARTED] = time.time()
+    app[VERSION] = package_version()
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
 
@@ -158,6 +172,9 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.router.add_get("/store/models/{name}/files/{path:.+}", get_file)
     linktest.setup(app, config, store)
     recycle.setup(app, config)
+    sensors.setup(app, config)
+    reboot.setup(app, config)
+    cancel.setup(app, INFERENCE_PATHS)  # after the middlewares above: innermost
     add_trace_routes(app)
     return app
 
@@ -177,8 +194,11 @@ async def get_discovery(request: web.Request) -> web.Response:
 async def _node_health(app: web.Application) -> NodeHealth:
     models = tuple(app[SUPERVISOR].health())
     status: NodeStatus
+    if app[DRAIN].closing:
+        # SIGTERM or a restart: cortex sends no new work, and lets the streams finish.
+        status = "draining"
     # A model with no working runner (failed, or restarting one) degrades the node.
-    if any(m.state in ("failed", "recovering") for m in models):
+    elif any(m.state in ("failed", "stalled", "recovering") for m in models):
         status = "degraded"
     elif any(m.in_flight or m.queue_depth for m in models):
         status = "busy"
@@ -198,7 +218,8 @@ async def _node_health(app: web.Application) -> NodeHealth:
 
 
 def _health_body(app: web.Application, health: NodeHealth) -> dict[str, Any]:
-    body = health.to_json()
+    # Status and version first: the cluster-health page's first check reads just those.
+    body = {"status": health.status, "version": app[VERSION], **health.to_json()}
     # Informational, outside the verdict: a journal that only counts serves all the same.
     body.update(journal_health({"events": app[SUPERVISOR].journal, "traces": app[TRACES]}))
     return body
@@ -223,7 +244,11 @@ def _health_extras(app: web.Application) -> dict[str, Any]:
 
 async def get_health(request: web.Request) -> web.Response:
     app = request.app
-    return web.json_response(_health_body(app, await _node_health(app)))
+    body = _health_body(app, await _node_health(app))
+    # The last reading (neuron.sensors' thread): never read here, never in /status.
+    if (figures := app[sensors.SENSORS].latest) is not None:
+        body["sensors"] = figures.to_json()
+    return web.json_response(body)
 
 
 # Free memory moves by pages all the time: the status version counts it in these
@@ -310,6 +335,10 @@ async def post_load(request: web.Request) -> web.Response:
         req = LoadRequest.from_json(body)
     except FieldError as exc:
         raise InvalidRequest(f"bad load request: {exc}", param=exc.param) from exc
+    await check_ring_port(req, request.app[SUPERVISOR].get(req.model_id))  # 409 at once
+    # A draft or adapters outside the store and model roots (or a draft not staged
+    # here) is 400 now; the draft's tokenizer is checked once the model's files are in.
+    await asyncio.to_thread(model_options.resolve, request.app[STORE], req.options)
     # A bad source is 400 and a floor refusal 507, both before any work.
     m = await request.app[SUPERVISOR].load(req, refuse_floor=True)
     return web.json_response(m.status().to_json(), status=202)
@@ -343,6 +372,7 @@ async def get_storage(request: web.Request) -> web.Response:
     store = app[STORE]
     copies = await asyncio.to_thread(store.staged, app[SUPERVISOR].in_use_dirs(), partial=True)
     done = [c for c in copies if not c.partial]
+    logs, free = await asyncio.to_thread(_logs_and_free, store)
     # "staged" first: cortex's poller reads the complete copies from it.
     return web.json_response(
         {
@@ -353,8 +383,36 @@ async def get_storage(request: web.Request) -> web.Response:
             "partial": [c.to_json() for c in copies if c.partial],
             "keep_recent_bytes": int(app[CONFIG].staging_keep_recent_gb * 1e9),
             "min_free_bytes": int(app[CONFIG].min_free_gb * 1e9),
+            "disk_free_bytes": free,
+            "runner_logs": _runner_logs(app, logs),
         }
     )
+
+
+def _logs_and_free(store: Store) -> tuple[list[dict[str, Any]], int | None]:
+    """The runner logs with their bytes, and the disk free under the store (blocking)."""
+    free = None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(store.root).free
+    return log_files(store.logs_dir), free
+
+
+def _runner_logs(app: web.Application, logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """/store/storage's `runner_logs`: each model's log and rotated copies, the limits,
+    and the live runners' logs that are not being written (under the floor, an error)."""
+    config = app[CONFIG]
+    runners = [m.runner for m in app[SUPERVISOR].models.values() if m.runner is not None]
+    return {
+        "dir": str(app[STORE].logs_dir),
+        "total_bytes": sum(entry["bytes"] for entry in logs),
+        "max_bytes": int(config.runner.log_max_mb * MB),
+        "keep": config.runner.log_keep,
+        "min_free_bytes": int(config.journal_min_free_mb * MB),
+        "logs": logs,
+        "not_written": [
+            r.log.status() for r in runners if r.log.counting_only or r.log.error is not None
+        ],
+    }
 
 
 async def post_purge(request: web.Request) -> web.Response:

@@ -1,7 +1,8 @@
 """The fleet token: once configured, it closes every neuron endpoint but the probes.
 
 Cortex sends it as `Authorization: Bearer <token>`; anything else is 401
-invalid_api_key. GET /health and GET /metrics stay open for probes and Prometheus.
+invalid_api_key. GET /health and GET /metrics stay open for probes and Prometheus,
+GET /fleet/proof for cortex's discovery (it answers a proof, never the token).
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from aiohttp.typedefs import Middleware
 from shared.errors import InvalidApiKey
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN = frozenset((method, path) for method in ("GET", "HEAD") for path in ("/health", "/metrics"))
+OPEN = frozenset(
+    (method, path)
+    for method in ("GET", "HEAD")
+    # /fleet/proof: how a neuron shows cortex it holds the token (neuron.announce).
+    for path in ("/health", "/metrics", "/fleet/proof")
+)
 
 
 def bearer(request: web.Request) -> bytes | None:

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from neuron.config import NeuronConfig
 from neuron.http.embeddings import check_embedding
+from neuron.http.timing import timed_body, timed_event, timing, wants_timing
 from neuron.runner.health import answer_kind
 from neuron.runner.process import RunnerProcess
 from neuron.runner.request_check import (
@@ -46,7 +47,9 @@ from neuron.runner.request_check import (
 )
 from neuron.runner.supervisor import ModelSupervisor, Supervisor, describe, race_exit
 from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usage_comment
+from shared import logjson
 from shared.assemble import answer_usage, assemble, is_usage_frame
+from shared.cancel import cancelled
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
@@ -59,6 +62,7 @@ from shared.errors import (
 )
 from shared.journal import Journal
 from shared.kinds import EMBEDDINGS_PATH, wrong_kind
+from shared.model_id import shown
 from shared.quiet import IdleRace, StreamEnded
 from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 from shared.wire import PROBE_HEADER
@@ -117,6 +121,22 @@ class _Tally:
     last_at: float | None = None
     usage: dict[str, Any] | None = None
     chunks: list[dict[str, Any]] = attrs.Factory(list)
+    # Only when the client asked for `timing` (neuron.http.timing): when the runner
+    # was asked (monotonic), and the admission wait before that.
+    sent_at: float | None = None
+    queue_s: float | None = None
+    # Frames read together with the first (a busy loop reads a burst at once).
+    first_read: int = 0
+
+    def timing(self) -> dict[str, float | None]:
+        return timing(
+            self.usage,
+            queue_s=self.queue_s,
+            sent_at=self.sent_at,
+            first_at=self.first_at,
+            last_at=self.last_at,
+            first_read=self.first_read,
+        )
 
 
 _TRACE = web.RequestKey("neuron.trace", TraceDraft)
@@ -158,6 +178,7 @@ class Proxy:
         m = self.supervisor.get(model_id)
         metrics = self.supervisor.metrics
         trace = TraceDraft(request_id(request), model_id, stream=body.get("stream") is True)
+        logjson.annotate(request_id=trace.id, model=model_id)  # log_format = "json"
         request[_TRACE] = trace
         status, error = "500", None
         # Errors once the runner is reached count in `requests` by outcome instead.
@@ -187,7 +208,10 @@ class Proxy:
                 if checked.runner_stream:
                     resp = await self._relay(request, m, runner, path, checked, name)
                 else:
-                    resp = await self._unary(m, runner, path, checked, name)
+                    timed = kind != "embeddings" and wants_timing(request.headers)
+                    resp = await self._unary(
+                        m, runner, path, checked, name, timed=timed, queue_s=waited
+                    )
                 if use:
                     m.runner_health.used(time.time())
                 status = str(resp.status)
@@ -200,7 +224,7 @@ class Proxy:
                 metrics.rejected.labels(model_id if m is not None else "", exc.code).inc()
             raise
         except asyncio.CancelledError:
-            status = "client_gone"
+            status = "cancelled" if cancelled(request) else "client_gone"
             raise
         finally:
             self.traces.append(trace.done(status, error))
@@ -246,12 +270,21 @@ class Proxy:
         )
 
     async def _unary(
-        self, m: ModelSupervisor, runner: RunnerProcess, path: str, checked: Checked, name: str
+        self,
+        m: ModelSupervisor,
+        runner: RunnerProcess,
+        path: str,
+        checked: Checked,
+        name: str,
+        *,
+        timed: bool = False,
+        queue_s: float | None = None,
     ) -> web.Response:
         """Logprobs unstreamed: only the runner's unstreamed answer carries them.
 
         So these alone are not stopped by a client that leaves; their length is
-        capped at the context left like every other request.
+        capped at the context left like every other request. Its `timing` (when
+        `timed`) has the queue wait only: no token's arrival is seen.
         """
         metrics = self.supervisor.metrics
         seen = m.runner_health
@@ -279,8 +312,13 @@ class Proxy:
         if (usage := answer_usage(raw)) is not None:
             self._count_tokens(m, usage)
         metrics.requests.labels(m.model_id, "ok").inc()
+        body = renamed(raw, model_field(name))
+        if timed:
+            # No token's arrival is seen here: the queue wait only.
+            t = timing(usage, queue_s=queue_s, sent_at=None, first_at=None, last_at=None)
+            body = timed_body(body, t)
         return web.Response(
-            body=renamed(raw, model_field(name)),
+            body=body,
             status=upstream.status,
             content_type=upstream.content_type or "application/json",
         )
@@ -309,6 +347,7 @@ class Proxy:
             trace=_trace(request),
             started=now,
             last_byte=now,
+            tally=_timed_tally(request, now),
         )
         return await relay.run()
 
@@ -395,7 +434,10 @@ class _Relay:
             if self.checked.stream:
                 assert self.response is not None
                 return self.response
-            return web.json_response({**assemble(self.tally.chunks), "model": self.name})
+            answer = {**assemble(self.tally.chunks), "model": self.name}
+            if self.tally.sent_at is not None:
+                answer["timing"] = self.tally.timing()
+            return web.json_response(answer)
         except _Lost as exc:
             return await self._lost(exc)
         except (ConnectionError, asyncio.CancelledError):
@@ -516,8 +558,8 @@ class _Relay:
             if self.trace is not None:
                 self.trace.status = "200"
         else:
-            # The client went away: closing the upstream stops the runner's work.
-            self.outcome = "client_gone"
+            # The client went away (or a cancel): closing the upstream stops the runner.
+            self.outcome = "cancelled" if cancelled(self.request) else "client_gone"
 
     async def _close(self) -> None:
         self.race.close()
@@ -541,10 +583,18 @@ class _Relay:
         self.proxy.supervisor.metrics.requests.labels(self.m.model_id, self.outcome).inc()
 
 
+def _timed_tally(request: web.Request, sent_at: float) -> _Tally:
+    """A request's tally, set to time it when the client asked (`X-Cortex-Timing`)."""
+    if not wants_timing(request.headers):
+        return _Tally()
+    t = _trace(request)
+    return _Tally(sent_at=sent_at, queue_s=None if t is None else t.admission_wait_s)
+
+
 def _serving(m: ModelSupervisor | None, model_id: str) -> RunnerProcess:
     """The runner to send this request to (the supervisor says whether there is one)."""
     if m is None:
-        raise ModelNotFound(f"model {model_id!r} is not loaded on this node", param="model")
+        raise ModelNotFound(f"model {shown(model_id)} is not loaded on this node", param="model")
     return m.serving_runner()
 
 
@@ -569,7 +619,7 @@ def _take(batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> by
             if not checked.stream:
                 tally.chunks.append(chunk)
             elif checked.include_usage:
-                out.append(event)
+                out.append(event if tally.sent_at is None else timed_event(chunk, tally.timing()))
             else:
                 # An SSE comment (clients skip it): cortex's trace reads the counts.
                 out.append(usage_comment(chunk["usage"]))
@@ -577,6 +627,8 @@ def _take(batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> by
         tally.frames += 1
         if tally.first_at is None:
             tally.first_at = now
+        if now == tally.first_at:
+            tally.first_read += 1
         tally.last_at = now
         if chunk is not None and not checked.stream:
             tally.chunks.append(chunk)

@@ -1,14 +1,14 @@
 """POST /admin/restart: drain, stop the runners, and re-execute this neuron in place.
 
-The restart takes the path a SIGTERM takes (aiohttp stops listening, the
-drain lets requests in flight finish for up to `drain_s`, cleanup stops every
-runner), and only then does `neuron serve` exec itself with its own command
-line (`reexec`): same PID, same config, same persisted node_id, a new
-`started_at`, so cortex sees a restarted process and its reconciler brings
-the wished models back. Nothing of the old process crosses the exec: every
-descriptor above stderr is closed first (the listening socket, the runners'
-watchdog pipes), so a runner that somehow survived the stop still sees its
-watchdog's EOF and dies.
+The restart takes the path a SIGTERM takes (the drain lets requests in flight
+finish for up to `drain_s` while the node still listens and says `draining`,
+then cleanup stops every runner), and only then does `neuron serve` exec itself
+with its own command line (`reexec`): same PID, same config, same persisted
+node_id, a new `started_at`, so cortex sees a restarted process and its
+reconciler brings the wished models back. Nothing of the old process crosses the
+exec: every descriptor above stderr is closed first (the listening socket, the
+runners' watchdog pipes), so a runner that somehow survived the stop still sees
+its watchdog's EOF and dies.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import attrs
 from aiohttp import web
 
 from neuron.config import NeuronConfig
+from shared.drain import DRAIN
 from shared.errors import ApiError, read_json_object
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,12 @@ async def post_restart(request: web.Request) -> web.Response:
     restart.reason = reason[:200] if isinstance(reason, str) else "admin restart"
     if not already:
         log.warning("restart requested (%s): draining, then re-executing", restart.reason)
+        # Draining from this answer on (/status says so): the drain SIGTERM continues.
+        app[DRAIN].begin(restart.drain_s)
         # The way SIGTERM stops us, so the drain and the runners' stop are the same code.
         asyncio.get_running_loop().call_later(SIGNAL_DELAY_S, os.kill, os.getpid(), signal.SIGTERM)
     return web.json_response(
-        {"restarting": True, "already": already, "drain_s": restart.drain_s},
+        {"restarting": True, "already": already, "drain_s": restart.drain_s, "draining": True},
         status=202,
     )
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import statistics
+import time
 from collections.abc import AsyncIterator
 
 import attrs
 
 from shared.errors import QueueFull
+
+# /health's queue time is the median wait of this many last admitted requests: one
+# slow wait does not hide the usual one, and an idle model keeps its last figure.
+WAITS_KEPT = 100
 
 
 @attrs.define
@@ -23,6 +29,12 @@ class Admission:
     queue_timeout_s: float
     in_flight: int = 0
     _waiters: collections.deque[asyncio.Future[None]] = attrs.Factory(collections.deque)
+    _waits: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=WAITS_KEPT))
+
+    @property
+    def wait_p50_s(self) -> float | None:
+        """Median seconds the last admitted requests waited for a slot (None: none yet)."""
+        return round(statistics.median(self._waits), 6) if self._waits else None
 
     @property
     def queue_depth(self) -> int:
@@ -31,7 +43,9 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one in-flight slot for the body of the `async with`."""
+        queued_at = time.monotonic()
         await self._acquire()
+        self._waits.append(time.monotonic() - queued_at)
         try:
             yield
         finally:
@@ -65,6 +79,17 @@ class Admission:
             else:
                 self._forget(fut)
             raise
+
+    def resize(self, max_in_flight: int, max_queue: int, queue_timeout_s: float) -> None:
+        """New limits (a reload): waiters take the slots a larger limit frees at once;
+        a smaller one lets the requests running finish (it admits none until below it)."""
+        self.max_in_flight, self.max_queue = max_in_flight, max_queue
+        self.queue_timeout_s = queue_timeout_s
+        while self.in_flight < self.max_in_flight and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.in_flight += 1
+                fut.set_result(None)
 
     def _forget(self, fut: asyncio.Future[None]) -> None:
         fut.cancel()

@@ -1,11 +1,12 @@
 """What the proxy saw of one model's runner, and the verdicts drawn from it alone.
 
 The proxy reports (`started`, `byte`, `first_token`, `ended`, `used`, `tokens`,
-`done`, `failed` with a kind); this record keeps the traffic figures that
-/health shows and alone decides whether the runner is broken (a dead generation
-thread, or failed requests in a row) and whether its silence looks like a stall
-(the supervisor confirms that with a /health probe, then kills it).  No I/O:
-the decisions are tested as tables.
+`done`, `failed` with a kind), and the supervisor's heartbeat what it saw of the
+process (`beat`); this record keeps the traffic figures that /health shows and
+alone decides whether the runner is broken (a dead generation thread, or failed
+requests in a row), stalled (it missed a heartbeat) or to be killed (stalled for
+`stall_timeout_s`, or a group's rank 0 silent with work in flight for
+`group_stall_timeout_s`).  No I/O: the decisions are tested as tables.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ BROKEN_MARK = "generation thread died"
 #   cut_short     it closed a stream before [DONE]
 FailureKind = Literal["thread_died", "refused", "error_answer", "connection", "cut_short"]
 
+# What one heartbeat saw: the process stopped (SIGSTOP, a debugger), its /health
+# unanswered within the probe timeout, or a sign of life.
+Pulse = Literal["stopped", "silent", "alive"]
+# The verdict of a heartbeat: go on serving, stop routing to it (stalled), take it
+# back (revived), or kill it.
+Beat = Literal["alive", "stalled", "revived", "kill"]
+
 
 def answer_kind(status: int, message: str) -> FailureKind:
     """The kind of failure an error answer (status >= 400) from the runner is."""
@@ -46,7 +54,10 @@ class RunnerHealth:
     """One model's runner as its requests saw it (kept across restarts but for its verdicts)."""
 
     max_failures: int = 3
-    stall_after_s: float = 15.0
+    # Stalled this long: killed.
+    stall_after_s: float = 2.5
+    # A group's rank 0 silent with work in flight this long: hung.
+    group_stall_after_s: float = 8.0
     prefilling: int = 0
     decoding: int = 0
     ttft_s: float | None = None
@@ -59,10 +70,18 @@ class RunnerHealth:
     # Failed requests in a row, and the verdict "broken" (its reason) once drawn.
     failures: int = 0
     broken: str | None = None
+    # time.monotonic() of the heartbeat that first found it stalled; None while it is not.
+    stalled_since: float | None = None
+    # What that heartbeat saw, for the reason given when it is killed.
+    stalled_by: Pulse = "alive"
 
     @classmethod
     def create(cls, config: RunnerConfig) -> RunnerHealth:
-        return cls(max_failures=config.max_consecutive_errors, stall_after_s=config.stall_timeout_s)
+        return cls(
+            max_failures=config.max_consecutive_errors,
+            stall_after_s=config.stall_timeout_s,
+            group_stall_after_s=config.group_stall_timeout_s,
+        )
 
     @property
     def phase(self) -> Phase:
@@ -134,13 +153,33 @@ class RunnerHealth:
         self.broken = reason
         return True
 
-    def silent_s(self, now: float, in_flight: int) -> float | None:
-        """How long the runner has been silent with work in flight, once past the stall limit.
+    def beat(self, now: float, pulse: Pulse) -> Beat:
+        """One heartbeat's verdict: a runner that misses one is stalled at once, and
+        killed once it has stayed stalled for `stall_after_s`."""
+        if pulse == "alive":
+            was_stalled = self.stalled_since is not None
+            self.stalled_since = None
+            return "revived" if was_stalled else "alive"
+        if self.stalled_since is None:
+            self.stalled_since, self.stalled_by = now, pulse
+            return "stalled"
+        return "kill" if now - self.stalled_since >= self.stall_after_s else "stalled"
 
-        A stall if its /health goes unanswered too (the supervisor's probe).
-        """
+    def stall_reason(self, now: float) -> str:
+        """Why a stalled runner is killed (after `beat` said "kill")."""
+        since = 0.0 if self.stalled_since is None else now - self.stalled_since
+        what = (
+            "its process is stopped"
+            if self.stalled_by == "stopped"
+            else "its /health goes unanswered"
+        )
+        return f"runner stalled: {what} ({since:.1f} s)"
+
+    def hung_s(self, now: float, in_flight: int) -> float | None:
+        """A group's rank 0: how long it has been silent with work in flight, once past
+        `group_stall_after_s` (a rank hung on a collective); else None."""
         silent = now - self.last_byte_at
-        if in_flight and silent > self.stall_after_s:
+        if in_flight and silent > self.group_stall_after_s:
             return silent
         return None
 
@@ -148,3 +187,4 @@ class RunnerHealth:
         """A new runner: the old one's verdicts and failures go with it."""
         self.broken = None
         self.failures = 0
+        self.stalled_since = None

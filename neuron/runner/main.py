@@ -137,6 +137,20 @@ def fingerprint() -> str:
     return f"mlx_lm-{mlx_lm.__version__}"
 
 
+def quiet_health(server: Any) -> None:
+    """No access-log line for GET /health: the neuron's heartbeat asks every second, and
+    a line each would fill the runner's log (about 5 MB a day); other requests keep
+    theirs."""
+    handler = server.APIHandler
+    base = handler.log_request
+
+    def log_request(self: Any, code: Any = "-", size: Any = "-") -> None:
+        if getattr(self, "path", None) != "/health":
+            base(self, code, size)
+
+    handler.log_request = log_request
+
+
 def main() -> None:
     set_parent_death_signal()
     start_watchdog()
@@ -146,6 +160,7 @@ def main() -> None:
     from neuron.runner import constrained, stops
 
     admit_promptly(server)
+    quiet_health(server)
     constrained.install(server)
     stops.install(server)  # which stop sequence ended an answer (Anthropic's stop_reason)
 

@@ -4,7 +4,8 @@
 It runs in its own process group (so stop signals reach everything it spawned)
 on a free loopback port, holds the read end of a watchdog pipe whose write end
 only this neuron holds, and has its output kept twice: a short tail in memory
-for error messages and the whole of it in a log file under the store.
+for error messages and the whole of it in a log file under the store (rotated
+by size, and held to a free-space floor: neuron.runner.runner_log).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import IO
 
 import attrs
 
 from neuron.config import RunnerConfig
 from neuron.runner.main import MODEL_ID_FLAG, PARENT_ENV, SPLIT_ENV, WATCHDOG_ENV
+from neuron.runner.model_options import LocalOptions
+from neuron.runner.runner_log import RunnerLog
+from shared.journal import MB, FileSettings
 from shared.kinds import ModelKind
 from shared.wire import GroupSpec
 
@@ -115,8 +118,16 @@ def embed_runner_argv(
 
 
 def runner_argv(
-    config: RunnerConfig, model_id: str, model_dir: Path, port: int, group: GroupSpec | None
+    config: RunnerConfig,
+    model_id: str,
+    model_dir: Path,
+    port: int,
+    group: GroupSpec | None,
+    options: LocalOptions | None = None,
 ) -> list[str]:
+    """mlx_lm.server's command line: the neuron's runner settings, then the model's own
+    options from the catalogue (argparse keeps the last of a repeated flag)."""
+    local = options if options is not None else LocalOptions()
     argv = [
         *_argv_head(config, "neuron.runner.main", model_id, model_dir, port),
         "--decode-concurrency",
@@ -128,13 +139,13 @@ def runner_argv(
         "--prefill-step-size",
         str(config.prefill_step_size),
         "--max-tokens",
-        str(config.max_tokens),
+        str(local.options.max_tokens or config.max_tokens),
         "--log-level",
         "WARNING",
     ]
     if group is not None and group.sharding == "pipeline" and group.world_size > 1:
         argv.append("--pipeline")
-    return [*argv, *config.extra_args]
+    return [*argv, *config.extra_args, *local.flags()]
 
 
 async def spawn_guarded(
@@ -168,16 +179,17 @@ class RunnerProcess:
     model_id: str
     port: int
     process: asyncio.subprocess.Process
-    log_path: Path
+    # The runner's output file (store/logs/<model>.log), rotated and floored.
+    log: RunnerLog
     started_at: float
     exited: asyncio.Future[int]
     _tail: collections.deque[str]
     _watchdog_w: int | None
     _pump: asyncio.Task[None] | None = None
     _waiter: asyncio.Task[None] | None = None
-    # The open log file while the pump writes it, for `note()`; whether its last
-    # byte ended a line.
-    _log: IO[bytes] | None = None
+    # Whether the pump is writing the log (`note()` writes only then), and whether
+    # the log's last byte ended a line.
+    _pumping: bool = False
     _line_start: bool = True
 
     @classmethod
@@ -191,9 +203,13 @@ class RunnerProcess:
         group: GroupSpec | None = None,
         kind: ModelKind = "chat",
         context_limit: int | None = None,
+        options: LocalOptions | None = None,
+        log_min_free_bytes: int = 0,
     ) -> RunnerProcess:
         """Start the runner `kind` needs: mlx_lm.server (chat) or the embedding runner;
-        `context_limit` bounds an embedding model's tokens per input."""
+        `context_limit` bounds an embedding model's tokens per input; `options` are
+        the catalogue's for this model (a chat model's only). Its log is only counted
+        while the disk has less than `log_min_free_bytes` free."""
         port = free_port()
         group_dir = log_dir / f"{_safe(model_id)}.group"
         await asyncio.to_thread(_prepare_dirs, log_dir, group, group_dir)
@@ -206,7 +222,7 @@ class RunnerProcess:
         argv = (
             embed_runner_argv(config, model_id, model_dir, port, context_limit)
             if kind == "embedding"
-            else runner_argv(config, model_id, model_dir, port, group)
+            else runner_argv(config, model_id, model_dir, port, group, options)
         )
         process, write_fd = await spawn_guarded(
             argv,
@@ -218,7 +234,14 @@ class RunnerProcess:
             model_id=model_id,
             port=port,
             process=process,
-            log_path=log_dir / f"{_safe(model_id)}.log",
+            log=RunnerLog(
+                FileSettings(
+                    path=log_dir / f"{_safe(model_id)}.log",
+                    max_bytes=max(1, int(config.log_max_mb * MB)),
+                    keep=config.log_keep,
+                    min_free_bytes=max(0, log_min_free_bytes),
+                )
+            ),
             started_at=time.time(),
             exited=loop.create_future(),
             tail=collections.deque(maxlen=config.stderr_tail_lines),
@@ -233,6 +256,10 @@ class RunnerProcess:
         return self.process.pid
 
     @property
+    def log_path(self) -> Path:
+        return self.log.path
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -243,17 +270,24 @@ class RunnerProcess:
     def tail(self) -> str:
         return "\n".join(self._tail)
 
+    def stopped(self) -> bool:
+        """Is the process stopped (SIGSTOP, a debugger's trace stop)?  False where
+        /proc cannot tell (macOS): the /health probe covers those."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_bytes()
+        except OSError:
+            return False
+        # "pid (comm) state ...": comm may hold spaces and parentheses.
+        fields = stat.rpartition(b")")[2].split()
+        return bool(fields) and fields[0] in (b"T", b"t")
+
     def note(self, text: str) -> None:
         """A line of ours in the runner's log (a request id as its call starts), so a
         line of runner output can be matched with a trace."""
-        if self._log is None:
+        if not self._pumping:
             return
-        try:
-            self._log.write(("" if self._line_start else "\n").encode() + f"--- {text}\n".encode())
-            self._log.flush()
-            self._line_start = True
-        except OSError:
-            pass  # the pump finds out and stops writing
+        self.log.write(("" if self._line_start else "\n").encode() + f"--- {text}\n".encode())
+        self._line_start = True
 
     async def _read_output(self) -> None:
         """Drain the runner's output into the log file and the tail, to its end.
@@ -263,36 +297,22 @@ class RunnerProcess:
         """
         stream = self.process.stdout
         assert stream is not None
-        file: IO[bytes] | None = None
-        try:
-            file = self.log_path.open("ab")
-            file.write(f"--- runner start pid={self.pid} port={self.port}\n".encode())
-        except OSError:
-            file = None
-        self._log = file
+        out = self.log  # its writes never raise: a full disk must not stop the draining
+        out.write(f"--- runner start pid={self.pid} port={self.port}\n".encode())
+        self._pumping = True
         partial = b""  # the unfinished last line
         try:
             while chunk := await stream.read(LINE_LIMIT):
-                if file is not None:
-                    try:
-                        file.write(chunk)
-                        file.flush()
-                        self._line_start = chunk.endswith(b"\n")
-                    except OSError as exc:  # a full disk must not stop the draining
-                        log.warning("runner log %s: %s; no longer written", self.log_path, exc)
-                        with contextlib.suppress(OSError):
-                            file.close()
-                        file = self._log = None
+                out.write(chunk)
+                self._line_start = chunk.endswith(b"\n")
                 *lines, partial = (partial + chunk).split(b"\n")
                 partial = partial[-LINE_LIMIT:]
                 self._tail.extend(_text(line) for line in lines)
             if partial:
                 self._tail.append(_text(partial))
         finally:
-            self._log = None
-            if file is not None:
-                with contextlib.suppress(OSError):
-                    file.close()
+            self._pumping = False
+            out.close()
 
     async def _wait_exit(self) -> None:
         code = await self.process.wait()
@@ -315,6 +335,8 @@ class RunnerProcess:
         """SIGTERM the whole group, wait up to `grace_s`, then SIGKILL it."""
         if self.alive:
             self._signal_group(signal.SIGTERM)
+            # A stopped runner (SIGSTOP, a frozen rank) acts on SIGTERM only once continued.
+            self._signal_group(signal.SIGCONT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
         # SIGKILL even after a clean exit: children of the runner may linger.

@@ -7,9 +7,14 @@ choosing, image URLs make it fetch them.  So the runner's body is built here,
 field by field, from checked values; unknown fields are dropped (OpenAI clients
 send extras), a bad one is `InvalidRequest` naming it.  The prompt is counted
 with the model's own tokenizer and refused when it does not fit the context;
-`max_tokens` is capped at the context left.  `response_format` and a forced
-`tool_choice` become a constraint (neuron.runner.grammar) that the runner
-enforces token by token; its schemas are compiled here first.
+`max_tokens` is capped at the context left, and at the catalogue's
+`max_tokens_cap` for the model; a request without one gets the catalogue's
+`max_tokens` (else the neuron's).  The catalogue's `chat_template_kwargs` reach
+the runner on its command line; a client's own are dropped with the other
+unknown fields: the template's variables are the operator's (a client that
+wants thinking on asks for the catalogue entry that has it).  `response_format`
+and a forced `tool_choice` become a constraint (neuron.runner.grammar) that the
+runner enforces token by token; its schemas are compiled here first.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import attrs
 from neuron.runner import grammar
 from neuron.runner.grammar import WIRE_FIELD, Constraint, GrammarError, Tool
 from shared.errors import InvalidRequest
+from shared.runner_options import RunnerOptions
 
 Kind = Literal["chat", "completions"]
 # mlx_lm.server loads any other name from the hub; its own model is "default_model".
@@ -44,6 +50,8 @@ PER_PROMPT_TOKENS = 8
 TEMPLATE_MARGIN_TOKENS = 64
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 SEED_MAX = 2**32 - 1
+# mlx_lm.server's own bound on `top_logprobs` (validate_model_parameters: 0..11).
+TOP_LOGPROBS_MAX = 11
 
 
 @attrs.define(eq=False)
@@ -54,9 +62,17 @@ class ModelInfo:
     vocab_size: int | None = None
     # A `tokenizers.Tokenizer` (typed loosely: the library ships no stubs for mypy).
     tokenizer: Any = None
+    # The catalogue's default max_tokens for the model, and the most a request gets.
+    max_tokens: int | None = None
+    max_tokens_cap: int | None = None
 
     @classmethod
-    def load(cls, model_dir: Path, context_limit: int | None = None) -> ModelInfo:
+    def load(
+        cls,
+        model_dir: Path,
+        context_limit: int | None = None,
+        options: RunnerOptions | None = None,
+    ) -> ModelInfo:
         """Read config.json and tokenizer.json (blocking: call it off the event loop)."""
         config: dict[str, Any] = {}
         try:
@@ -82,7 +98,14 @@ class ModelInfo:
                 tokenizer = None
         if vocab is None and tokenizer is not None:
             vocab = _positive_int(tokenizer.get_vocab_size())
-        return cls(context_limit=context_limit, vocab_size=vocab, tokenizer=tokenizer)
+        o = options if options is not None else RunnerOptions()
+        return cls(
+            context_limit=context_limit,
+            vocab_size=vocab,
+            tokenizer=tokenizer,
+            max_tokens=o.max_tokens,
+            max_tokens_cap=o.max_tokens_cap,
+        )
 
     def count_tokens(self, texts: list[str]) -> int | None:
         """Tokens of `texts` together, None without a tokenizer (blocking)."""
@@ -196,8 +219,7 @@ SAMPLING: dict[str, Callable[[Any, str], Any]] = {
     "frequency_penalty": _number(-2, 2),
     "repetition_penalty": _number(0, 10),
     "seed": _integer(0, SEED_MAX),
-    "logprobs": _boolean,
-    "top_logprobs": _integer(0, 10),
+    "top_logprobs": _integer(0, TOP_LOGPROBS_MAX),
     "stop": _stop,
 }
 
@@ -307,6 +329,7 @@ def validate(body: dict[str, Any], kind: Kind, info: ModelInfo) -> Draft:
     out: dict[str, Any] = {"model": RUNNER_MODEL_NAME}
     texts, overhead = _chat(body, out) if kind == "chat" else _completion(body, out)
     _sampling(body, info, out)
+    _logprobs(body.get("logprobs"), kind, out)
     stream, include_usage = _streaming(body)
     _refuse_unsupported(body)
     constraint = _constraint(body) if kind == "chat" else _no_constraint(body)
@@ -340,8 +363,33 @@ def _chat(body: dict[str, Any], out: dict[str, Any]) -> tuple[list[str], int]:
 def _completion(body: dict[str, Any], out: dict[str, Any]) -> tuple[list[str], int]:
     if "prompt" not in body:
         raise _bad("prompt", "is required (a string)")
-    out["prompt"] = _text(body["prompt"], "prompt")
+    out["prompt"] = _prompt(body["prompt"])
     return [out["prompt"]], 1  # a BOS token the runner's tokenizer may add
+
+
+def _prompt(v: Any) -> str:
+    """One prompt, as text: all mlx_lm.server takes.
+
+    OpenAI also takes token ids and a batch of strings. The runner's tokenizer
+    refuses ids (`tokenizer.encode([1, 2])` raises), and a list of strings kills
+    its generation thread, so both are refused here, saying so. A list of one
+    string is that string (OpenAI's SDKs and LangChain send a prompt so).
+    """
+    if isinstance(v, list):
+        if len(v) == 1 and isinstance(v[0], str):
+            return _text(v[0], "prompt")
+        if v and all(_is_int(t) or isinstance(t, list) for t in v):
+            raise _bad(
+                "prompt",
+                "as token ids is not supported: the runner (mlx_lm.server) takes text;"
+                " send the prompt as a string",
+            )
+        if len(v) > 1 and all(isinstance(t, str) for t in v):
+            raise _bad(
+                "prompt",
+                f"as a batch of {len(v)} strings is not supported: send one prompt per request",
+            )
+    return _text(v, "prompt")
 
 
 def _sampling(body: dict[str, Any], info: ModelInfo, out: dict[str, Any]) -> None:
@@ -353,6 +401,31 @@ def _sampling(body: dict[str, Any], info: ModelInfo, out: dict[str, Any]) -> Non
         out["top_k"] = _integer(0, (vocab or 2**31) - 1)(body["top_k"], "top_k")
     if body.get("logit_bias") is not None:
         out["logit_bias"] = _logit_bias(body["logit_bias"], info.vocab_size)
+
+
+def _logprobs(v: Any, kind: Kind, out: dict[str, Any]) -> None:
+    """`logprobs` into `out`: a boolean, or on completions OpenAI's legacy top-n.
+
+    The legacy integer n asks for the sampled token's logprob and the n likeliest
+    at each step; the runner's spelling of that is `logprobs: true` with
+    `top_logprobs: n` (an explicit `top_logprobs` is kept). Its answer is the
+    runner's shape, `choices[].logprobs.content`, as on chat.
+    """
+    if v is None:
+        return
+    if isinstance(v, bool):
+        out["logprobs"] = v
+        return
+    if kind == "chat":
+        raise _bad("logprobs", "must be a boolean (and `top_logprobs` the count)")
+    if not _is_int(v) or not 0 <= v <= TOP_LOGPROBS_MAX:
+        raise _bad(
+            "logprobs",
+            f"must be a boolean or an integer in [0, {TOP_LOGPROBS_MAX}] (top tokens per step)",
+        )
+    out["logprobs"] = True
+    if v > 0:
+        out.setdefault("top_logprobs", v)
 
 
 def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -504,8 +577,15 @@ def count_prompt(draft: Draft, info: ModelInfo) -> int | None:
 
 
 def finish(draft: Draft, prompt_tokens: int | None, info: ModelInfo, default: int) -> Checked:
-    """Cap max_tokens at the context left; refuse a prompt that leaves none."""
-    max_tokens = draft.max_tokens if draft.max_tokens is not None else default
+    """Cap max_tokens at the model's cap and the context left; refuse a prompt that
+    leaves none. `default`: the neuron's, for a model the catalogue gives none."""
+    max_tokens = draft.max_tokens
+    if max_tokens is None:
+        max_tokens = info.max_tokens if info.max_tokens is not None else default
+    if info.max_tokens_cap is not None:
+        # Lowered, not refused, as at the context's edge: clients send large asks
+        # (Anthropic's API requires one), and finish_reason "length" tells them.
+        max_tokens = min(max_tokens, info.max_tokens_cap)
     limit = info.context_limit
     if limit is not None and prompt_tokens is not None:
         left = limit - prompt_tokens

@@ -15,13 +15,16 @@ process; streams in flight watch the same `exited` future, so they fail at
 once, and the runner is restarted with exponential backoff
 (shared.retry.RUNNER_RESTART_WAIT).  A rank of a multi-rank group is never
 restarted: alone it can never rejoin its ring, so it goes to `failed` and
-cortex tears the whole group down.  A runner that falls silent with requests
-in flight and leaves /health unanswered is killed (the stall watchdog) and
-goes the same way as a crash.  So does a broken runner: one alive but failing
-the requests it should serve ("generation thread died" in an answer or a 503
-from its /health, read every few seconds, or N failed requests in a row).
+cortex tears the whole group down.  A heartbeat looks at every runner each
+second, idle or busy: one whose process is stopped or whose /health goes
+unanswered is `stalled` (not routable) at once and killed if it stays so
+(`stall_timeout_s`); a group's rank 0 silent with work in flight is a hung
+group, killed too.  A killed runner goes the same way as a crash.  So does a
+broken runner: one alive but failing the requests it should serve
+("generation thread died" in an answer or a 503 from its /health, or N failed
+requests in a row).
 What the proxy sees of the runner goes to its RunnerHealth record
-(neuron.runner.health), which alone decides "broken" and "stalled".
+(neuron.runner.health), which alone decides "broken", "stalled" and "hung".
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ import attrs
 
 from neuron.config import NeuronConfig
 from neuron.metrics import NeuronMetrics
+from neuron.runner import model_options
 from neuron.runner.admission import Admission
 from neuron.runner.embed_request import EmbedLimits
-from neuron.runner.health import FailureKind, RunnerHealth
+from neuron.runner.health import FailureKind, Pulse, RunnerHealth
+from neuron.runner.model_options import LocalOptions
 from neuron.runner.process import RunnerProcess
 from neuron.runner.rdma_quirk import classify as classify_rdma
 from neuron.runner.request_check import ModelInfo
@@ -52,9 +57,10 @@ from neuron.runner.states import ENDED, BadTransition, check_transition
 from neuron.store.sources import Store, copy_name, is_local_source
 from neuron.store.staging import PLAN_WAIT_S, StageJob, Stager
 from shared.errors import InvalidRequest, ModelFailed, ModelLoading, ModelNotFound
-from shared.journal import Event, Journal
+from shared.journal import MB, Event, Journal
 from shared.kinds import EMBEDDINGS_PATH, ModelKind
 from shared.retry import RUNNER_RESTART_WAIT, backoff_s
+from shared.runner_options import RunnerOptions
 from shared.wire import GroupSpec, LoadRequest, ModelHealth, ModelState, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,10 @@ class ModelSupervisor:
     # An embedding model's bounds (dimensions, vocabulary, tokens per input), read
     # with its files; None for a chat model.
     embed_limits: EmbedLimits | None = None
+    # The catalogue's runner options (draft, adapters, template, max_tokens, flags),
+    # and the same with their files found here once the model's directory is known.
+    options: RunnerOptions = attrs.Factory(RunnerOptions)
+    local_options: LocalOptions | None = None
     # The stage this load waits for (a hub source), while it is under way.
     stage: StageJob | None = None
     # What the proxy saw of the runner; it alone decides "broken" and "stalled".
@@ -171,6 +181,7 @@ class ModelSupervisor:
             stager=stager,
             peers=req.peers,
             kind=req.kind,
+            options=req.options,
             journal=journal if journal is not None else Journal[Event](),
         )
 
@@ -199,7 +210,16 @@ class ModelSupervisor:
             restarts=max(0, self._starts - 1),
             restarted_at=self.restarted_at,
             kind=self.kind,
+            **self._admission_figures(),
         )
+
+    def _admission_figures(self) -> dict[str, Any]:
+        a = self.admission
+        return {
+            "max_in_flight": a.max_in_flight,
+            "queue_max": a.max_queue,
+            "queue_wait_p50_s": a.wait_p50_s,
+        }
 
     def health(self) -> ModelHealth:
         seen = self.runner_health
@@ -213,6 +233,7 @@ class ModelSupervisor:
             ttft_s=seen.ttft_s,
             last_used=seen.last_used,
             completion_tokens=seen.completion_tokens,
+            **self._admission_figures(),
         )
 
     def serving_runner(self) -> RunnerProcess:
@@ -221,6 +242,8 @@ class ModelSupervisor:
             raise ModelFailed(f"model {self.model_id!r} failed: {self.error}")
         if self.state == "unloading":
             raise ModelLoading(f"model {self.model_id!r} is unloading")
+        if self.state == "stalled":
+            raise ModelLoading(f"model {self.model_id!r}: its runner is stalled; retry shortly")
         if self.state != "ready" or self.runner is None or not self.runner.alive:
             raise ModelLoading(f"model {self.model_id!r} is {self.state}")
         if not self.is_rank0:
@@ -255,8 +278,14 @@ class ModelSupervisor:
                 self.stage = self.stager.stage(self.model_id, self.source, self.peers)
                 self.model_dir = await self.stager.wait(self.stage)
             self.store.touch(self.model_dir)
+            # A draft's tokenizer is checked against the model's: files, off the loop.
+            self.local_options = await asyncio.to_thread(
+                model_options.resolve, self.store, self.options, self.model_dir
+            )
             # A tokenizer takes a moment to read: off the event loop.
-            self.info = await asyncio.to_thread(ModelInfo.load, self.model_dir, self.context_limit)
+            self.info = await asyncio.to_thread(
+                ModelInfo.load, self.model_dir, self.context_limit, self.options
+            )
             if self.kind == "embedding":
                 self.embed_limits = await asyncio.to_thread(
                     EmbedLimits.load, self.model_dir, self.context_limit
@@ -293,6 +322,9 @@ class ModelSupervisor:
             group=self.group,
             kind=self.kind,
             context_limit=self.context_limit,
+            options=self.local_options,
+            # The journals' floor holds for runner logs too (one setting for the disk).
+            log_min_free_bytes=int(self.config.journal_min_free_mb * MB),
         )
         self.runner = runner
         self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state})")
@@ -317,44 +349,67 @@ class ModelSupervisor:
         self._crashed(runner, await self._watch(runner))
 
     async def _watch(self, runner: RunnerProcess) -> str:
-        """Wait for the runner to exit, killing it if it stalls or breaks; the reason."""
-        limit = self.config.runner.stall_timeout_s
-        check_every = self.config.runner.health_check_interval_s
-        next_check = time.monotonic() + check_every
-        seen = self.runner_health
+        """Wait for the runner to exit, killing it if it stalls, hangs or breaks; the reason.
+
+        Every heartbeat, idle or busy: a runner that misses one is `stalled` (not
+        routable) at once, ready again if it answers, killed if it stays stalled.
+        """
+        every = self.config.runner.health_check_interval_s
         while True:
-            await asyncio.wait({runner.exited}, timeout=min(1.0, limit / 2, check_every))
+            await asyncio.wait({runner.exited}, timeout=every)
             if runner.exited.done():
-                if seen.broken is not None:
-                    return f"runner broken: {seen.broken}"
+                if self.runner_health.broken is not None:
+                    return f"runner broken: {self.runner_health.broken}"
                 return f"runner exited with code {runner.exited.result()}"
-            if self.is_rank0 and time.monotonic() >= next_check:
-                next_check = time.monotonic() + check_every
-                if await self._reports_dead(runner):
-                    dead = "its /health reports the generation thread dead"
-                    self.runner_failed(runner, "thread_died", dead)
-                    continue
-            in_flight = self.admission.in_flight
-            silent = seen.silent_s(time.monotonic(), in_flight)
-            if silent is not None and not await self._probe(runner):
+            reason = await self._heartbeat(runner)
+            if reason is not None:
                 # Killing it ends the streams in flight (they watch `exited`).
-                reason = (
-                    f"runner stalled: no byte for {silent:.0f} s with "
-                    f"{in_flight} request(s) in flight, /health unanswered"
-                )
                 log.warning("model %s: %s; killing it", self.model_id, reason)
                 runner.kill_now()
                 await asyncio.shield(runner.exited)
                 return reason
 
-    async def _reports_dead(self, runner: RunnerProcess) -> bool:
-        """Does GET /health answer 503?  (Silence is the stall watchdog's business.)"""
+    async def _heartbeat(self, runner: RunnerProcess) -> str | None:
+        """One heartbeat: stall or revive the model; the reason to kill its runner, if any."""
+        seen = self.runner_health
+        g = self.group
+        if g is not None and self.in_group and self.is_rank0:
+            hung = seen.hung_s(time.monotonic(), self.admission.in_flight)
+            if hung is not None:
+                return (
+                    f"group {g.group_id} hung: no token from its rank 0 for {hung:.0f} s "
+                    f"with {self.admission.in_flight} request(s) in flight"
+                )
+        pulse = await self._pulse(runner)
+        verdict = seen.beat(time.monotonic(), pulse)
+        if verdict == "kill":
+            return seen.stall_reason(time.monotonic())
+        if verdict == "stalled" and self.state == "ready":
+            self._transition("stalled", seen.stall_reason(time.monotonic()))
+            log.warning("model %s: runner stalled (%s); not routed to", self.model_id, pulse)
+        elif verdict == "revived" and self.state == "stalled":
+            self._transition("ready", "its runner answers again")
+        return None
+
+    async def _pulse(self, runner: RunnerProcess) -> Pulse:
+        """What one heartbeat sees of the runner: stopped, silent, or alive."""
+        if runner.stopped():
+            return "stopped"
+        if not self.is_rank0:
+            return "alive"  # no HTTP: its process state is all there is to see
+        within_s = self.config.runner.health_probe_timeout_s
+        started = time.monotonic()
         try:
-            within_s = self.config.runner.health_probe_timeout_s
-            await race_exit(self._answers(runner, within_s), runner)
-        except _RunnerLost:
-            return runner.alive
-        return False
+            answered = await race_exit(self._answers(runner, within_s), runner)
+        except _RunnerLost:  # it exited (the watch sees it), or /health answered 503
+            if runner.alive:
+                dead = "its /health reports the generation thread dead"
+                self.runner_failed(runner, "thread_died", dead)
+            return "alive"
+        # A timeout that fired long after it was due: this neuron itself was not running
+        # (paused, a VM suspended, swapping), so the silence says nothing of the runner.
+        late = time.monotonic() - started > within_s + 1.0
+        return "alive" if answered or late else "silent"
 
     # --- what the proxy saw of the runner's answers ---------------------------
 
@@ -378,18 +433,10 @@ class ModelSupervisor:
             return
         log.warning("model %s: runner broken (%s); restarting it", self.model_id, reason)
         # Not ready from this moment: new requests wait for the replacement.
-        if self.state == "ready":
+        if self.state in ("ready", "stalled"):
             self.error = f"runner broken: {reason}"
             self._transition("recovering", self.error)
         runner.kill_now()
-
-    async def _probe(self, runner: RunnerProcess) -> bool:
-        """Does the runner answer GET /health within the probe timeout?"""
-        within_s = self.config.runner.health_probe_timeout_s
-        try:
-            return await race_exit(self._answers(runner, within_s), runner)
-        except _RunnerLost:  # it exited, or answered 503 (generation thread dead)
-            return False
 
     async def _bring_up(self, runner: RunnerProcess) -> None:
         if not self.is_rank0:

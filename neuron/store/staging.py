@@ -13,22 +13,28 @@ next, which resumes with an HTTP Range from the bytes already on disk. Bytes
 land in `<file>.part`, hashed as they are written; a file is renamed to its
 name only once its digest matches, and the copy's directory only once every
 file did (Store owns that layout). A cancel, a crash or a restart leaves the
-partial files, so the next stage of the same source resumes where it stopped.
+partial files, so the next stage of the same source resumes where it stopped;
+each accepted stage is also kept in the store's stage wishes (neuron.store.wishes)
+until it ends, so a neuron killed or restarted mid-stage resumes it by itself at
+startup. A disk that fills mid-stage ends the job as `insufficient_storage` with
+the arithmetic, its partial files kept for that resume.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
+import io
 import logging
 import os
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import aiohttp
@@ -46,6 +52,7 @@ from neuron.store.sources import (
     read_manifest,
     safe_relpath,
 )
+from neuron.store.wishes import WISHES_FILE, StageWish, StageWishes
 from shared.errors import InsufficientStorage
 from shared.journal import Event, Journal
 
@@ -62,6 +69,8 @@ WRITE_CHUNK = 4 * 1024 * 1024
 # answering 202, so a refusal by the floor is the answer itself when it can be.
 PLAN_WAIT_S = 5.0
 GB = 1_000_000_000
+# What a write into the store fails with when the disk (or the user's quota) is full.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StageFailed(Exception):
@@ -96,6 +105,10 @@ class StageJob:
     files_done: int = 0
     files_total: int | None = None
     error: str | None = None
+    # The error's code (`cancelled`, `insufficient_storage`, `stage_failed`, ...), and
+    # its figures when it has some (the disk arithmetic).
+    error_code: str | None = None
+    error_details: dict[str, Any] | None = None
     # Where the file list came from (a peer's URL, or "hub").
     manifest_from: str | None = None
     started_at: float = attrs.Factory(time.time)
@@ -141,15 +154,18 @@ class StageJob:
             "rate_bytes_per_s": self.rate_bps,
             "eta_s": self.eta_s,
             "error": self.error,
+            "error_code": self.error_code,
+            "error_details": self.error_details,
             "manifest_from": self.manifest_from,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "path": None if self.path is None else str(self.path),
         }
 
-    def _end(self, state: StageState, error: str | None = None) -> None:
+    def _end(self, state: StageState, error: str | None = None, code: str | None = None) -> None:
         self.state = state
         self.error = error
+        self.error_code = code
         self.finished_at = time.time()
         self.planned.set()
         self.finished.set()
@@ -161,7 +177,7 @@ class _PartFile:
 
     entry: FileEntry
     path: Path
-    f: BinaryIO
+    f: io.FileIO  # unbuffered: a write that fails leaves nothing pending in a buffer
     sha256: Any
     git: Any | None
     size: int = 0
@@ -169,7 +185,7 @@ class _PartFile:
     @classmethod
     def open(cls, entry: FileEntry, path: Path) -> _PartFile:
         """Open for append; hash what is there already (a resume), or start empty."""
-        f = path.open("ab+")
+        f = path.open("ab+", buffering=0)
         pf = cls(entry=entry, path=path, f=f, sha256=hashlib.sha256(), git=None)
         pf._reset_hashers()
         f.seek(0)
@@ -189,7 +205,7 @@ class _PartFile:
         if self.entry.git_sha1 is not None and self.entry.sha256 is None:
             self.git = hashlib.sha1(b"blob %d\0" % self.entry.size, usedforsecurity=False)
 
-    def _hash(self, data: bytes) -> None:
+    def _hash(self, data: bytes | memoryview) -> None:
         self.sha256.update(data)
         if self.git is not None:
             self.git.update(data)
@@ -202,9 +218,15 @@ class _PartFile:
         self._reset_hashers()
 
     def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self._hash(data)
-        self.size += len(data)
+        """Append `data`; a disk that fills midway raises, with what landed counted."""
+        view = memoryview(data)
+        while view:
+            n = self.f.write(view)  # a raw write may take only a part
+            if not n:  # never for a regular file; a loop without progress must not spin
+                raise OSError(errno.EIO, f"a write to {self.path} took no bytes")
+            self._hash(view[:n])
+            self.size += n
+            view = view[n:]
 
     def close(self) -> None:
         self.f.close()
@@ -234,22 +256,56 @@ class Stager:
     _background: set[asyncio.Task[Any]] = attrs.Factory(set)
     # The node's event log: each stage's start and end (a load's or POST /store/stage's).
     journal: Journal[Event] = attrs.Factory(Journal[Event])
+    # The stages accepted and not finished, on disk: what a restart resumes.
+    wishes: StageWishes = attrs.Factory(
+        lambda self: StageWishes(self.store.root / WISHES_FILE), takes_self=True
+    )
+    # The neuron is stopping: stages cancelled now stay wished, for the next start.
+    _stopping: bool = False
 
     async def open(self) -> None:
+        """The HTTP session, then the stages an earlier run left unfinished, resumed."""
         read_s = self.config.stage_read_timeout_s
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_s),
             auto_decompress=False,
         )
+        await self.resume()
+
+    def stopping(self) -> None:
+        """The neuron shuts down: the stages it cancels (its own, its loads') resume next start."""
+        self._stopping = True
 
     async def close(self) -> None:
+        self.stopping()
         for job in list(self.jobs.values()):
             self.cancel_job(job)
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
         tasks += list(self._background)
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.wishes.flush()
         if self._session is not None:
             await self._session.close()
+
+    async def resume(self) -> list[StageJob]:
+        """Start again every stage an earlier run accepted and did not finish."""
+        resumed = []
+        for wish in await asyncio.to_thread(self.wishes.load):
+            if self.store.has_copy(wish.name):  # completed just before a kill
+                self.wishes.drop(wish.name)
+                continue
+            here = await asyncio.to_thread(_tree_bytes, self.store.staging_dir(wish.name))
+            log.info(
+                "resuming the stage of %s for %s, accepted at %s (%d bytes already here; "
+                "peers: %s)",
+                wish.source,
+                wish.model_id,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wish.accepted_at)),
+                here,
+                ", ".join(wish.peers) or "none",
+            )
+            resumed.append(self.stage(wish.model_id, wish.source, wish.peers, resumed=True))
+        return resumed
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -258,8 +314,10 @@ class Stager:
 
     # --- the API ------------------------------------------------------------
 
-    def stage(self, model_id: str, source: str, peers: Iterable[str] = ()) -> StageJob:
-        """The stage of `source` under way, or a new one (one job per copy)."""
+    def stage(
+        self, model_id: str, source: str, peers: Iterable[str] = (), *, resumed: bool = False
+    ) -> StageJob:
+        """The stage of `source` under way, or a new one (one job per copy), wished on disk."""
         name = copy_name(source)
         job = self.jobs.get(name)
         if job is not None and job.active:
@@ -271,8 +329,12 @@ class Stager:
             return done
         job = StageJob(model_id=model_id, name=name, source=source, peers=tuple(peers))
         self.jobs[name] = job
+        wish = self.wishes.get(name)
+        if not resumed or wish is None:
+            self.wishes.put(StageWish(model_id=model_id, source=source, peers=job.peers))
         job.task = asyncio.create_task(self._run(job), name=f"stage {name}")
-        self._event(job, "stage start", f"{source} (peers: {', '.join(job.peers) or 'none'})")
+        kind = "stage resume" if resumed else "stage start"
+        self._event(job, kind, f"{source} (peers: {', '.join(job.peers) or 'none'})")
         job.task.add_done_callback(lambda _: self._ended(job))
         return job
 
@@ -285,6 +347,16 @@ class Stager:
             self._event(job, "stage done", str(job.path))
         else:
             self._event(job, "stage failed", job.error or f"ended {job.state}")
+        if not self._still_wished(job) and self.jobs.get(job.name) in (job, None):
+            self.wishes.drop(job.name)
+
+    def _still_wished(self, job: StageJob) -> bool:
+        """Whether a restart should resume `job`: cut by the neuron's own stop, or by a
+        full disk mid-fetch (space may be freed); never one completed, cancelled by a
+        caller, refused by the floor, or failed in a way a retry would repeat."""
+        if job.error_code == "cancelled":
+            return self._stopping
+        return job.error_code == "insufficient_storage" and job.refusal is None
 
     async def wait(self, job: StageJob) -> Path:
         """The staged directory once `job` ends, or StageFailed with its error."""
@@ -343,28 +415,64 @@ class Stager:
 
     async def _run(self, job: StageJob) -> None:
         try:
-            entries, origins = await self._plan(job)
-            await self._check_floor(job, entries)
-            job.planned.set()
-            job.state = "fetching"
-            job._fetch_t0 = time.time()
-            await self._fetch_all(job, entries, origins)
-            job.state = "verifying"
-            job.path = await self.store.run_blocking(self._complete, job, entries)
-            job._end("staged")
+            await self._steps(job)
             log.info("staged %s (%d bytes) from %s", job.name, job.bytes_done, job.manifest_from)
         except asyncio.CancelledError:
-            job._end("failed", "cancelled")
+            job._end("failed", "cancelled", "cancelled")
             log.info("stage of %s cancelled at %d bytes", job.name, job.bytes_done)
-        except InsufficientStorage as exc:
+        except InsufficientStorage as exc:  # the floor refused it before any byte
             job.refusal = exc
-            job._end("failed", exc.message)
+            job.error_details = exc.details
+            job._end("failed", exc.message, exc.code)
         except StageFailed as exc:
-            job._end("failed", str(exc))
+            job._end("failed", str(exc), "stage_failed")
             log.warning("stage of %s failed: %s", job.name, exc)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                self._unforeseen(job, exc)
+                return
+            full = await self._disk_full(job, exc)
+            job.error_details = full.details
+            job._end("failed", full.message, full.code)
+            # Expected on a full disk: one line, no traceback.
+            log.warning("stage of %s stopped: %s", job.name, full.message)
         except Exception as exc:  # anything unforeseen ends the job, never the neuron
-            log.exception("stage of %s failed", job.name)
-            job._end("failed", f"{type(exc).__name__}: {exc}")
+            self._unforeseen(job, exc)
+
+    async def _steps(self, job: StageJob) -> None:
+        entries, origins = await self._plan(job)
+        await self._check_floor(job, entries)
+        job.planned.set()
+        job.state = "fetching"
+        job._fetch_t0 = time.time()
+        await self._fetch_all(job, entries, origins)
+        job.state = "verifying"
+        job.path = await self.store.run_blocking(self._complete, job, entries)
+        job._end("staged")
+
+    def _unforeseen(self, job: StageJob, exc: BaseException) -> None:
+        log.error("stage of %s failed", job.name, exc_info=exc)
+        job._end("failed", f"{type(exc).__name__}: {exc}", "internal_error")
+
+    async def _disk_full(self, job: StageJob, exc: OSError) -> InsufficientStorage:
+        """The disk filled mid-stage: the arithmetic now, the partial files kept."""
+        where = self.store.models_dir
+        free = (await asyncio.to_thread(shutil.disk_usage, where)).free
+        total, done = job.bytes_total or 0, job.bytes_done
+        need = total - done
+        return InsufficientStorage(
+            f"staging {job.source!r} ran out of disk ({exc.strerror or exc}) at {done} of "
+            f"{total} bytes: it needs {need} more bytes ({need / GB:.2f} GB), and {free} "
+            f"bytes ({free / GB:.2f} GB) are free under {where}; the partial files are kept, "
+            "so once space is freed a stage of it (or this neuron's next start) resumes",
+            details={
+                "need_bytes": need,
+                "free_bytes": free,
+                "done_bytes": done,
+                "total_bytes": total,
+                "store": str(where),
+            },
+        )
 
     async def _plan(self, job: StageJob) -> tuple[tuple[FileEntry, ...], list[Origin]]:
         """The file list and the origins to fetch from, peers first."""
@@ -560,8 +668,10 @@ class Stager:
                         raise _SourceError(f"sends more than the {pf.entry.size} bytes listed")
                     buf += chunk
                     if len(buf) >= WRITE_CHUNK:
-                        await self._write(job, pf, bytes(buf))
-                        buf.clear()
+                        # Taken out first: a write that fails (a full disk) must not
+                        # be written again below.
+                        data, buf = bytes(buf), bytearray()
+                        await self._write(job, pf, data)
             finally:
                 # What arrived is kept even when the source fails or the stage is
                 # cancelled: the next source resumes after it (the hash checks it all).
@@ -571,9 +681,14 @@ class Stager:
             raise _SourceError(f"ended at {pf.size} of {pf.entry.size} bytes")
 
     async def _write(self, job: StageJob, pf: _PartFile, data: bytes) -> None:
-        await self.store.run_blocking(pf.write, data)
-        job.bytes_done += len(data)
-        job._fetched += len(data)
+        before = pf.size
+        try:
+            await self.store.run_blocking(pf.write, data)
+        finally:
+            # What landed counts, a write the disk cut short included (the .part holds it).
+            grown = pf.size - before
+            job.bytes_done += grown
+            job._fetched += grown
 
     def _complete(self, job: StageJob, entries: tuple[FileEntry, ...]) -> Path:
         """Rename the verified staging directory into place (blocking; the pool)."""
@@ -596,6 +711,10 @@ class Stager:
 
 def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(_size_or_zero(p) for p in root.rglob("*")) if root.is_dir() else 0
 
 
 def _size_or_zero(path: Path) -> int:

@@ -133,12 +133,12 @@ def stack(
     root = tmp_path_factory.mktemp("litellm-proxy")
     # One request at a time and no queue: a held stream makes cortex answer 429.
     # A runner SIGSTOPped under a held stream keeps the slot for as long as a test
-    # needs it: the stall watchdog (15 s by default) must not end it meanwhile.
+    # needs it: the heartbeat must not find it stalled (nor kill it) meanwhile.
     neuron = NeuronProcess.start(
         root / "neuron",
         {
             "admission": {"max_in_flight": 1, "max_queue": 0},
-            "runner": {"stall_timeout_s": 600.0},
+            "runner": {"stall_timeout_s": 600.0, "health_check_interval_s": 3600.0},
             "model_roots": [*map(str, TEST_ROOT), str(real_model.parent)],
         },
     )

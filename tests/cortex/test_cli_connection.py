@@ -56,6 +56,12 @@ ROUTES: dict[tuple[str, str], tuple[int, Any]] = {
     ("POST", "/admin/nodes/{node}/restart"): (202, {"models": [], "drain_s": 1.0}),
     ("GET", "/admin/traces/{id}"): (200, TRACE),
     ("GET", "/admin/events"): (200, {"events": [], "last_seq": 0}),
+    ("GET", "/admin/requests"): (200, {"requests": []}),
+    ("POST", "/admin/join-codes"): (
+        201,
+        {"code": "c0de", "expires_in_s": 600.0, "expires_at": 2_000_000_000.0},
+    ),
+    ("POST", "/admin/nodes/{node}/reboot"): (202, {"command": ["shutdown", "-r", "+1"]}),
 }
 # Each command that talks to cortex, as an operator types it.
 COMMANDS = {
@@ -70,6 +76,9 @@ COMMANDS = {
     "restart": ["restart", "a"],
     "trace": ["trace", "r1"],
     "events": ["events"],
+    "cancel": ["cancel"],
+    "join-code": ["join-code"],
+    "reboot": ["reboot", "a", "--confirm", "a"],
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import pytest
 
 from cortex.cli import main as cli
+from cortex.config import catalogue_problems
 from cortex.run import lifecycle
 from cortex.run.lifecycle import LIFECYCLE, RingPorts, parse_keep_alive
 from cortex.run.poller import POLLER
@@ -471,7 +472,7 @@ def test_check_reports_a_missing_source_and_an_unknown_pinned_node(tmp_path: Pat
     conf = tmp_path / "cortex.toml"
     conf.write_text('[[neurons]]\nname = "a"\nurl = "http://127.0.0.1:9410"\n')
     assert cli.main(["check", "-c", str(conf)]) == 1
-    problems = cli.catalogue_problems(*cli._load(str(conf)))
+    problems = catalogue_problems(*cli._load(str(conf)))
     assert any("/nowhere/broken" in p and "does not exist" in p for p in problems)
     assert any("zz" in p and "not configured" in p for p in problems)
 

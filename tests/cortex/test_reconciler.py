@@ -73,7 +73,7 @@ async def test_step_waits_until_every_node_was_heard_from() -> None:
     try:
         async with gateway(nodes, catalogue(spec)) as client:
             app = client.app
-            rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(spec), loader=app[LOADER])
+            rec = Reconciler(life=app[LIFECYCLE], loader=app[LOADER])
             await rec.step()
             assert app[LIFECYCLE].job("m1") is None
             n2.health_ok = True
@@ -143,7 +143,7 @@ async def test_one_pass_never_double_books_a_node() -> None:
     try:
         async with gateway(nodes, catalogue(*specs)) as client:
             app = client.app
-            rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(*specs), loader=app[LOADER])
+            rec = Reconciler(life=app[LIFECYCLE], loader=app[LOADER])
             await rec.step()
             jobs = [app[LIFECYCLE].job(s.id) for s in specs]
             assert sum(j is not None for j in jobs) == 1, jobs
@@ -163,7 +163,7 @@ async def test_prefetch_stages_on_every_node_that_could_hold_it_once() -> None:
     try:
         async with gateway(nodes, catalogue(spec)) as client:
             app = client.app
-            rec = Reconciler(life=app[LIFECYCLE], catalogue=catalogue(spec), loader=app[LOADER])
+            rec = Reconciler(life=app[LIFECYCLE], loader=app[LOADER])
             await rec.step()
             # The stage request is posted in the background.
             await until(lambda: n2.stage_requests, timeout=120, what="the stage request")
@@ -189,9 +189,7 @@ async def test_default_model_loads_into_free_memory_but_never_evicts_for_it() ->
         n1.add_model("m2", memory_bytes=30 * GIB)  # idle: evictable, but not for a default
         async with gateway(nodes, catalogue(spec, other)) as client:
             app = client.app
-            rec = Reconciler(
-                life=app[LIFECYCLE], catalogue=catalogue(spec, other), loader=app[LOADER]
-            )
+            rec = Reconciler(life=app[LIFECYCLE], loader=app[LOADER])
             await rec.step()
             assert app[LIFECYCLE].job("m1") is None
             n1.models.clear()  # memory frees up

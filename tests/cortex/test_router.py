@@ -619,3 +619,11 @@ def test_fleet_index_follows_every_write() -> None:
             assert s.locations(mid) == scanned.locations(mid), mid
     assert [n.name for n, _ in before.locations("m1")] == ["a", "b"]
     assert [(n.name, n.healthy) for n, _ in after.locations("m1")] == [("b", False)]
+
+
+def test_a_model_a_reload_removed_is_404_though_still_loaded() -> None:
+    """Its copy finishes the requests it has; a new one is refused, permanently."""
+    s = attrs.evolve(snap(node("a", rm("gone"))), retired=frozenset({"gone"}))
+    with pytest.raises(errors.ModelNotFound, match="removed from the catalogue"):
+        go(s, "gone")
+    assert isinstance(go(snap(node("a", rm("gone"))), "gone"), Route)  # not removed: served

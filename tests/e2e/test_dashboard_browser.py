@@ -29,6 +29,9 @@ TOKEN = "dash-admin-token-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LEAD_COPY = Path("/work/dash-screenshot.png")
 READY_S = 120.0
+# A history point a second (the charts, the sparkline), so they fill within a test;
+# the default is one every 5 s.
+FAST_HISTORY = {"history_step_s": 1.0, "history_span_s": 120.0}
 
 
 @pytest.fixture
@@ -52,11 +55,11 @@ def _model(state: dict[str, Any], model_id: str) -> dict[str, Any]:
 
 
 def _fleet(
-    neuron_factory: Any, cortex_factory: Any, demo_model: Path, model_id: str
+    neuron_factory: Any, cortex_factory: Any, demo_model: Path, model_id: str, **settings: Any
 ) -> CortexProcess:
     a: NeuronProcess = neuron_factory(name="a")
     c: CortexProcess = cortex_factory(
-        [("a", a)], [{"id": model_id, "source": str(demo_model)}], admin_token=TOKEN
+        [("a", a)], [{"id": model_id, "source": str(demo_model)}], admin_token=TOKEN, **settings
     )
     wait_until(lambda: c.get("/health")[1]["nodes"]["healthy"] == 1, 30, "node a healthy")
     return c
@@ -95,7 +98,7 @@ async def test_dashboard_live_data_actions_and_no_console_errors(
     tmp_path: Path,
     http: aiohttp.ClientSession,
 ) -> None:
-    c = _fleet(neuron_factory, cortex_factory, demo_model, model_id)
+    c = _fleet(neuron_factory, cortex_factory, demo_model, model_id, **FAST_HISTORY)
     row = f"tr[data-model={json.dumps(model_id)}]"
     async with Browser.open() as b:
         await _sign_in(b, c, model_id)
@@ -118,8 +121,8 @@ async def test_dashboard_live_data_actions_and_no_console_errors(
             f"document.querySelector(\"{card} li[data-model='{model_id}']\") !== null"
         )
 
-        # A request through cortex: the neuron's token counter reaches /admin/state
-        # and the page turns its growth into a tok/s sample above zero.
+        # A request through cortex: the neuron's token counter reaches /admin/state,
+        # cortex's history turns its growth into a tok/s point, the sparkline draws it.
         async with http.post(
             c.url + "/v1/chat/completions",
             json={
@@ -228,5 +231,172 @@ async def test_dashboard_events_and_the_trace_of_a_clicked_request(
         assert await b.js("document.querySelector('#events-source').textContent") == (
             "from /admin/events"
         )
+        problems = list(b.problems)
+    assert problems == [], problems
+
+
+API_KEY = "sk-dash-playground-1"
+PG_STATE = "document.querySelector('#pg-stats').dataset.state"
+REQUEST_SHOWN = "(document.querySelector('#pg-stats [data-stat=request] b')?.textContent || '')"
+NO_RATE = "\N{EN DASH}"  # what the page shows for a rate it will not compute
+
+
+async def _play(b: Browser, model_id: str, prompt: str) -> dict[str, Any]:
+    """Pick the model, type the prompt, send it, and wait for the answer's end."""
+    await b.wait_js(
+        f"[...document.querySelectorAll('#pg-model option')].some((o) => o.value === "
+        f"{json.dumps(model_id)})",
+        what="the model in the playground's list",
+    )
+    await b.js(f"document.querySelector('#pg-model').value = {json.dumps(model_id)}")
+    await b.js("document.querySelector('#pg-prompt').value = ''")
+    await b.type_into("#pg-prompt", prompt)
+    before = await b.js(REQUEST_SHOWN)
+    await b.click("#pg-send")
+    await b.wait_js(
+        f"['done', 'failed', 'stopped'].includes({PG_STATE})"
+        f" && {REQUEST_SHOWN} !== {json.dumps(before)}",
+        what="this answer's end",
+    )
+    stats: dict[str, Any] = await b.js(
+        "(() => { const s = document.querySelector('#pg-stats');"
+        " return Object.assign({ answer: document.querySelector('#pg-answer').textContent,"
+        " note: document.querySelector('#pg-note').textContent,"
+        f" request: {REQUEST_SHOWN} }}, s.dataset); }})()"
+    )
+    return stats
+
+
+async def test_playground_streams_with_the_admin_token_and_an_api_key_and_charts_fill(
+    neuron_factory: Any,
+    cortex_factory: Any,
+    demo_model: Path,
+    model_id: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The playground streams an answer (TTFT, tokens, tok/s, the request's trace a click
+    away) signed in with the admin token on a cortex with API keys, and with an API key;
+    the charts and the node's sparkline fill from cortex's history, already drawn on a
+    page opened afresh; the requests table shows no rate for an answer that came at once."""
+    c = _fleet(
+        neuron_factory,
+        cortex_factory,
+        demo_model,
+        model_id,
+        api_keys=[{"key": API_KEY, "models": [model_id]}],
+        **FAST_HISTORY,
+    )
+    async with http.post(c.url + f"/admin/models/{model_id}/load") as r:
+        assert r.status in (200, 202), await r.text()
+    async with Browser.open() as b:
+        await _sign_in(b, c, model_id)
+        assert await b.js("document.body.dataset.keys") == "1"
+        await b.wait_js(
+            f"document.querySelector('tr[data-model={json.dumps(model_id)}] td:nth-child(3)')"
+            ".dataset.state === 'ready'",
+            within_s=READY_S,
+            what="the model ready",
+        )
+        await b.js("document.querySelector('#pg-max').value = '160'")
+        first = await _play(b, model_id, "Tell me about the fleet.")
+        print(f"\nplayground, admin token: {first}")
+        assert first["state"] == "done", first
+        assert float(first["ttft"]) > 0 and int(first["tokens"]) > 0
+        assert first["tps"] == "" or float(first["tps"]) > 0
+        rid = first["request"]
+        assert rid and len(rid) >= 8
+
+        # Its trace, one click away: cortex's and the neuron's view of this request.
+        await b.click("#pg-trace-open")
+        shown = await b.wait_js(
+            f"document.querySelector('#pg-trace').dataset.trace === {json.dumps(rid)}"
+            " && document.querySelector('#pg-trace').textContent",
+            what="the playground request's trace",
+        )
+        trace = json.loads(shown)
+        assert trace["cortex"]["stream"] is True and trace["cortex"]["model"] == model_id
+        assert trace["cortex"]["completion_tokens"] == int(first["tokens"])
+        assert trace["neuron"]["id"] == rid
+
+        # An API key alone (the admin token forgotten): the answer streams all the same,
+        # and the trace says it needs the admin token instead of failing.
+        await b.click("#token-forget")
+        await b.type_into("#pg-key", API_KEY)
+        await b.click("#pg-key-save")
+        second = await _play(b, model_id, "And again.")
+        print(f"playground, API key: {second}")
+        assert second["state"] == "done" and int(second["tokens"]) > 0, second
+        assert await b.js("document.querySelector('#pg-trace-open')") is None
+        assert "needs the admin token" in await b.js(
+            "document.querySelector('#pg-stats').textContent"
+        )
+        assert API_KEY not in await b.js("document.documentElement.outerHTML + location.href")
+
+        # An unstreamed answer: tokens, but no rate over the few ms it took to arrive.
+        async with http.post(
+            c.url + "/v1/chat/completions",
+            json={
+                "model": model_id,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 64,
+                "logit_bias": {"1": -100},
+            },
+        ) as r:
+            assert r.status == 200, await r.text()
+            unstreamed = r.headers["X-Request-Id"]
+
+        # Signed in again: a page opened afresh draws the kept history at once.
+        await b.type_into("#token", TOKEN)
+        await b.click("#token-save")
+        await b.goto(c.url + "/dashboard")
+        await b.wait_js("document.body.dataset.live === 'yes'", what="the first update")
+        fresh = await b.js(
+            "Number(document.querySelector('#charts [data-chart=tok_s]').dataset.points)"
+        )
+        assert fresh > 1, "a freshly opened page starts with the kept points"
+        spark = ".card[data-node='a'] svg.spark"
+        peak = await b.wait_js(
+            f'Number(document.querySelector("{spark}").dataset.max) > 0'
+            f' && document.querySelector("{spark}").dataset.max',
+            what="the node's tok/s sparkline above zero",
+        )
+        await b.wait_js(
+            "Number(document.querySelector('#charts [data-chart=ttft]').dataset.points) > 0",
+            what="TTFT points",
+        )
+        charts = await b.js(
+            "Object.fromEntries([...document.querySelectorAll('#charts .chart')].map((c) =>"
+            " [c.dataset.chart, [Number(c.dataset.series), Number(c.dataset.points),"
+            " c.querySelector('.legend').textContent]]))"
+        )
+        print(f"per node, a point a second: {charts}; sparkline peak {peak} tok/s")
+        assert set(charts) == {"tok_s", "ttft", "load", "memory"}
+        axis = await b.js(
+            "[...document.querySelectorAll('#charts [data-chart=memory] svg text')]"
+            ".map((t) => t.textContent)"
+        )
+        ys = [float(v) for v in axis[:3]]  # numbers, 0 at the bottom, the top last
+        assert ys[0] == 0 < ys[1] < ys[2] and axis[-1] == "now", axis
+        assert all(series == 1 and points > 0 for series, points, _ in charts.values())
+        await b.click("#by-models")
+        legend = await b.wait_js(
+            "document.querySelector('#charts').dataset.by === 'models'"
+            " && document.querySelector('#charts [data-chart=tok_s] .legend').textContent",
+            what="the charts per model",
+        )
+        assert model_id in legend
+
+        row = f'#traces tr[data-trace="{unstreamed}"]'
+        cols = await b.wait_js(
+            f"document.querySelector('{row}') && [...document.querySelectorAll('{row} td')]"
+            ".map((td) => td.textContent)",
+            what="the unstreamed request in the table",
+        )
+        heads = await b.js(
+            "[...document.querySelectorAll('#traces th')].map((th) => th.textContent)"
+        )
+        print(f"requests table: {heads} / {cols}")
+        assert heads[-3:] == ["tokens in", "tokens out", "decode tok/s"]
+        assert int(cols[-2]) > 1 and cols[-1] == NO_RATE
         problems = list(b.problems)
     assert problems == [], problems

@@ -11,13 +11,14 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import LONG_STREAM, NeuronProcess, runner_pids, wait_until
+from tests.conftest import LONG_STREAM, NeuronProcess, kill_pid, runner_pids, wait_until
 from tests.e2e.conftest import CortexProcess
 from tests.support import netns
 from tests.support.clients import answer_text, post_chat
@@ -92,7 +93,6 @@ async def test_tensor_sharded_ring_group_through_cortex(
         settings: dict[str, Any] = {
             "host": addr,
             "ring_host": addr,
-            "runner": {"stall_timeout_s": 10.0},
         }
         if wrap is not None:
             settings["port"] = 9410
@@ -120,7 +120,8 @@ async def test_tensor_sharded_ring_group_through_cortex(
     unsharded = await _chat(c, f"{model_id}-one")
     assert sharded and sharded == unsharded
 
-    # Kill rank 1's runner while a stream is open through cortex.
+    # Freeze rank 1's runner while a stream is open through cortex (a hung collective:
+    # rank 0's /health still answers). Rank 1's neuron finds it stopped and kills it.
     rank1_node = next(n for n, m in members.items() if m["group"]["rank"] == 1)
     rank1 = dict(neurons)[rank1_node]
     body = {
@@ -135,22 +136,36 @@ async def test_tensor_sharded_ring_group_through_cortex(
         s.post(c.url + "/v1/chat/completions", json=body) as r,
     ):
         assert r.status == 200
-        killed = False
-        async with asyncio.timeout(120):
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                frames.append(line)
-                if not killed:
-                    pids = runner_pids(model_id, parent=rank1.process.pid)
-                    assert pids, "rank 1 runner not found"
-                    for pid in pids:
-                        os.kill(pid, signal.SIGKILL)
-                    killed = True
+        frozen_at: float | None = None
+        pids = runner_pids(model_id, parent=rank1.process.pid)
+        assert pids, "rank 1 runner not found"
+        try:
+            async with asyncio.timeout(120):
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    frames.append(line)
+                    if frozen_at is None:
+                        for pid in pids:
+                            os.kill(pid, signal.SIGSTOP)
+                        frozen_at = time.monotonic()
+        finally:
+            for pid in pids:
+                kill_pid(pid, signal.SIGCONT)
+    assert frozen_at is not None
+    to_error = time.monotonic() - frozen_at
     assert frames[-1] == "data: [DONE]"
     error = json.loads(frames[-2][len("data:") :])
     assert "error" in error, frames[-3:]
+
+    # Meanwhile a request is answered at once: a 503 with Retry-After, or a 200.
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s,
+        s.post(c.url + "/v1/chat/completions", json={**body, "stream": False}) as r,
+    ):
+        meanwhile = r.status, r.headers.get("Retry-After"), await r.text()
+    assert meanwhile[0] == 200 or (meanwhile[0] == 503 and meanwhile[1]), meanwhile
 
     # The whole group is torn down on both members, then placed again by itself.
     wait_until(
@@ -160,6 +175,10 @@ async def test_tensor_sharded_ring_group_through_cortex(
     )
     new_group = wait_until(lambda: _group_ready(c, model_id), 180, "the group placed again")
     assert new_group != group
+    print(
+        f"hung rank: error frame {to_error:.1f} s after it froze, the group serving again"
+        f" {time.monotonic() - frozen_at:.1f} s after; a request meanwhile: {meanwhile[0]}"
+    )
     assert await _chat(c, model_id) == unsharded
 
     # A restarted cortex adopts the running group: no teardown, no second load.

@@ -3,7 +3,9 @@
 The id a client asked for comes back in every answer and chunk (mlx_lm.server
 would say "default_model"), `system_fingerprint` names no host,
 `client.models.retrieve` works on cortex and on the neuron, `created` is a real
-time, and `stream_options.include_usage` gives the usage chunk.
+time, and `stream_options.include_usage` gives the usage chunk. Completions take
+OpenAI's integer `logprobs` and refuse token-id prompts plainly; model ids keep
+to their charset (shared.model_id) at the admin API and the neuron's load.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import openai
@@ -45,7 +48,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     cortex = CortexProcess.write(
         root / "cortex",
         [("a", neuron)],
-        [{"id": model, "source": str(demo_model), "keep_loaded": True, "aliases": [model + "-a"]}],
+        [
+            {
+                "id": model,
+                "source": str(demo_model),
+                "keep_loaded": True,
+                # A slash, as hub-style ids have: one path parameter of the admin API.
+                "aliases": [model + "-a", "org/" + model],
+            }
+        ],
     )
     try:
         cortex.start()
@@ -134,3 +145,54 @@ def test_models_retrieve_on_cortex_and_neuron(stack: Stack) -> None:
         with pytest.raises(openai.NotFoundError) as exc:
             direct.models.retrieve("no-such-model")
         assert exc.value.code == "model_not_found"
+
+
+def _raw_completion(client: openai.OpenAI, **kw: Any) -> dict[str, Any]:
+    raw = client.completions.with_raw_response.create(max_tokens=3, temperature=0, **kw)
+    body: dict[str, Any] = raw.http_response.json()
+    return body
+
+
+def test_completions_integer_logprobs_and_prompt_shapes(stack: Stack) -> None:
+    """`logprobs: 2` reaches a real runner as its top-2; `logprobs: 0` as the sampled
+    token's; over the runner's limit, ids or a batch for a prompt: 400 saying so."""
+    started = time.monotonic()
+    with stack.client() as client:
+        two = _raw_completion(client, model=stack.model, prompt="Hello", logprobs=2)
+        steps = two["choices"][0]["logprobs"]["content"]
+        assert len(steps) == 3 and all(len(s["top_logprobs"]) == 2 for s in steps), steps
+        assert all(t["logprob"] <= 0 for s in steps for t in s["top_logprobs"])
+        zero = _raw_completion(client, model=stack.model, prompt=["Hello"], logprobs=0)
+        steps = zero["choices"][0]["logprobs"]["content"]
+        assert len(steps) == 3 and all("logprob" in s for s in steps), steps
+        refusals: dict[str, dict[str, Any]] = {
+            "logprobs": {"prompt": "Hello", "logprobs": 12},
+            "token ids": {"prompt": [1, 2, 3]},
+            "batch": {"prompt": ["Hello", "World"]},
+        }
+        for says, kw in refusals.items():
+            with pytest.raises(openai.BadRequestError) as exc:
+                client.completions.create(model=stack.model, max_tokens=2, **kw)
+            assert exc.value.code == "invalid_request" and says in exc.value.message, says
+    print(f"\ncompletions logprobs and prompt shapes: {time.monotonic() - started:.2f} s")
+
+
+def test_model_ids_keep_to_their_charset(stack: Stack) -> None:
+    """An id outside the charset: 404 never echoed at inference, 400 at the admin API
+    and at a neuron's load; an id with a slash works through the admin API."""
+    hostile = "<script>x</script>"
+    with stack.client() as client:
+        with pytest.raises(openai.NotFoundError) as nf:
+            client.completions.create(model=hostile, prompt="Hello", max_tokens=2)
+        assert nf.value.code == "model_not_found" and "<script>" not in nf.value.message
+    for path in (f"/admin/models/{quote(hostile, safe='')}/load", "/admin/models/a%20b/unload"):
+        status, body = stack.cortex.post(path, {})
+        assert (status, body["error"]["code"]) == (400, "invalid_request"), (path, body)
+        assert "<script>" not in body["error"]["message"]
+    status, body = stack.cortex.post("/admin/store/purge", {"model_id": "a b"})
+    assert (status, body["error"]["param"]) == (400, "model_id"), body
+    status, body = stack.cortex.post(f"/admin/models/org/{stack.model}/load", {})
+    assert status == 200 and body["model_id"] == stack.model, body
+    status, body = stack.neuron.post("/models/load", {"model_id": hostile, "source": "/x"})
+    assert (status, body["error"]["param"]) == (400, "model_id"), body
+    assert "<script>" not in body["error"]["message"]

@@ -107,7 +107,8 @@ def test_status_models_preview_load_doctor_unload_against_a_real_fleet(
     )
     assert "FAIL" not in doctor.stdout
 
-    # A wedged runner: alive, silent. The probe gives up and names the replica.
+    # A wedged runner: alive, silent. The neuron's heartbeat finds it stalled within a
+    # second (then replaces it), or the probe gives up: either way the replica is named.
     (pid,) = runner_pids(model_id)
     kill_pid(pid, signal.SIGSTOP)
     try:
@@ -116,8 +117,8 @@ def test_status_models_preview_load_doctor_unload_against_a_real_fleet(
         kill_pid(pid, signal.SIGCONT)
     assert wedged.returncode == 1, wedged.stdout
     fails = [x for x in json.loads(wedged.stdout)["checks"] if x["verdict"] == "fail"]
-    assert [(x["name"], x["node"], x["model"]) for x in fails] == [("model answers", "a", model_id)]
-    assert "no answer within 3 s" in fails[0]["detail"]
+    assert fails and {(x["node"], x["model"]) for x in fails} == {("a", model_id)}, fails
+    assert {x["name"] for x in fails} <= {"model answers", "model served"}, fails
 
     unload = _run(tmp_path, "cortex.cli", "unload", model_id, *url)
     assert unload.returncode == 0, unload.stderr

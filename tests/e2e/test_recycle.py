@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.e2e.conftest import CortexProcess
+from tests.e2e.test_shutdown import NO_STALL
 
 TOKEN = "recycle-admin-token"
 
@@ -61,9 +61,7 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
     cortex meanwhile (plain and streamed) is a 200 with no error frame; no runner is
     left without its neuron."""
     # a's runner is frozen a moment (below): never taken for stalled meanwhile.
-    a: NeuronProcess = neuron_factory(
-        name="a", settings={"drain_s": 60.0, "runner": {"stall_timeout_s": 600.0}}
-    )
+    a: NeuronProcess = neuron_factory(name="a", settings={"drain_s": 60.0, "runner": NO_STALL})
     b: NeuronProcess = neuron_factory(name="b")
     c: CortexProcess = cortex_factory(
         [("a", a), ("b", b)],
@@ -132,12 +130,8 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
         long_ended.append(time.monotonic())
         conn.close()
 
-    def listening(n: NeuronProcess) -> bool:
-        try:
-            socket.create_connection((n.host, n.port), timeout=5).close()
-        except OSError:
-            return False
-        return True
+    def draining(n: NeuronProcess) -> bool:
+        return bool(http_json(n.url + "/health")[1]["status"] == "draining")
 
     restarts: list[subprocess.CompletedProcess[str]] = []
     threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
@@ -156,8 +150,10 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
                 )
             )
             restart.start()
-            # a drains (it no longer listens) with the long stream still on it.
-            wait_until(lambda: not listening(a), 120, "a to begin its drain")
+            # a drains, still listening and saying so, with the long stream on it.
+            wait_until(lambda: draining(a), 120, "a to say it drains")
+            # Cortex reads that: a is out of routing, and shown draining.
+            wait_until(lambda: _node(c, "a")["draining"], 60, "cortex to show a draining")
         finally:
             kill_pid(old_runner[0], signal.SIGCONT)
         restart.join(300)
@@ -173,6 +169,7 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
             t.join(90)
 
     assert "a: restarting" in done.stdout
+    assert "a: draining, " in done.stdout
     assert f"{model_id}: ready on a again" in done.stdout
     assert done.stdout.rstrip().endswith("a: restarted and serving")
     bad = [r for r in results if r[1] != 200 or '"error"' in r[2]]
@@ -194,6 +191,11 @@ def test_restart_brings_the_model_back_and_no_client_sees_an_error(
         new_runner + runner_pids(model_id, parent=b.process.pid)
     )
     assert "re-executing" in a.log()
+
+
+def _node(c: CortexProcess, name: str) -> dict[str, Any]:
+    _, state = http_json(c.url + "/admin/state", token=TOKEN)
+    return dict(next(n for n in state["nodes"] if n["name"] == name))
 
 
 def test_restart_of_an_unknown_node_is_a_404_and_exit_2(

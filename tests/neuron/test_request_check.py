@@ -10,6 +10,7 @@ import pytest
 
 from neuron.runner.request_check import (
     BYTES_PER_TOKEN,
+    TOP_LOGPROBS_MAX,
     Checked,
     Kind,
     ModelInfo,
@@ -148,6 +149,75 @@ def test_bad_chat_field_is_refused_naming_it(
 @pytest.mark.parametrize("prompt", [123, ["a", "b"], [1, 2], None, "\udfff"])
 def test_completions_prompt_must_be_a_string(info: ModelInfo, prompt: Any) -> None:
     assert refused({"prompt": prompt}, info, "completions") == "prompt"
+
+
+def refusal(body: dict[str, Any], info: ModelInfo, kind: Kind = "chat") -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as exc:
+        check(body, info, kind)
+    return exc.value
+
+
+@pytest.mark.parametrize(
+    ("prompt", "says"),
+    [
+        ([1, 2, 3], "token ids is not supported"),
+        ([[1, 2], [3]], "token ids is not supported"),
+        ([[1, 2]], "token ids is not supported"),
+        (["a", "b"], "batch of 2 strings is not supported"),
+    ],
+)
+def test_prompt_shapes_the_runner_cannot_take_say_so(
+    info: ModelInfo, prompt: Any, says: str
+) -> None:
+    """mlx_lm.server's tokenizer refuses ids and a list of strings kills its generation
+    thread: both are a 400 that says what to send instead."""
+    err = refusal({"prompt": prompt}, info, "completions")
+    assert err.param == "prompt" and says in err.message, err.message
+
+
+def test_a_list_of_one_prompt_is_that_prompt(info: ModelInfo) -> None:
+    """What the openai SDK and LangChain send for one prompt."""
+    c = check({"prompt": ["Once upon a time"]}, info, "completions")
+    assert c.body["prompt"] == "Once upon a time"
+    plain = check({"prompt": "Once upon a time"}, info, "completions")
+    assert c.prompt_tokens == plain.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "runner"),
+    [
+        (0, {"logprobs": True}),
+        (2, {"logprobs": True, "top_logprobs": 2}),
+        (TOP_LOGPROBS_MAX, {"logprobs": True, "top_logprobs": TOP_LOGPROBS_MAX}),
+        (True, {"logprobs": True}),
+        (False, {"logprobs": False}),
+    ],
+)
+def test_completions_logprobs_integer_is_the_top_n(
+    info: ModelInfo, logprobs: Any, runner: dict[str, Any]
+) -> None:
+    """OpenAI's legacy `logprobs: n` becomes the runner's `logprobs` + `top_logprobs`,
+    asked unstreamed (only that answer carries them)."""
+    c = check({"prompt": "hi", "logprobs": logprobs}, info, "completions")
+    got = {k: c.body[k] for k in ("logprobs", "top_logprobs") if k in c.body}
+    assert got == runner
+    assert c.runner_stream is (logprobs is False)
+
+
+@pytest.mark.parametrize("logprobs", [TOP_LOGPROBS_MAX + 1, -1, 2.0, "2", [2]])
+def test_completions_logprobs_out_of_range_names_the_limit(info: ModelInfo, logprobs: Any) -> None:
+    err = refusal({"prompt": "hi", "logprobs": logprobs}, info, "completions")
+    assert err.param == "logprobs" and f"[0, {TOP_LOGPROBS_MAX}]" in err.message, err.message
+
+
+def test_chat_logprobs_stay_a_boolean_with_top_logprobs_to_the_runner_limit(
+    info: ModelInfo,
+) -> None:
+    c = check({"messages": CHAT, "logprobs": True, "top_logprobs": TOP_LOGPROBS_MAX}, info)
+    assert (c.body["logprobs"], c.body["top_logprobs"]) == (True, TOP_LOGPROBS_MAX)
+    assert refused({"messages": CHAT, "logprobs": 2}, info) == "logprobs"
+    err = refusal({"messages": CHAT, "top_logprobs": TOP_LOGPROBS_MAX + 1}, info)
+    assert err.param == "top_logprobs" and str(TOP_LOGPROBS_MAX) in err.message
 
 
 def test_max_tokens_capped_at_the_context_left(info: ModelInfo) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from neuron.config import NeuronConfig, RunnerConfig
 from neuron.metrics import NeuronMetrics
-from neuron.runner.health import FailureKind, RunnerHealth, answer_kind
+from neuron.runner.health import FailureKind, Pulse, RunnerHealth, answer_kind
 from neuron.runner.states import TRANSITIONS, BadTransition, check_transition
 from neuron.runner.supervisor import ModelSupervisor
 from neuron.store.sources import Store
@@ -35,6 +35,11 @@ ALLOWED: list[tuple[ModelState, ModelState]] = [
     ("ready", "recovering"),
     ("ready", "failed"),
     ("ready", "unloading"),
+    ("ready", "stalled"),
+    ("stalled", "ready"),
+    ("stalled", "recovering"),
+    ("stalled", "failed"),
+    ("stalled", "unloading"),
     ("recovering", "ready"),
     ("recovering", "failed"),
     ("recovering", "unloading"),
@@ -114,7 +119,9 @@ def test_answer_kind(status: int, message: str, kind: FailureKind) -> None:
 
 
 def _health(n: int = 3) -> RunnerHealth:
-    return RunnerHealth.create(RunnerConfig(max_consecutive_errors=n, stall_timeout_s=10.0))
+    return RunnerHealth.create(
+        RunnerConfig(max_consecutive_errors=n, stall_timeout_s=3.0, group_stall_timeout_s=10.0)
+    )
 
 
 @pytest.mark.parametrize(
@@ -162,19 +169,53 @@ def test_first_broken_verdict_stands_and_renew_clears_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("silent_s", "in_flight", "suspect"),
+    ("silent_s", "in_flight", "hung"),
     [(5.0, 1, False), (11.0, 0, False), (11.0, 1, True), (30.0, 4, True)],
 )
-def test_stall_suspect_only_with_work_past_the_limit(
-    silent_s: float, in_flight: int, suspect: bool
+def test_group_hung_only_with_work_past_the_limit(
+    silent_s: float, in_flight: int, hung: bool
 ) -> None:
-    """Silence is a stall suspect only with work in flight and past stall_timeout_s."""
+    """A group's rank 0 is hung only when silent with work in flight past its limit."""
     h = _health()
     h.byte(100.0)
-    got = h.silent_s(100.0 + silent_s, in_flight)
-    assert (got is not None) == suspect
+    got = h.hung_s(100.0 + silent_s, in_flight)
+    assert (got is not None) == hung
     if got is not None:
         assert got == pytest.approx(silent_s)
+
+
+@pytest.mark.parametrize(
+    ("pulses", "verdicts"),
+    [
+        # (time, what the heartbeat saw) -> its verdict; stall_timeout_s is 3
+        ([(0, "alive"), (1, "alive")], ["alive", "alive"]),
+        (
+            [(0, "stopped"), (1, "stopped"), (2.9, "stopped"), (3, "stopped")],
+            ["stalled", "stalled", "stalled", "kill"],
+        ),
+        (
+            [(0, "silent"), (2, "alive"), (3, "silent"), (5, "silent"), (6, "silent")],
+            ["stalled", "revived", "stalled", "stalled", "kill"],
+        ),
+        ([(0, "silent"), (1, "stopped"), (3.5, "silent")], ["stalled", "stalled", "kill"]),
+    ],
+)
+def test_heartbeat_stalls_at_once_and_kills_after_the_limit(
+    pulses: list[tuple[float, Pulse]], verdicts: list[str]
+) -> None:
+    """One missed heartbeat stalls a runner; staying stalled for stall_timeout_s kills it."""
+    h = _health()
+    assert [h.beat(t, pulse) for t, pulse in pulses] == verdicts
+
+
+def test_stall_reason_says_what_was_seen_and_renew_clears_it() -> None:
+    h = _health()
+    h.beat(10.0, "stopped")
+    assert h.stall_reason(13.0) == "runner stalled: its process is stopped (3.0 s)"
+    h.renew()
+    assert h.stalled_since is None
+    h.beat(20.0, "silent")
+    assert "/health goes unanswered" in h.stall_reason(23.0)
 
 
 def test_traffic_figures_follow_the_reports() -> None:

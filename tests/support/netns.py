@@ -2,7 +2,9 @@
 
 Each namespace gets its own address on a private /24 that exists only inside
 this machine (a bridge we create), so ranks talk over a real network hop
-instead of loopback. Needs root and iproute2; `available()` says whether.
+instead of loopback. Multicast crosses the bridge as on a LAN switch (mDNS
+discovery between namespaces: tests/e2e/test_discovery.py). Needs root and
+iproute2; `available()` says whether.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def hosts(count: int) -> Iterator[list[TestHost]]:
             _ip("link", "set", "lo", "up", ns=ns)
             _ip("addr", "add", f"{subnet}.{i + 2}/24", "dev", inner, ns=ns)
             _ip("link", "set", inner, "up", ns=ns)
+            # Multicast leaves by the bridge: a socket that joins a group without naming
+            # an interface (INADDR_ANY) needs a route for it, or gets ENODEV.
+            _ip("route", "add", "224.0.0.0/4", "dev", inner, ns=ns)
         yield made
     finally:
         for h in made:
