@@ -10,7 +10,10 @@ Upstreams (so that only the proxy's own cost shows):
     always streams;
   * bench.token_server, a small asyncio program that streams one frame per token
     at a set rate (default 20 tokens/s, 64 frames) for many concurrent streams.
-Arms: direct (the fake itself), nginx proxy_pass, cortex, neuron, LiteLLM proxy.
+Arms: direct (the fake itself), nginx proxy_pass, aiohttp (bench.bare_proxy: a bare
+aiohttp reverse proxy on uvloop, the floor of any Python hop on this CPU), cortex,
+neuron, LiteLLM proxy. Every cortex and neuron figure is printed over the aiohttp
+arm's from the same run.
 Load: wrk (one thread, a lua script for the POST body) at c=1, 32 and 256,
 non-streamed and streamed, for req/s and latency p50/p99; an aiohttp client for
 256 paced streams (aggregate tokens/s, time to first token). CPU of each proxy
@@ -51,7 +54,9 @@ from shared.wire import Discovery
 
 SSE_FRAMES = 32
 CONCURRENCY = (1, 32, 256)
-ARMS = ("direct", "nginx", "cortex", "neuron", "litellm")
+ARMS = ("direct", "nginx", "aiohttp", "cortex", "neuron", "litellm")
+# The hops measured against the framework floor, the aiohttp arm.
+FLOOR, HOPS = "aiohttp", ("cortex", "neuron")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 LITELLM_KEY = "sk-bench-0123456789abcdef"
 
@@ -347,6 +352,7 @@ def start_all(
             tuple(descendants(proxy.pid)),
         )
     )
+    arms.append(start_bare(procs, fake_url, token_url))
 
     # cortex with both fakes as its neurons.
     cport = free_port()
@@ -422,6 +428,18 @@ def start_all(
     if litellm:
         arms.append(start_litellm(root, procs, fake_url, token_url))
     return arms
+
+
+def start_bare(procs: Procs, fake_url: str, token_url: str) -> Arm:
+    """The aiohttp arm: bench.bare_proxy in front of both fakes, pinned as cortex is."""
+    p1, p2 = free_port(), free_port()
+    argv = [sys.executable, "-m", "bench.bare_proxy"]
+    argv += ["--route", f"{p1}={fake_url}", "--route", f"{p2}={token_url}"]
+    proc = procs.start("aiohttp", pinned(SERVER_CPU, argv))
+    url, paced_url = f"http://127.0.0.1:{p1}", f"http://127.0.0.1:{p2}"
+    wait_http(url + "/health", procs, 30)
+    wait_http(paced_url + "/health", procs, 30)
+    return Arm(FLOOR, url, "bench", "bench", "paced", paced_url, (proc.pid,))
 
 
 def _routed(curl: str, models: Sequence[str], procs: Procs) -> None:
@@ -635,48 +653,115 @@ def run_paced(arm: Arm, streams: int, frames_s: float) -> Paced:
 
 def report(cells: Sequence[Cell], paced: Sequence[Paced], sse_frames: int) -> str:
     by = {(c.arm, c.mode, c.conc): c for c in cells}
+    out = [*_wrk_table(by), "", *_paced_table(paced), ""]
+    # Per frame, from the canned runs: (CPU per streamed request - per JSON one) / frames.
+    per_arm = ((arm, _marginal(by, arm, sse_frames)) for arm in ARMS[1:])
+    marginal = [(arm, per) for arm, per in per_arm if per is not None]
+    if marginal:
+        out.append(f"Marginal proxy CPU per SSE frame, (sse - json) / {sse_frames} at c=32, µs:")
+        out += [f"- {arm}: {per:.1f}" for arm, per in marginal]
+        out.append("")
+    out += [*_floor_table(by, paced, sse_frames), "", *targets(by, paced)]
+    return "\n".join(out)
+
+
+def _cpu_per_req(c: Cell) -> float:
+    return c.cpu_s / c.requests * 1e6 if c.requests and c.arm != "direct" else 0.0
+
+
+def _cpu_per_frame(p: Paced) -> float:
+    return p.cpu_s / p.frames * 1e6 if p.frames and p.arm != "direct" else 0.0
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}x" if b else "-"
+
+
+def _wrk_table(by: dict[tuple[str, str, int], Cell]) -> list[str]:
     out = [
         "| mode | c | arm | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | proxy CPU µs/req"
-        " | req/s vs direct | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " | req/s vs direct | req/s vs aiohttp | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("json", "sse"):
-        for conc in sorted({c.conc for c in cells}):
-            d = by.get(("direct", mode, conc))
+        for conc in sorted({k[2] for k in by}):
+            d, f = by.get(("direct", mode, conc)), by.get((FLOOR, mode, conc))
             for arm in ARMS:
                 c = by.get((arm, mode, conc))
                 if c is None or d is None:
                     continue
-                cpu = c.cpu_s / c.requests * 1e6 if c.requests and arm != "direct" else 0.0
                 out.append(
                     f"| {mode} | {conc} | {arm} | {c.rps:,.0f} | {c.p50_ms:.3f} | {c.p99_ms:.3f}"
                     f" | {c.p50_ms - d.p50_ms:+.3f} | {c.p99_ms - d.p99_ms:+.3f}"
-                    f" | {cpu:,.0f} | {c.rps / d.rps:.3f}x | {c.errors} |"
+                    f" | {_cpu_per_req(c):,.0f} | {c.rps / d.rps:.3f}x"
+                    f" | {_ratio(c.rps, f.rps) if f else '-'} | {c.errors} |"
                 )
-    out += [
-        "",
+    return out
+
+
+def _paced_table(paced: Sequence[Paced]) -> list[str]:
+    out = [
         "Paced streams (bench.token_server, one frame per token):",
         "",
-        "| arm | streams | tok/s | vs direct | TTFT p50 ms | proxy CPU µs/frame | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | streams | tok/s | vs direct | TTFT p50 ms | proxy CPU µs/frame"
+        " | µs/frame vs aiohttp | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     pd = next((p for p in paced if p.arm == "direct"), None)
+    pf = next((p for p in paced if p.arm == FLOOR), None)
     for p in paced:
-        ratio = p.tok_s / pd.tok_s if pd and pd.tok_s else float("nan")
-        per_frame = p.cpu_s / p.frames * 1e6 if p.frames and p.arm != "direct" else 0.0
+        ratio = _ratio(p.tok_s, pd.tok_s) if pd else "-"
+        per_frame = _cpu_per_frame(p)
+        vs_floor = _ratio(per_frame, _cpu_per_frame(pf)) if pf and p.arm != "direct" else "-"
         out.append(
-            f"| {p.arm} | {p.streams} | {p.tok_s:,.0f} | {ratio:.3f}x | {p.ttft_p50_ms:.2f}"
-            f" | {per_frame:.1f} | {p.errors} |"
+            f"| {p.arm} | {p.streams} | {p.tok_s:,.0f} | {ratio} | {p.ttft_p50_ms:.2f}"
+            f" | {per_frame:.1f} | {vs_floor} | {p.errors} |"
         )
-    # Per frame, from the canned runs: (CPU per streamed request - per JSON one) / frames.
-    out += ["", "Marginal proxy CPU per SSE frame, (sse - json) / 32 at c=32, µs:"]
-    for arm in ARMS[1:]:
-        s, j = by.get((arm, "sse", 32)), by.get((arm, "json", 32))
-        if s and j and s.requests and j.requests:
-            per = (s.cpu_s / s.requests - j.cpu_s / j.requests) / sse_frames * 1e6
-            out.append(f"- {arm}: {per:.1f}")
-    out += ["", *targets(by, paced)]
-    return "\n".join(out)
+    return out
+
+
+def _marginal(by: dict[tuple[str, str, int], Cell], arm: str, sse_frames: int) -> float | None:
+    s, j = by.get((arm, "sse", 32)), by.get((arm, "json", 32))
+    if s and j and s.requests and j.requests:
+        return (s.cpu_s / s.requests - j.cpu_s / j.requests) / sse_frames * 1e6
+    return None
+
+
+def _floor_table(
+    by: dict[tuple[str, str, int], Cell], paced: Sequence[Paced], sse_frames: int
+) -> list[str]:
+    """Each Python hop over the bare aiohttp proxy measured in the same run."""
+    hops = [h for h in HOPS if any(k[0] == h for k in by) or any(p.arm == h for p in paced)]
+    if not hops or not (any(k[0] == FLOOR for k in by) or any(p.arm == FLOOR for p in paced)):
+        return []
+    out = [
+        "Against the framework floor (the aiohttp arm, bench.bare_proxy, same run):",
+        "",
+        "| figure | aiohttp | " + " | ".join(f"{h} | {h}/aiohttp" for h in hops) + " |",
+        "|---|---|" + "---|---|" * len(hops),
+    ]
+
+    def row(name: str, fmt: str, values: dict[str, float | None]) -> None:
+        floor = values.get(FLOOR)
+        if floor is None:
+            return
+        cols = []
+        for h in hops:
+            v = values.get(h)
+            cols += ["-", "-"] if v is None else [format(v, fmt), _ratio(v, floor)]
+        out.append(f"| {name} | {format(floor, fmt)} | " + " | ".join(cols) + " |")
+
+    arms = (FLOOR, *hops)
+    for mode, conc in sorted({(k[1], k[2]) for k in by}, key=lambda x: (x[0] != "json", x[1])):
+        cells = {a: c for a in arms if (c := by.get((a, mode, conc)))}
+        row(f"{mode} c={conc} req/s", ",.0f", {a: c.rps for a, c in cells.items()})
+        row(f"{mode} c={conc} CPU µs/req", ",.0f", {a: _cpu_per_req(c) for a, c in cells.items()})
+    marginal = {a: _marginal(by, a, sse_frames) for a in arms}
+    row(f"SSE CPU µs/frame, marginal at c=32 ({sse_frames} frames)", ".1f", marginal)
+    runs = {p.arm: p for p in paced if p.arm in arms}
+    row("paced tok/s", ",.0f", {a: p.tok_s for a, p in runs.items()})
+    row("paced CPU µs/frame", ".1f", {a: _cpu_per_frame(p) for a, p in runs.items()})
+    return out
 
 
 def targets(by: dict[tuple[str, str, int], Cell], paced: Sequence[Paced]) -> list[str]:
@@ -689,7 +774,8 @@ def targets(by: dict[tuple[str, str, int], Cell], paced: Sequence[Paced]) -> lis
     c32 = by.get(("cortex", "json", 32))
     if c32:
         lines.append(f"- non-streamed req/s at c=32: {c32.rps:,.0f} (target >= 6,000)")
-        for peer, want in (("litellm", ">= 60x"), ("nginx", ">= 0.075x")):
+        peers = (("litellm", ">= 60x"), ("nginx", ">= 0.075x"), (FLOOR, ">= 0.8x, issue 21"))
+        for peer, want in peers:
             p = by.get((peer, "json", 32))
             if p and p.rps:
                 lines.append(f"- cortex/{peer} req/s at c=32: {c32.rps / p.rps:.3f}x ({want})")
@@ -722,7 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--profile", type=Path, metavar="DIR", help="run cortex and neuron under pyinstrument"
     )
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    p.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated arms to run (default: %(default)s)"
+    )
     p.add_argument("--modes", default="json,sse", help="json, sse or both")
     p.add_argument("--conc", default=",".join(map(str, CONCURRENCY)), help="wrk connections")
     args = p.parse_args(argv)

@@ -55,6 +55,9 @@ class Trace:
     duration_s: float
     stream: bool
     seq: int = 0
+    # The environment the neuron set for the runner (secrets masked): which settings
+    # (MLX_METAL_FAST_SYNCH, a catalogue `env`) this request ran with.
+    runner_env: str | None = None
     ts: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -71,6 +74,9 @@ class TraceDraft:
     error: str | None = None
     admission_wait_s: float | None = None
     runner: str | None = None
+    # The environment the neuron set for that runner (MLX_METAL_FAST_SYNCH, a
+    # catalogue `env`...), secrets masked.
+    runner_env: str | None = None
     prompt_tokens: int | None = None
     runner_prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -93,6 +99,7 @@ class TraceDraft:
             error=self.error or error,
             admission_wait_s=self.admission_wait_s,
             runner=self.runner,
+            runner_env=self.runner_env,
             prompt_tokens=self.prompt_tokens,
             runner_prompt_tokens=self.runner_prompt_tokens,
             completion_tokens=self.completion_tokens,

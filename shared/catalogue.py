@@ -6,7 +6,7 @@ layer and head counts at the model's context limit. A draft model (speculative
 decoding) adds its own weights and KV cache on the same node.
 
 Per-model runner options (`draft_model`, `adapters`, `chat_template_kwargs`,
-`max_tokens`, `max_tokens_cap`, `extra_args`) are checked by
+`max_tokens`, `max_tokens_cap`, `extra_args`, `env`) are checked by
 shared.runner_options, the same checks the neuron makes at load.
 """
 
@@ -89,6 +89,9 @@ class ModelSpec:
     max_tokens_cap: int | None = None
     # Appended to this model's runner command line (after the neuron's runner.extra_args).
     extra_args: tuple[str, ...] = ()
+    # Added to this model's runner environment (shared.runner_options.check_env: the
+    # neuron's own group variables and code-loading ones like LD_PRELOAD are refused).
+    env: dict[str, str] = attrs.field(factory=dict, hash=False)
 
     def __attrs_post_init__(self) -> None:
         # Ids and aliases reach URLs, labels and pages: one charset (shared.model_id).
@@ -128,6 +131,7 @@ class ModelSpec:
             max_tokens=self.max_tokens,
             max_tokens_cap=self.max_tokens_cap,
             extra_args=self.extra_args,
+            env=self.env,
         )
 
     @property

@@ -67,6 +67,38 @@ RESERVED_FLAGS: dict[str, str] = {
 }
 NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
+# --- a model's runner environment (`env`) --------------------------------------------
+MAX_ENV_VARS = 64
+MAX_ENV_VALUE_CHARS = 4096
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+# Variables the neuron sets itself for a runner (neuron.runner.process `group_env`,
+# its parent pid, watchdog fd and unbuffered output): a group whose rank, world size,
+# coordinator or device file a catalogue entry could rewrite would join the wrong
+# group, and a runner without its watchdog would outlive its neuron.
+# MLX_METAL_FAST_SYNCH is the neuron's default for jaccl groups, not reserved: a
+# model's env may set it otherwise. (tests/neuron/test_runner_env.py keeps this
+# list in step with group_env.)
+ENV_RESERVED = frozenset(
+    {
+        "MLX_RANK",
+        "MLX_WORLD_SIZE",
+        "MLX_HOSTFILE",
+        "MLX_JACCL_COORDINATOR",
+        "MLX_IBV_DEVICES",
+        "NEURON_PIPELINE_SPLIT",
+        "NEURON_PARENT_PID",
+        "NEURON_WATCHDOG_FD",
+    }
+)
+# Variables that change which code the runner executes rather than how it runs: the
+# catalogue is a settings file, and must not become a way to run other code under
+# the neuron's account. PATH picks the executables the runner spawns; LD_* / DYLD_*
+# inject shared libraries (LD_PRELOAD, DYLD_INSERT_LIBRARIES); PYTHON* choose the
+# interpreter's modules and start-up code (PYTHONPATH, PYTHONHOME, PYTHONSTARTUP...);
+# BASH_ENV / ENV run a script in any shell the runner starts.
+ENV_REFUSED = frozenset({"PATH", "BASH_ENV", "ENV", "IFS"})
+ENV_REFUSED_PREFIXES = ("LD_", "DYLD_", "PYTHON")
+
 
 class OptionError(ValueError):
     """A runner option out of bounds; `param` names its key."""
@@ -113,6 +145,30 @@ def template_kwargs_json(kwargs: dict[str, Any]) -> str:
     return text
 
 
+def check_env(env: dict[str, str]) -> None:
+    """OptionError for a runner environment entry out of bounds (see ENV_RESERVED)."""
+    if not isinstance(env, dict):
+        raise OptionError("env", "must be a table of strings")
+    if len(env) > MAX_ENV_VARS:
+        raise OptionError("env", f"has more than {MAX_ENV_VARS} variables")
+    for name, value in env.items():
+        if not isinstance(name, str) or not ENV_NAME.match(name):
+            raise OptionError(
+                "env", f"name {str(name)[:64]!r} is not a variable name ([A-Z_][A-Z0-9_]*)"
+            )
+        param = f"env.{name}"
+        if name in ENV_RESERVED:
+            raise OptionError(param, "is set by the neuron itself for every runner or group")
+        if name in ENV_REFUSED or name.startswith(ENV_REFUSED_PREFIXES):
+            raise OptionError(param, "is refused: it would change which code the runner runs")
+        if not isinstance(value, str) or len(value) > MAX_ENV_VALUE_CHARS:
+            raise OptionError(
+                param, f"must be a string of at most {MAX_ENV_VALUE_CHARS} characters"
+            )
+        if "\x00" in value:
+            raise OptionError(param, "holds a NUL byte")
+
+
 def check_extra_args(args: tuple[str, ...]) -> None:
     """OptionError for an entry the runner must not get (see RESERVED_FLAGS)."""
     if len(args) > MAX_EXTRA_ARGS:
@@ -153,6 +209,8 @@ class RunnerOptions:
     max_tokens_cap: int | None = None
     # Appended to this model's runner command line, after the neuron's own.
     extra_args: tuple[str, ...] = ()
+    # Added to the runner's environment (checked by check_env); any model kind.
+    env: dict[str, str] = attrs.field(factory=dict, hash=False)
 
     def __attrs_post_init__(self) -> None:
         _path(self.draft_model, "draft_model")
@@ -174,6 +232,7 @@ class RunnerOptions:
             raise OptionError("chat_template_kwargs", "must be a table")
         template_kwargs_json(self.chat_template_kwargs)
         check_extra_args(self.extra_args)
+        check_env(self.env)
 
     @property
     def empty(self) -> bool:
@@ -184,8 +243,9 @@ class RunnerOptions:
     ) -> None:
         """OptionError for options this model cannot take: an embedding model takes
         none, a multi-node group no draft or adapters (mlx_lm refuses them there)."""
-        if kind != "chat" and not self.empty:
-            first = next(k for k, v in self.to_json().items() if v)
+        # `env` is the runner's environment, which an embedding runner has too.
+        if kind != "chat" and not attrs.evolve(self, env={}).empty:
+            first = next(k for k, v in self.to_json().items() if v and k != "env")
             raise OptionError(first, "applies to chat models only")
         if world_size > 1:
             for key in ("draft_model", "adapters"):
@@ -224,6 +284,9 @@ class RunnerOptions:
         kwargs = d.get("chat_template_kwargs", {})
         if not isinstance(kwargs, dict):
             raise OptionError("chat_template_kwargs", "must be an object")
+        env = d.get("env", {})
+        if not isinstance(env, dict):
+            raise OptionError("env", "must be an object")
         return cls(
             draft_model=d.get("draft_model"),
             num_draft_tokens=d.get("num_draft_tokens"),
@@ -232,6 +295,7 @@ class RunnerOptions:
             max_tokens=d.get("max_tokens"),
             max_tokens_cap=d.get("max_tokens_cap"),
             extra_args=tuple(extra),
+            env=env,
         )
 
 

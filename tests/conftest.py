@@ -221,7 +221,6 @@ def real_model_dtype() -> Dtype:
 
     chosen = os.environ.get("CORTEX_TEST_REAL_MODEL_DTYPE")
     if chosen is None:
-        return "quantized"  # TEMP while measuring; flip to the line below
         return "bfloat16" if mx.default_device().type == mx.DeviceType.cpu else "quantized"
     for dtype in DTYPES:
         if dtype == chosen:

@@ -18,6 +18,7 @@ from neuron.store.demo_model import Shape, build_demo_model
     "module",
     [
         "bench.gateway",
+        "bench.bare_proxy",
         "bench.neuron",
         "bench.token_server",
         "bench.grammar",

@@ -31,6 +31,7 @@ from cortex.cli.remote import (
     error_message,
     run,
 )
+from shared.rates import MIN_RATE_SPAN_S, MIN_RATE_TOKENS, NO_RATE, rate
 
 NODE_HEADER = "X-Cortex-Node"
 
@@ -79,9 +80,10 @@ class StreamResult:
 
     @property
     def decode_tps(self) -> float | None:
-        if self.ttft_s is None or self.tokens < 2 or self.total_s <= self.ttft_s:
+        """Only over a real interval (shared.rates): a short, fast stream has none."""
+        if self.ttft_s is None:
             return None
-        return (self.tokens - 1) / (self.total_s - self.ttft_s)
+        return rate(self.tokens - 1, self.total_s - self.ttft_s, None)
 
 
 def one_stream(
@@ -172,7 +174,7 @@ def bench_replica(
         "ok": len(good),
         "tokens": total,
         "wall_s": wall,
-        "tok_s": total / wall if wall > 0 else 0.0,
+        "tok_s": rate(total, wall, None),
         "decode_tok_s_per_stream_p50": statistics.median(decode) if decode else None,
         "ttft_s_p50": statistics.median(ttfts) if ttfts else None,
         "ttft_s_max": max(ttfts) if ttfts else None,
@@ -272,7 +274,7 @@ def _ms(s: float | None) -> str:
 
 
 def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
+    return NO_RATE if x is None else f"{x:.1f}"
 
 
 def render(report: dict[str, Any], out: TextIO) -> None:
@@ -305,7 +307,8 @@ def render(report: dict[str, Any], out: TextIO) -> None:
             print(f"  {r['node']}: {e}", file=out)
     print(
         "  tok/s = completion tokens / wall time of the batch; tok/s/stream = decode rate "
-        "after the first token (median)",
+        f"after the first token (median); {NO_RATE}: under {MIN_RATE_TOKENS} tokens or "
+        f"{MIN_RATE_SPAN_S:g} s, too short to time",
         file=out,
     )
 

@@ -24,6 +24,7 @@ from cortex.cli.remote import (
     add_connection_args,
     run,
 )
+from shared.rates import NO_RATE
 
 FOLLOW_POLL_S = 1.0
 
@@ -184,6 +185,8 @@ def _neuron_lines(node: str, n: Any) -> list[str]:
         f" completion {_count(n.get('completion_tokens'))} tokens (runner's count),"
         f" {_rate(n.get('tok_s'), 'decode', 'the neuron')}",
     ]
+    if n.get("runner_env"):
+        lines.append(f"  runner environment: {n['runner_env']}")
     if n.get("error"):
         lines.append(f"  error: {n['error']}")
     return lines
@@ -210,7 +213,8 @@ def _count(v: Any) -> str:
 def _rate(tok_s: Any, what: str, clock: str) -> str:
     """A rate after the first token, and whose clock timed it."""
     if tok_s is None:
-        return f"{what} rate not measured"
+        # shared.rates: no rate over under MIN_RATE_TOKENS tokens or MIN_RATE_SPAN_S.
+        return f"{what} {NO_RATE} tok/s (too short to time)"
     return f"{what} {tok_s} tok/s after the first token ({clock}'s clock)"
 
 

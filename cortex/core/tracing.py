@@ -18,6 +18,7 @@ import attrs
 from cortex.config import CortexConfig
 from shared.journal import Event, Journal
 from shared.journal import journals as shared_journals
+from shared.rates import decode_rate
 
 # The neuron's admission wait for this request, in seconds, on its answer.
 QUEUE_WAIT_HEADER = "X-Queue-Wait-S"
@@ -129,10 +130,8 @@ class TraceDraft:
         completion, source = self.completion_tokens, "usage"
         if completion is None and self.frames:
             completion, source = self.frames, "frames"
-        tok_s = None
-        if completion and completion > 1 and self.first_at and self.last_at:
-            span = self.last_at - self.first_at
-            tok_s = round((completion - 1) / span, 2) if span > 0 else None
+        # Only over a real interval (shared.rates): else None, shown as NO_RATE.
+        tok_s = decode_rate(completion, self.first_at, self.last_at)
         return Trace(
             id=self.id,
             model=self.model,

@@ -64,6 +64,7 @@ from shared.journal import Journal
 from shared.kinds import EMBEDDINGS_PATH, wrong_kind
 from shared.model_id import shown
 from shared.quiet import IdleRace, StreamEnded
+from shared.rates import decode_rate
 from shared.sse import ANSWER_MODEL_HEADER, DONE, HEARTBEAT, SSE_HEADERS
 from shared.wire import PROBE_HEADER
 
@@ -198,6 +199,7 @@ class Proxy:
                 runner = _serving(m, model_id)
                 reached_runner = True
                 trace.runner = f"pid {runner.pid} port {runner.port}"
+                trace.runner_env = runner.env_shown()
                 runner.note(f"request {trace.id} {path}")
                 # A probe (doctor) is no use: it must not hold off the idle unload.
                 use = PROBE_HEADER not in request.headers
@@ -361,13 +363,12 @@ class Proxy:
         if not isinstance(completion, int) or completion < 0:
             return
         metrics.tokens.labels(m.model_id, "completion").inc(completion)
-        # Decode speed: the tokens after the first, over the time since the first.
-        tps = None
-        if tally is not None and completion > 1 and tally.first_at and tally.last_at:
-            span = tally.last_at - tally.first_at
-            if span > 0:
-                tps = (completion - 1) / span
-                metrics.decode_tps.labels(m.model_id).observe(tps)
+        # Decode speed: the tokens after the first, over the time since the first; only
+        # over a real interval (shared.rates), so /models and the dashboard show none
+        # rather than a rate over a near-zero time.
+        tps = None if tally is None else decode_rate(completion, tally.first_at, tally.last_at)
+        if tps is not None:
+            metrics.decode_tps.labels(m.model_id).observe(tps)
         m.runner_health.tokens(completion, tps)
 
     def _runner_error(
@@ -644,10 +645,9 @@ class RunnerBroken(UpstreamError):
 def _tok_s(tally: _Tally) -> float | None:
     """Decode speed as the metrics count it: tokens after the first over their span."""
     c = (tally.usage or {}).get("completion_tokens")
-    if not isinstance(c, int) or c < 2 or not tally.first_at or not tally.last_at:
+    if not isinstance(c, int):
         return None
-    span = tally.last_at - tally.first_at
-    return round((c - 1) / span, 2) if span > 0 else None
+    return decode_rate(c, tally.first_at, tally.last_at)  # only over a real interval
 
 
 def _error_outcome(err: ApiError) -> str:

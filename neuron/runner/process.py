@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # Runner output is read in chunks of this size; a line longer than this (a `\r`
 # progress bar never ends one) keeps only its last LINE_LIMIT bytes in the tail.
 LINE_LIMIT = 65536
+FAST_SYNCH_ENV = "MLX_METAL_FAST_SYNCH"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,9 +71,27 @@ def group_env(group: GroupSpec | None, files_dir: Path) -> dict[str, str]:
             raise ValueError("a jaccl group needs a coordinator")
         env["MLX_JACCL_COORDINATOR"] = group.coordinator
         env["MLX_IBV_DEVICES"] = str(files_dir / "ibv_devices.json")
+        # The jaccl cluster's reference sets it on every launch: RDMA collectives
+        # measure 5-6x slower without it. A model's catalogue `env` may override it.
+        env[FAST_SYNCH_ENV] = "1"
     if group.sharding == "pipeline" and group.layer_split:
         env[SPLIT_ENV] = ",".join(str(n) for n in group.layer_split)
     return env
+
+
+def runner_env(
+    group: GroupSpec | None, files_dir: Path, model_env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """What the neuron adds to its own environment for a runner: the group's variables,
+    then the catalogue's `env` for the model (checked in shared.runner_options: it
+    cannot name a group variable, so it only overrides defaults like FAST_SYNCH_ENV),
+    then the runner's plumbing. The watchdog fd is added at spawn (spawn_guarded)."""
+    return {
+        **group_env(group, files_dir),
+        **(model_env or {}),
+        PARENT_ENV: str(os.getpid()),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def write_group_files(group: GroupSpec | None, files_dir: Path) -> None:
@@ -185,6 +205,8 @@ class RunnerProcess:
     exited: asyncio.Future[int]
     _tail: collections.deque[str]
     _watchdog_w: int | None
+    # What the neuron set beyond its inherited environment (runner_env): for the event log.
+    env_added: dict[str, str] = attrs.field(factory=dict)
     _pump: asyncio.Task[None] | None = None
     _waiter: asyncio.Task[None] | None = None
     # Whether the pump is writing the log (`note()` writes only then), and whether
@@ -213,12 +235,8 @@ class RunnerProcess:
         port = free_port()
         group_dir = log_dir / f"{_safe(model_id)}.group"
         await asyncio.to_thread(_prepare_dirs, log_dir, group, group_dir)
-        env = {
-            **os.environ,
-            **group_env(group, group_dir),
-            PARENT_ENV: str(os.getpid()),
-            "PYTHONUNBUFFERED": "1",
-        }
+        added = runner_env(group, group_dir, options.options.env if options else None)
+        env = {**os.environ, **added}
         argv = (
             embed_runner_argv(config, model_id, model_dir, port, context_limit)
             if kind == "embedding"
@@ -246,6 +264,7 @@ class RunnerProcess:
             exited=loop.create_future(),
             tail=collections.deque(maxlen=config.stderr_tail_lines),
             watchdog_w=write_fd,
+            env_added=added,
         )
         runner._pump = asyncio.create_task(runner._read_output())
         runner._waiter = asyncio.create_task(runner._wait_exit())
@@ -266,6 +285,15 @@ class RunnerProcess:
     @property
     def alive(self) -> bool:
         return not self.exited.done()
+
+    def env_shown(self) -> str:
+        """The environment the neuron set for this runner, as the event log and traces
+        show it ("which settings did this run with"): a value whose name looks secret
+        (a catalogue `env` may hold a hub token) is never shown."""
+        return " ".join(
+            f"{k}=***" if _SECRET_NAME.search(k) else f"{k}={v}"
+            for k, v in sorted(self.env_added.items())
+        )
 
     def tail(self) -> str:
         return "\n".join(self._tail)
@@ -357,6 +385,9 @@ class RunnerProcess:
         """
         self._signal_group(signal.SIGKILL)
         self._close_watchdog()
+
+
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASS|AUTH|CREDENTIAL", re.IGNORECASE)
 
 
 def _prepare_dirs(log_dir: Path, group: GroupSpec | None, group_dir: Path) -> None:

@@ -327,7 +327,10 @@ class ModelSupervisor:
             log_min_free_bytes=int(self.config.journal_min_free_mb * MB),
         )
         self.runner = runner
-        self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state})")
+        # Names and values the neuron set beyond its own environment (group, catalogue
+        # `env`, plumbing), never the whole of it: "which settings did this run with".
+        env = runner.env_shown()
+        self.event("runner start", f"pid {runner.pid} port {runner.port} ({self.state}) env {env}")
         try:
             async with asyncio.timeout(self.warmup_deadline_s):
                 await self._bring_up(runner)

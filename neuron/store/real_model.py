@@ -9,7 +9,8 @@ GGUF inside is converted to what `mlx_lm.load` and `mlx_lm.server` read.
 The converter (`convert_gguf`) works for any llama-architecture GGUF whose
 tensors MLX reads as they are (F32, F16, Q4_0, Q4_1, Q8_0): `mx.load` turns
 them into MLX's own affine-quantized layout (packed weights, scales, biases,
-groups of 32), so the weights are renamed, never requantized. GGUF keeps the
+groups of 32), so the weights are renamed, never requantized (or, with
+`dtype="bfloat16"`, expanded by mx.dequantize: faster on a CPU). GGUF keeps the
 rotary halves interleaved, hence `rope_traditional`. The tokenizer (a
 byte-level BPE) and the chat template come from the GGUF's metadata.
 
@@ -65,8 +66,9 @@ CHUNK = 1 << 20
 
 # How the weights are written: "quantized" keeps the GGUF's blocks in MLX's layout
 # (small, fast on Metal); "bfloat16" expands them (mx.dequantize, then bfloat16, a
-# rounding far below the 4-bit steps), 2.7x the bytes but about twice as fast on a
-# CPU, where MLX's quantized matmul is the slow path (bench/real_model_dtype.py).
+# rounding far below the 4-bit steps; see _dequantized), 3x the bytes. On a CPU, where
+# MLX's quantized matmul is the slow path, bfloat16 prefills about 1.9x as fast and
+# decodes about 0.8x as fast (bench/real_model_dtype.py).
 Dtype = Literal["quantized", "bfloat16"]
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 
