@@ -18,12 +18,12 @@ import aiohttp
 from aiohttp import web
 
 from cortex.config import CONFIG
+from cortex.http.recycle import named_node
 from cortex.run.loader import LOADER
 from cortex.run.poller import FLEET
 from shared.errors import (
     ApiError,
     InvalidRequest,
-    NotFound,
     RebootNotAllowed,
     UpstreamUnavailable,
     read_json_object,
@@ -37,11 +37,8 @@ def by_hand(url: str, name: str) -> str:
 
 async def post_reboot(request: web.Request) -> web.Response:
     app = request.app
-    name = request.match_info["name"]
     fleet = app[FLEET]
-    if name not in fleet.names:
-        raise NotFound(f"no node {name!r} in this fleet", param="name")
-    node = fleet.node(name)
+    name, node = named_node(request)
     if app[CONFIG].admin_token is None:
         # /admin is open without one: nobody who can reach cortex may reboot a machine.
         raise RebootNotAllowed(

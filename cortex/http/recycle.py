@@ -16,19 +16,26 @@ import aiohttp
 from aiohttp import web
 
 from cortex.config import CONFIG
+from cortex.core.state import NodeState
 from cortex.run.lifecycle import LIFECYCLE
 from cortex.run.loader import LOADER
 from cortex.run.poller import FLEET
 from shared.errors import ApiError, NotFound, UpstreamUnavailable
 
 
-async def post_restart(request: web.Request) -> web.Response:
-    app = request.app
+def named_node(request: web.Request) -> tuple[str, NodeState]:
+    """The node the path names (`{name}`), or 404: for the admin actions on one node."""
     name = request.match_info["name"]
-    fleet = app[FLEET]
+    fleet = request.app[FLEET]
     if name not in fleet.names:
         raise NotFound(f"no node {name!r} in this fleet", param="name")
-    before = fleet.node(name)
+    return name, fleet.node(name)
+
+
+async def post_restart(request: web.Request) -> web.Response:
+    app = request.app
+    fleet = app[FLEET]
+    name, before = named_node(request)
     # What it serves now: what `cortex restart --wait` expects back.
     models = [m.model_id for m in before.models if m.serves_http and m.state == "ready"]
     if before.recycling:

@@ -61,9 +61,7 @@ def read(path: Path) -> tuple[CortexConfig, Catalogue]:
     try:
         config = CortexConfig.from_file(path)
         catalogue = Catalogue.load(config.catalogue)
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a ConfigError already names file and key
         raise ConfigError(f"{path}: {exc}") from exc
     problems = catalogue_problems(config, catalogue)
     if problems:

@@ -127,6 +127,17 @@ def _replaced(n: NeuronProcess, model_id: str, old: int) -> Callable[[], int | N
     return check
 
 
+async def _rest_after_freeze(url: str, body: dict[str, Any], pid: int) -> tuple[list[bytes], float]:
+    """Stream `body` from `url`, SIGSTOP `pid` once it has begun: the events that
+    followed, and how long after the freeze the stream ended."""
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        await read_until(r, b"data: {")
+        t0 = _frozen(pid)
+        async with asyncio.timeout(60):
+            rest = await r.content.read()
+        return [e for e in rest.split(b"\n\n") if e], time.monotonic() - t0
+
+
 async def _in_flight(n: NeuronProcess, model_id: str) -> None:
     """Wait until the neuron has a request of model_id in flight at its runner."""
 
@@ -173,16 +184,9 @@ async def test_frozen_runner_idle_one_piece_and_streamed(
 
     # Streamed: an error frame, then [DONE].
     body["stream"] = True
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(n.url + "/v1/completions", json=body) as r,
-    ):
-        await read_until(r, b"data: {")
-        t0 = _frozen(pid)
-        async with asyncio.timeout(60):
-            rest = await r.content.read()
-        figures["stream: error frame"] = time.monotonic() - t0
-    events = [e for e in rest.split(b"\n\n") if e]
+    events, figures["stream: error frame"] = await _rest_after_freeze(
+        n.url + "/v1/completions", body, pid
+    )
     assert events[-1] == b"data: [DONE]"
     assert f"runner of '{model_id}' lost".encode() in events[-2]
     assert "runner stalled: its process is stopped" in n.log()
@@ -205,16 +209,7 @@ async def test_hung_rank_tears_the_group_down(neuron_factory: Factory, demo_mode
     n0.wait_state(model_id, "ready")
     [rank1] = runner_pids(model_id, parent=n1.process.pid)
     body = {"model": model_id, "prompt": "tick", "stream": True, **LONG_STREAM}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(n0.url + "/v1/completions", json=body) as r,
-    ):
-        await read_until(r, b"data: {")
-        t0 = _frozen(rank1)
-        async with asyncio.timeout(60):
-            rest = await r.content.read()
-        took = time.monotonic() - t0
-    events = [e for e in rest.split(b"\n\n") if e]
+    events, took = await _rest_after_freeze(n0.url + "/v1/completions", body, rank1)
     assert events[-1] == b"data: [DONE]"
     assert b"error" in events[-2], events[-3:]
     m = n1.wait_state(model_id, "failed", timeout=30)
