@@ -1,6 +1,7 @@
 """The gateway hot path against its peers, on fake upstreams that cost next to nothing.
 
-`python -m bench.gateway [--quick] [--duration S] [--no-litellm]`  (make bench-gateway)
+`python -m bench.gateway [--quick] [--duration S] [--no-litellm] [--repeat N] [--paced-runs N]`
+(make bench-gateway)
 
 Upstreams (so that only the proxy's own cost shows):
   * nginx with canned answers: a chat completion (JSON) or a 32-frame SSE stream
@@ -19,6 +20,11 @@ non-streamed and streamed, for req/s and latency p50/p99; an aiohttp client for
 256 paced streams (aggregate tokens/s, time to first token). CPU of each proxy
 (and of the fake) comes from /proc (utime+stime) across each run. Servers are
 pinned to CPU 0 and the load generators to CPU 1 (taskset) where there are two.
+The wrk cells issue 21's targets read run `--repeat` times and the paced streams
+`--paced-runs` times (3 each; `--quick` 1), interleaved across arms; each target is
+judged on the median over its runs, with the spread beside it and a flag when the
+spread is wider than the margin (bench.spread). The 256 paced streams' target holds
+in each run.
 The table goes to stdout and to BENCHMARKS.md.
 """
 
@@ -45,8 +51,9 @@ from typing import Any
 import aiohttp
 import attrs
 
-from bench import benchmarks_md
+from bench import benchmarks_md, spread
 from bench.common import Procs, cpu_seconds, free_port, idle_health, workdir
+from bench.spread import Target
 from bench.token_server import token_frame
 from shared.blocking_http import request_json
 from shared.serve import new_event_loop
@@ -534,13 +541,18 @@ class Cell:
     p99_ms: float
     errors: int
     cpu_s: float  # the proxy's
+    # Which repeat of the cell this is (cells the targets read run `--repeat` times).
+    run: int = 0
+
+
+Key = tuple[str, str, int]  # (arm, mode, concurrency)
 
 
 def _cpu(pids: Sequence[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
 
-def run_wrk(root: Path, arm: Arm, mode: str, conc: int, duration: float) -> Cell:
+def run_wrk(root: Path, arm: Arm, mode: str, conc: int, duration: float, run: int = 0) -> Cell:
     body: dict[str, Any] = {
         "model": arm.json_model if mode == "json" else arm.sse_model,
         "messages": [{"role": "user", "content": "Say hello."}],
@@ -576,7 +588,8 @@ def run_wrk(root: Path, arm: Arm, mode: str, conc: int, duration: float) -> Cell
     if m is None:
         raise RuntimeError(f"wrk failed on {arm.name}: {out.stdout} {out.stderr}")
     n, dur_us, p50, p99, errors = (int(x) for x in m.groups())
-    return Cell(arm.name, mode, conc, n, n / (dur_us / 1e6), p50 / 1e3, p99 / 1e3, errors, cpu)
+    rps = n / (dur_us / 1e6)
+    return Cell(arm.name, mode, conc, n, rps, p50 / 1e3, p99 / 1e3, errors, cpu, run)
 
 
 @attrs.frozen
@@ -588,6 +601,7 @@ class Paced:
     ttft_p50_ms: float
     errors: int
     cpu_s: float
+    run: int = 0
 
     @property
     def tok_s(self) -> float:
@@ -634,7 +648,7 @@ async def _paced(
         return frames, time.perf_counter() - start, ttfts, errors
 
 
-def run_paced(arm: Arm, streams: int, frames_s: float) -> Paced:
+def run_paced(arm: Arm, streams: int, frames_s: float, run: int = 0) -> Paced:
     before = _cpu(arm.pids)
     loop = new_event_loop()
     try:
@@ -645,15 +659,19 @@ def run_paced(arm: Arm, streams: int, frames_s: float) -> Paced:
         loop.close()
     cpu = _cpu(arm.pids) - before
     ttft = statistics.median(ttfts) * 1e3 if ttfts else float("nan")
-    return Paced(arm.name, streams, frames, wall, ttft, errors, cpu)
+    return Paced(arm.name, streams, frames, wall, ttft, errors, cpu, run)
 
 
 # -- report ---------------------------------------------------------------------------------
 
 
 def report(cells: Sequence[Cell], paced: Sequence[Paced], sse_frames: int) -> str:
-    by = {(c.arm, c.mode, c.conc): c for c in cells}
-    out = [*_wrk_table(by), "", *_paced_table(paced), ""]
+    """The tables (a figure measured in several runs shows its median) and the targets."""
+    runs = by_runs(cells)
+    by = {k: median_cell(v) for k, v in runs.items()}
+    arms = list(dict.fromkeys(p.arm for p in paced))
+    paced_med = [median_paced([p for p in paced if p.arm == a]) for a in arms]
+    out = [*_runs_note(runs, paced), *_wrk_table(by), "", *_paced_table(paced_med), ""]
     # Per frame, from the canned runs: (CPU per streamed request - per JSON one) / frames.
     per_arm = ((arm, _marginal(by, arm, sse_frames)) for arm in ARMS[1:])
     marginal = [(arm, per) for arm, per in per_arm if per is not None]
@@ -661,8 +679,72 @@ def report(cells: Sequence[Cell], paced: Sequence[Paced], sse_frames: int) -> st
         out.append(f"Marginal proxy CPU per SSE frame, (sse - json) / {sse_frames} at c=32, µs:")
         out += [f"- {arm}: {per:.1f}" for arm, per in marginal]
         out.append("")
-    out += [*_floor_table(by, paced, sse_frames), "", *targets(by, paced)]
+    out += [*_floor_table(by, paced_med, sse_frames), "", *targets(runs, paced)]
     return "\n".join(out)
+
+
+def by_runs(cells: Sequence[Cell]) -> dict[Key, list[Cell]]:
+    """Each (arm, mode, c)'s runs, in run order."""
+    out: dict[Key, list[Cell]] = {}
+    for c in sorted(cells, key=lambda c: c.run):
+        out.setdefault((c.arm, c.mode, c.conc), []).append(c)
+    return out
+
+
+def median_cell(runs: Sequence[Cell]) -> Cell:
+    """One row for a cell's runs: each figure the median over them (the CPU so that
+    CPU per request is the median CPU per request), errors the most any run had."""
+    if len(runs) == 1:
+        return runs[0]
+    med = statistics.median
+    requests = round(med(c.requests for c in runs))
+    per_req = med(c.cpu_s / c.requests if c.requests else 0.0 for c in runs)
+    first = runs[0]
+    return Cell(
+        first.arm,
+        first.mode,
+        first.conc,
+        requests,
+        med(c.rps for c in runs),
+        med(c.p50_ms for c in runs),
+        med(c.p99_ms for c in runs),
+        max(c.errors for c in runs),
+        per_req * requests,
+    )
+
+
+def median_paced(runs: Sequence[Paced]) -> Paced:
+    """One row for an arm's paced runs, as median_cell: median tok/s, CPU per frame, TTFT."""
+    if len(runs) == 1:
+        return runs[0]
+    med = statistics.median
+    frames = round(med(p.frames for p in runs))
+    tok_s = med(p.tok_s for p in runs)
+    per_frame = med(p.cpu_s / p.frames if p.frames else 0.0 for p in runs)
+    first = runs[0]
+    return Paced(
+        first.arm,
+        first.streams,
+        frames,
+        frames / tok_s if tok_s else 0.0,
+        med(p.ttft_p50_ms for p in runs),
+        max(p.errors for p in runs),
+        per_frame * frames,
+    )
+
+
+def _runs_note(runs: dict[Key, list[Cell]], paced: Sequence[Paced]) -> list[str]:
+    repeated = sorted({len(v) for v in runs.values() if len(v) > 1})
+    paced_n = max((p.run + 1 for p in paced), default=1)
+    if not repeated and paced_n == 1:
+        return []
+    parts = []
+    if repeated:
+        parts.append(f"the wrk cells the targets read ran {'/'.join(map(str, repeated))} times")
+    if paced_n > 1:
+        once = " (LiteLLM's once)" if any(p.arm == "litellm" for p in paced) else ""
+        parts.append(f"the paced streams {paced_n} times{once}")
+    return [f"Repeats: {' and '.join(parts)}; their rows show the median of each figure.", ""]
 
 
 def _cpu_per_req(c: Cell) -> float:
@@ -764,30 +846,122 @@ def _floor_table(
     return out
 
 
-def targets(by: dict[tuple[str, str, int], Cell], paced: Sequence[Paced]) -> list[str]:
-    """The issue's targets for cortex, from this run."""
-    lines = ["Targets (issue 12), cortex:"]
-    c1, d1 = by.get(("cortex", "json", 1)), by.get(("direct", "json", 1))
-    if c1 and d1:
-        added = c1.p50_ms - d1.p50_ms
-        lines.append(f"- added p50 at c=1: {added:+.3f} ms (target <= 0.2 ms)")
-    c32 = by.get(("cortex", "json", 32))
-    if c32:
-        lines.append(f"- non-streamed req/s at c=32: {c32.rps:,.0f} (target >= 6,000)")
-        peers = (("litellm", ">= 60x"), ("nginx", ">= 0.075x"), (FLOOR, ">= 0.8x, issue 21"))
-        for peer, want in peers:
-            p = by.get((peer, "json", 32))
-            if p and p.rps:
-                lines.append(f"- cortex/{peer} req/s at c=32: {c32.rps / p.rps:.3f}x ({want})")
-    pc = next((p for p in paced if p.arm == "cortex"), None)
-    pd = next((p for p in paced if p.arm == "direct"), None)
-    if pc and pc.frames:
-        lines.append(f"- CPU per paced frame: {pc.cpu_s / pc.frames * 1e6:.1f} µs (<= 30 µs)")
-    if pc and pd and pd.tok_s:
-        lines.append(
-            f"- {pc.streams} streams tok/s cortex/direct: {pc.tok_s / pd.tok_s:.3f}x (>= 0.99)"
-        )
-    return lines
+# The wrk cells the targets below read: run `--repeat` times, the others once.
+TARGET_CELLS: frozenset[Key] = frozenset(
+    {
+        ("direct", "json", 1),
+        ("cortex", "json", 1),
+        (FLOOR, "json", 32),
+        ("cortex", "json", 32),
+        ("neuron", "json", 32),
+        ("litellm", "json", 32),
+    }
+)
+NAN = float("nan")
+
+
+def _per_req_us(c: Cell) -> float:
+    return c.cpu_s / c.requests * 1e6 if c.requests else NAN
+
+
+def _per_frame_us(p: Paced) -> float:
+    return p.cpu_s / p.frames * 1e6 if p.frames else NAN
+
+
+def _paired(a: Sequence[Any], b: Sequence[Any], f: Any) -> list[float]:
+    """f(x, y) for the runs of `a` and `b` with the same run number (measured side by
+    side), so that a ratio or a difference compares one moment of the machine."""
+    ys = {y.run: y for y in b}
+    return [f(x, ys[x.run]) for x in a if x.run in ys]
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else NAN
+
+
+def targets(runs: dict[Key, list[Cell]], paced: Sequence[Paced]) -> list[str]:
+    """Issue 21's targets, each over its runs: median, margin, spread (bench.spread)."""
+
+    def cells(arm: str, conc: int) -> list[Cell]:
+        return runs.get((arm, "json", conc), [])
+
+    def streams(arm: str) -> list[Paced]:
+        return [p for p in paced if p.arm == arm]
+
+    n = paced[0].streams if paced else 0
+    checks: list[tuple[Target, list[float]]] = [
+        (
+            Target("cortex CPU/req non-streamed c=32", "<=", 250, "µs"),
+            [_per_req_us(c) for c in cells("cortex", 32)],
+        ),
+        (
+            Target("cortex req/s over aiohttp's non-streamed c=32", ">=", 0.8, "x", ".3f"),
+            _paired(cells("cortex", 32), cells(FLOOR, 32), lambda x, y: _div(x.rps, y.rps)),
+        ),
+        (
+            Target("cortex +p50 over direct non-streamed c=1", "<=", 0.3, "ms", ".3f"),
+            _paired(cells("cortex", 1), cells("direct", 1), lambda x, y: x.p50_ms - y.p50_ms),
+        ),
+        (
+            Target("cortex req/s over LiteLLM's non-streamed c=32", ">=", 60, "x", ".1f"),
+            _paired(cells("cortex", 32), cells("litellm", 32), lambda x, y: _div(x.rps, y.rps)),
+        ),
+        *(
+            (
+                Target(f"{hop} CPU per paced frame", "<=", 30, "µs", ".1f"),
+                [_per_frame_us(p) for p in streams(hop)],
+            )
+            for hop in HOPS
+        ),
+        (
+            Target(f"{n} paced streams tok/s cortex/direct", ">=", 0.95, "x", ".3f", each=True),
+            _paired(streams("cortex"), streams("direct"), lambda x, y: _div(x.tok_s, y.tok_s)),
+        ),
+        (
+            Target("neuron CPU/req non-streamed c=32", "<=", 400, "µs"),
+            [_per_req_us(c) for c in cells("neuron", 32)],
+        ),
+    ]
+    lines = ["Targets (issue 21): the median over a figure's runs; spread = max - min."]
+    verdicts = []
+    for target, values in checks:
+        line, verdict = spread.line_for(target, values)
+        lines.append(line)
+        verdicts.append(verdict)
+    return [*lines, spread.summary(verdicts)]
+
+
+def measure(
+    root: Path, arms: Sequence[Arm], args: argparse.Namespace
+) -> tuple[list[Cell], list[Paced]]:
+    """wrk over every cell, then the paced streams; repeats interleaved across arms
+    (run 2 of every repeated cell after run 1 of all) so paired runs sit side by side."""
+    cells: list[Cell] = []
+    for run in range(args.repeat):
+        for mode in args.modes.split(","):
+            for conc in (int(c) for c in args.conc.split(",")):
+                for arm in arms:
+                    if run and (arm.name, mode, conc) not in TARGET_CELLS:
+                        continue
+                    c = run_wrk(root, arm, mode, conc, args.duration, run)
+                    cells.append(c)
+                    print(
+                        f"  {mode:4} c={conc:<3} {arm.name:8} {c.rps:9,.0f} req/s"
+                        f"  p50 {c.p50_ms:8.3f} ms  p99 {c.p99_ms:8.3f} ms"
+                        f"  errors {c.errors}  run {run + 1}",
+                        flush=True,
+                    )
+    paced: list[Paced] = []
+    for run in range(args.paced_runs):
+        # LiteLLM's paced run takes ~20 s and no target reads it: once.
+        for arm in (a for a in arms if not run or a.name != "litellm"):
+            x = run_paced(arm, args.streams, args.frames / args.rate, run)
+            paced.append(x)
+            print(
+                f"  paced {arm.name:8} {x.tok_s:9,.0f} tok/s  errors {x.errors}  run {run + 1}",
+                flush=True,
+            )
+    return cells, paced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -813,10 +987,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--modes", default="json,sse", help="json, sse or both")
     p.add_argument("--conc", default=",".join(map(str, CONCURRENCY)), help="wrk connections")
+    p.add_argument(
+        "--repeat", type=int, help="runs of the wrk cells the targets read (default 3, quick 1)"
+    )
+    p.add_argument("--paced-runs", type=int, help="runs of the paced streams (default 3, quick 1)")
     args = p.parse_args(argv)
     only = set(args.arms.split(","))
     if args.quick:
         args.duration, args.streams, args.frames = 1.0, 32, 16
+    default_runs = 1 if args.quick else 3
+    args.repeat = max(1, args.repeat or default_runs)
+    args.paced_runs = max(1, args.paced_runs or default_runs)
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench.gateway: {tool} not found (make sysdeps)", file=sys.stderr)
@@ -835,23 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             arms = start_all(root, procs, want_litellm, args.rate, args.frames, args.profile)
             arms = [a for a in arms if a.name in only or a.name == "direct"]
             print(f"arms up: {', '.join(a.name for a in arms)}", flush=True)
-            cells: list[Cell] = []
-            for mode in args.modes.split(","):
-                for conc in (int(c) for c in args.conc.split(",")):
-                    for arm in arms:
-                        cells.append(run_wrk(root, arm, mode, conc, args.duration))
-                        c = cells[-1]
-                        print(
-                            f"  {mode:4} c={conc:<3} {arm.name:8} {c.rps:9,.0f} req/s"
-                            f"  p50 {c.p50_ms:8.3f} ms  p99 {c.p99_ms:8.3f} ms"
-                            f"  errors {c.errors}",
-                            flush=True,
-                        )
-            paced = []
-            for arm in arms:
-                paced.append(run_paced(arm, args.streams, args.frames / args.rate))
-                x = paced[-1]
-                print(f"  paced {arm.name:8} {x.tok_s:9,.0f} tok/s  errors {x.errors}", flush=True)
+            cells, paced = measure(root, arms, args)
         except KeyboardInterrupt:
             return 130
         finally:

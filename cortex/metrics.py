@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar, cast
 
 import attrs
 from aiohttp import web
@@ -16,10 +17,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from cortex.core.state import NodeState
 from shared.build_info import BUILD_LABELS, build_labels
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -108,6 +112,11 @@ class Metrics:
     # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
     models: frozenset[str] = frozenset()
     _node_seen: dict[str, tuple[bool, int]] = attrs.field(factory=dict, init=False)
+    # Children by (family, label values): the request path's labels() calls (a lock,
+    # a tuple of str() and a dict each) become one lookup; cardinality is bounded.
+    _children: dict[tuple[object, tuple[str, ...]], MetricWrapperBase] = attrs.field(
+        factory=dict, init=False
+    )
 
     @classmethod
     def create(cls, models: Iterable[str] = (), nodes: Iterable[str] = ()) -> Metrics:
@@ -251,6 +260,14 @@ class Metrics:
             self.node_healthy.labels(node)
             self.node_failures.labels(node)
             self.node_memory.labels(node)
+
+    def child(self, family: M, *values: str) -> M:
+        """`family.labels(*values)`, cached."""
+        key = (family, values)
+        got = self._children.get(key)
+        if got is None:
+            got = self._children[key] = family.labels(*values)
+        return cast(M, got)
 
     def model(self, name: str | None) -> str:
         return name if name is not None and name in self.models else "other"

@@ -8,9 +8,7 @@ frozen `Trace` when the handler ends. GET /traces and /traces/{id} read the ring
 from __future__ import annotations
 
 import json
-import re
 import time
-import uuid
 from typing import Any
 
 import attrs
@@ -19,15 +17,14 @@ from aiohttp import web
 from neuron.config import NeuronConfig
 from shared.journal import Event, Journal
 from shared.journal import journals as shared_journals
+from shared.request_id import given_or_new
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # How long admission held the request, in seconds, on the answer (cortex's trace reads it).
 QUEUE_WAIT_HEADER = "X-Queue-Wait-S"
 
 
 def request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given_or_new(request.headers.get("X-Request-Id", ""))
 
 
 def usage_comment(usage: dict[str, Any]) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -23,13 +22,14 @@ from typing import Any, Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from shared.request_id import is_request_id
+
 LogFormat = Literal["text", "json"]
 
 # The request being served: request_id, model, node (a dict per request, so what a
 # handler adds is seen by every line of that request and of no other).
 _CONTEXT: ContextVar[dict[str, str] | None] = ContextVar("log_context", default=None)
 # The X-Request-Id a client may choose (as cortex.http.proxy and neuron.tracing take it).
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def annotate(**fields: str | None) -> None:
@@ -41,7 +41,7 @@ def annotate(**fields: str | None) -> None:
 
 def header_request_id(request: web.Request) -> str | None:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else None
+    return given if is_request_id(given) else None
 
 
 def middleware(request_id: Callable[[web.Request], str | None]) -> Middleware:

@@ -6,8 +6,6 @@ import asyncio
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
-import aiohttp
-
 from shared.interrupt import Interrupt
 
 T = TypeVar("T")
@@ -91,20 +89,3 @@ class IdleRace:
             self._timer = None
         if self._ended is not None:
             self._ended.remove_done_callback(self._on_end)
-
-
-class QuietReads(IdleRace):
-    """`read()` gives the upstream's next chunk, or None once it has been silent `quiet_s`."""
-
-    def __init__(
-        self,
-        upstream: aiohttp.ClientResponse,
-        quiet_s: float,
-        ended: asyncio.Future[Any] | None = None,
-    ) -> None:
-        super().__init__(quiet_s, ended)
-        self._readany = upstream.content.readany
-
-    def read(self) -> Coroutine[Any, Any, bytes | None]:
-        # A plain method returning `next`'s coroutine: no extra frame per chunk.
-        return self.next(self._readany())

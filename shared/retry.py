@@ -1,4 +1,9 @@
-"""Every retry policy of the project, named, in one place (tenacity)."""
+"""Every retry policy of the project, named, in one place (tenacity).
+
+One is not here: cortex trying a request on another replica before its first
+byte (`retry_attempts`, no wait) is a plain loop in cortex.http.proxy, since a
+tenacity round per request cost more than the first attempt's own routing.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,6 @@ import tenacity
 
 # A runner that crashed: restart after 1, 2, 4 ... seconds, capped at 30.
 RUNNER_RESTART_WAIT = tenacity.wait_exponential(multiplier=1, min=1, max=30)
-
-
-def proxy_attempts(
-    max_attempts: int,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
-) -> tenacity.AsyncRetrying:
-    """Cortex retrying a request on another replica, only before its first byte.
-
-    No wait: the next attempt goes to a different replica, not the same one again.
-    `retry_on` narrows which failures are worth another replica.
-    """
-    return tenacity.AsyncRetrying(
-        stop=tenacity.stop_after_attempt(max_attempts),
-        wait=tenacity.wait_none(),
-        retry=tenacity.retry_if_exception_type(retry_on),
-        reraise=True,
-    )
 
 
 # A failed load of a model (by a request or by the reconciler): no new load before

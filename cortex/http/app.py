@@ -56,6 +56,8 @@ from shared.errors import (
     read_json_object,
     reject_unknown,
 )
+from shared.hop import Hop
+from shared.hop_aiohttp import Link
 from shared.journal import Event, Journal, journal_health
 from shared.model_id import RULE as MODEL_ID_RULE
 from shared.model_id import is_valid as is_model_id
@@ -167,6 +169,7 @@ def _services(events: Journal[Event], *, background: bool) -> Any:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await app[LIFECYCLE].close()
+            app[PROXY].link.hop.close()
             await sessions.proxy.close()
             await sessions.calls.close()
             poller.close()
@@ -190,8 +193,9 @@ class _Sessions:
     """cortex's client pools towards the neurons."""
 
     calls: aiohttp.ClientSession  # the loader's: loads, unloads, staging
-    proxy: aiohttp.ClientSession
+    proxy: aiohttp.ClientSession  # the proxy's to https:// neurons (shared.hop_aiohttp)
     status: aiohttp.ClientSession  # the poller's
+    fleet_headers: dict[str, str]
 
     @classmethod
     def open(cls, cfg: CortexConfig) -> _Sessions:
@@ -205,7 +209,7 @@ class _Sessions:
         status = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=cfg.poll_concurrency), headers=headers
         )
-        return cls(calls=calls, proxy=proxy, status=status)
+        return cls(calls=calls, proxy=proxy, status=status, fleet_headers=headers)
 
 
 def _poller(app: web.Application, session: aiohttp.ClientSession) -> Poller:
@@ -258,7 +262,9 @@ def _wire(
         life=life,
         config=cfg,
         metrics=app[METRICS],
-        session=sessions.proxy,
+        link=Link(
+            Hop(connect_timeout_s=cfg.connect_timeout_s), sessions.proxy, sessions.fleet_headers
+        ),
         affinity=app[AFFINITY],
     )
     reconciler = Reconciler(

@@ -27,9 +27,10 @@ from aiohttp import web
 from cortex.config import ApiKey
 from cortex.http.auth import AUTH, REQUEST_KEY
 from cortex.http.inference import DRAIN
-from cortex.http.proxy import OUTCOME, is_request_id, request_id, trace_of
+from cortex.http.proxy import OUTCOME, request_id, trace_of
 from shared.cancel import Cancels, Running
 from shared.errors import InvalidApiKey, InvalidRequest, NotFound, RequestNotYours
+from shared.request_id import is_request_id
 
 log = logging.getLogger(__name__)
 

@@ -102,8 +102,8 @@ async def _serve(
         outcome.code = _cut(request, label, outcome)
         raise
     finally:
-        metrics.requests.labels(label, outcome.code or "500", api).inc()
-        metrics.request_duration.labels(label).observe(time.monotonic() - started)
+        metrics.child(metrics.requests, label, outcome.code or "500", api).inc()
+        metrics.child(metrics.request_duration, label).observe(time.monotonic() - started)
         app[TRACES].append(trace.done(outcome.code or "500", error))
 
 

@@ -15,10 +15,8 @@ import contextlib
 import itertools
 import json
 import logging
-import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -38,6 +36,7 @@ from cortex.run.poller import Poller
 from shared import logjson
 from shared.assemble import answer_usage
 from shared.catalogue import Catalogue
+from shared.downstream import Downstream
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
@@ -48,13 +47,13 @@ from shared.errors import (
     frame_error,
     sse_error_frame,
 )
-from shared.quiet import QuietReads
-from shared.retry import proxy_attempts
+from shared.hop import HopConnectError, HopError, Upstream
+from shared.hop_aiohttp import Link
+from shared.request_id import given_or_new
 from shared.sse import ANSWER_MODEL_HEADER, HOP_HEADERS
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The client left: what writing to its response raises then.
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 # Never copied from a replica to the client: the server stamps its own.
@@ -74,13 +73,8 @@ def request_id(request: web.Request) -> str:
     every time it is asked: a cancel finds the request under it, cortex.http.cancel)."""
     rid = request.get(_RID)
     if rid is None:
-        given = request.headers.get("X-Request-Id", "")
-        rid = request[_RID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = request[_RID] = given_or_new(request.headers.get("X-Request-Id", ""))
     return rid
-
-
-def is_request_id(value: str) -> bool:
-    return bool(_REQUEST_ID.match(value))
 
 
 def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
@@ -115,7 +109,7 @@ def _upstream(
     return payload, keys, headers
 
 
-def _client_left(up: aiohttp.ClientResponse, r: Route, rid: str, out: Outcome) -> None:
+def _client_left(up: Upstream, r: Route, rid: str, out: Outcome) -> None:
     # Closing our side tells the neuron to stop generating.
     up.close()
     if out.code is None:
@@ -123,8 +117,8 @@ def _client_left(up: aiohttp.ClientResponse, r: Route, rid: str, out: Outcome) -
     log.info("%s: client disconnected from %s", rid, r.node)
 
 
-def _client_headers(headers: Mapping[str, str], rid: str) -> dict[str, str]:
-    out = {k: v for k, v in headers.items() if k.lower() not in _RESPONSE_SKIP}
+def _client_headers(headers: list[tuple[str, str]], rid: str) -> dict[str, str]:
+    out = {k: v for k, v in headers if k.lower() not in _RESPONSE_SKIP}
     out["X-Request-Id"] = rid
     return out
 
@@ -163,7 +157,8 @@ class Proxy:
     life: Lifecycle
     config: CortexConfig
     metrics: Metrics
-    session: aiohttp.ClientSession
+    # To the neurons: the lean hop for http://, aiohttp for https (shared.hop_aiohttp).
+    link: Link
     affinity: AffinityTable
     inflight: InFlight = attrs.Factory(InFlight)
     # Spreads ties between equally loaded replicas (the router takes it as input).
@@ -195,40 +190,38 @@ class Proxy:
         logjson.annotate(model=model)  # log_format = "json": on this request's lines
         keep_alive = parse_keep_alive(body.get("keep_alive"))
         payload, keys, headers = _upstream(request, self.life.catalogue, model, body, raw, rid)
-        stream = bool(body.get("stream"))
         tries = _Tries()
-        try:
-            async for attempt in proxy_attempts(self.config.retry_attempts, _TryAnother):
-                with attempt:
-                    t_route = time.monotonic()
-                    try:
-                        r = await self._route(model, keys, tries, trace, node)
-                    except (UpstreamUnavailable, QueueFull):
-                        # No replica left to try: the last one's own answer (its code,
-                        # its Retry-After) says more than the router's generic one.
-                        if tries.last is None:
-                            raise
-                        raise tries.last.error from None
-                    finally:
-                        trace.routing_s += time.monotonic() - t_route
-                        if trace.cold_load_s == 0.0:  # waited for a load: all of it
-                            trace.cold_load_s = time.monotonic() - t_route
-                    trace.nodes.append(r.node)
-                    logjson.annotate(node=r.node)
-                    if tries.last is not None:
-                        log.info("%s: retrying on %s", rid, r.node)
-                    try:
-                        resp = await self._forward(
-                            request, r, path, payload, headers, rid, stream, tries, keys, out
-                        )
-                        self.life.answered(r.node, r.model_id, keep_alive)
-                        return resp
-                    except _TryAnother as exc:
-                        tries.last = exc
-                        raise
-        except _TryAnother as exc:
-            raise exc.error from exc
-        raise AssertionError("unreachable: the retry policy returns or raises")
+        # Distinct replicas, tried only before a first byte; no wait between them. A
+        # plain loop: the first attempt, nearly every request's only one, costs nothing.
+        for _ in range(max(1, self.config.retry_attempts)):
+            t_route = time.monotonic()
+            try:
+                r = await self._route(model, keys, tries, trace, node)
+            except (UpstreamUnavailable, QueueFull):
+                # No replica left to try: the last one's own answer (its code,
+                # its Retry-After) says more than the router's generic one.
+                if tries.last is None:
+                    raise
+                raise tries.last.error from None
+            finally:
+                trace.routing_s += time.monotonic() - t_route
+                if trace.cold_load_s == 0.0:  # waited for a load: all of it
+                    trace.cold_load_s = time.monotonic() - t_route
+            trace.nodes.append(r.node)
+            logjson.annotate(node=r.node)
+            if tries.last is not None:
+                log.info("%s: retrying on %s", rid, r.node)
+            try:
+                resp = await self._forward(
+                    request, r, path, payload, headers, rid, tries, keys, out
+                )
+            except _TryAnother as exc:
+                tries.last = exc
+                continue
+            self.life.answered(r.node, r.model_id, keep_alive)
+            return resp
+        assert tries.last is not None
+        raise tries.last.error from tries.last
 
     async def _route(
         self,
@@ -267,7 +260,7 @@ class Proxy:
             return await self.life.routed(spec.id if spec else model, decide, waiting)
         finally:
             label = self.metrics.model(spec.id if spec else None)
-            self.metrics.queue_wait.labels(label).observe(time.monotonic() - waited)
+            self.metrics.child(self.metrics.queue_wait, label).observe(time.monotonic() - waited)
 
     async def _forward(
         self,
@@ -277,35 +270,28 @@ class Proxy:
         payload: bytes,
         headers: dict[str, str],
         rid: str,
-        stream: bool,
         tries: _Tries,
         keys: tuple[str, ...],
         out: Outcome,
     ) -> web.StreamResponse:
-        cfg = self.config
         # The answer's headers may take long: a neuron sends them once it admits the
         # request (its queue may hold it a while) and, unstreamed, only with the whole
         # answer. A node that stops answering is ended by `inflight` when polls mark it
-        # down; a stream's body reads each have the idle timeout (`_read`).
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.response_timeout_s
-        )
+        # down; a stream's body has the idle timeout (`_read`, the splice's).
         label = self.metrics.model(r.model_id)
         started = time.monotonic()
         self.fleet.begin_request(r.node, r.model_id)
-        self.metrics.in_flight.labels(label).inc()
+        in_flight = self.metrics.child(self.metrics.in_flight, label)
+        in_flight.inc()
         try:
             with self.inflight.attempt(r.node) as att:
                 try:
                     up = await att.open(
-                        self.session.post(
-                            r.url.rstrip("/") + path,
-                            data=payload,
-                            headers=headers,
-                            timeout=timeout,
+                        self.link.post(
+                            r.url, path, headers, payload, self.config.response_timeout_s
                         )
                     )
-                except (NodeLost, aiohttp.ClientError, TimeoutError) as exc:
+                except (NodeLost, HopError, TimeoutError) as exc:
                     raise self._not_opened(r, tries, exc) from exc
                 att.watch(up)
                 try:
@@ -319,13 +305,13 @@ class Proxy:
                     up.release()
         finally:
             self.fleet.end_request(r.node, r.model_id)
-            self.metrics.in_flight.labels(label).dec()
+            in_flight.dec()
 
     def _not_opened(
-        self, r: Route, tries: _Tries, exc: NodeLost | aiohttp.ClientError | TimeoutError
+        self, r: Route, tries: _Tries, exc: NodeLost | HopError | TimeoutError
     ) -> _TryAnother:
         """A replica that took no request: counted, excluded, and the error to try another."""
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, HopConnectError):
             # Nobody listens: the node is out of routing now, not after three polls.
             self.poller.record_failure(r.node, f"connect: {exc}", fatal=True)
             self.metrics.passive_failures.labels(r.node).inc()
@@ -344,12 +330,12 @@ class Proxy:
         tries.exclude.add(r.node)
         self.metrics.upstream_retries.labels(reason).inc()
 
-    async def _read(self, up: aiohttp.ClientResponse) -> bytes:
+    async def _read(self, up: Upstream) -> bytes:
         """A stream's next bytes: it must show life (tokens or keepalives) this often."""
         async with asyncio.timeout(self.config.idle_read_timeout_s):
-            return await up.content.readany()
+            return await up.readany()
 
-    async def _first_event(self, up: aiohttp.ClientResponse) -> bytes:
+    async def _first_event(self, up: Upstream) -> bytes:
         """A stream's bytes up to its first complete line that is not an SSE comment.
 
         A neuron sends `: keepalive` while its runner is still in prefill: that proves
@@ -366,7 +352,7 @@ class Proxy:
     async def _answer(
         self,
         request: web.Request,
-        up: aiohttp.ClientResponse,
+        up: Upstream,
         r: Route,
         rid: str,
         tries: _Tries,
@@ -377,6 +363,8 @@ class Proxy:
         label = self.metrics.model(r.model_id)
         is_sse = up.content_type == "text/event-stream"
         try:
+            # An unstreamed body comes with its headers (the neuron sends both once the
+            # answer is whole): no timer of its own; a node lost meanwhile ends it.
             first = await (self._first_event(up) if is_sse else up.read())
         except NodeLost as exc:
             up.close()
@@ -384,7 +372,7 @@ class Proxy:
             raise _TryAnother(
                 UpstreamUnavailable(f"replica {r.node} failed before answering: {exc}")
             ) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (HopError, TimeoutError) as exc:
             up.close()
             # A timeout counts as one failed poll (DESIGN: passive health).
             self.poller.record_failure(r.node, f"first byte: {exc!r}", fatal=False)
@@ -392,7 +380,7 @@ class Proxy:
             raise _TryAnother(
                 UpstreamUnavailable(f"replica {r.node} failed before answering: {exc!r}")
             ) from exc
-        self.metrics.first_byte.labels(label).observe(time.monotonic() - started)
+        self.metrics.child(self.metrics.first_byte, label).observe(time.monotonic() - started)
         _traced_answer(request, up, r, first, is_sse)
         if up.status >= 400:
             self._upstream_error(up, first, r, tries)
@@ -414,7 +402,7 @@ class Proxy:
     async def _relay(
         self,
         request: web.Request,
-        up: aiohttp.ClientResponse,
+        up: Upstream,
         r: Route,
         rid: str,
         first: bytes,
@@ -425,50 +413,24 @@ class Proxy:
         label = self.metrics.model(r.model_id)
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)
-        write, end = _writers(request, resp)
-        relayed_error = False
-        trace = _trace(request)
-        chunk: bytes | None = first
-        tail = b""
-        # One idle timer per stream, not one `asyncio.timeout` per chunk.
-        reads = QuietReads(up, self.config.idle_read_timeout_s)
+        relay = _Stream(request, resp, up, out, self.metrics.stream_errors, label)
         try:
-            while chunk:
-                if not relayed_error and _holds(_ERROR_FRAME, tail, chunk):
-                    # A neuron's own error frame (its runner lost mid-stream): the
-                    # stream failed though every byte of it arrived.
-                    relayed_error = True
-                    self.metrics.stream_errors.labels(label, "upstream_error").inc()
-                await write(chunk)
-                if trace is not None:
-                    trace.scan(chunk)
-                if _holds(_DONE, tail, chunk):
-                    # Complete: whatever the link does from here is no failure of it.
-                    out.code = STREAM_ERROR if relayed_error else "200"
-                    up.close()
-                    break
-                tail = chunk[-_TAIL:]
-                chunk = await reads.read()
-                if chunk is None:
-                    raise TimeoutError(f"silent for {self.config.idle_read_timeout_s:g} s")
-            else:
+            if not await relay.run(first, self.config.idle_read_timeout_s):
                 # The neuron ended the body without [DONE]: the client's stream is cut.
                 out.code = STREAM_ERROR
                 self.metrics.stream_errors.labels(label, "lost").inc()
                 with contextlib.suppress(*_CLIENT_GONE):
-                    await resp.write(end(f"replica {r.node} ended the stream early", 502))
+                    await resp.write(relay.end(f"replica {r.node} ended the stream early", 502))
         except _CLIENT_GONE:
             _client_left(up, r, rid, out)
             return resp
-        except (NodeLost, aiohttp.ClientError, TimeoutError) as exc:
+        except (NodeLost, HopError, TimeoutError) as exc:
             up.close()
-            message = self._broke(r, rid, label, out, trace, exc)
+            message = self._broke(r, rid, label, out, _trace(request), exc)
             try:
-                await resp.write(end(message, 502))
+                await resp.write(relay.end(message, 502))
             except _CLIENT_GONE:
                 return resp
-        finally:
-            reads.close()
         with contextlib.suppress(*_CLIENT_GONE):
             # A client that closes right after [DONE] is no failure.
             await resp.write_eof()
@@ -481,7 +443,7 @@ class Proxy:
         label: str,
         out: Outcome,
         trace: TraceDraft | None,
-        exc: NodeLost | aiohttp.ClientError | TimeoutError,
+        exc: NodeLost | HopError | TimeoutError,
     ) -> str:
         """A stream that broke after its first byte, counted; what its last frame says."""
         if isinstance(exc, NodeLost):
@@ -497,15 +459,13 @@ class Proxy:
         log.warning("%s: stream from %s broke after its first byte: %r", rid, r.node, exc)
         return f"replica {r.node} {what} mid-stream"
 
-    def _upstream_error(
-        self, up: aiohttp.ClientResponse, raw: bytes, r: Route, tries: _Tries
-    ) -> None:
+    def _upstream_error(self, up: Upstream, raw: bytes, r: Route, tries: _Tries) -> None:
         """A replica's error: retry elsewhere if another may do better, else let it through."""
         try:
             body = json.loads(raw)
         except ValueError:
             body = None
-        err = ApiError.from_envelope(up.status, body, up.headers.get("Retry-After"))
+        err = ApiError.from_envelope(up.status, body, up.header("Retry-After"))
         if up.status == 429:
             tries.full.add(r.node)
             self.metrics.upstream_retries.labels("queue_full").inc()
@@ -565,38 +525,100 @@ _RID = web.RequestKey("cortex.request_id", str)
 OUTCOME = web.RequestKey("cortex.outcome", Outcome)
 
 
-def _writers(
-    request: web.Request, resp: web.StreamResponse
-) -> tuple[Callable[[bytes], Awaitable[None]], Callable[[str, int], bytes]]:
-    """How a stream's bytes are written and how cortex ends it: as they are, or for a
-    translated API through its transcoder, cortex's own cuts as its error event
-    (chosen once per stream: the chat path pays nothing per chunk)."""
-    dialect = request.get(DIALECT)
-    if dialect is None:
-        mark_streaming(request, resp)
-        return resp.write, sse_error_frame
-    xl = dialect.transcoder()
-    mark_streaming(request, resp, xl.fail)
-    return _feeding(resp, xl), xl.fail
+@attrs.define(eq=False)
+class _Stream:
+    """One relayed stream's bytes, from the neuron's reads to the client's socket.
 
+    After the first event (written as aiohttp writes, which also sends the headers)
+    the upstream's bytes are spliced: each read is checked for a neuron's error frame
+    and for [DONE], counted by the trace, and written from the upstream's own
+    callback (shared.downstream), with no task woken per frame. A translated API's
+    stream goes through its transcoder on the way, cortex's own cuts as its error
+    event (chosen once per stream: the chat path pays nothing per chunk).
+    """
 
-def _feeding(resp: web.StreamResponse, xl: Transcoder) -> Callable[[bytes], Awaitable[None]]:
-    async def write(chunk: bytes) -> None:
-        data = xl.feed(chunk)
+    request: web.Request
+    resp: web.StreamResponse
+    up: Upstream
+    out: Outcome
+    errors: Any  # the stream_errors counter family
+    label: str
+    done: bool = False
+    relayed_error: bool = False
+    _tail: bytes = b""
+    _xl: Transcoder | None = None
+    _write: Callable[[bytes], bool] | None = None
+    _trace: TraceDraft | None = None
+
+    def __attrs_post_init__(self) -> None:
+        dialect = self.request.get(DIALECT)
+        self._trace = _trace(self.request)
+        if dialect is None:
+            mark_streaming(self.request, self.resp)
+        else:
+            self._xl = dialect.transcoder()
+            mark_streaming(self.request, self.resp, self._xl.fail)
+
+    def end(self, message: str, status: int) -> bytes:
+        """Cortex's own last event for a stream it cuts, in the client's API."""
+        return (
+            self._xl.fail(message, status)
+            if self._xl is not None
+            else sse_error_frame(message, status)
+        )
+
+    async def run(self, first: bytes, idle_s: float) -> bool:
+        """Relay to the end; True if the stream was complete ([DONE] seen)."""
+        data = self._take(first)
         if data:
-            await resp.write(data)
+            await self.resp.write(data)
+        if self.done:
+            return True
+        down = Downstream(self.request, self.resp, self.up.resume)
+        xl = self._xl
+        if xl is None:
+            self._write = down.write
+        else:
+            self._write = lambda chunk: down.write(out) if (out := xl.feed(chunk)) else False
+        await self.up.splice(self._sink, idle_s)
+        return self.done
 
-    return write
+    def _sink(self, chunk: bytes) -> bool:
+        full = self._write(self._checked(chunk)) if self._write is not None else False
+        if self.done:
+            self.up.unsplice()
+        return full
+
+    def _take(self, chunk: bytes) -> bytes:
+        chunk = self._checked(chunk)
+        return self._xl.feed(chunk) if self._xl is not None else chunk
+
+    def _checked(self, chunk: bytes) -> bytes:
+        """Look at a chunk on its way: an error frame, the trace's counts, [DONE]."""
+        tail = self._tail
+        if not self.relayed_error and _holds(_ERROR_FRAME, tail, chunk):
+            # A neuron's own error frame (its runner lost mid-stream): the stream
+            # failed though every byte of it arrived.
+            self.relayed_error = True
+            self.errors.labels(self.label, "upstream_error").inc()
+        if self._trace is not None:
+            self._trace.scan(chunk)
+        if _holds(_DONE, tail, chunk):
+            # Complete: whatever the link does from here is no failure of it.
+            self.done = True
+            self.out.code = STREAM_ERROR if self.relayed_error else "200"
+        self._tail = chunk[-_TAIL:]
+        return chunk
 
 
-def _translated(dialect: Dialect, up: aiohttp.ClientResponse, first: bytes, is_sse: bool) -> bytes:
+def _translated(dialect: Dialect, up: Upstream, first: bytes, is_sse: bool) -> bytes:
     """A whole answer in the client's API; a replica's 4xx raised, for the API's envelope."""
     if up.status >= 400:
         try:
             body = json.loads(first)
         except ValueError:
             body = None
-        raise ApiError.from_envelope(up.status, body, up.headers.get("Retry-After"))
+        raise ApiError.from_envelope(up.status, body, up.header("Retry-After"))
     if is_sse:
         return first  # the relay feeds it to the transcoder with the rest
     try:
@@ -615,7 +637,7 @@ _trace = trace_of
 
 
 def _traced_answer(
-    request: web.Request, up: aiohttp.ClientResponse, r: Route, first: bytes, is_sse: bool
+    request: web.Request, up: Upstream, r: Route, first: bytes, is_sse: bool
 ) -> None:
     """The trace learns who answered, how long the neuron queued it, and when."""
     trace = _trace(request)
@@ -623,7 +645,7 @@ def _traced_answer(
         return
     trace.node = r.node
     with contextlib.suppress(ValueError):
-        trace.queue_wait_s = float(up.headers.get(QUEUE_WAIT_HEADER, ""))
+        trace.queue_wait_s = float(up.header(QUEUE_WAIT_HEADER, "") or "")
     now = time.monotonic()
     if up.status >= 400:
         return

@@ -14,10 +14,10 @@ import contextlib
 from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
-import aiohttp
 import attrs
 
 from cortex.core.state import NodeState
+from shared.hop import Upstream
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ class Attempt:
     # Set once the node is lost; the attempt's waits end with NodeLost(reason).
     reason: str | None = None
     _opening: asyncio.Future[object] | None = None
-    _response: aiohttp.ClientResponse | None = None
+    _response: Upstream | None = None
 
     async def open(self, pending: Awaitable[T]) -> T:
         """Await the node's answer headers unless the node is lost first."""
@@ -51,11 +51,11 @@ class Attempt:
         finally:
             self._opening = None
 
-    def watch(self, response: aiohttp.ClientResponse) -> None:
+    def watch(self, response: Upstream) -> None:
         """From now on losing the node fails the body's next (or pending) read."""
         self._response = response
         if self.reason is not None:
-            response.content.set_exception(NodeLost(self.reason))
+            response.fail(NodeLost(self.reason))
 
     def end(self, reason: str) -> None:
         if self.reason is not None:
@@ -64,7 +64,7 @@ class Attempt:
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
         if self._response is not None:
-            self._response.content.set_exception(NodeLost(reason))
+            self._response.fail(NodeLost(reason))
 
 
 @attrs.define

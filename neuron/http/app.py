@@ -152,6 +152,11 @@ def create_app(config: NeuronConfig) -> web.Application:
     app.on_shutdown.append(_drain)
 
     proxy = Proxy(config=config, supervisor=supervisor, traces=traces)
+
+    async def _close_hop(_: web.Application) -> None:
+        proxy.hop.close()
+
+    app.on_cleanup.append(_close_hop)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post(EMBEDDINGS_PATH, proxy.embeddings)

@@ -26,7 +26,6 @@ import json
 import time
 from typing import Any, Literal
 
-import aiohttp
 import attrs
 from aiohttp import web
 
@@ -50,6 +49,7 @@ from neuron.tracing import QUEUE_WAIT_HEADER, Trace, TraceDraft, request_id, usa
 from shared import logjson
 from shared.assemble import answer_usage, assemble, is_usage_frame
 from shared.cancel import cancelled
+from shared.downstream import Downstream
 from shared.drain import mark_streaming
 from shared.errors import (
     ApiError,
@@ -60,6 +60,7 @@ from shared.errors import (
     read_json_object,
     sse_error_frame,
 )
+from shared.hop import Hop, HopError, Upstream
 from shared.journal import Journal
 from shared.kinds import EMBEDDINGS_PATH, wrong_kind
 from shared.model_id import shown
@@ -121,7 +122,9 @@ class _Tally:
     first_at: float | None = None
     last_at: float | None = None
     usage: dict[str, Any] | None = None
-    chunks: list[dict[str, Any]] = attrs.Factory(list)
+    # An unstreamed answer's events, their `data:` JSON unparsed: all parsed at once
+    # at the end (one json.loads, not one per frame), then assembled.
+    raw: list[bytes] = attrs.Factory(list)
     # Only when the client asked for `timing` (neuron.http.timing): when the runner
     # was asked (monotonic), and the admission wait before that.
     sent_at: float | None = None
@@ -159,6 +162,8 @@ class Proxy:
     config: NeuronConfig
     supervisor: Supervisor
     traces: Journal[Trace] = attrs.Factory(Journal[Trace])
+    # To the runners (always plain http on loopback): the lean client (shared.hop).
+    hop: Hop = attrs.Factory(Hop)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, "/v1/chat/completions", "chat")
@@ -262,14 +267,9 @@ class Proxy:
             )
         return finish(draft, tokens, info, self.config.runner.max_tokens)
 
-    async def _open(
-        self, runner: RunnerProcess, path: str, checked: Checked
-    ) -> aiohttp.ClientResponse:
-        return await self.supervisor.session.post(
-            runner.base_url + path,
-            data=json.dumps(checked.body).encode(),
-            headers=_RUNNER_HEADERS,
-        )
+    async def _open(self, runner: RunnerProcess, path: str, checked: Checked) -> Upstream:
+        body = json.dumps(checked.body).encode()
+        return await self.hop.request(runner.base_url, "POST", path, _RUNNER_HEADERS, body)
 
     async def _unary(
         self,
@@ -291,7 +291,7 @@ class Proxy:
         metrics = self.supervisor.metrics
         seen = m.runner_health
         seen.started(time.monotonic())
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Upstream | None = None
         # No timeout: the whole answer comes at the end, however long the generation.
         # A dead runner ends the wait at once; a stalled one is killed by the
         # supervisor's stall watchdog (which ends it the same way).
@@ -299,7 +299,7 @@ class Proxy:
             upstream = await race_exit(self._open(runner, path, checked), runner, _Lost)
             raw = await race_exit(upstream.read(), runner, _Lost)
             seen.byte(time.monotonic())
-        except (_Lost, aiohttp.ClientError, TimeoutError) as exc:
+        except (_Lost, HopError, TimeoutError) as exc:
             metrics.requests.labels(m.model_id, "upstream_lost").inc()
             raise UpstreamUnavailable(f"runner of {m.model_id!r} lost: {describe(exc)}") from exc
         finally:
@@ -412,16 +412,19 @@ class _Relay:
     name: str
     # Races each wait on the runner against the heartbeat and the runner's exit.
     race: IdleRace
-    opening: asyncio.Future[aiohttp.ClientResponse]
+    opening: asyncio.Future[Upstream]
     trace: TraceDraft | None
     started: float
     # time.monotonic() of this request's last byte from the runner (its idle limit).
     last_byte: float
     response: web.StreamResponse | None = None
-    upstream: aiohttp.ClientResponse | None = None
+    upstream: Upstream | None = None
     tally: _Tally = attrs.Factory(_Tally)
     decoding: bool = False
     outcome: str = "ok"
+    _events: _Events = attrs.Factory(_Events)
+    _sink_to: Downstream | None = None
+    _wanted: bytes = b""
 
     async def run(self) -> web.StreamResponse:
         try:
@@ -435,7 +438,7 @@ class _Relay:
             if self.checked.stream:
                 assert self.response is not None
                 return self.response
-            answer = {**assemble(self.tally.chunks), "model": self.name}
+            answer = {**assemble(_parsed(self.tally.raw)), "model": self.name}
             if self.tally.sent_at is not None:
                 answer["timing"] = self.tally.timing()
             return web.json_response(answer)
@@ -447,13 +450,13 @@ class _Relay:
         finally:
             await self._close()
 
-    async def _headers(self) -> aiohttp.ClientResponse:
+    async def _headers(self) -> Upstream:
         """The runner's answer headers (it may send them only after prefill)."""
         while True:
             try:
                 # Shielded: a heartbeat's interruption must not abort the request.
                 upstream = await self.race.next(asyncio.shield(self.opening))
-            except aiohttp.ClientError as exc:
+            except HopError as exc:
                 raise self._connection_failed(exc) from exc
             except StreamEnded:
                 raise self._exited() from None
@@ -465,36 +468,47 @@ class _Relay:
         self.m.runner_health.byte(now)
         return upstream
 
-    async def _pump(self, upstream: aiohttp.ClientResponse) -> None:
+    async def _pump(self, upstream: Upstream) -> None:
         """Relay the runner's events until its stream ends after [DONE].
 
-        Plain reads in the handler's own task: no task, wait or timer per chunk.
+        The runner's bytes are spliced (shared.hop): each read is handled by `_sink`
+        from the connection's own callback, with no task, wait or timer per chunk.
+        This task wakes only on the heartbeat's beat, the runner's exit or the end.
         """
-        read, race, seen = upstream.content.readany, self.race, self.m.runner_health
-        events, tally, checked = _Events(), self.tally, self.checked
-        wanted = model_field(self.name)
+        down = None
+        if self.response is not None:
+            down = Downstream(self.request, self.response, upstream.resume)
+        self._sink_to = down
+        self._wanted = model_field(self.name)
+        spliced = upstream.splice(self._sink, self.proxy.config.idle_read_timeout_s)
         while True:
             try:
-                chunk = await race.next(read())
-            except aiohttp.ClientError as exc:
+                # None either way: the beat (the splice goes on) or the end.
+                await self.race.next(asyncio.shield(spliced))
+            except HopError as exc:
                 raise self._connection_failed(exc) from exc
+            except TimeoutError as exc:
+                raise _Lost(f"runner silent: {exc}") from exc
             except StreamEnded:
                 raise self._exited() from None
-            if chunk is None:
-                await self._silence()
-                continue
-            self.last_byte = now = time.monotonic()
-            seen.byte(now)
-            if not chunk:
-                if tally.done:
-                    return
-                self.m.runner_failed(self.runner, "cut_short", "closed a stream before [DONE]")
-                raise _Lost("runner closed the stream before [DONE]")
-            out = _take(events.feed(chunk), tally, checked, now)
-            if out and self.response is not None:
-                await self.response.write(renamed(out, wanted))
-            if tally.frames and not self.decoding:
-                self._first_token(now)
+            if spliced.done():
+                break
+            await self._silence()
+        if not self.tally.done:
+            self.m.runner_failed(self.runner, "cut_short", "closed a stream before [DONE]")
+            raise _Lost("runner closed the stream before [DONE]")
+
+    def _sink(self, chunk: bytes) -> bool:
+        """One read of the runner's stream: accounted, renamed, on its way to the client."""
+        self.last_byte = now = time.monotonic()
+        self.m.runner_health.byte(now)
+        tally = self.tally
+        out = _take(self._events.feed(chunk), tally, self.checked, now)
+        if tally.frames and not self.decoding:
+            self._first_token(now)
+        if out and self._sink_to is not None:
+            return self._sink_to.write(renamed(out, self._wanted))
+        return False
 
     async def _begin(self) -> web.StreamResponse:
         r = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_queue_wait(self.request)})
@@ -503,12 +517,13 @@ class _Relay:
         return r
 
     async def _silence(self) -> None:
-        """The runner said nothing for a heartbeat: a heartbeat to a stream, or the end."""
+        """A heartbeat's beat: a heartbeat to a stream whose runner is silent, or the end."""
         limit = self.proxy.config.idle_read_timeout_s
-        if time.monotonic() - self.last_byte > limit:
+        quiet = time.monotonic() - self.last_byte
+        if quiet > limit:
             raise _Lost(f"runner silent for {limit:g} s")
-        if not self.checked.stream:
-            return
+        if not self.checked.stream or quiet < self.proxy.config.heartbeat_s * 0.9:
+            return  # bytes came during this beat: the link showed life
         if self.response is None:
             self.response = await self._begin()
         await self.response.write(HEARTBEAT)
@@ -521,14 +536,14 @@ class _Relay:
             self.trace.ttft_s = round(ttft, 6)
         self.proxy.supervisor.metrics.ttft.labels(self.m.model_id).observe(ttft)
 
-    def _connection_failed(self, exc: aiohttp.ClientError) -> _Lost:
+    def _connection_failed(self, exc: HopError) -> _Lost:
         self.m.runner_failed(self.runner, "connection", f"connection failed: {describe(exc)}")
         return _Lost(f"runner connection failed: {describe(exc)}")
 
     def _exited(self) -> _Lost:
         return _Lost(f"runner exited with code {self.runner.exited.result()}")
 
-    async def _error_answer(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _error_answer(self, upstream: Upstream) -> web.StreamResponse:
         """The runner answered an error status: raise it, or end the begun stream with it."""
         raw = await race_exit(upstream.read(), self.runner, _Lost)
         err = self.proxy._runner_error(self.m, self.runner, upstream.status, raw)
@@ -571,7 +586,10 @@ class _Relay:
             with contextlib.suppress(BaseException):
                 upstream = await self.opening
         if upstream is not None:
-            upstream.close()
+            if self.tally.done:
+                upstream.release()  # complete: kept alive if the runner allows
+            else:
+                upstream.close()  # the runner stops at its next write
         self.m.runner_health.ended(self.decoding)
         tally, trace = self.tally, self.trace
         if tally.usage is not None:
@@ -611,19 +629,13 @@ def _take(batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> by
             out.append(event)
             continue
         # Quotes inside strings are escaped in JSON, so this finds only the key.
-        has_usage = b'"usage":' in event
-        chunk: dict[str, Any] | None = None
-        if has_usage or not checked.stream:
-            chunk = _event_json(event)
+        chunk = _event_json(event) if b'"usage":' in event else None
+        if not checked.stream and (data := _event_data(event)) is not None:
+            tally.raw.append(data)
         if chunk is not None and is_usage_frame(chunk):
             tally.usage = chunk["usage"]
-            if not checked.stream:
-                tally.chunks.append(chunk)
-            elif checked.include_usage:
-                out.append(event if tally.sent_at is None else timed_event(chunk, tally.timing()))
-            else:
-                # An SSE comment (clients skip it): cortex's trace reads the counts.
-                out.append(usage_comment(chunk["usage"]))
+            if checked.stream:
+                out.append(_usage_event(event, chunk, tally, checked))
             continue
         tally.frames += 1
         if tally.first_at is None:
@@ -631,10 +643,16 @@ def _take(batch: list[bytes], tally: _Tally, checked: Checked, now: float) -> by
         if now == tally.first_at:
             tally.first_read += 1
         tally.last_at = now
-        if chunk is not None and not checked.stream:
-            tally.chunks.append(chunk)
         out.append(event)
     return b"".join(out)
+
+
+def _usage_event(event: bytes, chunk: dict[str, Any], tally: _Tally, checked: Checked) -> bytes:
+    """What a streaming client gets for the runner's usage frame."""
+    if checked.include_usage:
+        return event if tally.sent_at is None else timed_event(chunk, tally.timing())
+    # An SSE comment (clients skip it): cortex's trace reads the counts.
+    return usage_comment(chunk["usage"])
 
 
 class RunnerBroken(UpstreamError):
@@ -652,6 +670,25 @@ def _tok_s(tally: _Tally) -> float | None:
 
 def _error_outcome(err: ApiError) -> str:
     return "runner_broken" if isinstance(err, RunnerBroken) else "upstream_error"
+
+
+def _event_data(event: bytes) -> bytes | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            return line[5:]
+    return None
+
+
+def _parsed(raw: list[bytes]) -> list[dict[str, Any]]:
+    """The events' JSON objects in order; one that is not JSON is left out."""
+    try:
+        objs = json.loads(b"[" + b",".join(raw) + b"]")
+    except ValueError:
+        objs = []
+        for data in raw:
+            with contextlib.suppress(ValueError):
+                objs.append(json.loads(data))
+    return [o for o in objs if isinstance(o, dict)]
 
 
 def _event_json(event: bytes) -> dict[str, Any] | None:

@@ -213,6 +213,7 @@ class RunnerProcess:
     # the log's last byte ended a line.
     _pumping: bool = False
     _line_start: bool = True
+    _env_text: str | None = None
 
     @classmethod
     async def start(
@@ -289,11 +290,14 @@ class RunnerProcess:
     def env_shown(self) -> str:
         """The environment the neuron set for this runner, as the event log and traces
         show it ("which settings did this run with"): a value whose name looks secret
-        (a catalogue `env` may hold a hub token) is never shown."""
-        return " ".join(
-            f"{k}=***" if _SECRET_NAME.search(k) else f"{k}={v}"
-            for k, v in sorted(self.env_added.items())
-        )
+        (a catalogue `env` may hold a hub token) is never shown. Built once: every
+        request's trace carries it."""
+        if self._env_text is None:
+            self._env_text = " ".join(
+                f"{k}=***" if _SECRET_NAME.search(k) else f"{k}={v}"
+                for k, v in sorted(self.env_added.items())
+            )
+        return self._env_text
 
     def tail(self) -> str:
         return "\n".join(self._tail)
