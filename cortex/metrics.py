@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar, cast
 
 import attrs
 from aiohttp import web
@@ -17,13 +16,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from cortex.core.state import NodeState
 from shared.build_info import BUILD_LABELS, build_labels
-
-M = TypeVar("M", bound=MetricWrapperBase)
+from shared.metric_children import Children, M
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -112,11 +109,8 @@ class Metrics:
     # Model labels are catalogue ids only; anything else is "other" (bounded cardinality).
     models: frozenset[str] = frozenset()
     _node_seen: dict[str, tuple[bool, int]] = attrs.field(factory=dict, init=False)
-    # Children by (family, label values): the request path's labels() calls (a lock,
-    # a tuple of str() and a dict each) become one lookup; cardinality is bounded.
-    _children: dict[tuple[object, tuple[str, ...]], MetricWrapperBase] = attrs.field(
-        factory=dict, init=False
-    )
+    # The request path's labelled children, looked up once (shared.metric_children).
+    _children: Children = attrs.field(factory=Children, init=False)
 
     @classmethod
     def create(cls, models: Iterable[str] = (), nodes: Iterable[str] = ()) -> Metrics:
@@ -263,11 +257,7 @@ class Metrics:
 
     def child(self, family: M, *values: str) -> M:
         """`family.labels(*values)`, cached."""
-        key = (family, values)
-        got = self._children.get(key)
-        if got is None:
-            got = self._children[key] = family.labels(*values)
-        return cast(M, got)
+        return self._children.get(family, *values)
 
     def model(self, name: str | None) -> str:
         return name if name is not None and name in self.models else "other"

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.build_info import BUILD_LABELS, build_labels
+from shared.metric_children import Children, M
 from shared.wire import MODEL_STATES, ModelHealth
 
 # `_created` series only double the output (process-wide switch; cortex does the same).
@@ -125,6 +126,12 @@ class NeuronMetrics:
     queue_wait: Histogram
     build_info: Gauge
     node: NodeFigures | None = None
+    # The request path's labelled children, looked up once (shared.metric_children).
+    _children: Children = attrs.field(factory=Children, init=False)
+
+    def child(self, family: M, *values: str) -> M:
+        """`family.labels(*values)`, cached."""
+        return self._children.get(family, *values)
 
     @classmethod
     def create(cls) -> NeuronMetrics:
@@ -215,6 +222,7 @@ class NeuronMetrics:
 
     def model_removed(self, model_id: str) -> None:
         """Drop every series of a model that is gone (a failed record dropped)."""
+        self._children.forget(model_id)
         for metric, _ in self._by_first_label():
             # Every label tuple ever used (codes outside the pre-made ones too);
             # prometheus_client offers no public way to list them.

@@ -88,7 +88,7 @@ class TraceDraft:
         if isinstance(c, int):
             self.completion_tokens = c
 
-    def done(self, status: str, error: str | None) -> Trace:
+    def done(self, status: str, error: str | None, seq: int = 0) -> Trace:
         return Trace(
             id=self.id,
             model=self.model,
@@ -105,6 +105,7 @@ class TraceDraft:
             duration_s=round(time.monotonic() - self.t0, 6),
             stream=self.stream,
             ts=self.ts,
+            seq=seq,
         )
 
 

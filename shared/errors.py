@@ -435,8 +435,10 @@ async def _read_raw(request: web.Request, limit: int, decoded: bool) -> bytes:
         _too_large(request, decoded)
         raise RequestTooLarge(f"request body of {length} bytes over the limit of {limit}")
     timeout = request.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT_S)
+    # A small body has nearly always come whole with its headers: no timer for it.
+    whole = request.content.is_eof()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(None if whole else timeout):
             return await _read_capped(request.content, limit)
     except _OverLimit as exc:
         _too_large(request, decoded)
@@ -505,12 +507,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or InvalidRequest."""
     raw = await read_body(request)
     try:
         # NaN and Infinity are not JSON; a runner would choke on them downstream.
-        body = json.loads(raw, parse_constant=_no_constant)
+        # (json.loads would build a decoder per call; the text as json.loads finds it.)
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError as exc:
         raise InvalidRequest("body is not valid JSON: nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits

@@ -23,7 +23,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -244,6 +244,15 @@ class Journal(Generic[R]):
         """Stamp `record` with the next seq, keep it, queue its line; returns it stamped."""
         self._seq += 1
         rec: R = attrs.evolve(record, seq=self._seq)  # type: ignore[misc]
+        return self._keep(rec)
+
+    def append_made(self, make: Callable[[int], R]) -> R:
+        """`append(make(0))` without building the record twice: `make` gets the seq
+        (a record per request: attrs.evolve of one costs more than its making)."""
+        self._seq += 1
+        return self._keep(make(self._seq))
+
+    def _keep(self, rec: R) -> R:
         self._ring.append(rec)
         if self.file is not None:
             self.file.put(rec)

@@ -343,20 +343,22 @@ class Fleet:
         """A fleet of (name, url) nodes, none of them seen yet."""
         return cls(threshold=threshold, nodes={n: NodeState(name=n, url=u) for n, u in nodes})
 
-    def snapshot(self) -> FleetSnapshot:
-        """What nodes say; `Lifecycle.snapshot()` adds loads, failures and reservations."""
+    def snapshot(self, **view: Any) -> FleetSnapshot:
+        """What nodes say; `Lifecycle.snapshot()` adds loads, failures and reservations
+        (as `view`, the snapshot's other fields: one record built per routed request)."""
         if self._nodes_t is None:
             self._nodes_t = tuple(self._nodes.values())
         self._shared = True
+        view.setdefault("taken_at", time.monotonic())
         return FleetSnapshot(
             nodes=self._nodes_t,
             # Live, read-only: copying every request in flight per routed request
             # cost more than the routing (a route never awaits, so it sees one moment).
             outstanding=MappingProxyType(self._outstanding),
-            taken_at=time.monotonic(),
             threshold=self.threshold,
             by_model=self._by_model,
             per_node=MappingProxyType(self._per_node),
+            **view,
         )
 
     def _put(self, name: str, new: NodeState) -> None:

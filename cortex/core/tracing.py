@@ -124,7 +124,7 @@ class TraceDraft:
                         self.frames -= 1  # a usage frame is no token
                     self.usage(frame.get("usage") if isinstance(frame, dict) else None)
 
-    def done(self, status: str, error: str | None = None) -> Trace:
+    def done(self, status: str, error: str | None = None, seq: int = 0) -> Trace:
         now = time.monotonic()
         ttft = None if self.first_at is None else self.first_at - self.t0
         completion, source = self.completion_tokens, "usage"
@@ -152,6 +152,7 @@ class TraceDraft:
             tok_s=tok_s,
             ts=self.ts,
             api=self.api,
+            seq=seq,
         )
 
 

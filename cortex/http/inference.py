@@ -104,7 +104,8 @@ async def _serve(
     finally:
         metrics.child(metrics.requests, label, outcome.code or "500", api).inc()
         metrics.child(metrics.request_duration, label).observe(time.monotonic() - started)
-        app[TRACES].append(trace.done(outcome.code or "500", error))
+        code = outcome.code or "500"
+        app[TRACES].append_made(lambda seq: trace.done(code, error, seq))
 
 
 def _checked(request: web.Request, body: dict[str, Any], path: str, trace: TraceDraft) -> str:

@@ -328,10 +328,9 @@ class Lifecycle:
 
     def snapshot(self) -> FleetSnapshot:
         """The fleet's snapshot with this owner's view: loads, failures, reservations."""
-        snap = self.fleet.snapshot()
         now = self.clock()
         reservations: dict[tuple[str, str], int] = {}
-        per_node = Counter[str]()
+        per_node: dict[str, int] = {}  # a plain dict: a Counter per request cost more
         loading = set()
         busy = set()
         retired = set()
@@ -352,26 +351,13 @@ class Lifecycle:
                 )
             for node, nbytes in life.reserved(now).items():
                 reservations[(node, mid)] = nbytes
-                per_node[node] += nbytes
+                per_node[node] = per_node.get(node, 0) + nbytes
             for node, c in life.credits.items():
-                per_node[node] -= c.nbytes
+                per_node[node] = per_node.get(node, 0) - c.nbytes
         # Only while memory is reserved somewhere are node records rewritten (and the
         # fleet's model index, which holds the unreserved ones, set aside).
-        per_node = Counter({n: b for n, b in per_node.items() if b})
-        nodes = (
-            tuple(
-                attrs.evolve(n, reserved_bytes=n.reserved_bytes + per_node[n.name])
-                if per_node[n.name]
-                else n
-                for n in snap.nodes
-            )
-            if per_node
-            else snap.nodes
-        )
-        return attrs.evolve(
-            snap,
-            nodes=nodes,
-            by_model=None if per_node else snap.by_model,
+        per_node = {n: b for n, b in per_node.items() if b}
+        snap = self.fleet.snapshot(
             loading=frozenset(loading),
             busy=frozenset(busy),
             retired=frozenset(retired),
@@ -379,6 +365,15 @@ class Lifecycle:
             reservations=reservations,
             taken_at=now,
         )
+        if not per_node:
+            return snap
+        nodes = tuple(
+            attrs.evolve(n, reserved_bytes=n.reserved_bytes + per_node[n.name])
+            if n.name in per_node
+            else n
+            for n in snap.nodes
+        )
+        return attrs.evolve(snap, nodes=nodes, by_model=None)
 
     def polled(self, node: NodeState) -> None:
         """Poller listener: a finished load's reservation ends two good polls later,

@@ -199,7 +199,7 @@ class Proxy:
             queued_at = time.monotonic()
             async with m.admission.slot():
                 waited = time.monotonic() - queued_at
-                metrics.queue_wait.labels(m.model_id).observe(waited)
+                metrics.child(metrics.queue_wait, m.model_id).observe(waited)
                 trace.admission_wait_s = round(waited, 6)
                 runner = _serving(m, model_id)
                 reached_runner = True
@@ -234,7 +234,7 @@ class Proxy:
             status = "cancelled" if cancelled(request) else "client_gone"
             raise
         finally:
-            self.traces.append(trace.done(status, error))
+            self.traces.append_made(lambda seq: trace.done(status, error, seq))
 
     async def _check(
         self, m: ModelSupervisor, body: dict[str, Any], kind: Kind | Literal["embeddings"]
@@ -313,7 +313,7 @@ class Proxy:
         m.runner_answered(runner)
         if (usage := answer_usage(raw)) is not None:
             self._count_tokens(m, usage)
-        metrics.requests.labels(m.model_id, "ok").inc()
+        metrics.child(metrics.requests, m.model_id, "ok").inc()
         body = renamed(raw, model_field(name))
         if timed:
             # No token's arrival is seen here: the queue wait only.
@@ -359,16 +359,16 @@ class Proxy:
         metrics = self.supervisor.metrics
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if isinstance(prompt, int) and prompt >= 0:
-            metrics.tokens.labels(m.model_id, "prompt").inc(prompt)
+            metrics.child(metrics.tokens, m.model_id, "prompt").inc(prompt)
         if not isinstance(completion, int) or completion < 0:
             return
-        metrics.tokens.labels(m.model_id, "completion").inc(completion)
+        metrics.child(metrics.tokens, m.model_id, "completion").inc(completion)
         # Decode speed: the tokens after the first, over the time since the first; only
         # over a real interval (shared.rates), so /models and the dashboard show none
         # rather than a rate over a near-zero time.
         tps = None if tally is None else decode_rate(completion, tally.first_at, tally.last_at)
         if tps is not None:
-            metrics.decode_tps.labels(m.model_id).observe(tps)
+            metrics.child(metrics.decode_tps, m.model_id).observe(tps)
         m.runner_health.tokens(completion, tps)
 
     def _runner_error(
@@ -534,7 +534,8 @@ class _Relay:
         self.m.runner_health.first_token(ttft)
         if self.trace is not None:
             self.trace.ttft_s = round(ttft, 6)
-        self.proxy.supervisor.metrics.ttft.labels(self.m.model_id).observe(ttft)
+        metrics = self.proxy.supervisor.metrics
+        metrics.child(metrics.ttft, self.m.model_id).observe(ttft)
 
     def _connection_failed(self, exc: HopError) -> _Lost:
         self.m.runner_failed(self.runner, "connection", f"connection failed: {describe(exc)}")
@@ -599,7 +600,8 @@ class _Relay:
                 trace.tok_s = _tok_s(tally)
         if trace is not None and self.outcome != "ok":
             trace.status = self.outcome
-        self.proxy.supervisor.metrics.requests.labels(self.m.model_id, self.outcome).inc()
+        metrics = self.proxy.supervisor.metrics
+        metrics.child(metrics.requests, self.m.model_id, self.outcome).inc()
 
 
 def _timed_tally(request: web.Request, sent_at: float) -> _Tally:
