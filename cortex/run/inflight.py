@@ -18,6 +18,7 @@ import attrs
 
 from cortex.core.state import NodeState
 from shared.hop import Upstream
+from shared.interrupt import Interrupt
 
 T = TypeVar("T")
 
@@ -33,20 +34,22 @@ class Attempt:
     node: str
     # Set once the node is lost; the attempt's waits end with NodeLost(reason).
     reason: str | None = None
-    _opening: asyncio.Future[object] | None = None
+    # While the answer's headers are awaited: how `end` interrupts that await (in the
+    # request's own task: no task of its own per request).
+    _opening: Interrupt | None = None
     _response: Upstream | None = None
 
     async def open(self, pending: Awaitable[T]) -> T:
         """Await the node's answer headers unless the node is lost first."""
-        task = asyncio.ensure_future(pending)
-        self._opening = task  # type: ignore[assignment]
+        me = asyncio.current_task()
+        assert me is not None
+        self._opening = interrupt = Interrupt(me)
         try:
-            return await task
+            return await pending
         except asyncio.CancelledError:
-            me = asyncio.current_task()
-            # Our own cancel (the node was lost), not the client leaving.
-            if self.reason is not None and (me is None or not me.cancelling()):
-                raise NodeLost(self.reason) from None
+            # Our own cancel (the node was lost), not the client leaving (or a drain).
+            if interrupt.fired and interrupt.withdraw():
+                raise NodeLost(self.reason or "node lost") from None
             raise
         finally:
             self._opening = None
@@ -61,8 +64,8 @@ class Attempt:
         if self.reason is not None:
             return
         self.reason = reason
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()
+        if self._opening is not None:
+            self._opening.fire()
         if self._response is not None:
             self._response.fail(NodeLost(reason))
 

@@ -13,9 +13,11 @@ stream with an error frame; the proxy tells the runner's health record
 (neuron.runner.health) what it saw, and a runner that record finds broken is
 restarted by its supervisor.
 
-A stream waits on its runner in one place, `IdleRace.next` (shared.quiet),
-which races the runner's next bytes against the heartbeat timer and the
-runner's exit; the steps around it are `_Relay`'s.
+The runner's connection is the lean hop's (shared.hop). Once its headers are in,
+its bytes are spliced: `_Relay._sink` accounts for each read and writes it to
+the client from the connection's own callback (shared.downstream), and the
+handler's task waits in one place, `IdleRace.next` (shared.quiet), which wakes
+it only on the heartbeat's beat, the runner's exit or the stream's end.
 """
 
 from __future__ import annotations
