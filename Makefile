@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron bench-control bench-affinity bench-heartbeat clean
+.PHONY: setup run test lint typecheck unit sysdeps soak bench bench-gateway bench-neuron bench-control bench-affinity bench-heartbeat bench-fleet clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,21 @@ bench-affinity: setup
 # The runner heartbeat's cost: CPU per GET /health probe; decode tok/s, heartbeat off/1 s/0.05 s (~3 min).
 bench-heartbeat: setup
 	$(BIN)/python -m bench.heartbeat $(BENCH_ARGS)
+
+# guidellm (the vLLM project's load generator) on the real model: cortex, a neuron and
+# mlx_lm.server straight, synchronous and concurrency 4 and 16, one replica and two
+# (~15 min). guidellm gets a venv of its own, from the `bench` extra, here only (never
+# in setup/test): its sanic would downgrade multidict and click under aiohttp and the
+# tests; torch is pinned to the CPU build on this machine's disk (~190 MB, not ~3 GB).
+GUIDELLM_VENV := $(VENV)/guidellm
+$(GUIDELLM_VENV)/.installed: pyproject.toml
+	test -x $(GUIDELLM_VENV)/bin/python || $(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GUIDELLM_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench-fleet: setup $(GUIDELLM_VENV)/.installed
+	$(BIN)/python -m bench.fleet --guidellm $(GUIDELLM_VENV)/bin/guidellm $(BENCH_ARGS)
 
 # All four, one after another (never two at once: 2 cores), each writing its
 # BENCHMARKS.md section.

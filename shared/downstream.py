@@ -31,6 +31,7 @@ class Downstream:
         self._chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
         self._resume = resume
         self._waiting = False
+        self._loop = asyncio.get_running_loop()  # once: each lookup is a getpid()
 
     def write(self, data: bytes) -> bool:
         """Queue `data` for the client; True when the client's queue is full (pause)."""
@@ -47,7 +48,7 @@ class Downstream:
             return False
         if not self._waiting:
             self._waiting = True
-            asyncio.get_running_loop().call_later(_RECHECK_S, self._check)
+            self._loop.call_later(_RECHECK_S, self._check)
         return True
 
     def _check(self) -> None:
@@ -57,4 +58,4 @@ class Downstream:
             self._waiting = False
             self._resume()
         else:
-            asyncio.get_running_loop().call_later(_RECHECK_S, self._check)
+            self._loop.call_later(_RECHECK_S, self._check)
