@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import attrs
 from aiohttp import web
+from prometheus_client import Counter
 
 from cortex.config import CortexConfig
 from cortex.core.router import Decision, Route, prefix_keys, route
@@ -541,7 +542,7 @@ class _Stream:
     resp: web.StreamResponse
     up: Upstream
     out: Outcome
-    errors: Any  # the stream_errors counter family
+    errors: Counter  # the stream_errors family
     label: str
     done: bool = False
     relayed_error: bool = False

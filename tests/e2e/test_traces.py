@@ -190,7 +190,9 @@ def test_trace_joined_events_rotation_floor_and_clis(
         _read_until(follow.stdout, "unload")
     finally:
         follow.send_signal(signal.SIGINT)
-        assert follow.wait(60) == 130
+        # communicate, not wait: a follower whose stdout pipe is full cannot exit.
+        follow.communicate(timeout=60)
+    assert follow.returncode == 130
     status, ev = _admin(c, f"/admin/events?since={mark}")
     assert status == 200
     assert all(e["seq"] > mark for e in ev["events"])

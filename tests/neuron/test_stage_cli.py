@@ -220,9 +220,10 @@ async def test_ctrl_c_cancels_the_stage_and_exits_130(
     neuron_factory: Any, token_file: Path, silent_hub: TestServer
 ) -> None:
     hub = str(silent_hub.make_url("")).rstrip("/")
-    target: NeuronProcess = await asyncio.to_thread(
-        neuron_factory, _settings(token_file, hub_endpoint=hub), "target"
-    )
+    # The hub stalls the file for good: no read timeout may end the stage before the
+    # Ctrl-C does (on a loaded machine the CLI's first line can take a while).
+    settings = _settings(token_file, hub_endpoint=hub, stage_read_timeout_s=600.0)
+    target: NeuronProcess = await asyncio.to_thread(neuron_factory, settings, "target")
     proc = await asyncio.create_subprocess_exec(
         *_argv(target.url, token_file=token_file),
         stdout=asyncio.subprocess.PIPE,
