@@ -39,6 +39,13 @@ from shared.blocking_http import request_json
 from tests.support.waiting import READY_TIMEOUT_S
 from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
 
+# A suite started in the background (`make test &`, a CI step) inherits SIGINT
+# ignored, and exec keeps it ignored in every child: the tests that Ctrl-C a CLI or
+# a service would then wait on a child that never hears it. A handler (unlike
+# SIG_IGN) is reset to the default on exec, so children get a live SIGINT again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Every test's files (the demo model, broken copies of it) live under pytest's base
 # temp dir: neurons started here take it as their model root unless told otherwise.
 TEST_ROOT: list[Path] = []
