@@ -252,7 +252,9 @@ def _encode(
     lines = [f"{method} {path} HTTP/1.1", f"Host: {shown}:{port}"]
     lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in _OWN]
     lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    # aiohttp decodes a client's header bytes as UTF-8 with surrogateescape: the same
+    # bytes go on (latin-1 would fail on any non-Latin value).
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
 
 
 # Written by this client itself, whatever the caller's headers say.
