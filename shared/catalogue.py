@@ -123,16 +123,8 @@ class ModelSpec:
 
     def runner_options(self) -> RunnerOptions:
         """The options the load request carries (OptionError if one is out of bounds)."""
-        return RunnerOptions(
-            draft_model=self.draft_model,
-            num_draft_tokens=self.num_draft_tokens,
-            adapters=self.adapters,
-            chat_template_kwargs=self.chat_template_kwargs,
-            max_tokens=self.max_tokens,
-            max_tokens_cap=self.max_tokens_cap,
-            extra_args=self.extra_args,
-            env=self.env,
-        )
+        # The catalogue's TOML is flat: a spec carries every option under its own name.
+        return RunnerOptions(**{f.name: getattr(self, f.name) for f in attrs.fields(RunnerOptions)})
 
     @property
     def single_node(self) -> bool:

@@ -11,18 +11,13 @@ neuron's 403 `reboot_not_allowed`, with the command to run by hand on that host.
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 
 from cortex.config import CONFIG
-from cortex.http.recycle import named_node
-from cortex.run.loader import LOADER
-from cortex.run.poller import FLEET
+from cortex.http.recycle import ask_recycle, named_node
 from shared.errors import (
-    ApiError,
     InvalidRequest,
     RebootNotAllowed,
     UpstreamUnavailable,
@@ -37,7 +32,6 @@ def by_hand(url: str, name: str) -> str:
 
 async def post_reboot(request: web.Request) -> web.Response:
     app = request.app
-    fleet = app[FLEET]
     name, node = named_node(request)
     if app[CONFIG].admin_token is None:
         # /admin is open without one: nobody who can reach cortex may reboot a machine.
@@ -53,28 +47,21 @@ async def post_reboot(request: web.Request) -> web.Response:
         )
     if node.discovery is None:
         raise UpstreamUnavailable(f"node {name} has not been discovered yet: try again")
-    fleet.begin_recycle(name, app[CONFIG].recycle_timeout_s, "machine reboot requested")
-    url = node.url.rstrip("/") + "/admin/reboot"
-    timeout = aiohttp.ClientTimeout(total=30.0, sock_connect=app[CONFIG].connect_timeout_s)
     try:
-        async with app[LOADER].session.post(
-            url, json={"confirm": node.discovery.node_id}, timeout=timeout
-        ) as resp:
-            answer: Any = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise ApiError.from_envelope(resp.status, answer, resp.headers.get("Retry-After"))
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        fleet.end_recycle(name)
-        raise UpstreamUnavailable(f"node {name} did not take the reboot: {exc!r}") from exc
+        answer = await ask_recycle(
+            app,
+            name,
+            "/admin/reboot",
+            {"confirm": node.discovery.node_id},
+            "reboot",
+            30.0,
+            "machine reboot requested",
+        )
     except RebootNotAllowed as exc:
-        fleet.end_recycle(name)
         why = exc.message.split(";")[0]  # the neuron's reason; the command is ours
         raise RebootNotAllowed(
             f"{name}: {why}; reboot it from a shell: {by_hand(node.url, name)}"
         ) from exc
-    except ApiError:
-        fleet.end_recycle(name)
-        raise
     return web.json_response(
         {
             "node": name,

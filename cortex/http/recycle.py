@@ -32,9 +32,38 @@ def named_node(request: web.Request) -> tuple[str, NodeState]:
     return name, fleet.node(name)
 
 
+async def ask_recycle(
+    app: web.Application,
+    name: str,
+    path: str,
+    body: dict[str, Any],
+    what: str,
+    total_s: float,
+    why: str = "restart requested",
+) -> Any:
+    """Mark node `name` recycling (out of routing at once) and POST `body` to its
+    `path`; its answer. The mark is undone if the neuron does not take it (its error
+    raised as it said it, or 503 when it could not be asked)."""
+    fleet = app[FLEET]
+    node = fleet.begin_recycle(name, app[CONFIG].recycle_timeout_s, why)
+    url = node.url.rstrip("/") + path
+    timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=app[CONFIG].connect_timeout_s)
+    try:
+        async with app[LOADER].session.post(url, json=body, timeout=timeout) as resp:
+            answer: Any = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise ApiError.from_envelope(resp.status, answer, resp.headers.get("Retry-After"))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        fleet.end_recycle(name)
+        raise UpstreamUnavailable(f"node {name} did not take the {what}: {exc!r}") from exc
+    except ApiError:
+        fleet.end_recycle(name)
+        raise
+    return answer
+
+
 async def post_restart(request: web.Request) -> web.Response:
     app = request.app
-    fleet = app[FLEET]
     name, before = named_node(request)
     # What it serves now: what `cortex restart --wait` expects back.
     models = [m.model_id for m in before.models if m.serves_http and m.state == "ready"]
@@ -43,22 +72,9 @@ async def post_restart(request: web.Request) -> web.Response:
         return web.json_response(
             {"node": name, "recycling": True, "already": True, "models": models}, status=202
         )
-    fleet.begin_recycle(name, app[CONFIG].recycle_timeout_s)
-    url = before.url.rstrip("/") + "/admin/restart"
-    timeout = aiohttp.ClientTimeout(total=10.0, sock_connect=app[CONFIG].connect_timeout_s)
-    try:
-        async with app[LOADER].session.post(
-            url, json={"reason": "cortex: admin restart"}, timeout=timeout
-        ) as resp:
-            answer: Any = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise ApiError.from_envelope(resp.status, answer, resp.headers.get("Retry-After"))
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        fleet.end_recycle(name)
-        raise UpstreamUnavailable(f"node {name} did not take the restart: {exc!r}") from exc
-    except ApiError:
-        fleet.end_recycle(name)
-        raise
+    answer = await ask_recycle(
+        app, name, "/admin/restart", {"reason": "cortex: admin restart"}, "restart", 10.0
+    )
     for model_id in models:
         app[LIFECYCLE].event(model_id, "node recycling", f"{name} restarts; the reconciler reloads")
     return web.json_response(

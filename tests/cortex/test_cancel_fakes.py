@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.cortex.fakes import FakeNeuron, fleet, gateway, stop_all
+from tests.support.metrics import metric
 from tests.support.waiting import until
 
 
@@ -25,14 +26,6 @@ async def one() -> AsyncIterator[FakeNeuron]:
     (n,) = await fleet("n1")
     yield n
     await stop_all([n])
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{{{want}}} not in /metrics")
 
 
 async def test_an_anthropic_stream_ends_with_its_own_error_event(one: FakeNeuron) -> None:
@@ -86,7 +79,7 @@ async def test_a_request_waiting_for_a_cold_load_gets_the_499(one: FakeNeuron) -
         assert (await client.delete("/v1/requests/cold-1")).status == 404  # over
         text = await (await client.get("/metrics")).text()
         trace = await (await client.get("/admin/traces/cold-1")).json()
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="cancelled") == 1
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="cancelled") == 1
     assert trace["cortex"]["status"] == "cancelled", trace
 
 

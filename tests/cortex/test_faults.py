@@ -20,6 +20,7 @@ from shared.catalogue import ModelSpec
 from shared.errors import sse_error_frame
 from tests.cortex.fakes import FakeNeuron, catalogue, fleet, gateway, sse_frames, stop_all
 from tests.support.clients import CHAT, chat
+from tests.support.metrics import metric
 from tests.support.waiting import until
 
 Client = TestClient[web.Request, web.Application]
@@ -35,14 +36,6 @@ async def three() -> AsyncIterator[list[FakeNeuron]]:
         n.add_model("m1")
     yield nodes
     await stop_all(nodes)
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{{{want}}} not in /metrics")
 
 
 async def _metrics(client: Client) -> str:
@@ -68,8 +61,8 @@ async def test_runner_fault_is_retried_once_then_502(three: list[FakeNeuron]) ->
         assert body["error"]["message"].count("upstream_error") == 2
         text = await _metrics(client)
     assert _chats(three) == 2
-    assert _metric(text, "cortex_upstream_retries_total", reason="runner_fault") == 1
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="502") == 1
+    assert metric(text, "cortex_upstream_retries_total", reason="runner_fault") == 1
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="502") == 1
 
 
 async def test_one_runner_fault_is_served_by_another_replica(three: list[FakeNeuron]) -> None:
@@ -194,7 +187,7 @@ async def test_non_stream_on_a_silent_node_is_retried_when_polls_mark_it_down(
         resp = await asyncio.wait_for(pending, 10)
         assert resp.status == 200 and (await resp.json())["served_by"] == "n2"
         text = await _metrics(client)
-    assert _metric(text, "cortex_upstream_retries_total", reason="node_down") == 1
+    assert metric(text, "cortex_upstream_retries_total", reason="node_down") == 1
 
 
 async def test_stream_on_a_node_marked_down_ends_with_error_frame(
@@ -217,9 +210,9 @@ async def test_stream_on_a_node_marked_down_ends_with_error_frame(
         rest = await asyncio.wait_for(resp.read(), 10)
         assert b"marked unhealthy" in rest and rest.endswith(b"data: [DONE]\n\n")
         text = await _metrics(client)
-    assert _metric(text, "cortex_stream_errors_total", model="m1", reason="node_down") == 1
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="stream_error") == 1
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 0
+    assert metric(text, "cortex_stream_errors_total", model="m1", reason="node_down") == 1
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="stream_error") == 1
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 0
 
 
 async def test_attempts_on_healthy_nodes_are_left_alone(three: list[FakeNeuron]) -> None:
@@ -253,9 +246,9 @@ async def test_relayed_neuron_error_frame_is_a_stream_error(three: list[FakeNeur
         assert resp.status == 200
         assert await resp.read() == b"".join(three[0].stream_chunks)
         text = await _metrics(client)
-    assert _metric(text, "cortex_stream_errors_total", model="m1", reason="upstream_error") == 1
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="stream_error") == 1
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 0
+    assert metric(text, "cortex_stream_errors_total", model="m1", reason="upstream_error") == 1
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="stream_error") == 1
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 0
 
 
 async def test_every_labelled_series_exists_before_its_first_event(
@@ -267,14 +260,14 @@ async def test_every_labelled_series_exists_before_its_first_event(
         text = await _metrics(client)
     for model in ("m1", "m2", "other"):
         for code in ("200", "429", "503", "stream_error", "client_closed"):
-            assert _metric(text, "cortex_requests_total", api="chat", model=model, code=code) == 0
-        assert _metric(text, "cortex_stream_errors_total", model=model, reason="lost") == 0
-        assert _metric(text, "cortex_cold_loads_total", model=model, result="failed") == 0
-        assert _metric(text, "cortex_evictions_total", model=model) == 0
+            assert metric(text, "cortex_requests_total", api="chat", model=model, code=code) == 0
+        assert metric(text, "cortex_stream_errors_total", model=model, reason="lost") == 0
+        assert metric(text, "cortex_cold_loads_total", model=model, result="failed") == 0
+        assert metric(text, "cortex_evictions_total", model=model) == 0
     for reason in ("connect", "queue_full", "runner_fault", "node_down"):
-        assert _metric(text, "cortex_upstream_retries_total", reason=reason) == 0
+        assert metric(text, "cortex_upstream_retries_total", reason=reason) == 0
     for node in ("n1", "n2", "n3"):
-        assert _metric(text, "cortex_passive_failures_total", node=node) == 0
+        assert metric(text, "cortex_passive_failures_total", node=node) == 0
     assert "_created" not in text
 
 
@@ -345,8 +338,8 @@ async def test_nothing_after_done_counts_or_reaches_the_client(three: list[FakeN
         body = await resp.read()
         text = await _metrics(client)
     assert body == b"".join(sse_frames()) and body.count(b"[DONE]") == 1
-    assert _metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 1
-    assert _metric(text, "cortex_stream_errors_total", model="m1", reason="stalled") == 0
+    assert metric(text, "cortex_requests_total", api="chat", model="m1", code="200") == 1
+    assert metric(text, "cortex_stream_errors_total", model="m1", reason="stalled") == 0
 
 
 async def test_a_draining_neurons_503_frame_is_no_runner_fault(three: list[FakeNeuron]) -> None:
@@ -360,7 +353,7 @@ async def test_a_draining_neurons_503_frame_is_no_runner_fault(three: list[FakeN
         body = await resp.read()
         text = await _metrics(client)
     assert resp.status == 200 and body == b"".join(sse_frames())
-    assert _metric(text, "cortex_upstream_retries_total", reason="runner_fault") == 0
+    assert metric(text, "cortex_upstream_retries_total", reason="runner_fault") == 0
 
 
 @pytest.mark.parametrize(

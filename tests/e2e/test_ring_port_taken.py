@@ -9,7 +9,6 @@ tries the next one, with no failed load and no backoff.
 
 from __future__ import annotations
 
-import random
 import re
 import socket
 import time
@@ -22,27 +21,14 @@ import pytest
 from tests.conftest import NeuronProcess, runner_pids, wait_until
 from tests.e2e.conftest import CortexProcess
 from tests.support.clients import post_chat
-
-
-def _free_block(count: int) -> int:
-    """A base with `count` free ports after it, below Linux's ephemeral range (32768)."""
-    for _ in range(100):
-        base = random.randrange(20000, 32000 - count)
-        try:
-            for p in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no run of free ports below 32000")
+from tests.support.local import free_port_run
 
 
 @pytest.fixture
 def held() -> Iterator[tuple[int, list[int]]]:
     """A fresh base port, and two ports held by listening sockets: rank 1's of the
     first block (base + 1) and rank 0's of the second (base + 2)."""
-    base = _free_block(6)
+    base = free_port_run(6)
     ports = [base + 1, base + 2]
     socks = []
     try:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 
 def free_port_run(count: int) -> int:
-    """A base port with `count` free ports after it (the fleet takes consecutive ports)."""
-    for _ in range(50):
-        base = random.randrange(20000, 40000)
+    """A base port with `count` free ports after it (a fleet or a ring block takes
+    consecutive ports), below Linux's ephemeral range (32768 on): a port there may be
+    any test's outgoing connection by the time it is bound."""
+    for _ in range(100):
+        base = random.randrange(20000, 32000 - count)
         try:
             for p in range(base, base + count):
                 with socket.socket() as s:
